@@ -1,0 +1,1 @@
+//! [`BlockDevice`](super::BlockDevice) over an RR-Row [`Image`](crate::image::Image).

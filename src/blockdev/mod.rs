@@ -1,0 +1,121 @@
+//! The storage interface the virtio-blk layer executes requests against.
+//!
+//! [`BlockDevice`] is the seam between the layers: `virtio_blk` parses descriptor chains and
+//! calls it, knowing nothing of files; the image adapter ([`image_dev::ImageDevice`]) and the
+//! record/replay wrappers (`crate::record`) implement it, knowing nothing of virtio.
+//! All offsets and lengths are in bytes and are multiples of 512 (the virtio-blk sector size);
+//! implementations re-check and return [`BlockError::Unaligned`] otherwise.
+
+pub mod image_dev;
+
+use crate::iobuf::IoSeg;
+
+/// Identifies a request for devices that log or match requests (record/replay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestCtx {
+    /// Virtqueue index the request came from.
+    pub queue: u16,
+    /// Per-queue request index: 0 for the first request completed on this queue since the
+    /// frontend connected, then 1, 2, ...
+    pub index: u64,
+}
+
+/// The kind of a virtio-blk request, as far as the storage layer cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// VIRTIO_BLK_T_IN.
+    Read,
+    /// VIRTIO_BLK_T_OUT.
+    Write,
+    /// VIRTIO_BLK_T_FLUSH.
+    Flush,
+    /// VIRTIO_BLK_T_GET_ID.
+    GetId,
+    /// VIRTIO_BLK_T_DISCARD.
+    Discard,
+    /// VIRTIO_BLK_T_WRITE_ZEROES.
+    WriteZeroes,
+    /// Any other type code.
+    Other(u32),
+}
+
+/// A request the virtio layer completed without calling the device (malformed, unsupported),
+/// reported so that a record log still sees every completed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RejectedRequest {
+    /// The request type as parsed, when the header could be read.
+    pub kind: RequestKind,
+    /// Start sector from the request header (0 when unknown).
+    pub sector: u64,
+    /// Data length in bytes (0 when unknown).
+    pub len: u64,
+    /// The virtio-blk status byte sent back.
+    pub status: u8,
+}
+
+/// Errors a block device returns; `virtio_blk` maps each to a virtio-blk status.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The range lies (partly) beyond the end of the device.
+    #[error("range {offset}+{len} is beyond the end of the device ({capacity} bytes)")]
+    OutOfRange {
+        /// Start byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Device capacity in bytes.
+        capacity: u64,
+    },
+    /// Offset or length is not a multiple of 512.
+    #[error("offset {offset} or length {len} is not a multiple of 512")]
+    Unaligned {
+        /// Start byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A state-changing request on a read-only device.
+    #[error("the device is read-only")]
+    ReadOnly,
+    /// The device does not support this operation.
+    #[error("operation not supported")]
+    Unsupported,
+    /// A replayed request does not match the record log (see `crate::record`).
+    #[error("replay diverged: {0}")]
+    Diverged(String),
+    /// The image engine failed.
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    /// A host I/O error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A virtual block device as the virtio-blk layer sees it. Implementations are shared by all
+/// queue workers (`&self`, `Send + Sync`) and must allow requests to run in parallel.
+pub trait BlockDevice: Send + Sync {
+    /// Capacity in bytes (a multiple of 512).
+    fn capacity(&self) -> u64;
+    /// The preferred block size in bytes (reported to the guest as `blk_size`).
+    fn block_size(&self) -> u32;
+    /// True when state-changing requests must be refused.
+    fn is_read_only(&self) -> bool;
+    /// Reads `total_len(segs)` bytes at `offset` into `segs`.
+    fn read(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError>;
+    /// Writes the bytes of `segs` at `offset`.
+    fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError>;
+    /// Makes every completed request durable.
+    fn flush(&self, ctx: &RequestCtx) -> Result<(), BlockError>;
+    /// Discards `[offset, offset + len)`: afterwards it reads as zeros.
+    fn discard(&self, ctx: &RequestCtx, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// Zeroes `[offset, offset + len)`; `unmap` says the guest allows deallocation.
+    fn write_zeroes(
+        &self,
+        ctx: &RequestCtx,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), BlockError>;
+    /// Called for every request completed without reaching the device. Default: nothing.
+    fn rejected(&self, _ctx: &RequestCtx, _req: &RejectedRequest) {}
+}

@@ -1,0 +1,245 @@
+//! The `rr-row` command line: clap derive definitions and dispatch. Each command's body lives
+//! in its own module; this layer only turns arguments into calls of the library.
+
+pub mod image_cmds;
+pub mod log_cmds;
+pub mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::units::parse_size;
+
+/// RR-Row: a redirect-on-write VM disk for record/replay, served over vhost-user-blk.
+#[derive(Debug, Parser)]
+#[command(name = "rr-row", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format for commands a machine may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    /// Human-readable text.
+    #[default]
+    Human,
+    /// JSON, one document (or one object per line for dumps).
+    Json,
+}
+
+/// How the daemon records a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum RecordMode {
+    /// Reads are logged as block ids (the RR-Row way).
+    #[default]
+    BlockId,
+    /// Reads are logged with their data (what a Raw/QCow2 disk forces a recorder to do).
+    Full,
+}
+
+/// What a replay does when the guest's requests stop matching the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OnDivergence {
+    /// Fail the divergent request and every later one with IOERR.
+    #[default]
+    Stop,
+    /// Serve the divergent request from the image as of the replay point and go on.
+    Continue,
+}
+
+/// `rr-row` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new image.
+    Create(CreateArgs),
+    /// Show an image's metadata.
+    Info(InfoArgs),
+    /// Verify an image: checksums, journal, map and block references.
+    Check(CheckArgs),
+    /// Write the disk as of a sequence number as a sparse raw file.
+    Export(ExportArgs),
+    /// List every version a logical block ever had.
+    History(HistoryArgs),
+    /// Serve an image over vhost-user-blk.
+    Serve(ServeArgs),
+    /// Inspect record logs.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+/// Arguments of `rr-row create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Path of the new image (must not exist).
+    pub image: PathBuf,
+    /// Virtual disk size, with optional K/M/G/T suffix.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Block size in bytes: a power of two from 512 to 64K.
+    #[arg(long, default_value = "4096", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Read-only raw base image: unwritten blocks read from it.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+/// Arguments of `rr-row info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+/// Arguments of `rr-row check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// Repair what can be repaired (drop a torn journal tail, rewrite a damaged header copy).
+    #[arg(long)]
+    pub repair: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+/// Arguments of `rr-row export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// The raw file to write (created or truncated; sparse where the disk reads zeros).
+    pub output: PathBuf,
+    /// Sequence number to export (default: the current state).
+    #[arg(long)]
+    pub at: Option<u64>,
+    /// Do not show a progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Arguments of `rr-row history`.
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// Logical block address (in image blocks).
+    #[arg(long)]
+    pub lba: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+/// Arguments of `rr-row serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Path of the vhost-user unix socket to listen on.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The image to serve.
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Create the image with this size when it does not exist.
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Block size used when the image is created.
+    #[arg(long, default_value = "4096", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Number of virtqueues offered (one worker thread each).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// Maximum virtqueue size.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Serve the disk read-only (VIRTIO_BLK_F_RO; writes fail).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Serial number returned for GET_ID (at most 20 bytes).
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Socket file mode, octal.
+    #[arg(long, default_value = "600")]
+    pub socket_mode: String,
+    /// Record every completed request to this log.
+    #[arg(long, conflicts_with = "replay")]
+    pub record: Option<PathBuf>,
+    /// What a recorded read costs the log.
+    #[arg(long, value_enum, default_value_t, requires = "record")]
+    pub record_mode: RecordMode,
+    /// Replay a record log: reads are served from the recorded blocks.
+    #[arg(long)]
+    pub replay: Option<PathBuf>,
+    /// What to do when the replayed guest diverges from the log.
+    #[arg(long, value_enum, default_value_t, requires = "replay")]
+    pub on_divergence: OnDivergence,
+    /// Exit after the first frontend disconnects instead of waiting for the next one.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// `rr-row log` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Header, record counts, bytes by kind, and the cost of the same run in full mode.
+    Info {
+        /// The record log.
+        log: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// One line per record.
+    Dump {
+        /// The record log.
+        log: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Create(a) => image_cmds::create(&a),
+        Command::Info(a) => image_cmds::info(&a),
+        Command::Check(a) => image_cmds::check(&a),
+        Command::Export(a) => image_cmds::export(&a),
+        Command::History(a) => image_cmds::history(&a),
+        Command::Serve(a) => serve::serve(&a),
+        Command::Log(LogCommand::Info { log, output }) => log_cmds::info(&log, output),
+        Command::Log(LogCommand::Dump { log, output }) => log_cmds::dump(&log, output),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rr-row: {e:#}");
+            1
+        }
+    }
+}
+
+/// The error type of command bodies: a message for the user, printed as one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+impl CliError {
+    /// Wraps any displayable error, prefixed with context.
+    pub fn ctx(context: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
+        CliError(format!("{context}: {e}"))
+    }
+}
+
+/// The result of a command body: the exit code on success.
+pub type CliResult = Result<i32, CliError>;

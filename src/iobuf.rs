@@ -1,0 +1,202 @@
+//! Scatter-gather buffer segments shared by every layer.
+//!
+//! An [`IoSeg`] is a pointer and a length, laid out exactly like `struct iovec`, so a slice of
+//! them goes straight to `preadv`/`pwritev` with no copy. The daemon builds them over guest
+//! memory (which the guest may change at any time, so no Rust reference to it is ever formed);
+//! tests and tools build them over ordinary byte slices with the safe constructors.
+
+use std::marker::PhantomData;
+
+/// One segment of a scatter-gather list: memory valid for reads and writes of `len()` bytes for
+/// the lifetime `'a`.
+#[derive(Clone, Copy, Debug)]
+#[repr(transparent)]
+pub struct IoSeg<'a> {
+    iov: libc::iovec,
+    _life: PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: an IoSeg is a pointer/length pair into memory that the constructor's contract makes
+// valid for 'a; sending it to another thread is no different from sending the `&mut [u8]` or
+// the guest-memory mapping it was made from.
+unsafe impl Send for IoSeg<'_> {}
+// SAFETY: as above; shared access only hands out the pointer, all accesses go through
+// `unsafe` code that upholds the constructor's contract.
+unsafe impl Sync for IoSeg<'_> {}
+
+impl<'a> IoSeg<'a> {
+    /// A segment over a mutable byte slice (for reads into it, or writes from it).
+    pub fn from_mut_slice(buf: &'a mut [u8]) -> Self {
+        Self {
+            iov: libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            },
+            _life: PhantomData,
+        }
+    }
+
+    /// A segment over a shared byte slice. Only valid as a write *source*: passing it to a
+    /// read would write through a shared reference, so [`crate::iobuf`] users must not.
+    /// The engine's write paths only ever read from their segments.
+    pub fn from_slice(buf: &'a [u8]) -> Self {
+        Self {
+            iov: libc::iovec {
+                iov_base: buf.as_ptr() as *mut libc::c_void,
+                iov_len: buf.len(),
+            },
+            _life: PhantomData,
+        }
+    }
+
+    /// A segment over raw memory, e.g. a guest memory region.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes for all of `'a`, and must not be
+    /// freed or unmapped during `'a`. Other parties (a guest vCPU) may access the memory
+    /// concurrently; users of the segment only move bytes in and out of it with raw copies or
+    /// system calls and never form a Rust reference to it.
+    pub unsafe fn from_raw(ptr: *mut u8, len: usize) -> Self {
+        Self {
+            iov: libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            },
+            _life: PhantomData,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.iov.iov_len
+    }
+
+    /// True when the segment is empty.
+    pub fn is_empty(&self) -> bool {
+        self.iov.iov_len == 0
+    }
+
+    /// Start of the segment.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.iov.iov_base.cast()
+    }
+
+    /// The sub-segment `[start, start + len)`, or `None` when it is out of bounds.
+    pub fn sub(&self, start: usize, len: usize) -> Option<IoSeg<'a>> {
+        let end = start.checked_add(len)?;
+        if end > self.len() {
+            return None;
+        }
+        // SAFETY: [start, end) lies inside this segment, which the constructor's contract makes
+        // valid for 'a.
+        Some(unsafe { IoSeg::from_raw(self.as_ptr().add(start), len) })
+    }
+
+    /// Copies `src` into the segment at `offset`. Panics never; returns false when out of bounds.
+    pub fn copy_from(&self, offset: usize, src: &[u8]) -> bool {
+        match offset.checked_add(src.len()) {
+            Some(end) if end <= self.len() => {
+                // SAFETY: bounds checked above; the segment is valid for writes (constructor
+                // contract) and cannot overlap `src`, a Rust shared slice we own a borrow of.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr(),
+                        self.as_ptr().add(offset),
+                        src.len(),
+                    )
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Copies bytes from the segment at `offset` into `dst`. Returns false when out of bounds.
+    pub fn copy_to(&self, offset: usize, dst: &mut [u8]) -> bool {
+        match offset.checked_add(dst.len()) {
+            Some(end) if end <= self.len() => {
+                // SAFETY: bounds checked above; the segment is valid for reads and `dst` is an
+                // exclusive Rust borrow, so the two cannot overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.as_ptr().add(offset),
+                        dst.as_mut_ptr(),
+                        dst.len(),
+                    )
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Fills `len` bytes at `offset` with zeros. Returns false when out of bounds.
+    pub fn zero(&self, offset: usize, len: usize) -> bool {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => {
+                // SAFETY: bounds checked above; the segment is valid for writes.
+                unsafe { std::ptr::write_bytes(self.as_ptr().add(offset), 0, len) };
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The segments as a slice of `iovec`, for `preadv`/`pwritev`.
+pub fn as_iovecs<'s>(segs: &'s [IoSeg<'_>]) -> &'s [libc::iovec] {
+    // SAFETY: IoSeg is repr(transparent) over libc::iovec, so the layouts are identical.
+    unsafe { std::slice::from_raw_parts(segs.as_ptr().cast::<libc::iovec>(), segs.len()) }
+}
+
+/// Total length in bytes of a list of segments (saturating).
+pub fn total_len(segs: &[IoSeg<'_>]) -> u64 {
+    segs.iter()
+        .fold(0u64, |a, s| a.saturating_add(s.len() as u64))
+}
+
+/// Splits a scatter-gather list at byte range `[start, start + len)`, returning the segments
+/// that cover exactly that range (empty when `len == 0`), or `None` when the range is out of
+/// bounds.
+pub fn slice_segs<'a>(segs: &[IoSeg<'a>], start: u64, len: u64) -> Option<Vec<IoSeg<'a>>> {
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    let end = start.checked_add(len)?;
+    for s in segs {
+        let s_start = pos;
+        let s_end = pos + s.len() as u64;
+        pos = s_end;
+        if s_end <= start || s_start >= end {
+            continue;
+        }
+        let a = start.max(s_start) - s_start;
+        let b = end.min(s_end) - s_start;
+        out.push(s.sub(a as usize, (b - a) as usize)?);
+    }
+    if pos < end {
+        return None;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slicing_crosses_segments() {
+        let mut a = [1u8; 4];
+        let mut b = [2u8; 4];
+        let segs = [IoSeg::from_mut_slice(&mut a), IoSeg::from_mut_slice(&mut b)];
+        let s = slice_segs(&segs, 2, 4).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].len(), 2);
+        assert_eq!(s[1].len(), 2);
+        assert!(slice_segs(&segs, 6, 4).is_none());
+        assert_eq!(total_len(&segs), 8);
+        assert!(s[1].zero(0, 2));
+        assert!(!s[1].zero(1, 2));
+        drop(s);
+        assert_eq!(b, [0, 0, 2, 2]);
+    }
+}

@@ -1,0 +1,1 @@
+//! Record logs: block ids instead of data (see docs/record-log.md).

@@ -1,0 +1,1 @@
+//! The vhost-user-blk backend and the daemon loop.
