@@ -285,7 +285,7 @@ fn queue_threads_append_concurrently() {
     for q in 0..4u16 {
         assert_eq!(idx.queue_len(q), 5000);
         for i in [0u64, 1, 2500, 4999] {
-            let (pos, r) = idx.get(q, 0, i).unwrap();
+            let (pos, r) = idx.get(q, (0, i, 0)).unwrap();
             assert_eq!(pos as u64, i);
             assert_eq!(r.queue, q);
             assert_eq!(r.index, i);
@@ -322,7 +322,7 @@ fn the_periodic_sync_writes_out_a_partial_frame() {
 }
 
 #[test]
-fn reconnections_start_new_epochs_in_the_index() {
+fn repeated_indexes_and_reconnections_get_distinct_keys() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("e.log");
     let mk = |index: u64, sector: u64| Record {
@@ -334,13 +334,16 @@ fn reconnections_start_new_epochs_in_the_index() {
         seq: Seq(0),
         body: RecordBody::Flush,
     };
-    // First connection: indexes 0..3; second connection starts again at 0.
-    let recs = vec![mk(0, 1), mk(1, 2), mk(2, 3), mk(0, 4), mk(1, 5)];
+    // First connection: indexes 0..3, index 1 calling the device twice; the second
+    // connection starts again at 0.
+    let recs = vec![mk(0, 1), mk(1, 2), mk(1, 9), mk(2, 3), mk(0, 4), mk(1, 5)];
     write_log(&path, RecordMode::BlockId, &recs, 0);
     let idx = ReplayIndex::open(&path).unwrap();
-    assert_eq!(idx.get(0, 0, 1).unwrap().1.sector, 2);
-    assert_eq!(idx.get(0, 1, 0).unwrap().1.sector, 4);
-    assert_eq!(idx.get(0, 1, 1).unwrap().1.sector, 5);
-    assert!(idx.get(0, 1, 2).is_none());
-    assert!(idx.get(1, 0, 0).is_none());
+    assert_eq!(idx.get(0, (0, 1, 0)).unwrap().1.sector, 2);
+    assert_eq!(idx.get(0, (0, 1, 1)).unwrap().1.sector, 9);
+    assert_eq!(idx.get(0, (0, 2, 0)).unwrap().1.sector, 3);
+    assert_eq!(idx.get(0, (1, 0, 0)).unwrap().1.sector, 4);
+    assert_eq!(idx.get(0, (1, 1, 0)).unwrap().1.sector, 5);
+    assert!(idx.get(0, (1, 2, 0)).is_none());
+    assert!(idx.get(1, (0, 0, 0)).is_none());
 }

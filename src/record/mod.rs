@@ -20,5 +20,5 @@ pub mod writer;
 
 pub use error::RecordError;
 pub use format::{LogExtent, LogHeader, ReadBody, Record, RecordBody, RecordMode};
-pub use reader::{LogReader, ReplayIndex, TornTail};
+pub use reader::{CallKey, LogReader, QueueEpoch, ReplayIndex, TornTail};
 pub use writer::{LogWriter, WriterStats};

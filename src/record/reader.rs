@@ -211,30 +211,42 @@ impl<R: Read> Iterator for LogReader<R> {
     }
 }
 
-/// Numbers requests per queue across reconnections: the per-queue index restarts at 0 when a
-/// frontend reconnects, so a record is identified by `(queue, epoch, index)`, the epoch going
-/// up whenever a queue's index does not increase. Recorder and replayer apply the same rule.
+/// Turns the per-queue request index into a unique key. The virtio layer may call the device
+/// more than once for one request (a discard with several ranges, a write followed by the
+/// flush of a write-through cache), all with the same index: the calls get sub-numbers 0, 1, ...
+/// And the index restarts at 0 when a frontend reconnects: a smaller index than the previous
+/// one starts a new epoch. A device call is identified by `(queue, epoch, index, sub)`; the
+/// recorder and the replayer apply the same rule to the same stream of calls.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueEpoch {
     last: Option<u64>,
     epoch: u32,
+    sub: u32,
 }
 
+/// The key of one device call within its queue: `(epoch, index, sub)`.
+pub type CallKey = (u32, u64, u32);
+
 impl QueueEpoch {
-    /// The epoch of the request with this index, given the indexes seen before on this queue.
-    pub fn epoch_for(&mut self, index: u64) -> u32 {
-        if self.last.is_some_and(|l| index <= l) {
-            self.epoch = self.epoch.saturating_add(1);
+    /// The key of the next call with this index, given the calls seen before on this queue.
+    pub fn key(&mut self, index: u64) -> CallKey {
+        match self.last {
+            Some(l) if index == l => self.sub = self.sub.saturating_add(1),
+            Some(l) if index < l => {
+                self.epoch = self.epoch.saturating_add(1);
+                self.sub = 0;
+            }
+            _ => self.sub = 0,
         }
         self.last = Some(index);
-        self.epoch
+        (self.epoch, index, self.sub)
     }
 }
 
 /// The records of one queue, each encoded on its own, in log order.
 #[derive(Debug, Default)]
 struct QueueRecords {
-    keys: Vec<(u32, u64)>,
+    keys: Vec<CallKey>,
     offsets: Vec<usize>,
     bytes: Vec<u8>,
     epochs: QueueEpoch,
@@ -264,8 +276,8 @@ impl ReplayIndex {
             let Some(qr) = queues.get_mut(q) else {
                 continue;
             };
-            let epoch = qr.epochs.epoch_for(r.index);
-            qr.keys.push((epoch, r.index));
+            let key = qr.epochs.key(r.index);
+            qr.keys.push(key);
             qr.offsets.push(qr.bytes.len());
             codec.reset();
             codec.encode(&r, &mut qr.bytes)?;
@@ -314,11 +326,16 @@ impl ReplayIndex {
         self.queues.get(usize::from(queue)).map_or(0, |q| q.keys.len())
     }
 
-    /// The record of `queue` with this epoch and index, and its position in the queue.
-    pub fn get(&self, queue: u16, epoch: u32, index: u64) -> Option<(usize, Record)> {
+    /// The record of the device call `key` on `queue`, and its position in the queue.
+    pub fn get(&self, queue: u16, key: CallKey) -> Option<(usize, Record)> {
         let q = self.queues.get(usize::from(queue))?;
-        let pos = q.keys.binary_search(&(epoch, index)).ok()?;
+        let pos = q.keys.binary_search(&key).ok()?;
         Some((pos, self.decode_at(q, pos)?))
+    }
+
+    /// The key of the `pos`-th record of `queue`.
+    pub fn key_at(&self, queue: u16, pos: usize) -> Option<CallKey> {
+        self.queues.get(usize::from(queue))?.keys.get(pos).copied()
     }
 
     /// The `pos`-th record of `queue`.
