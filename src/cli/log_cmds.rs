@@ -319,23 +319,6 @@ fn extent_json(e: &LogExtent) -> Value {
     }
 }
 
-fn extent_text(e: &LogExtent) -> String {
-    match *e {
-        LogExtent::Mapped { pba, blocks } => format!("pba:{pba}+{blocks}"),
-        LogExtent::Zero { blocks } => format!("zero+{blocks}"),
-        LogExtent::Base { lba, blocks } => format!("base:{lba}+{blocks}"),
-    }
-}
-
-fn status_name(s: u8) -> String {
-    match s {
-        0 => "ok".into(),
-        1 => "ioerr".into(),
-        2 => "unsupp".into(),
-        n => format!("status-{n}"),
-    }
-}
-
 /// One dump line of a record.
 fn dump_line(r: &Record, output: OutputFormat) -> String {
     match output {
@@ -382,44 +365,7 @@ fn dump_line(r: &Record, output: OutputFormat) -> String {
             }
             v.to_string()
         }
-        OutputFormat::Human => {
-            let mut s = format!(
-                "q{} #{} {} sector={} len={} status={} seq={}",
-                r.queue,
-                r.index,
-                r.kind_name(),
-                r.sector,
-                r.len,
-                status_name(r.status),
-                r.seq
-            );
-            match &r.body {
-                RecordBody::Read(b) => {
-                    if !b.extents.is_empty() {
-                        let e: Vec<String> = b.extents.iter().map(extent_text).collect();
-                        s.push_str(&format!(" extents=[{}]", e.join(" ")));
-                    }
-                    if let Some(d) = &b.data {
-                        let h = blake3::hash(d);
-                        s.push_str(&format!(" data_blake3={}", &h.to_hex()[..32]));
-                    }
-                }
-                RecordBody::Write {
-                    first_pba,
-                    blocks,
-                    hash,
-                } => {
-                    if *blocks > 0 {
-                        s.push_str(&format!(" pba={first_pba}+{blocks}"));
-                    }
-                    s.push_str(&format!(" hash={}", hex(hash)));
-                }
-                RecordBody::WriteZeroes { unmap } => s.push_str(&format!(" unmap={unmap}")),
-                RecordBody::Rejected { req_type } => s.push_str(&format!(" type={req_type}")),
-                RecordBody::Flush | RecordBody::Discard => {}
-            }
-            s
-        }
+        OutputFormat::Human => r.to_string(),
     }
 }
 

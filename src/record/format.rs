@@ -8,6 +8,7 @@
 //! record of the same frame predicts. The delta state restarts at every frame, so each frame
 //! decodes on its own and a torn tail costs at most one frame.
 
+use crate::iobuf::IoSeg;
 use crate::units::{BlockSize, Lba, Pba, Seq};
 
 use super::RecordError;
@@ -303,6 +304,72 @@ impl Record {
             RecordBody::Discard => "discard",
             RecordBody::WriteZeroes { .. } => "write-zeroes",
             RecordBody::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+impl std::fmt::Display for LogExtent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            LogExtent::Mapped { pba, blocks } => write!(f, "pba:{pba}+{blocks}"),
+            LogExtent::Zero { blocks } => write!(f, "zero+{blocks}"),
+            LogExtent::Base { lba, blocks } => write!(f, "base:{lba}+{blocks}"),
+        }
+    }
+}
+
+/// The name of a virtio-blk status byte.
+pub fn status_name(status: u8) -> std::borrow::Cow<'static, str> {
+    match status {
+        0 => "ok".into(),
+        1 => "ioerr".into(),
+        2 => "unsupp".into(),
+        n => format!("status-{n}").into(),
+    }
+}
+
+/// One line: `q0 #12 read sector=8 len=4096 status=ok seq=5 extents=[pba:100+1]`.
+impl std::fmt::Display for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "q{} #{} {} sector={} len={} status={} seq={}",
+            self.queue,
+            self.index,
+            self.kind_name(),
+            self.sector,
+            self.len,
+            status_name(self.status),
+            self.seq
+        )?;
+        match &self.body {
+            RecordBody::Read(b) => {
+                if !b.extents.is_empty() {
+                    write!(f, " extents=[")?;
+                    for (i, e) in b.extents.iter().enumerate() {
+                        write!(f, "{}{e}", if i == 0 { "" } else { " " })?;
+                    }
+                    write!(f, "]")?;
+                }
+                if let Some(d) = &b.data {
+                    write!(f, " data_blake3={}", blake3::hash(d).to_hex())?;
+                }
+                Ok(())
+            }
+            RecordBody::Write {
+                first_pba,
+                blocks,
+                hash,
+            } => {
+                if *blocks > 0 {
+                    write!(f, " pba={first_pba}+{blocks}")?;
+                }
+                write!(f, " hash=")?;
+                hash.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
+            RecordBody::WriteZeroes { unmap } => write!(f, " unmap={unmap}"),
+            RecordBody::Rejected { req_type } => write!(f, " type={req_type}"),
+            RecordBody::Flush | RecordBody::Discard => Ok(()),
         }
     }
 }
@@ -689,6 +756,26 @@ pub fn truncate_hash(h: &blake3::Hash) -> [u8; HASH_LEN] {
     out
 }
 
+/// The hash kept for the data of a write, computed over its scatter-gather segments (copied
+/// out in chunks: guest memory is never borrowed as a Rust slice).
+pub fn hash_segs(segs: &[IoSeg<'_>]) -> [u8; HASH_LEN] {
+    let mut h = blake3::Hasher::new();
+    let mut buf = [0u8; 16 * 1024];
+    for s in segs {
+        let mut off = 0;
+        while off < s.len() {
+            let n = (s.len() - off).min(buf.len());
+            let chunk = &mut buf[..n];
+            if !s.copy_to(off, chunk) {
+                break;
+            }
+            h.update(chunk);
+            off += n;
+        }
+    }
+    truncate_hash(&h.finalize())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -765,6 +852,42 @@ mod tests {
             LogHeader::decode(&b),
             Err(RecordError::UnknownFeatures(1))
         ));
+    }
+
+    #[test]
+    fn hashes_do_not_depend_on_segmentation() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7) as u8).collect();
+        let whole = truncate_hash(&blake3::hash(&data));
+        let (a, b) = data.split_at(12_345);
+        let segs = [IoSeg::from_slice(a), IoSeg::from_slice(b)];
+        assert_eq!(hash_segs(&segs), whole);
+        assert_ne!(hash_segs(&segs[..1]), whole);
+    }
+
+    #[test]
+    fn records_display_as_one_line() {
+        let r = Record {
+            queue: 1,
+            index: 7,
+            sector: 16,
+            len: 8192,
+            status: 0,
+            seq: Seq(3),
+            body: RecordBody::Read(ReadBody {
+                extents: vec![
+                    LogExtent::Mapped {
+                        pba: Pba(9),
+                        blocks: 1,
+                    },
+                    LogExtent::Zero { blocks: 1 },
+                ],
+                data: None,
+            }),
+        };
+        assert_eq!(
+            r.to_string(),
+            "q1 #7 read sector=16 len=8192 status=ok seq=3 extents=[pba:9+1 zero+1]"
+        );
     }
 
     #[test]
