@@ -28,7 +28,7 @@ fn workload(n: u64, full: bool) -> Vec<Record> {
         .map(|i| {
             let sector = (i * 7919) % 100_000 * 8;
             let (len, body) = match i % 7 {
-                0 | 1 | 2 => {
+                0..=2 => {
                     let b = if full {
                         ReadBody {
                             extents: vec![],
@@ -166,8 +166,7 @@ fn truncation_at_every_byte_leaves_the_prefix_of_complete_frames() {
         // The last frame boundary at or before the cut.
         let (end, n) = std::iter::once((HEADER_LEN, 0))
             .chain(ends.iter().copied())
-            .filter(|&(e, _)| e <= cut)
-            .last()
+            .rfind(|&(e, _)| e <= cut)
             .unwrap();
         assert_eq!(got.len(), n, "cut {cut}");
         assert_eq!(&got[..], &recs[..n], "cut {cut}");
@@ -249,8 +248,12 @@ fn a_future_version_and_garbage_are_refused_clearly() {
 fn queue_threads_append_concurrently() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mt.log");
-    let w = LogWriter::create(&path, &header(RecordMode::BlockId), Duration::from_millis(20))
-        .unwrap();
+    let w = LogWriter::create(
+        &path,
+        &header(RecordMode::BlockId),
+        Duration::from_millis(20),
+    )
+    .unwrap();
     std::thread::scope(|s| {
         for q in 0..4u16 {
             let w = &w;
@@ -307,8 +310,12 @@ fn queue_threads_append_concurrently() {
 fn the_periodic_sync_writes_out_a_partial_frame() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.log");
-    let w = LogWriter::create(&path, &header(RecordMode::BlockId), Duration::from_millis(10))
-        .unwrap();
+    let w = LogWriter::create(
+        &path,
+        &header(RecordMode::BlockId),
+        Duration::from_millis(10),
+    )
+    .unwrap();
     w.append(&workload(1, false)[0]).unwrap();
     // No explicit sync: the timer must write the frame. Generous deadline, not a speed test.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -7,6 +7,8 @@
 //! implementations re-check and return [`BlockError::Unaligned`] otherwise.
 
 pub mod image_dev;
+pub mod record_dev;
+pub mod replay_dev;
 
 use crate::iobuf::IoSeg;
 

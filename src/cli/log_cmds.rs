@@ -313,7 +313,9 @@ fn hex(b: &[u8]) -> String {
 
 fn extent_json(e: &LogExtent) -> Value {
     match *e {
-        LogExtent::Mapped { pba, blocks } => json!({"mapped": {"pba": pba.get(), "blocks": blocks}}),
+        LogExtent::Mapped { pba, blocks } => {
+            json!({"mapped": {"pba": pba.get(), "blocks": blocks}})
+        }
         LogExtent::Zero { blocks } => json!({"zero": {"blocks": blocks}}),
         LogExtent::Base { lba, blocks } => json!({"base": {"lba": lba.get(), "blocks": blocks}}),
     }
@@ -342,7 +344,10 @@ fn dump_line(r: &Record, output: OutputFormat) -> String {
                             );
                         }
                         if let Some(d) = &b.data {
-                            o.insert("data_blake3".into(), blake3::hash(d).to_hex().as_str().into());
+                            o.insert(
+                                "data_blake3".into(),
+                                blake3::hash(d).to_hex().as_str().into(),
+                            );
                         }
                     }
                     RecordBody::Write {
@@ -386,7 +391,11 @@ pub fn dump(log: &Path, output: OutputFormat) -> CliResult {
             h.block_size
         );
         if let Err(e) = writeln!(out, "{line}") {
-            return if broken_pipe(e) { Ok(0) } else { Err(CliError::ctx("dump", "stdout")) };
+            return if broken_pipe(e) {
+                Ok(0)
+            } else {
+                Err(CliError::ctx("dump", "stdout"))
+            };
         }
     }
     loop {

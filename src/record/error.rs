@@ -10,7 +10,9 @@ pub enum RecordError {
     #[error("not an RR-Row record log (bad magic)")]
     BadMagic,
     /// The log was written by a newer format version than this program reads.
-    #[error("record log format version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "record log format version {found} is not supported (this build reads version {supported})"
+    )]
     UnsupportedVersion {
         /// Version found in the header.
         found: u16,
@@ -21,7 +23,9 @@ pub enum RecordError {
     #[error("record log uses unknown incompatible features {0:#x}")]
     UnknownFeatures(u32),
     /// The header's checksum does not match its content.
-    #[error("record log header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    #[error(
+        "record log header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+    )]
     HeaderChecksum {
         /// Checksum stored in the header.
         stored: u32,

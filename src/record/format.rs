@@ -8,6 +8,7 @@
 //! record of the same frame predicts. The delta state restarts at every frame, so each frame
 //! decodes on its own and a torn tail costs at most one frame.
 
+use crate::image::Extent;
 use crate::iobuf::IoSeg;
 use crate::units::{BlockSize, Lba, Pba, Seq};
 
@@ -229,6 +230,26 @@ impl LogExtent {
             LogExtent::Mapped { blocks, .. }
             | LogExtent::Zero { blocks }
             | LogExtent::Base { blocks, .. } => blocks,
+        }
+    }
+}
+
+impl From<&Extent> for LogExtent {
+    fn from(e: &Extent) -> Self {
+        match *e {
+            Extent::Mapped { pba, blocks } => LogExtent::Mapped { pba, blocks },
+            Extent::Zero { blocks } => LogExtent::Zero { blocks },
+            Extent::Base { lba, blocks } => LogExtent::Base { lba, blocks },
+        }
+    }
+}
+
+impl From<&LogExtent> for Extent {
+    fn from(e: &LogExtent) -> Self {
+        match *e {
+            LogExtent::Mapped { pba, blocks } => Extent::Mapped { pba, blocks },
+            LogExtent::Zero { blocks } => Extent::Zero { blocks },
+            LogExtent::Base { lba, blocks } => Extent::Base { lba, blocks },
         }
     }
 }
@@ -575,7 +596,10 @@ impl Codec {
                 hash,
             } => {
                 if *blocks > 0 {
-                    put_varint(out, zigzag(first_pba.get().wrapping_sub(self.next_pba) as i64));
+                    put_varint(
+                        out,
+                        zigzag(first_pba.get().wrapping_sub(self.next_pba) as i64),
+                    );
                     put_varint(out, *blocks);
                     self.next_pba = first_pba.get().wrapping_add(*blocks);
                 }
@@ -633,7 +657,9 @@ impl Codec {
         } else {
             return Err(format!("invalid length code {l}"));
         };
-        let seq = self.seq.wrapping_add(unzigzag(get_varint(buf, pos)?) as u64);
+        let seq = self
+            .seq
+            .wrapping_add(unzigzag(get_varint(buf, pos)?) as u64);
         self.seq = seq;
         let body = match kind {
             kind::READ => {
@@ -802,7 +828,10 @@ mod tests {
 
         let mut bad = b;
         bad[0] = b'X';
-        assert!(matches!(LogHeader::decode(&bad), Err(RecordError::BadMagic)));
+        assert!(matches!(
+            LogHeader::decode(&bad),
+            Err(RecordError::BadMagic)
+        ));
 
         let mut future = b;
         future[8] = 2;
@@ -984,11 +1013,12 @@ mod tests {
             Just(u64::MAX)
         ];
         let body = prop_oneof![
-            prop::collection::vec(arb_extent(), 0..5)
-                .prop_map(|extents| RecordBody::Read(ReadBody {
+            prop::collection::vec(arb_extent(), 0..5).prop_map(|extents| RecordBody::Read(
+                ReadBody {
                     extents,
                     data: None
-                })),
+                }
+            )),
             (any::<u64>(), any::<u64>(), any::<[u8; HASH_LEN]>()).prop_map(|(p, b, hash)| {
                 RecordBody::Write {
                     first_pba: Pba(if b == 0 { 0 } else { p }),

@@ -150,8 +150,7 @@ impl<R: Read> LogReader<R> {
         self.src.read_exact(&mut self.payload)?;
         let frame_end = offset + FRAME_HEADER_LEN as u64 + u64::from(len);
         if !frame_crc_ok(len_bytes, crc, &self.payload) {
-            let tail_zero =
-                fh.iter().all(|&b| b == 0) && self.payload.iter().all(|&b| b == 0);
+            let tail_zero = fh.iter().all(|&b| b == 0) && self.payload.iter().all(|&b| b == 0);
             if frame_end == self.file_len || (tail_zero && self.rest_is_zero()?) {
                 // Last frame, partly written; or a file extended with zeros by a crash.
                 self.torn(offset, remaining);
@@ -323,7 +322,9 @@ impl ReplayIndex {
 
     /// Number of records of `queue`.
     pub fn queue_len(&self, queue: u16) -> usize {
-        self.queues.get(usize::from(queue)).map_or(0, |q| q.keys.len())
+        self.queues
+            .get(usize::from(queue))
+            .map_or(0, |q| q.keys.len())
     }
 
     /// The record of the device call `key` on `queue`, and its position in the queue.
