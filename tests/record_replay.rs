@@ -72,7 +72,11 @@ fn workload(seed: u64, n: usize) -> Vec<Req> {
                     let lens = split(&mut rng);
                     let data = lens
                         .iter()
-                        .map(|&l| (0..l).map(|_| rng.gen()).collect())
+                        .map(|&l| {
+                            let mut d = vec![0u8; l];
+                            rng.fill(&mut d[..]);
+                            d
+                        })
                         .collect();
                     Op::Write { off, data }
                 }
@@ -110,10 +114,8 @@ fn run(dev: &dyn BlockDevice, reqs: &[Req]) -> Vec<Seen> {
                 Op::Read { off, lens } => {
                     let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0xee; l]).collect();
                     let res = {
-                        let segs: Vec<IoSeg<'_>> = bufs
-                            .iter_mut()
-                            .map(|b| IoSeg::from_mut_slice(b))
-                            .collect();
+                        let segs: Vec<IoSeg<'_>> =
+                            bufs.iter_mut().map(|b| IoSeg::from_mut_slice(b)).collect();
                         dev.read(&ctx, *off, &segs)
                     };
                     res.map(|()| Some(bufs.concat()))
@@ -188,8 +190,8 @@ fn overwrite(img: &Image, seed: u64) {
 }
 
 fn record(img: &Arc<Image>, log: &Path, mode: RecordMode, reqs: &[Req]) -> Vec<Seen> {
-    let dev = RecordingDevice::with_sync_interval(Arc::clone(img), log, mode, Duration::ZERO)
-        .unwrap();
+    let dev =
+        RecordingDevice::with_sync_interval(Arc::clone(img), log, mode, Duration::ZERO).unwrap();
     let seen = run(&dev, reqs);
     let stats = dev.finish().unwrap();
     assert_eq!(stats.records as usize, reqs.len());
@@ -235,7 +237,10 @@ fn record_overwrite_replay(mode: RecordMode, base: bool) {
             _ => false,
         })
         .count();
-    assert!(changed * 10 > reads * 9, "only {changed} of {reads} reads changed");
+    assert!(
+        changed * 10 > reads * 9,
+        "only {changed} of {reads} reads changed"
+    );
     let seq_before = img.seq();
 
     let dev = ReplayingDevice::open(Arc::clone(&img), &log, DivergencePolicy::Stop).unwrap();
@@ -317,7 +322,11 @@ fn a_different_request_stops_the_replay_at_its_index() {
     assert_eq!(&replayed[..k], &recorded[..k]);
     for (i, r) in replayed[k..].iter().enumerate() {
         if !matches!(changed[k + i].op, Op::Reject { .. }) {
-            assert!(r.is_err(), "request {} succeeded after the divergence", k + i);
+            assert!(
+                r.is_err(),
+                "request {} succeeded after the divergence",
+                k + i
+            );
         }
     }
     let s = dev.summary();
@@ -424,7 +433,9 @@ fn more_requests_than_recorded_diverge() {
     let s = dev.summary();
     assert_eq!(s.divergences, 1);
     assert!(s.first_divergences[0].recorded.is_none());
-    assert!(s.first_divergences[0].reason.contains("more requests than recorded"));
+    assert!(s.first_divergences[0]
+        .reason
+        .contains("more requests than recorded"));
     assert_eq!(s.unreplayed(), 0);
 }
 
