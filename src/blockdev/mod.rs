@@ -22,6 +22,21 @@ pub struct RequestCtx {
     pub index: u64,
 }
 
+impl RequestCtx {
+    /// The context of calls the daemon makes on its own, not for a guest request (e.g. the
+    /// flush when the driver switches the cache to write-through). Record/replay devices
+    /// execute them without logging or matching them: they are not part of the guest's stream.
+    pub const INTERNAL: RequestCtx = RequestCtx {
+        queue: u16::MAX,
+        index: 0,
+    };
+
+    /// True for [`RequestCtx::INTERNAL`].
+    pub fn is_internal(&self) -> bool {
+        self.queue == u16::MAX
+    }
+}
+
 /// The kind of a virtio-blk request, as far as the storage layer cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
