@@ -32,3 +32,6 @@ pub fn serial_bytes(serial: &str) -> [u8; ID_BYTES] {
     }
     out
 }
+
+#[cfg(test)]
+mod tests;
