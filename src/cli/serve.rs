@@ -94,12 +94,6 @@ fn open_image(a: &ServeArgs) -> Result<Image, CliError> {
             base: None,
         };
         let image = Image::create(path, &opts).map_err(|e| CliError::ctx(path.display(), e))?;
-        info!(
-            "created image {} ({} bytes, block size {})",
-            path.display(),
-            size,
-            block_size
-        );
         if mode == OpenMode::ReadWrite {
             return Ok(image);
         }
