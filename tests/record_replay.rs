@@ -625,3 +625,35 @@ fn recorded_writes_carry_their_blocks_and_hash() {
     let out = run(&dev, &reqs);
     assert_eq!(out[1], Ok(Some(data)));
 }
+
+#[test]
+fn daemon_initiated_flushes_are_neither_recorded_nor_matched() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = new_image(dir.path(), false);
+    let log = dir.path().join("internal.log");
+    let data = vec![0x42u8; BS as usize];
+    let w = |index| RequestCtx { queue: 0, index };
+    let dev = RecordingDevice::with_sync_interval(
+        Arc::clone(&img),
+        &log,
+        RecordMode::BlockId,
+        Duration::ZERO,
+    )
+    .unwrap();
+    dev.write(&w(0), 0, &[IoSeg::from_slice(&data)]).unwrap();
+    dev.flush(&RequestCtx::INTERNAL).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    dev.read(&w(1), 0, &[IoSeg::from_mut_slice(&mut buf)])
+        .unwrap();
+    assert_eq!(dev.finish().unwrap().records, 2);
+
+    let dev = ReplayingDevice::open(Arc::clone(&img), &log, DivergencePolicy::Stop).unwrap();
+    dev.flush(&RequestCtx::INTERNAL).unwrap();
+    dev.write(&w(0), 0, &[IoSeg::from_slice(&data)]).unwrap();
+    let mut back = vec![0u8; BS as usize];
+    dev.read(&w(1), 0, &[IoSeg::from_mut_slice(&mut back)])
+        .unwrap();
+    dev.flush(&RequestCtx::INTERNAL).unwrap();
+    assert_eq!(back, data);
+    assert!(dev.summary().is_clean(), "{}", dev.summary());
+}
