@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info};
 
-use crate::image::Image;
+use crate::image::{Image, ImageError};
 use crate::iobuf::{total_len, IoSeg};
 use crate::record::format::{hash_segs, LogHeader, VERSION};
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
@@ -43,6 +43,21 @@ pub fn status_of<T>(r: &Result<T, BlockError>) -> u8 {
         Ok(_) => STATUS_OK,
         Err(BlockError::Unsupported) => STATUS_UNSUPP,
         Err(_) => STATUS_IOERR,
+    }
+}
+
+/// Turns an engine error into the matching [`BlockError`] (as `ImageDevice` does), so that a
+/// recorded or replayed device fails exactly like the plain one.
+pub(crate) fn block_error(e: ImageError) -> BlockError {
+    match e {
+        ImageError::OutOfRange { offset, len, size } => BlockError::OutOfRange {
+            offset,
+            len,
+            capacity: size,
+        },
+        ImageError::Unaligned { offset, len } => BlockError::Unaligned { offset, len },
+        ImageError::ReadOnly => BlockError::ReadOnly,
+        other => BlockError::Image(other),
     }
 }
 
@@ -178,7 +193,8 @@ impl RecordingDevice {
         let mut buf = vec![0u8; len];
         let seq = self
             .image
-            .read_vectored(offset, &[IoSeg::from_mut_slice(&mut buf)], None)?;
+            .read_vectored(offset, &[IoSeg::from_mut_slice(&mut buf)], None)
+            .map_err(block_error)?;
         let mut pos = 0usize;
         for s in segs {
             let part = buf.get(pos..pos + s.len()).unwrap_or_default();
@@ -210,7 +226,7 @@ impl BlockDevice for RecordingDevice {
                 let r = self
                     .image
                     .read_vectored(offset, segs, Some(&mut trace))
-                    .map_err(BlockError::from);
+                    .map_err(block_error);
                 let extents = match r {
                     Ok(_) => trace.iter().map(LogExtent::from).collect(),
                     Err(_) => Vec::new(),
@@ -248,10 +264,7 @@ impl BlockDevice for RecordingDevice {
 
     fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
         let hash = hash_segs(segs);
-        let res = self
-            .image
-            .write_vectored(offset, segs)
-            .map_err(BlockError::from);
+        let res = self.image.write_vectored(offset, segs).map_err(block_error);
         let (seq, first_pba, blocks) = match &res {
             Ok(o) => (o.seq, o.first_pba, o.blocks),
             Err(_) => (self.image.seq(), Default::default(), 0),
@@ -272,7 +285,12 @@ impl BlockDevice for RecordingDevice {
     }
 
     fn flush(&self, ctx: &RequestCtx) -> Result<(), BlockError> {
-        let res = self.image.flush().map_err(BlockError::from);
+        // A read-only image has nothing to flush (and the engine refuses to).
+        let res = if self.image.is_read_only() {
+            Ok(())
+        } else {
+            self.image.flush().map_err(block_error)
+        };
         if !ctx.is_internal() {
             let seq = self.image.seq();
             self.record(ctx, 0, 0, status_of(&res), seq, RecordBody::Flush);
@@ -287,7 +305,7 @@ impl BlockDevice for RecordingDevice {
     }
 
     fn discard(&self, ctx: &RequestCtx, offset: u64, len: u64) -> Result<(), BlockError> {
-        let res = self.image.discard(offset, len).map_err(BlockError::from);
+        let res = self.image.discard(offset, len).map_err(block_error);
         let seq = res.as_ref().map_or_else(|_| self.image.seq(), |s| *s);
         self.record(ctx, offset, len, status_of(&res), seq, RecordBody::Discard);
         res.map(|_| ())
@@ -300,10 +318,7 @@ impl BlockDevice for RecordingDevice {
         len: u64,
         unmap: bool,
     ) -> Result<(), BlockError> {
-        let res = self
-            .image
-            .write_zeroes(offset, len)
-            .map_err(BlockError::from);
+        let res = self.image.write_zeroes(offset, len).map_err(block_error);
         let seq = res.as_ref().map_or_else(|_| self.image.seq(), |s| *s);
         self.record(
             ctx,

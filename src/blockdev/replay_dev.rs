@@ -35,7 +35,7 @@ use crate::record::{
 };
 use crate::units::{Pba, Seq, SECTOR_SIZE};
 
-use super::record_dev::request_type_code;
+use super::record_dev::{block_error, request_type_code};
 use super::{BlockDevice, BlockError, RejectedRequest, RequestCtx};
 
 /// At most this many divergences are kept for the summary (all are counted and logged).
@@ -431,7 +431,7 @@ impl ReplayingDevice {
                 return Ok(Arc::clone(snap));
             }
         }
-        let snap = Arc::new(self.image.state_at(seq)?);
+        let snap = Arc::new(self.image.state_at(seq).map_err(block_error)?);
         *g = Some((seq, Arc::clone(&snap)));
         Ok(snap)
     }
@@ -444,7 +444,7 @@ impl ReplayingDevice {
         while done < total {
             let n = (total - done).min(buf.len() as u64);
             let chunk = buf.get_mut(..n as usize).unwrap_or_default();
-            snap.read_at(offset + done, chunk)?;
+            snap.read_at(offset + done, chunk).map_err(block_error)?;
             let dst = slice_segs(segs, done, n).ok_or(BlockError::OutOfRange {
                 offset,
                 len: total,
@@ -458,6 +458,21 @@ impl ReplayingDevice {
             done += n;
         }
         Ok(())
+    }
+}
+
+impl Drop for ReplayingDevice {
+    /// Reports the summary when the replay ends (the daemon drops the device at exit).
+    fn drop(&mut self) {
+        let s = self.summary();
+        if s.is_clean() {
+            info!("{s}");
+        } else {
+            warn!("{s}");
+            for d in s.first_divergences.iter().skip(1) {
+                warn!("  divergence at {d}");
+            }
+        }
     }
 }
 
@@ -571,7 +586,9 @@ impl BlockDevice for ReplayingDevice {
                 }
                 let extents: Vec<Extent> = b.extents.iter().map(Extent::from).collect();
                 let skip = offset % self.image.block_size().bytes_u64();
-                self.image.read_extents(&extents, skip, segs)?;
+                self.image
+                    .read_extents(&extents, skip, segs)
+                    .map_err(block_error)?;
                 Ok(())
             }
             Outcome::Continue => self.read_from_snapshot(offset, segs),
