@@ -439,3 +439,37 @@ mod props {
         }
     }
 }
+
+#[test]
+fn an_unencodable_record_is_refused_and_leaves_the_log_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.log");
+    let recs = workload(10, false);
+    let w = LogWriter::create(&path, &header(RecordMode::BlockId), Duration::ZERO).unwrap();
+    w.append(&recs[0]).unwrap();
+    let mut bad = recs[1].clone();
+    bad.body = RecordBody::Read(ReadBody {
+        extents: vec![
+            LogExtent::Mapped {
+                pba: Pba(77),
+                blocks: 1,
+            },
+            LogExtent::Zero { blocks: u64::MAX },
+        ],
+        data: None,
+    });
+    assert!(matches!(w.append(&bad), Err(RecordError::Encode(_))));
+    let mut short = recs[1].clone();
+    short.body = RecordBody::Read(ReadBody {
+        extents: vec![],
+        data: Some(vec![1, 2, 3]),
+    });
+    assert!(matches!(w.append(&short), Err(RecordError::Encode(_))));
+    for r in &recs[1..] {
+        w.append(r).unwrap();
+    }
+    w.finish().unwrap();
+    let (got, dropped) = read_all(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(got, recs);
+    assert_eq!(dropped, None);
+}

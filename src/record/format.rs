@@ -509,7 +509,8 @@ impl Codec {
         sector.wrapping_mul(512) >> self.block_shift
     }
 
-    /// Appends the encoding of `r` to `out`, advancing the delta state.
+    /// Appends the encoding of `r` to `out`, advancing the delta state. On error (a value that
+    /// cannot be encoded) nothing is appended and the state is unchanged.
     pub fn encode(&mut self, r: &Record, out: &mut Vec<u8>) -> Result<(), RecordError> {
         let (kind, flags) = match &r.body {
             RecordBody::Read(b) => {
@@ -522,6 +523,11 @@ impl Codec {
                         return Err(RecordError::Encode("read data length differs from len"));
                     }
                     f |= TAG_FLAG_B;
+                }
+                // Every check happens before anything is written or the delta state moves, so
+                // an error leaves both as they were.
+                if b.extents.iter().any(|e| e.blocks() > u64::MAX >> 2) {
+                    return Err(RecordError::Encode("extent block count too large"));
                 }
                 (kind::READ, f)
             }
@@ -564,9 +570,6 @@ impl Codec {
                     let mut expected_lba = self.lba_of(r.sector);
                     for e in &b.extents {
                         let blocks = e.blocks();
-                        if blocks > u64::MAX >> 2 {
-                            return Err(RecordError::Encode("extent block count too large"));
-                        }
                         match *e {
                             LogExtent::Mapped { pba, blocks } => {
                                 put_varint(out, (blocks << 2) | EXT_MAPPED);
@@ -783,22 +786,30 @@ pub fn truncate_hash(h: &blake3::Hash) -> [u8; HASH_LEN] {
 }
 
 /// The hash kept for the data of a write, computed over its scatter-gather segments (copied
-/// out in chunks: guest memory is never borrowed as a Rust slice).
+/// out in chunks: guest memory is never borrowed as a Rust slice). The bounce buffer is per
+/// thread, so it is not zeroed again for every request.
 pub fn hash_segs(segs: &[IoSeg<'_>]) -> [u8; HASH_LEN] {
-    let mut h = blake3::Hasher::new();
-    let mut buf = [0u8; 16 * 1024];
-    for s in segs {
-        let mut off = 0;
-        while off < s.len() {
-            let n = (s.len() - off).min(buf.len());
-            let chunk = &mut buf[..n];
-            if !s.copy_to(off, chunk) {
-                break;
-            }
-            h.update(chunk);
-            off += n;
-        }
+    thread_local! {
+        static BOUNCE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 16 * 1024]);
     }
+    let mut h = blake3::Hasher::new();
+    BOUNCE.with(|b| {
+        let mut buf = b.borrow_mut();
+        for s in segs {
+            let mut off = 0;
+            while off < s.len() {
+                let n = (s.len() - off).min(buf.len());
+                let Some(chunk) = buf.get_mut(..n) else {
+                    break;
+                };
+                if !s.copy_to(off, chunk) {
+                    break;
+                }
+                h.update(chunk);
+                off += n;
+            }
+        }
+    });
     truncate_hash(&h.finalize())
 }
 

@@ -202,15 +202,8 @@ impl LogWriter {
             return Err(RecordError::Stopped(e.clone()));
         }
         let State { codec, frame, .. } = &mut *st;
-        let before = frame.len();
-        // Encoding must not leave half a record behind on error, nor a codec state that
-        // disagrees with the frame.
-        let saved = codec.clone();
-        if let Err(e) = codec.encode(rec, frame) {
-            frame.truncate(before);
-            *codec = saved;
-            return Err(e);
-        }
+        // On error the codec appends nothing and keeps its state.
+        codec.encode(rec, frame)?;
         st.stats.records += 1;
         if st.frame.len() >= FRAME_TARGET + FRAME_HEADER_LEN {
             self.shared.emit(&mut st)?;
