@@ -6,7 +6,7 @@
 //! blocks it was redirected to and a hash of its data. Replay re-reads the data by block id from
 //! the image's retained history. The byte-exact format is specified in `docs/record-log.md`.
 //!
-//! - [`format`]: header, frames and the record encoding (varints, delta-encoded PBAs).
+//! - [`format`](mod@format): header, frames and the record encoding (varints, delta-encoded PBAs).
 //! - [`writer`]: [`LogWriter`], shared by all queue threads, bounded memory, periodic sync.
 //! - [`reader`]: [`LogReader`], an iterator over records that stops cleanly at a torn tail, and
 //!   [`ReplayIndex`], the records grouped per queue in index order for replay.
