@@ -115,14 +115,17 @@ impl Shared {
         };
         let mut synced = lock(&self.synced_gen);
         if *synced >= target {
+            // A sync that started after our frame was written covered it (group commit).
             return Ok(());
         }
-        // Frames written after `target` are covered too, but only `target` is known to be.
+        // Every frame written before the fdatasync starts is covered by it, including frames
+        // of other threads that are now waiting for this lock.
+        let covered = lock(&self.state).written_gen;
         if let Err(e) = self.file.sync_data() {
             let mut st = lock(&self.state);
             return Err(self.fail(&mut st, e));
         }
-        *synced = target;
+        *synced = covered;
         lock(&self.state).stats.syncs += 1;
         Ok(())
     }
