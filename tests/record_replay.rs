@@ -657,3 +657,47 @@ fn daemon_initiated_flushes_are_neither_recorded_nor_matched() {
     assert_eq!(back, data);
     assert!(dev.summary().is_clean(), "{}", dev.summary());
 }
+
+#[test]
+fn full_mode_refuses_reads_too_large_to_log_and_records_the_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = Arc::new(
+        Image::create(
+            &dir.path().join("big.rrow"),
+            &CreateOptions {
+                size: 128 << 20,
+                block_size: BlockSize::DEFAULT,
+                base: None,
+            },
+        )
+        .unwrap(),
+    );
+    let log = dir.path().join("big.log");
+    let dev = RecordingDevice::with_sync_interval(
+        Arc::clone(&img),
+        &log,
+        RecordMode::Full,
+        Duration::ZERO,
+    )
+    .unwrap();
+    let mut big = vec![0u8; (64 << 20) + 4096];
+    let ctx = RequestCtx { queue: 0, index: 0 };
+    assert!(dev
+        .read(&ctx, 0, &[IoSeg::from_mut_slice(&mut big)])
+        .is_err());
+    let ctx = RequestCtx { queue: 0, index: 1 };
+    dev.read(&ctx, 0, &[IoSeg::from_mut_slice(&mut big[..64 << 20])])
+        .unwrap();
+    dev.finish().unwrap();
+    let recs: Vec<Record> = LogReader::open(&log)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[0].status, 1);
+    assert_eq!(recs[0].body, RecordBody::Read(ReadBody::default()));
+    assert_eq!(recs[1].status, 0);
+    assert!(
+        matches!(&recs[1].body, RecordBody::Read(b) if b.data.as_ref().map(Vec::len) == Some(64 << 20))
+    );
+}

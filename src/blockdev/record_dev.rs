@@ -20,7 +20,7 @@ use log::{error, info};
 
 use crate::image::{Image, ImageError};
 use crate::iobuf::{total_len, IoSeg};
-use crate::record::format::{hash_segs, LogHeader, VERSION};
+use crate::record::format::{hash_segs, LogHeader, MAX_READ_DATA, VERSION};
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 use crate::record::{
     LogExtent, LogWriter, ReadBody, Record, RecordBody, RecordError, RecordMode, WriterStats,
@@ -184,12 +184,18 @@ impl RecordingDevice {
 
     /// Full mode: read into a private buffer, log exactly those bytes, then hand them to the
     /// guest (guest memory may change under us; the log must hold what the guest got).
+    /// Reads larger than [`MAX_READ_DATA`] (no Linux guest issues them) fail with IOERR, and
+    /// are recorded as failed, rather than buffering an unbounded amount of guest data.
     fn read_full(&self, offset: u64, segs: &[IoSeg<'_>]) -> Result<(Seq, Vec<u8>), BlockError> {
-        let len = usize::try_from(total_len(segs)).map_err(|_| BlockError::OutOfRange {
-            offset,
-            len: total_len(segs),
-            capacity: self.image.size(),
-        })?;
+        let total = total_len(segs);
+        let len = usize::try_from(total)
+            .ok()
+            .filter(|_| total <= MAX_READ_DATA)
+            .ok_or_else(|| {
+                BlockError::Io(std::io::Error::other(format!(
+                    "a {total}-byte read is larger than a full-mode record can carry"
+                )))
+            })?;
         let mut buf = vec![0u8; len];
         let seq = self
             .image

@@ -24,6 +24,9 @@ pub const HEADER_LEN: usize = 80;
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Largest frame payload a reader accepts (1 GiB). Writers cut frames far earlier.
 pub const MAX_FRAME_PAYLOAD: u32 = 1 << 30;
+/// Largest read a full-mode record carries (64 MiB), so that a frame stays far below
+/// [`MAX_FRAME_PAYLOAD`] and a hostile guest cannot make the recorder allocate without bound.
+pub const MAX_READ_DATA: u64 = 64 << 20;
 /// Bytes of the BLAKE3 hash kept for a written request's data (BLAKE3 truncated to 128 bits).
 pub const HASH_LEN: usize = 16;
 
@@ -521,6 +524,9 @@ impl Codec {
                 if let Some(d) = &b.data {
                     if d.len() as u64 != r.len {
                         return Err(RecordError::Encode("read data length differs from len"));
+                    }
+                    if r.len > MAX_READ_DATA {
+                        return Err(RecordError::Encode("read data larger than 64 MiB"));
                     }
                     f |= TAG_FLAG_B;
                 }
