@@ -148,10 +148,17 @@ fn journal_cut_at_every_record_boundary_and_inside_records() {
     for cut in cuts {
         let mut f = file.clone();
         f[cut as usize..seg_end].fill(0);
-        // The last complete state-changing record before the cut.
+        // The last state-changing record the cut left intact (the bytes it zeroed may have
+        // been zeros already, e.g. the top byte of a crc).
+        let intact = |r: &&(u64, u64, u8, u64)| {
+            r.0 + r.1 <= cut
+                || file[cut as usize..(r.0 + r.1) as usize]
+                    .iter()
+                    .all(|&b| b == 0)
+        };
         let complete = recs
             .iter()
-            .filter(|r| r.0 + r.1 <= cut && (1..=3).contains(&r.2))
+            .filter(|r| intact(r) && (1..=3).contains(&r.2))
             .map(|r| r.3)
             .max()
             .unwrap_or(0);

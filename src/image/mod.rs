@@ -436,6 +436,23 @@ impl Image {
             .metadata()
             .map_err(|e| ImageError::io("cannot stat the image", e))?
             .len();
+        // Journal segments are written whole when they are started: the file must reach the
+        // end of the first one and of the one replay starts in.
+        let seg_bytes = u64::from(hdr.seg_slots) * hdr.block_size.bytes_u64();
+        let need = [hdr.first_seg_slot, hdr.jpos.seg_slot]
+            .iter()
+            .map(|&s| {
+                s.saturating_mul(hdr.block_size.bytes_u64())
+                    .saturating_add(hdr.data_offset)
+                    .saturating_add(seg_bytes)
+            })
+            .max()
+            .unwrap_or(0);
+        if file_len < need {
+            return Err(ImageError::Truncated {
+                what: format!("the file is {file_len} bytes but its journal reaches byte {need}"),
+            });
+        }
         let sh = Shared {
             file,
             base,
