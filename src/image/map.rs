@@ -371,6 +371,35 @@ mod tests {
         assert!(per < 9.0, "{per} bytes per entry");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn map_agrees_with_a_plain_array(
+            ops in proptest::collection::vec((0u64..3 * CHUNK, 0u64..4), 1..8000),
+            spread in 1u64..7,
+        ) {
+            let mut m = Map::new(3 * CHUNK);
+            let mut plain = vec![0u64; (3 * CHUNK) as usize];
+            if spread == 1 {
+                // Start from a full (dense) chunk so that removals turn it sparse again.
+                for l in 0..CHUNK {
+                    m.set(l, l + 5);
+                    plain[l as usize] = l + 5;
+                }
+            }
+            for (l, v) in ops {
+                // Cluster the offsets for some cases so chunks fill up and turn dense.
+                let l = if spread == 1 { l % CHUNK } else { (l * spread) % (3 * CHUNK) };
+                let v = if v == 3 { 0 } else { v * 1000 + l };
+                m.set(l, v);
+                plain[l as usize] = v;
+            }
+            for (l, &v) in plain.iter().enumerate() {
+                proptest::prop_assert_eq!(m.get(l as u64), v);
+            }
+            proptest::prop_assert_eq!(m.mapped(), plain.iter().filter(|&&v| v >= 2).count() as u64);
+        }
+    }
+
     #[test]
     fn extents_and_runs_merge_consecutive_blocks() {
         let mut m = Map::new(100);
