@@ -333,7 +333,7 @@ fn two_writes_then_marker(marker_seq: u64) -> (tempfile::TempDir, std::path::Pat
     drop(img);
     let mut f = std::fs::read(&path).unwrap();
     let recs = records(&f);
-    let (pos, len, _, _) = recs[1];
+    let (pos, len, _, _) = *recs.iter().filter(|r| r.2 == 1).nth(1).unwrap();
     let end = (pos + len) as usize;
     let prev = u32::from_le_bytes(f[end - 4..end].try_into().unwrap());
     let (marker, _) = encode_record(
@@ -342,6 +342,7 @@ fn two_writes_then_marker(marker_seq: u64) -> (tempfile::TempDir, std::path::Pat
             seq: marker_seq,
             pieces: Vec::new(),
             link: None,
+            nonce: None,
         },
         prev,
     );
@@ -373,7 +374,7 @@ fn a_flush_marker_vouches_only_for_the_seq_it_names() {
 fn a_torn_record_is_damage_only_if_a_marker_vouches_for_it() {
     for (marker_seq, damaged) in [(1u64, false), (2, true)] {
         let (_d, path, mut f) = two_writes_then_marker(marker_seq);
-        let w2 = records(&f)[1];
+        let w2 = *records(&f).iter().filter(|r| r.2 == 1).nth(1).unwrap();
         f[(w2.0 + 30) as usize] ^= 0x08;
         std::fs::write(&path, &f).unwrap();
         match Image::open(&path, OpenMode::ReadOnly) {
@@ -404,15 +405,23 @@ fn flushes_concurrent_with_writes_keep_every_flushed_write() {
     )
     .unwrap();
     let flushed = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let start = std::sync::Barrier::new(2);
     std::thread::scope(|s| {
         s.spawn(|| {
+            start.wait();
             for i in 0..400u64 {
                 img.write_at((i % 64) * BS, &[(i % 251) as u8; BS as usize])
                     .unwrap();
+                if i % 50 == 0 {
+                    std::thread::yield_now();
+                }
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         s.spawn(|| {
-            for _ in 0..100 {
+            start.wait();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
                 let before = img.seq().0;
                 img.flush().unwrap();
                 flushed.store(before, std::sync::atomic::Ordering::SeqCst);

@@ -637,7 +637,7 @@ impl Image {
                 .map_err(|e| ImageError::io("cannot sync the image", e))?;
         }
 
-        let journal = Journal {
+        let mut journal = Journal {
             pos: end,
             written: end.offset,
             buf: Vec::new(),
@@ -649,6 +649,17 @@ impl Image {
             hdr_copy,
             segments,
         };
+        if rw {
+            // Re-seed the chain: nothing a previous run left anywhere can validate after this.
+            let epoch = Record {
+                kind: RecKind::Epoch,
+                seq,
+                pieces: Vec::new(),
+                link: None,
+                nonce: Some(*uuid::Uuid::new_v4().as_bytes()),
+            };
+            journal.append(&sh, &epoch)?;
+        }
         log::info!(
             "opened image {} ({}, seq {}, {} bytes of journal replayed)",
             path.display(),
@@ -868,6 +879,7 @@ impl Image {
             seq,
             pieces,
             link: None,
+            nonce: None,
         };
         j.append(&self.sh, &rec)?;
         j.seq = seq;
@@ -879,10 +891,7 @@ impl Image {
         }
         self.seq.store(seq, Ordering::SeqCst);
         // A guest that never flushes still gets checkpoints, so that opening stays bounded.
-        let limit = self
-            .ckpt_threshold
-            .load(Ordering::SeqCst)
-            .saturating_mul(2);
+        let limit = self.ckpt_threshold.load(Ordering::SeqCst).saturating_mul(2);
         if j.since_ckpt >= limit {
             if let Err(e) = self.checkpoint_locked(j) {
                 log::warn!("checkpoint failed: {e}");
@@ -1014,6 +1023,7 @@ impl Image {
                 seq: target,
                 pieces: Vec::new(),
                 link: None,
+                nonce: None,
             };
             j.append(&self.sh, &marker)?;
             j.durable_seq = target;
