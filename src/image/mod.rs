@@ -185,10 +185,6 @@ pub(crate) struct OpenNotes {
     dropped: u64,
     /// Recovery rolled back over damaged durable records (repair only).
     rolled_back: Option<String>,
-    /// The checkpoint was ignored (repair only).
-    ignored_ckpt: bool,
-    /// Journal position where replay started.
-    replay_start: Option<JPos>,
     /// Journal bytes replayed at open.
     replayed_bytes: u64,
 }
@@ -493,21 +489,17 @@ impl Image {
                 *wlock(&sh.meta) = meta;
                 (hdr.jpos, hdr.ckpt_seq)
             }
-            Some(_) => {
-                notes.ignored_ckpt = true;
-                (
-                    JPos {
-                        seg_slot: hdr.first_seg_slot,
-                        seg_index: 0,
-                        offset: SEG_HEADER_SIZE,
-                        crc: Header::chain_seed(&hdr.uuid),
-                    },
-                    0,
-                )
-            }
+            Some(_) => (
+                JPos {
+                    seg_slot: hdr.first_seg_slot,
+                    seg_index: 0,
+                    offset: SEG_HEADER_SIZE,
+                    crc: Header::chain_seed(&hdr.uuid),
+                },
+                0,
+            ),
             None => (hdr.jpos, hdr.ckpt_seq),
         };
-        notes.replay_start = Some(start);
 
         // Replay the journal after the checkpoint up to the first invalid record.
         let mut w = Walker::new(&sh, start, start_seq)?;
@@ -1405,6 +1397,13 @@ impl Snapshot {
             .extents(lba.0, blocks, self.sh.base.is_some(), &mut ex);
         Ok(ex)
     }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Image>();
+    is::<Snapshot>();
 }
 
 /// Reads both header copies; returns the winner, its copy index and what was wrong with the
