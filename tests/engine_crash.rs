@@ -448,3 +448,66 @@ fn flushes_concurrent_with_writes_keep_every_flushed_write() {
     let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
     assert!(img.seq().0 >= at_last_flush);
 }
+
+#[test]
+fn a_crash_right_after_a_segment_roll_recovers_and_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("roll.rrow");
+    let blocks = 256u64;
+    let img = Image::create(
+        &path,
+        &CreateOptions {
+            size: blocks * 512,
+            block_size: BlockSize::new(512).unwrap(),
+            base: None,
+        },
+    )
+    .unwrap();
+    // 60-byte write records: segment 0 (1 MiB) fills after about 17 400 of them.
+    let n = 17_600u64;
+    let value = |i: u64| ((i * 7) % 251) as u8;
+    for i in 0..n {
+        img.write_at((i % blocks) * 512, &[value(i); 512]).unwrap();
+    }
+    img.flush().unwrap();
+    drop(img);
+    let f = std::fs::read(&path).unwrap();
+    let recs = records(&f);
+    let link = *recs.iter().find(|r| r.2 == 5).expect("segment 0 is linked");
+    let p = (link.0 + 16) as usize;
+    let slot = u64::from_le_bytes(f[p..p + 8].try_into().unwrap());
+    let at_link = link.3;
+    assert!(at_link < n);
+    let state = |seq: u64| {
+        let mut m = vec![0u8; (blocks * 512) as usize];
+        for i in 0..seq {
+            let o = ((i % blocks) * 512) as usize;
+            m[o..o + 512].fill(value(i));
+        }
+        m
+    };
+    // The new segment never reached the disk.
+    let seg = (SEG0 + slot * 512) as usize;
+    let mut cut = f.clone();
+    cut[seg..seg + (1 << 20)].fill(0);
+    std::fs::write(&path, &cut).unwrap();
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(at_link));
+    let mut buf = vec![0u8; (blocks * 512) as usize];
+    img.read_at(0, &mut buf).unwrap();
+    assert!(buf == state(at_link));
+    drop(img);
+    // A read-write open rewrites the segment and goes on appending in it.
+    let img = Image::open(&path, OpenMode::ReadWrite).unwrap();
+    img.write_at(0, &[0xaa; 512]).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(at_link + 1));
+    let mut want = state(at_link);
+    want[..512].fill(0xaa);
+    img.read_at(0, &mut buf).unwrap();
+    assert!(buf == want);
+    drop(img);
+    assert!(Image::check(&path, false).unwrap().is_clean());
+}

@@ -612,15 +612,18 @@ impl Image {
                 .slot_off(end.seg_slot)
                 .ok_or_else(|| ImageError::corrupt(0, "journal offset overflows"))?;
             let seg = sh.read_segment(end.seg_slot)?;
+            let mut rewrite_tail = false;
             if check_seg_header(&seg, &sh.uuid, end.seg_index).is_err() {
+                // A segment the crash left unwritten: write it whole (header and zeros).
                 sh.pwrite(&encode_seg_header(&sh.uuid, end.seg_index), seg_off)
                     .map_err(|e| ImageError::io("cannot write a journal segment header", e))?;
+                rewrite_tail = true;
             }
             let tail = sh.seg_bytes() - end.offset;
             let stale = seg
                 .get(end.offset as usize..)
                 .is_some_and(|t| t.iter().any(|&b| b != 0));
-            if stale {
+            if stale || rewrite_tail {
                 sh.pwrite(&vec![0u8; tail as usize], seg_off + end.offset)
                     .map_err(|e| ImageError::io("cannot clear the journal tail", e))?;
             }
