@@ -511,3 +511,34 @@ fn a_crash_right_after_a_segment_roll_recovers_and_continues() {
     drop(img);
     assert!(Image::check(&path, false).unwrap().is_clean());
 }
+
+#[test]
+fn a_guest_that_never_flushes_still_gets_durable_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nf.rrow");
+    let img = Image::create(
+        &path,
+        &CreateOptions {
+            size: SIZE,
+            block_size: BlockSize::new(BS as u32).unwrap(),
+            base: None,
+        },
+    )
+    .unwrap();
+    img.set_unsynced_limit(4 * BS);
+    for i in 0..20u64 {
+        img.write_at(i * BS, &[i as u8 + 1; BS as usize]).unwrap();
+    }
+    drop(img);
+    let f = std::fs::read(&path).unwrap();
+    let recs = records(&f);
+    let markers: Vec<u64> = recs.iter().filter(|r| r.2 == 4).map(|r| r.3).collect();
+    assert_eq!(markers, vec![4, 8, 12, 16, 20]);
+    // Losing everything after the fourth marker keeps seq 16.
+    let m = recs.iter().filter(|r| r.2 == 4).nth(3).unwrap();
+    let mut cut = f.clone();
+    cut[(m.0 + m.1) as usize..(SEG0 + 1024 * 1024) as usize].fill(0);
+    std::fs::write(&path, &cut).unwrap();
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(16));
+}

@@ -225,6 +225,8 @@ pub struct Journal {
     pub seq: u64,
     /// Seq vouched for by the latest flush marker (everything up to it is durable).
     pub durable_seq: u64,
+    /// Data bytes committed since the last sync.
+    pub unsynced: u64,
     /// Journal bytes since the last checkpoint.
     pub since_ckpt: u64,
     /// A write-out failed: acknowledged records may be lost; refuse further changes.

@@ -38,6 +38,8 @@ use crate::units::{BlockSize, Lba, Pba, Seq};
 
 /// Journal bytes after which a flush also takes a checkpoint.
 pub const DEFAULT_CHECKPOINT_THRESHOLD: u64 = 64 << 20;
+/// Data bytes written without a flush after which the engine syncs by itself.
+pub const DEFAULT_UNSYNCED_LIMIT: u64 = 1 << 30;
 
 /// Parameters of [`Image::create`].
 #[derive(Debug, Clone)]
@@ -204,6 +206,7 @@ pub struct Image {
     seq: AtomicU64,
     read_only: bool,
     ckpt_threshold: AtomicU64,
+    unsynced_limit: AtomicU64,
     notes: OpenNotes,
     path: PathBuf,
     closed: bool,
@@ -543,9 +546,7 @@ impl Image {
         let durable = recs
             .iter()
             .filter(|(r, _)| r.kind == RecKind::Flush)
-            .map(|(r, _)| r.seq)
-            .max()
-            .unwrap_or(start_seq);
+            .fold(start_seq, |d, (r, _)| d.max(r.seq));
         let mut keep = recs.len();
         'verify: for (i, (r, _)) in recs.iter().enumerate() {
             if !r.kind.changes_state() || r.seq <= durable {
@@ -638,6 +639,7 @@ impl Image {
             buf: Vec::new(),
             seq,
             durable_seq: seq,
+            unsynced: 0,
             since_ckpt,
             failed: false,
             hdr,
@@ -669,6 +671,7 @@ impl Image {
             seq: AtomicU64::new(seq),
             read_only: !rw,
             ckpt_threshold: AtomicU64::new(DEFAULT_CHECKPOINT_THRESHOLD),
+            unsynced_limit: AtomicU64::new(DEFAULT_UNSYNCED_LIMIT),
             notes,
             path: path.to_path_buf(),
             closed: false,
@@ -708,6 +711,12 @@ impl Image {
     /// Sets the journal size after which a flush takes a checkpoint.
     pub fn set_checkpoint_threshold(&self, bytes: u64) {
         self.ckpt_threshold.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Sets how many data bytes may be written without a flush before the engine syncs on its
+    /// own (bounding the work of recovery after a crash).
+    pub fn set_unsynced_limit(&self, bytes: u64) {
+        self.unsynced_limit.store(bytes, Ordering::SeqCst);
     }
 
     /// Journal bytes the last open replayed (after the checkpoint).
@@ -885,7 +894,20 @@ impl Image {
             live.seq = seq;
         }
         self.seq.store(seq, Ordering::SeqCst);
-        // A guest that never flushes still gets checkpoints, so that opening stays bounded.
+        // A guest that never flushes still gets its data synced now and then (so recovery
+        // never has to verify more than the unsynced limit of data) and checkpoints (so that
+        // opening stays bounded).
+        j.unsynced += rec
+            .pieces
+            .iter()
+            .filter(|p| p.pba.is_some())
+            .map(|p| p.blocks.saturating_mul(self.sh.bs.bytes_u64()))
+            .sum::<u64>();
+        if j.unsynced >= self.unsynced_limit.load(Ordering::SeqCst) {
+            if let Err(e) = self.sync_locked(j) {
+                log::warn!("background sync failed: {e}");
+            }
+        }
         let limit = self.ckpt_threshold.load(Ordering::SeqCst).saturating_mul(2);
         if j.since_ckpt >= limit {
             if let Err(e) = self.checkpoint_locked(j) {
@@ -1012,6 +1034,7 @@ impl Image {
             return Err(ImageError::io("cannot sync the image", e));
         }
         let mut j = lock(&self.journal);
+        j.unsynced = 0;
         if target > j.durable_seq {
             let marker = Record {
                 kind: RecKind::Flush,
@@ -1025,6 +1048,29 @@ impl Image {
         }
         if j.since_ckpt >= self.ckpt_threshold.load(Ordering::SeqCst) {
             self.checkpoint_locked(&mut j)?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything committed so far durable and says so with a flush marker (journal
+    /// mutex held).
+    fn sync_locked(&self, j: &mut Journal) -> Result<(), ImageError> {
+        j.write_out(&self.sh)?;
+        if let Err(e) = self.sh.file.sync_data() {
+            j.failed = true;
+            return Err(ImageError::io("cannot sync the image", e));
+        }
+        j.unsynced = 0;
+        if j.seq > j.durable_seq {
+            let marker = Record {
+                kind: RecKind::Flush,
+                seq: j.seq,
+                pieces: Vec::new(),
+                link: None,
+                nonce: None,
+            };
+            j.append(&self.sh, &marker)?;
+            j.durable_seq = j.seq;
         }
         Ok(())
     }
@@ -1087,6 +1133,7 @@ impl Image {
         j.hdr_copy = copy;
         j.since_ckpt = 0;
         j.durable_seq = j.seq;
+        j.unsynced = 0;
         log::debug!("checkpoint at seq {} ({} bytes)", j.seq, bytes.len());
         Ok(())
     }
