@@ -287,7 +287,7 @@ impl Header {
             base_size: g64(152),
             base_path,
         };
-        if h.jpos.offset < SEG_HEADER_SIZE || h.jpos.offset > seg_bytes {
+        if h.jpos.offset < SEG_HEADER_SIZE || h.jpos.offset + LINK_LEN as u64 > seg_bytes {
             return Err(inv("journal position outside its segment"));
         }
         let slot_limit = ((i64::MAX as u64) / bs).min((1 << 48) - 4);
