@@ -277,6 +277,18 @@ fn header_split_and_status_sharing_a_data_descriptor() {
 }
 
 #[test]
+fn header_and_data_in_one_descriptor() {
+    // ANY_LAYOUT the other way round: an OUT whose header and data share a descriptor.
+    let m = mem();
+    let dev = MemDevice::new(false);
+    header(&m, HDR, VIRTIO_BLK_T_OUT, 2);
+    m.write_slice(&[0x42; 512], GuestAddress(HDR + 16)).unwrap();
+    let c = run(&m, &dev, &[d(HDR, 16 + 512, R), d(STATUS, 1, W)]);
+    assert_eq!(c.status, Some(STATUS_OK), "{:?}", c.error);
+    assert_eq!(dev.bytes(1024, 512), vec![0x42; 512]);
+}
+
+#[test]
 fn indirect_descriptors_are_followed() {
     let m = mem();
     let dev = MemDevice::new(false);
