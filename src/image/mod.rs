@@ -340,7 +340,7 @@ impl Image {
                         path: path.to_path_buf(),
                     }
                 } else {
-                    ImageError::io(format!("cannot create {}", path.display()), e)
+                    ImageError::io("cannot create the image", e)
                 }
             })?;
         let res = (|| -> std::io::Result<()> {
@@ -370,10 +370,7 @@ impl Image {
         drop(file);
         if let Err(e) = res {
             let _ = std::fs::remove_file(path);
-            return Err(ImageError::io(
-                format!("cannot create {}", path.display()),
-                e,
-            ));
+            return Err(ImageError::io("cannot create the image", e));
         }
         log::info!(
             "created image {} ({} bytes, block size {})",
@@ -399,10 +396,9 @@ impl Image {
             .read(true)
             .write(rw)
             .open(path)
-            .map_err(|e| ImageError::io(format!("cannot open {}", path.display()), e))?;
+            .map_err(|e| ImageError::io("cannot open the image", e))?;
         if rw
-            && !io::lock_exclusive(&file)
-                .map_err(|e| ImageError::io(format!("cannot lock {}", path.display()), e))?
+            && !io::lock_exclusive(&file).map_err(|e| ImageError::io("cannot lock the image", e))?
         {
             return Err(ImageError::Locked);
         }
@@ -440,6 +436,23 @@ impl Image {
             .metadata()
             .map_err(|e| ImageError::io("cannot stat the image", e))?
             .len();
+        // Journal segments are written whole when they are started: the file must reach the
+        // end of the first one and of the one replay starts in.
+        let seg_bytes = u64::from(hdr.seg_slots) * hdr.block_size.bytes_u64();
+        let need = [hdr.first_seg_slot, hdr.jpos.seg_slot]
+            .iter()
+            .map(|&s| {
+                s.saturating_mul(hdr.block_size.bytes_u64())
+                    .saturating_add(hdr.data_offset)
+                    .saturating_add(seg_bytes)
+            })
+            .max()
+            .unwrap_or(0);
+        if file_len < need {
+            return Err(ImageError::Truncated {
+                what: format!("the file is {file_len} bytes but its journal reaches byte {need}"),
+            });
+        }
         let sh = Shared {
             file,
             base,
@@ -752,12 +765,9 @@ impl Image {
         if offset % bs == 0 && len % bs == 0 {
             // Full blocks: allocate, write the data outside any lock, then commit.
             let n = len / bs;
-            let first = self.sh.alloc(n);
+            let first = self.sh.alloc(n)?;
             let crc = io::crc_segs(segs);
-            let off = self
-                .sh
-                .slot_off(first)
-                .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+            let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
             io::pwritev_all(&self.sh.file, segs, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
             let mut j = lock(&self.journal);
@@ -790,7 +800,7 @@ impl Image {
         if head != 0 || len < bs {
             self.read_current(lba, buf.get_mut(..bs as usize).unwrap_or(&mut []))?;
         }
-        if (offset + len) % bs != 0 && (n > 1 || head == 0) {
+        if (offset + len) % bs != 0 && n > 1 {
             let t = ((n - 1) * bs) as usize;
             self.read_current(last, buf.get_mut(t..).unwrap_or(&mut []))?;
         }
@@ -805,11 +815,8 @@ impl Image {
                 pos += s.len();
             }
         }
-        let first = self.sh.alloc(n);
-        let off = self
-            .sh
-            .slot_off(first)
-            .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+        let first = self.sh.alloc(n)?;
+        let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
         self.sh
             .pwrite(&buf, off)
             .map_err(|e| ImageError::io("cannot write data blocks", e))?;
@@ -931,11 +938,8 @@ impl Image {
                 });
                 continue;
             }
-            let slot = self.sh.alloc(1);
-            let off = self
-                .sh
-                .slot_off(slot)
-                .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+            let slot = self.sh.alloc(1)?;
+            let off = self.sh.slot_off(slot).ok_or(ImageError::Full)?;
             self.sh
                 .pwrite(&buf, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
@@ -1019,7 +1023,7 @@ impl Image {
         let mut meta = self.sh.meta_runs();
         let len = Checkpoint::encoded_len(runs.len(), meta.len() + 1) as u64;
         let slots = len.div_ceil(self.sh.bs.bytes_u64());
-        let slot = self.sh.alloc(slots);
+        let slot = self.sh.alloc(slots)?;
         meta.push((slot, slots));
         meta.sort_unstable();
         let ck = Checkpoint {
@@ -1028,10 +1032,7 @@ impl Image {
             meta,
         };
         let (bytes, crc) = ck.encode(&self.sh.uuid);
-        let off = self
-            .sh
-            .slot_off(slot)
-            .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+        let off = self.sh.slot_off(slot).ok_or(ImageError::Full)?;
         self.sh
             .pwrite(&bytes, off)
             .map_err(|e| ImageError::io("cannot write a checkpoint", e))?;
