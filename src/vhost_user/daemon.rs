@@ -125,16 +125,23 @@ impl StopHandle {
     }
 }
 
-/// Stops `stop` on SIGINT or SIGTERM (from a background thread).
+/// Stops `stop` on SIGINT or SIGTERM (from a background thread). A second signal exits the
+/// process at once with status 1, without flushing: the image is crash consistent, so this only
+/// loses writes the guest had not flushed.
 pub fn stop_on_signals(stop: StopHandle) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            let mut forever = signals.forever();
+            if let Some(sig) = forever.next() {
                 info!("signal {sig} received: stopping");
                 stop.stop();
+            }
+            if let Some(sig) = forever.next() {
+                warn!("second signal {sig} received: exiting without flushing");
+                std::process::exit(1);
             }
         })?;
     Ok(())
