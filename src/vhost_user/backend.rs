@@ -375,7 +375,7 @@ impl VhostUserBackend for BlkBackend {
         if !writeback && !was_through {
             // Entering write-through: make what the cache held durable now.
             self.dev
-                .flush(&RequestCtx::default())
+                .flush(&super::INTERNAL_CTX)
                 .map_err(io::Error::other)?;
         }
         info!(

@@ -22,7 +22,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::blockdev::{BlockDevice, RequestCtx};
+use crate::blockdev::BlockDevice;
 
 use super::backend::{BackendConfig, BackendError, BlkBackend};
 
@@ -276,7 +276,7 @@ pub fn run(
         }
         // Dropping the daemon stops and joins the queue workers: no request is in flight after.
         drop(daemon);
-        match dev.flush(&RequestCtx::default()) {
+        match dev.flush(&super::INTERNAL_CTX) {
             Ok(()) => info!("device flushed"),
             Err(e) => error!("flush after disconnect failed: {e}"),
         }
