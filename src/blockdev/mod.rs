@@ -26,12 +26,13 @@ impl RequestCtx {
     /// The context of calls the daemon makes on its own, not for a guest request (e.g. the
     /// flush when the driver switches the cache to write-through). Record/replay devices
     /// execute them without logging or matching them: they are not part of the guest's stream.
+    /// Same value as `vhost_user::INTERNAL_CTX`.
     pub const INTERNAL: RequestCtx = RequestCtx {
         queue: u16::MAX,
-        index: 0,
+        index: u64::MAX,
     };
 
-    /// True for [`RequestCtx::INTERNAL`].
+    /// True for [`RequestCtx::INTERNAL`] (any context on queue `u16::MAX`).
     pub fn is_internal(&self) -> bool {
         self.queue == u16::MAX
     }
