@@ -142,6 +142,12 @@ fn existing_log_is_never_overwritten() {
     let e = LogWriter::create(&path, &header(RecordMode::BlockId), Duration::ZERO);
     assert!(matches!(e, Err(RecordError::Exists(_))));
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    // New logs are private to their owner.
+    let fresh = dir.path().join("fresh.log");
+    drop(LogWriter::create(&fresh, &header(RecordMode::BlockId), Duration::ZERO).unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
 }
 
 #[test]

@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -132,16 +133,18 @@ impl Shared {
 }
 
 impl LogWriter {
-    /// Creates a new log at `path` (refusing an existing file), writes and syncs its header,
-    /// and starts the periodic sync (`sync_interval`; zero disables it).
+    /// Creates a new log at `path` (mode 0600, refusing an existing file), writes and syncs its
+    /// header, and starts the periodic sync (`sync_interval`; zero disables it).
     pub fn create(
         path: &Path,
         header: &LogHeader,
         sync_interval: Duration,
     ) -> Result<Self, RecordError> {
+        // Mode 0600: a full-mode log holds guest data, a block-id log says what the guest read.
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::AlreadyExists => RecordError::Exists(path.to_path_buf()),
