@@ -151,3 +151,60 @@ fn torn_and_broken_logs_are_reported_clearly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"));
 }
+
+#[test]
+fn info_on_a_log_damaged_in_the_middle_reports_the_readable_part_and_fails() {
+    use rr_row::record::format::{LogHeader, VERSION};
+    use rr_row::record::{LogWriter, Record, RecordBody};
+    use rr_row::units::Seq;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("d.log");
+    let w = LogWriter::create(
+        &log,
+        &LogHeader {
+            version: VERSION,
+            mode: RecordMode::BlockId,
+            block_size: BlockSize::DEFAULT,
+            image_uuid: [1; 16],
+            start_seq: Seq(0),
+            image_size: 1 << 20,
+            created_unix_ns: 0,
+        },
+        Duration::ZERO,
+    )
+    .unwrap();
+    for i in 0..30u64 {
+        w.append(&Record {
+            queue: 0,
+            index: i,
+            sector: i * 8,
+            len: 4096,
+            status: 0,
+            seq: Seq(0),
+            body: RecordBody::Discard,
+        })
+        .unwrap();
+        if i % 10 == 9 {
+            w.sync().unwrap();
+        }
+    }
+    w.finish().unwrap();
+    // Three frames of ten records; damage the second one's payload.
+    let mut bytes = std::fs::read(&log).unwrap();
+    let first_len = u32::from_le_bytes(bytes[80..84].try_into().unwrap()) as usize;
+    let second = 80 + 8 + first_len;
+    bytes[second + 10] ^= 0xff;
+    std::fs::write(&log, &bytes).unwrap();
+    let out = rr_row(&["log", "info", log.to_str().unwrap(), "--output", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["records"], 10);
+    let damage = v["damage"].as_str().unwrap();
+    assert!(
+        damage.contains(&format!("frame at byte {second} is corrupt")),
+        "{damage}"
+    );
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("checksum mismatch"), "{err}");
+}

@@ -177,10 +177,17 @@ pub fn info(log: &Path, output: OutputFormat) -> CliResult {
     let mut sim = FullModeSim::new(&header);
     let mut mapped_blocks = 0u64;
     let mut records = 0u64;
-    while let Some((rec, size)) = r
-        .next_record_sized()
-        .map_err(|e| CliError::ctx(format!("record log {}", log.display()), e))?
-    {
+    // Damage in the middle ends the walk; what came before it is still reported.
+    let mut damage: Option<CliError> = None;
+    loop {
+        let (rec, size) = match r.next_record_sized() {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(e) => {
+                damage = Some(CliError::ctx(format!("record log {}", log.display()), e));
+                break;
+            }
+        };
         records += 1;
         let k = kinds.entry(rec.kind_name()).or_default();
         k.count += 1;
@@ -241,6 +248,7 @@ pub fn info(log: &Path, output: OutputFormat) -> CliResult {
                 "kinds": kinds_json,
                 "full_mode_bytes": full_estimate,
                 "ratio_to_full_mode": full_estimate.map(|f| file_bytes as f64 / f.max(1) as f64),
+                "damage": damage.as_ref().map(|e| e.to_string()),
             });
             println!("{v}");
         }
@@ -274,6 +282,10 @@ pub fn info(log: &Path, output: OutputFormat) -> CliResult {
                 ),
                 None => println!("torn tail:      none"),
             }
+            if let Some(e) = &damage {
+                println!("damage:         {e}");
+                println!("                (everything below counts the records before it)");
+            }
             println!();
             println!(
                 "{:<14}{:>12}{:>8}{:>14}{:>10}{:>16}",
@@ -304,7 +316,10 @@ pub fn info(log: &Path, output: OutputFormat) -> CliResult {
             }
         }
     }
-    Ok(0)
+    match damage {
+        Some(e) => Err(e),
+        None => Ok(0),
+    }
 }
 
 fn hex(b: &[u8]) -> String {
