@@ -27,6 +27,8 @@ use rand::{RngCore, SeedableRng};
 const DISK_SIZE: u64 = 128 << 20;
 const PATTERN_OFFSET: usize = 100 << 20;
 const PATTERN_LEN: usize = 8 << 20;
+/// The `--serial` the guest must read back (GET_ID) from /sys/block/vda/serial.
+const SERIAL: &str = "rr-row-e2e";
 const BOOT_LIMIT: Duration = Duration::from_secs(100);
 
 fn sha256_hex(data: &[u8], dir: &Path) -> String {
@@ -95,6 +97,7 @@ fn start_backend(backend: Backend, dir: &Path, image: &Path) -> Daemon {
         Backend::RrRow => {
             let mut opts = ServeOpts::new(image, DISK_SIZE);
             opts.queues = 2;
+            opts.extra = vec!["--serial".into(), SERIAL.into()];
             start_rr_row(dir, &opts)
         }
         Backend::QsdRaw => start_qsd(dir, image, QsdFormat::Raw, 2, true),

@@ -35,6 +35,7 @@ phase=$(sed -n 's/.*rrrow\.phase=\([a-z]*\).*/\1/p' /proc/cmdline)
 say "phase $phase"
 say "disk-bytes $(blockdev --getsize64 /dev/vda)"
 say "queues $(ls /sys/block/vda/mq | wc -l)"
+say "serial $(cat /sys/block/vda/serial 2>/dev/null)"
 say "write-cache $(cat /sys/block/vda/queue/write_cache | tr ' ' '-')"
 
 PATTERN_SEEK_MIB=100
