@@ -27,18 +27,24 @@ LAYOUT=3
 log() { printf 'guest-assets: %s\n' "$*" >&2; }
 die() { printf 'guest-assets: error: %s\n' "$*" >&2; exit 1; }
 
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || die "must run as root (or with sudo available) to install packages"
-    SUDO=(sudo)
-fi
+# Runs a command as root: directly when we are root, else through sudo (only asked for when
+# something must actually be installed).
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        die "must run as root (or with sudo) to run: $*"
+    fi
+}
 export DEBIAN_FRONTEND=noninteractive
 
 APT_UPDATED=0
 apt_update_once() {
     if [ "$APT_UPDATED" -eq 0 ]; then
         log "apt-get update"
-        "${SUDO[@]}" apt-get update -qq
+        as_root apt-get update -qq
         APT_UPDATED=1
     fi
 }
@@ -52,9 +58,9 @@ apt_install() {
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
     log "apt-get install ${missing[*]}"
-    if ! "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+    if ! as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
         apt_update_once
-        "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 }
 
@@ -89,7 +95,8 @@ apt_install "${sys_packages[@]}"
 QEMU_BIN="$ASSETS/qemu/usr/bin/qemu-system-x86_64"
 if [ -f "$ASSETS/READY" ] && [ "$(cat "$ASSETS/READY")" = "layout $LAYOUT" ]; then
     # Fast path: only make sure the system still has QEMU's shared libraries.
-    if ! ldd "$QEMU_BIN" | grep -q 'not found'; then
+    # (grep without -q reads all of ldd's output, so pipefail cannot see a SIGPIPE.)
+    if ! ldd "$QEMU_BIN" | grep 'not found' >/dev/null; then
         exit 0
     fi
     rm -f "$ASSETS/READY"
