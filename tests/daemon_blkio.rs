@@ -694,6 +694,16 @@ fn hostile_buffers_outside_guest_memory_fail_and_the_daemon_keeps_serving() {
         for (i, req) in cases.into_iter().enumerate() {
             assert_eq!(q.one(req), EIO, "hostile request {i} should fail with -EIO");
         }
+        // Many more of them: the daemon must not log one warning per request.
+        let addr = heap.as_mut_ptr() as usize;
+        for _ in 0..50 {
+            let r = q.one(Req::ReadRaw {
+                offset: 0,
+                addr,
+                len: 512,
+            });
+            assert_eq!(r, EIO);
+        }
         assert!(
             heap.iter().all(|&b| b == 0),
             "the backend wrote outside the client's memory table"
@@ -702,6 +712,60 @@ fn hostile_buffers_outside_guest_memory_fail_and_the_daemon_keeps_serving() {
         assert!(q.read_ok(0, 0, 8192) == expect[..8192]);
     });
     assert!(d.is_running(), "the daemon died after hostile requests");
+    let log = d.log_text();
+    let warnings = log.lines().filter(|l| l.contains(" WARN ")).count();
+    assert!(
+        (1..=5).contains(&warnings),
+        "53 hostile requests logged {warnings} warnings: expected at least one, and at most \
+         one per kind; log:\n{log}"
+    );
     // And so does a new one.
     assert!(read_first(d.socket(), data.len(), ClientOpts::default()) == data);
+}
+
+#[test]
+fn socket_mode_and_config_space_as_a_frontend_sees_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new(Peer::RrRow);
+    let d = s.start(3);
+    let mode = std::fs::metadata(d.socket())
+        .expect("stat the socket")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the socket must be created with mode 0600"
+    );
+    let socket = d.socket().to_owned();
+    with_watchdog("config space", SESSION, move || {
+        let c = connect(&socket, 1);
+        let b = c.blkio();
+        let prop = |name: &str| b.get_u64(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let prop_i = |name: &str| b.get_i32(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(c.capacity(), SIZE);
+        assert_eq!(prop_i("max-queues"), 3, "num_queues in the config space");
+        assert!(prop_i("max-segments") >= 1, "SEG_MAX offered");
+        assert!(prop("max-discard-len") > 0, "DISCARD offered with a limit");
+        assert!(
+            prop("max-write-zeroes-len") > 0,
+            "WRITE_ZEROES offered with a limit"
+        );
+        let align = prop_i("request-alignment");
+        assert!(
+            (512..=65536).contains(&align) && align.count_ones() == 1,
+            "blk_size {align} is not a power of two from 512 to 64K"
+        );
+    });
+    drop(d);
+
+    // --socket-mode overrides the default.
+    let mut o = ServeOpts::new(&s.image, SIZE);
+    o.extra = vec!["--socket-mode".into(), "660".into()];
+    let d = start_rr_row(s.dir.path(), &o);
+    let mode = std::fs::metadata(d.socket())
+        .expect("stat the socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "--socket-mode 660");
 }
