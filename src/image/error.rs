@@ -88,7 +88,7 @@ pub enum ImageError {
     #[error("invalid image parameters: {0}")]
     InvalidOptions(String),
     /// `create` refuses to overwrite.
-    #[error("{}: file already exists", path.display())]
+    #[error("the file already exists")]
     AlreadyExists {
         /// The existing path.
         path: PathBuf,

@@ -15,14 +15,13 @@ const CHUNK_SHIFT: u32 = 12;
 /// Entry value for "reads as zeros" (over a base image).
 pub const ZERO: u64 = 1;
 
-struct Chunk {
-    e: Box<[u64]>,
-    nonzero: u32,
-}
+type Chunk = Box<[u64; CHUNK as usize]>;
 
 /// The map of one state of the disk (live, or a snapshot).
 pub struct Map {
     dir: Vec<Option<Chunk>>,
+    /// Non-zero entries per chunk (a chunk is freed when its count drops to zero).
+    nonzero: Vec<u16>,
     blocks: u64,
     chunks: usize,
     mapped: u64,
@@ -36,6 +35,7 @@ impl Map {
         dir.resize_with(n, || None);
         Map {
             dir,
+            nonzero: vec![0; n],
             blocks,
             chunks: 0,
             mapped: 0,
@@ -49,7 +49,8 @@ impl Map {
 
     /// Bytes of memory the map uses (directory plus allocated chunks).
     pub fn memory_bytes(&self) -> u64 {
-        let dir = self.dir.capacity() * std::mem::size_of::<Option<Chunk>>();
+        let dir = self.dir.capacity() * std::mem::size_of::<Option<Chunk>>()
+            + self.nonzero.capacity() * std::mem::size_of::<u16>();
         (dir as u64) + (self.chunks as u64) * CHUNK * 8
     }
 
@@ -57,7 +58,7 @@ impl Map {
     pub fn get(&self, lba: u64) -> u64 {
         let ci = (lba >> CHUNK_SHIFT) as usize;
         match self.dir.get(ci) {
-            Some(Some(c)) => *c.e.get((lba & (CHUNK - 1)) as usize).unwrap_or(&0),
+            Some(Some(c)) => *c.get((lba & (CHUNK - 1)) as usize).unwrap_or(&0),
             _ => 0,
         }
     }
@@ -71,19 +72,26 @@ impl Map {
         let Some(slot) = self.dir.get_mut(ci) else {
             return;
         };
+        let Some(count) = self.nonzero.get_mut(ci) else {
+            return;
+        };
         if slot.is_none() {
             if v == 0 {
                 return;
             }
-            *slot = Some(Chunk {
-                e: vec![0u64; CHUNK as usize].into_boxed_slice(),
-                nonzero: 0,
-            });
+            let fresh: Option<Chunk> = vec![0u64; CHUNK as usize]
+                .into_boxed_slice()
+                .try_into()
+                .ok();
+            *slot = fresh;
+            if slot.is_none() {
+                return;
+            }
             self.chunks += 1;
         }
         let mut free = false;
         if let Some(c) = slot.as_mut() {
-            if let Some(e) = c.e.get_mut((lba & (CHUNK - 1)) as usize) {
+            if let Some(e) = c.get_mut((lba & (CHUNK - 1)) as usize) {
                 let old = *e;
                 *e = v;
                 if old >= 2 {
@@ -93,11 +101,11 @@ impl Map {
                     self.mapped += 1;
                 }
                 match (old != 0, v != 0) {
-                    (false, true) => c.nonzero += 1,
-                    (true, false) => c.nonzero -= 1,
+                    (false, true) => *count += 1,
+                    (true, false) => *count -= 1,
                     _ => {}
                 }
-                free = c.nonzero == 0;
+                free = *count == 0;
             }
         }
         if free {
@@ -154,7 +162,7 @@ impl Map {
         let mut out: Vec<(u64, u64, u64)> = Vec::new();
         for (ci, c) in self.dir.iter().enumerate() {
             let Some(c) = c else { continue };
-            for (j, &v) in c.e.iter().enumerate() {
+            for (j, &v) in c.iter().enumerate() {
                 if v == 0 {
                     continue;
                 }

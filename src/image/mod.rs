@@ -340,7 +340,7 @@ impl Image {
                         path: path.to_path_buf(),
                     }
                 } else {
-                    ImageError::io(format!("cannot create {}", path.display()), e)
+                    ImageError::io("cannot create the image", e)
                 }
             })?;
         let res = (|| -> std::io::Result<()> {
@@ -370,10 +370,7 @@ impl Image {
         drop(file);
         if let Err(e) = res {
             let _ = std::fs::remove_file(path);
-            return Err(ImageError::io(
-                format!("cannot create {}", path.display()),
-                e,
-            ));
+            return Err(ImageError::io("cannot create the image", e));
         }
         log::info!(
             "created image {} ({} bytes, block size {})",
@@ -399,10 +396,9 @@ impl Image {
             .read(true)
             .write(rw)
             .open(path)
-            .map_err(|e| ImageError::io(format!("cannot open {}", path.display()), e))?;
+            .map_err(|e| ImageError::io("cannot open the image", e))?;
         if rw
-            && !io::lock_exclusive(&file)
-                .map_err(|e| ImageError::io(format!("cannot lock {}", path.display()), e))?
+            && !io::lock_exclusive(&file).map_err(|e| ImageError::io("cannot lock the image", e))?
         {
             return Err(ImageError::Locked);
         }
@@ -440,6 +436,23 @@ impl Image {
             .metadata()
             .map_err(|e| ImageError::io("cannot stat the image", e))?
             .len();
+        // Journal segments are written whole when they are started: the file must reach the
+        // end of the first one and of the one replay starts in.
+        let seg_bytes = u64::from(hdr.seg_slots) * hdr.block_size.bytes_u64();
+        let need = [hdr.first_seg_slot, hdr.jpos.seg_slot]
+            .iter()
+            .map(|&s| {
+                s.saturating_mul(hdr.block_size.bytes_u64())
+                    .saturating_add(hdr.data_offset)
+                    .saturating_add(seg_bytes)
+            })
+            .max()
+            .unwrap_or(0);
+        if file_len < need {
+            return Err(ImageError::Truncated {
+                what: format!("the file is {file_len} bytes but its journal reaches byte {need}"),
+            });
+        }
         let sh = Shared {
             file,
             base,
@@ -790,7 +803,7 @@ impl Image {
         if head != 0 || len < bs {
             self.read_current(lba, buf.get_mut(..bs as usize).unwrap_or(&mut []))?;
         }
-        if (offset + len) % bs != 0 && (n > 1 || head == 0) {
+        if (offset + len) % bs != 0 && n > 1 {
             let t = ((n - 1) * bs) as usize;
             self.read_current(last, buf.get_mut(t..).unwrap_or(&mut []))?;
         }

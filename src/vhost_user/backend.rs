@@ -149,7 +149,8 @@ impl BlkBackend {
             config: Mutex::new(config),
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
-            write_through: AtomicBool::new(false),
+            // Until FLUSH is negotiated the device must write through (virtio 1.2, 5.2.6.2).
+            write_through: AtomicBool::new(true),
             acked_features: AtomicU64::new(0),
             next_index,
             warned: AtomicU64::new(0),
@@ -292,7 +293,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Release);
+        let previous = self.acked_features.swap(features, Ordering::AcqRel);
+        if previous == features {
+            // A repeated SET_FEATURES (e.g. around migration logging) changes nothing, and must
+            // not undo a cache mode the driver chose through the config space.
+            return;
+        }
         // Without FLUSH the driver cannot make writes durable: the device must write through.
         let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         self.write_through.store(!flush, Ordering::Release);

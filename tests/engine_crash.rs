@@ -1,0 +1,314 @@
+//! Crash consistency of the image engine.
+//!
+//! (a) The journal cut at every record boundary and inside every record (the bytes after the
+//!     cut never reached the disk): the image opens at exactly the last complete record, which
+//!     is at or after the last flush.
+//! (b) Power cut: starting from the file as it was right after a flush, an arbitrary subset of
+//!     the pages written later reaches the disk: the image opens at a state equal to the model
+//!     at some seq >= that flush.
+//! (c) Stale records beyond a torn tail are never applied, even when the zeroing of the tail
+//!     after recovery never reached the disk.
+//! (d) Truncating the whole file anywhere: open and reads fail cleanly or show a model state.
+
+use rand::{Rng, SeedableRng};
+use rr_row::image::{CreateOptions, Image, ImageError, OpenMode};
+use rr_row::units::{BlockSize, Seq};
+
+const BS: u64 = 4096;
+const SIZE: u64 = 64 * BS;
+const SEG0: u64 = 64 * 1024;
+
+struct Run {
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    snaps: Vec<Vec<u8>>,
+    /// Seq at each flush, and the file bytes right after it.
+    flushes: Vec<(u64, Vec<u8>)>,
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len).map(|_| r.gen()).collect()
+}
+
+/// A workload of full-block and sub-block writes, discards and write-zeroes, with flushes.
+fn workload(seed: u64, ops: usize, checkpoint_at: Option<usize>) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.rrow");
+    let img = Image::create(
+        &path,
+        &CreateOptions {
+            size: SIZE,
+            block_size: BlockSize::new(BS as u32).unwrap(),
+            base: None,
+        },
+    )
+    .unwrap();
+    img.set_checkpoint_threshold(u64::MAX);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut snaps = vec![model.clone()];
+    let mut flushes = vec![(0, std::fs::read(&path).unwrap())];
+    for i in 0..ops {
+        if Some(i) == checkpoint_at {
+            img.flush().unwrap();
+            img.checkpoint().unwrap();
+        }
+        let sectors = SIZE / 512;
+        let off = rng.gen_range(0..sectors);
+        let len = rng.gen_range(1..=(sectors - off).min(24));
+        let (o, l) = (off * 512, len * 512);
+        match rng.gen_range(0..10) {
+            0..=3 => {
+                let b = rng.gen_range(0..SIZE / BS);
+                let n = rng.gen_range(1..=(SIZE / BS - b).min(3));
+                let data = pattern(rng.gen(), (n * BS) as usize);
+                img.write_at(b * BS, &data).unwrap();
+                model[(b * BS) as usize..((b + n) * BS) as usize].copy_from_slice(&data);
+            }
+            4..=6 => {
+                let data = pattern(rng.gen(), l as usize);
+                img.write_at(o, &data).unwrap();
+                model[o as usize..(o + l) as usize].copy_from_slice(&data);
+            }
+            7 => {
+                img.discard(o, l).unwrap();
+                model[o as usize..(o + l) as usize].fill(0);
+            }
+            _ => {
+                img.write_zeroes(o, l).unwrap();
+                model[o as usize..(o + l) as usize].fill(0);
+            }
+        }
+        snaps.push(model.clone());
+        if rng.gen_range(0..5) == 0 {
+            img.flush().unwrap();
+            flushes.push((snaps.len() as u64 - 1, std::fs::read(&path).unwrap()));
+        }
+    }
+    // Dropping writes the buffered records out (a clean shutdown without a checkpoint).
+    drop(img);
+    Run {
+        dir,
+        path,
+        snaps,
+        flushes,
+    }
+}
+
+/// (offset in file, length, kind, seq) of every record of journal segment 0.
+fn records(file: &[u8]) -> Vec<(u64, u64, u8, u64)> {
+    let mut out = Vec::new();
+    let mut pos = SEG0 + 64;
+    loop {
+        let p = pos as usize;
+        let len = u32::from_le_bytes(file[p..p + 4].try_into().unwrap()) as u64;
+        if len == 0 {
+            break;
+        }
+        let kind = file[p + 4];
+        let seq = u64::from_le_bytes(file[p + 8..p + 16].try_into().unwrap());
+        out.push((pos, len, kind, seq));
+        pos += len;
+    }
+    out
+}
+
+/// Opens `bytes` as an image (read-only) and returns its seq after checking the whole disk
+/// equals the model at that seq.
+fn open_state(dir: &std::path::Path, bytes: &[u8], snaps: &[Vec<u8>]) -> u64 {
+    let p = dir.join("cut.rrow");
+    std::fs::write(&p, bytes).unwrap();
+    let img = Image::open(&p, OpenMode::ReadOnly).unwrap();
+    let s = img.seq().0;
+    let mut buf = vec![0u8; SIZE as usize];
+    img.read_at(0, &mut buf).unwrap();
+    assert!(
+        buf == snaps[s as usize],
+        "state at seq {s} differs from the model"
+    );
+    s
+}
+
+#[test]
+fn journal_cut_at_every_record_boundary_and_inside_records() {
+    let run = workload(1, 60, None);
+    let file = std::fs::read(&run.path).unwrap();
+    let recs = records(&file);
+    assert!(recs.len() > 60, "{} records", recs.len());
+    let seg_end = (SEG0 + 1024 * 1024) as usize;
+    let mut cuts = Vec::new();
+    for &(pos, len, _, _) in &recs {
+        for c in [pos, pos + 1, pos + len / 2, pos + len - 1] {
+            cuts.push(c);
+        }
+    }
+    let last = recs.last().unwrap();
+    cuts.push(last.0 + last.1);
+    for cut in cuts {
+        let mut f = file.clone();
+        f[cut as usize..seg_end].fill(0);
+        // The last state-changing record the cut left intact (the bytes it zeroed may have
+        // been zeros already, e.g. the top byte of a crc).
+        let intact = |r: &&(u64, u64, u8, u64)| {
+            r.0 + r.1 <= cut
+                || file[cut as usize..(r.0 + r.1) as usize]
+                    .iter()
+                    .all(|&b| b == 0)
+        };
+        let complete = recs
+            .iter()
+            .filter(|r| intact(r) && (1..=3).contains(&r.2))
+            .map(|r| r.3)
+            .max()
+            .unwrap_or(0);
+        let s = open_state(run.dir.path(), &f, &run.snaps);
+        assert_eq!(s, complete, "cut at {cut}");
+    }
+}
+
+#[test]
+fn journal_cut_before_a_checkpoint_is_detected_by_check() {
+    let run = workload(2, 40, Some(20));
+    let file = std::fs::read(&run.path).unwrap();
+    let recs = records(&file);
+    // A cut inside the part of the journal the checkpoint covers: open uses the checkpoint
+    // (the state at the checkpoint, seq 20) but check reports the damaged history.
+    let cut = recs.iter().find(|r| r.3 == 5).unwrap().0 + 3;
+    let mut f = file.clone();
+    f[cut as usize..(SEG0 + 1024 * 1024) as usize].fill(0);
+    let s = open_state(run.dir.path(), &f, &run.snaps);
+    assert_eq!(s, 20);
+    let r = Image::check(&run.dir.path().join("cut.rrow"), false).unwrap();
+    assert_eq!(r.exit_code(), 2, "{r:?}");
+}
+
+#[test]
+fn power_cut_keeps_a_state_at_or_after_the_last_flush() {
+    let run = workload(3, 50, None);
+    let fin = std::fs::read(&run.path).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(33);
+    let mut seen = std::collections::BTreeSet::new();
+    // Between one flush and the next, any subset of the pages written may reach the disk;
+    // the next flush's fdatasync then makes all of them durable.
+    for (k, (flush_seq, at_flush)) in run.flushes.iter().enumerate() {
+        let fin = run.flushes.get(k + 1).map_or(&fin, |(_, f)| f);
+        for trial in 0..40 {
+            let mut f = vec![0u8; fin.len()];
+            let keep_p: f64 = [0.0, 0.5, 0.9, 1.0][trial % 4];
+            for (i, page) in fin.chunks(4096).enumerate() {
+                let start = i * 4096;
+                let old = at_flush.get(start..(start + page.len()).min(at_flush.len()));
+                let dst = &mut f[start..start + page.len()];
+                if rng.gen_bool(keep_p) {
+                    dst.copy_from_slice(page);
+                } else if let Some(o) = old {
+                    dst[..o.len()].copy_from_slice(o);
+                }
+            }
+            let s = open_state(run.dir.path(), &f, &run.snaps);
+            assert!(
+                s >= *flush_seq,
+                "recovered seq {s} is before the last flush at seq {flush_seq}"
+            );
+            seen.insert(s);
+        }
+    }
+    // The trials reach more than one state (the test exercises dropped tails).
+    assert!(seen.len() > run.flushes.len(), "{seen:?}");
+}
+
+#[test]
+fn stale_records_beyond_a_torn_tail_are_never_applied() {
+    let run = workload(4, 30, None);
+    let crashed = std::fs::read(&run.path).unwrap();
+    let recs = records(&crashed);
+    let last_flush = recs.iter().rposition(|r| r.2 == 4).unwrap();
+    // Tear the first record after the last flush marker (one byte of its payload).
+    let torn = recs[last_flush + 1];
+    assert!((1..=3).contains(&torn.2));
+    let mut f = crashed.clone();
+    f[(torn.0 + 20) as usize] ^= 0xff;
+    std::fs::write(&run.path, &f).unwrap();
+    let before = torn.3 - 1;
+    // Recover read-write and write one new record over the torn one.
+    let img = Image::open(&run.path, OpenMode::ReadWrite).unwrap();
+    assert_eq!(img.seq(), Seq(before));
+    let data = pattern(99, BS as usize);
+    img.write_at(0, &data).unwrap();
+    drop(img);
+    let mut after = std::fs::read(&run.path).unwrap();
+    let new = records(&after);
+    let end = new.last().unwrap().0 + new.last().unwrap().1;
+    // Undo the zeroing of the stale tail, as if it never reached the disk.
+    after[end as usize..(SEG0 + 1024 * 1024) as usize]
+        .copy_from_slice(&f[end as usize..(SEG0 + 1024 * 1024) as usize]);
+    assert!(after[end as usize..end as usize + 64]
+        .iter()
+        .any(|&b| b != 0));
+    let p = run.dir.path().join("stale.rrow");
+    std::fs::write(&p, &after).unwrap();
+    let img = Image::open(&p, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(before + 1));
+    let mut expect = run.snaps[before as usize].clone();
+    expect[..BS as usize].copy_from_slice(&data);
+    let mut buf = vec![0u8; SIZE as usize];
+    img.read_at(0, &mut buf).unwrap();
+    assert!(buf == expect);
+}
+
+#[test]
+fn a_damaged_record_before_a_flush_marker_is_corruption() {
+    let run = workload(5, 30, None);
+    let file = std::fs::read(&run.path).unwrap();
+    let recs = records(&file);
+    let first_flush = recs.iter().position(|r| r.2 == 4).unwrap();
+    let victim = recs[..first_flush]
+        .iter()
+        .rfind(|r| (1..=3).contains(&r.2))
+        .unwrap();
+    let mut f = file.clone();
+    f[(victim.0 + 24) as usize] ^= 0x40;
+    std::fs::write(&run.path, &f).unwrap();
+    match Image::open(&run.path, OpenMode::ReadOnly) {
+        Err(ImageError::Corrupt { offset, .. }) => assert_eq!(offset, victim.0),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a damaged durable record was accepted"),
+    }
+    // The image is untouched by the failed open; check --repair rolls back loudly.
+    assert_eq!(std::fs::read(&run.path).unwrap(), f);
+    let r = Image::check(&run.path, false).unwrap();
+    assert_eq!(r.exit_code(), 2);
+    assert_eq!(std::fs::read(&run.path).unwrap(), f);
+    let r = Image::check(&run.path, true).unwrap();
+    assert_eq!(r.exit_code(), 3, "{r:?}");
+    let img = Image::open(&run.path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(victim.3 - 1));
+}
+
+#[test]
+fn truncated_files_fail_cleanly_or_show_a_model_state() {
+    let run = workload(6, 20, None);
+    let file = std::fs::read(&run.path).unwrap();
+    let p = run.dir.path().join("t.rrow");
+    let mut cuts: Vec<usize> = vec![0, 7, 8, 100, 4095, 4096, 4100, 8191, 8192, 65536, 65600];
+    cuts.extend((0..20).map(|i| 65536 + i * 64 * 1024));
+    cuts.extend((0..20).map(|i| file.len() - i * 3000));
+    for cut in cuts {
+        let cut = cut.min(file.len());
+        std::fs::write(&p, &file[..cut]).unwrap();
+        match Image::open(&p, OpenMode::ReadOnly) {
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(!msg.is_empty() && !msg.contains('\n'), "{msg}");
+            }
+            Ok(img) => {
+                let mut buf = vec![0u8; SIZE as usize];
+                match img.read_at(0, &mut buf) {
+                    Ok(_) => assert!(run.snaps.contains(&buf), "cut at {cut}"),
+                    Err(e) => assert!(matches!(e, ImageError::Truncated { .. }), "{e}"),
+                }
+            }
+        }
+    }
+}
