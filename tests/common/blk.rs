@@ -230,9 +230,9 @@ impl Queue<'_> {
         self.mem
     }
 
-    /// Submits `reqs` together and waits for all of them; returns each one's result
-    /// (0 or a negative errno) in order. Fails the test after [`REQUEST_TIMEOUT`].
-    pub fn submit(&mut self, reqs: &[Req]) -> Vec<i32> {
+    /// Puts `reqs` on the ring (or blkio's backlog); returns the iovec arrays, which must live
+    /// until the requests complete.
+    fn enqueue(&mut self, reqs: &[Req]) -> Vec<Vec<libc::iovec>> {
         let mem = self.mem;
         let iov = |segs: &[(usize, usize)]| -> Vec<libc::iovec> {
             segs.iter()
@@ -245,7 +245,6 @@ impl Queue<'_> {
                 })
                 .collect()
         };
-        // Kept alive until every request has completed.
         let mut iovecs: Vec<Vec<libc::iovec>> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             let f = ReqFlags::empty();
@@ -279,6 +278,14 @@ impl Queue<'_> {
                 }
             }
         }
+        iovecs
+    }
+
+    /// Submits `reqs` together and waits for all of them; returns each one's result
+    /// (0 or a negative errno) in order. Fails the test after [`REQUEST_TIMEOUT`].
+    pub fn submit(&mut self, reqs: &[Req]) -> Vec<i32> {
+        // Kept alive until every request has completed.
+        let _iovecs = self.enqueue(reqs);
         let mut results: Vec<Option<i32>> = vec![None; reqs.len()];
         let mut done = 0;
         let deadline = Instant::now() + REQUEST_TIMEOUT;
@@ -310,6 +317,18 @@ impl Queue<'_> {
             .into_iter()
             .map(|r| r.expect("all completed"))
             .collect()
+    }
+
+    /// Submits `reqs` and returns without waiting for any completion: the requests are in
+    /// flight when the caller then drops the client (a frontend that vanishes mid-I/O).
+    pub fn submit_and_abandon(&mut self, reqs: &[Req]) {
+        let iovecs = self.enqueue(reqs);
+        let mut none: [MaybeUninit<Completion>; 0] = [];
+        self.q
+            .do_io(&mut none, 0, None, None)
+            .unwrap_or_else(|e| panic!("blkio do_io failed: {e}"));
+        // The backend may still read the iovec arrays: leak them rather than free them.
+        std::mem::forget(iovecs);
     }
 
     /// Submits one request and returns its result.
