@@ -352,3 +352,42 @@ fn config_space_and_features_follow_the_device() {
     assert!(p.contains(P::CONFIG | P::MQ | P::REPLY_ACK | P::CONFIGURE_MEM_SLOTS));
     assert_eq!(s.backend.queues_per_thread(), vec![1]);
 }
+
+#[test]
+fn a_corrupt_available_ring_does_not_spin_the_worker() {
+    let log = captured();
+    let s = setup();
+    let m = s.mem.memory();
+    let chains = vec![chain(&m, 0, VIRTIO_BLK_T_IN, 0, 512, 0x30_0000)];
+    let vring = queue(&s, &chains, true);
+    // avail.idx 1000 entries ahead of the device on a 256-entry ring.
+    let avail = vring.get_ref().get_queue().avail_ring();
+    m.write_obj(1000u16.to_le(), GuestAddress(avail + 2))
+        .unwrap();
+    let backend = Arc::new(s.backend);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = backend.clone();
+    let v = vring.clone();
+    std::thread::spawn(move || {
+        let r = b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0);
+        let _ = tx.send(r.is_ok());
+    });
+    let ok = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("handle_event must return on a corrupt ring");
+    assert!(ok);
+    assert_eq!(
+        used_idx(&vring),
+        0,
+        "nothing is completed from a corrupt ring"
+    );
+    let lines = log.0.lock().unwrap().clone();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("cannot read the available ring"))
+            .count(),
+        1,
+        "{lines:?}"
+    );
+}

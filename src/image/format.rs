@@ -290,7 +290,7 @@ impl Header {
         if h.jpos.offset < SEG_HEADER_SIZE || h.jpos.offset > seg_bytes {
             return Err(inv("journal position outside its segment"));
         }
-        let slot_limit = u64::MAX / bs / 2;
+        let slot_limit = ((i64::MAX as u64) / bs).min((1 << 48) - 4);
         if h.next_free_slot > slot_limit
             || h.jpos.seg_slot.saturating_add(u64::from(seg_slots)) > h.next_free_slot
             || h.first_seg_slot.saturating_add(u64::from(seg_slots)) > h.next_free_slot

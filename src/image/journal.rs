@@ -276,7 +276,7 @@ impl Journal {
 
     /// Starts a new segment: allocate it, write it zeroed with its header, sync, then link it.
     fn roll(&mut self, sh: &Shared) -> Result<(), ImageError> {
-        let slot = sh.alloc(sh.seg_slots);
+        let slot = sh.alloc(sh.seg_slots)?;
         let idx = self.pos.seg_index + 1;
         let mut seg = vec![0u8; sh.seg_bytes() as usize];
         let h = encode_seg_header(&sh.uuid, idx);

@@ -765,12 +765,9 @@ impl Image {
         if offset % bs == 0 && len % bs == 0 {
             // Full blocks: allocate, write the data outside any lock, then commit.
             let n = len / bs;
-            let first = self.sh.alloc(n);
+            let first = self.sh.alloc(n)?;
             let crc = io::crc_segs(segs);
-            let off = self
-                .sh
-                .slot_off(first)
-                .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+            let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
             io::pwritev_all(&self.sh.file, segs, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
             let mut j = lock(&self.journal);
@@ -818,11 +815,8 @@ impl Image {
                 pos += s.len();
             }
         }
-        let first = self.sh.alloc(n);
-        let off = self
-            .sh
-            .slot_off(first)
-            .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+        let first = self.sh.alloc(n)?;
+        let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
         self.sh
             .pwrite(&buf, off)
             .map_err(|e| ImageError::io("cannot write data blocks", e))?;
@@ -944,11 +938,8 @@ impl Image {
                 });
                 continue;
             }
-            let slot = self.sh.alloc(1);
-            let off = self
-                .sh
-                .slot_off(slot)
-                .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+            let slot = self.sh.alloc(1)?;
+            let off = self.sh.slot_off(slot).ok_or(ImageError::Full)?;
             self.sh
                 .pwrite(&buf, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
@@ -1032,7 +1023,7 @@ impl Image {
         let mut meta = self.sh.meta_runs();
         let len = Checkpoint::encoded_len(runs.len(), meta.len() + 1) as u64;
         let slots = len.div_ceil(self.sh.bs.bytes_u64());
-        let slot = self.sh.alloc(slots);
+        let slot = self.sh.alloc(slots)?;
         meta.push((slot, slots));
         meta.sort_unstable();
         let ck = Checkpoint {
@@ -1041,10 +1032,7 @@ impl Image {
             meta,
         };
         let (bytes, crc) = ck.encode(&self.sh.uuid);
-        let off = self
-            .sh
-            .slot_off(slot)
-            .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+        let off = self.sh.slot_off(slot).ok_or(ImageError::Full)?;
         self.sh
             .pwrite(&bytes, off)
             .map_err(|e| ImageError::io("cannot write a checkpoint", e))?;

@@ -217,7 +217,9 @@ impl BlkBackend {
     }
 
     /// Executes every available chain of one queue, completes them, and signals the guest once.
-    fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<()> {
+    /// Returns false when the available ring is unusable (the guest corrupted it): the queue is
+    /// then left alone, and draining must stop.
+    fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<bool> {
         let mem = self
             .mem
             .read()
@@ -233,12 +235,12 @@ impl BlkBackend {
                     if self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
                         warn!("queue {queue}: cannot read the available ring: {e}");
                     }
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         };
         if chains.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let params = self.exec_params();
         let counter = self
@@ -272,7 +274,7 @@ impl BlkBackend {
         if vring.needs_notification().unwrap_or(true) {
             vring.signal_used_queue()?;
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -414,7 +416,9 @@ impl VhostUserBackend for BlkBackend {
         if self.event_idx.load(Ordering::Acquire) {
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
-                self.process_queue(vring, queue)?;
+                if !self.process_queue(vring, queue)? {
+                    break;
+                }
                 if !vring.enable_notification().map_err(io::Error::other)? {
                     break;
                 }
