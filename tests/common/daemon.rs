@@ -158,6 +158,8 @@ pub struct ServeOpts {
     pub read_only: bool,
     /// Further arguments.
     pub extra: Vec<String>,
+    /// `RUST_LOG` for the daemon; `None`: the test's own `RUST_LOG`, else `info`.
+    pub rust_log: Option<&'static str>,
 }
 
 impl ServeOpts {
@@ -170,11 +172,12 @@ impl ServeOpts {
             queue_size: 256,
             read_only: false,
             extra: Vec::new(),
+            rust_log: None,
         }
     }
 }
 
-/// Starts `rr-row serve` with a socket and log in `dir`. `RUST_LOG` defaults to `info`.
+/// Starts `rr-row serve` with a socket and log in `dir` (`RUST_LOG` as [`ServeOpts::rust_log`]).
 pub fn start_rr_row(dir: &Path, opts: &ServeOpts) -> Daemon {
     let socket = dir.join("rr-row.sock");
     let _ = std::fs::remove_file(&socket);
@@ -195,8 +198,14 @@ pub fn start_rr_row(dir: &Path, opts: &ServeOpts) -> Daemon {
         cmd.arg("--read-only");
     }
     cmd.args(&opts.extra);
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "info");
+    match opts.rust_log {
+        Some(level) => {
+            cmd.env("RUST_LOG", level);
+        }
+        None if std::env::var_os("RUST_LOG").is_none() => {
+            cmd.env("RUST_LOG", "info");
+        }
+        None => {}
     }
     Daemon::spawn("rr-row serve", cmd, &socket, &dir.join("rr-row.log"))
 }
