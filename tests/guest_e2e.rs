@@ -1,7 +1,8 @@
 //! End-to-end: a real Linux guest (Debian's kernel under QEMU TCG) uses `rr-row serve` as its
 //! vhost-user-blk disk.
 //!
-//! Boot 1 writes a known 8 MiB pattern through the block layer with O_DIRECT and reads it back,
+//! Boot 1 writes a known 8 MiB pattern through the block layer with O_DIRECT (two concurrent
+//! writers pinned to the two vCPUs, so both virtqueues are busy) and reads it back,
 //! makes an ext4 filesystem with e2fsprogs' mke2fs, writes files (one rewritten in place, one
 //! deleted and trimmed), records their SHA-256 sums, syncs and powers off. The daemon is then
 //! stopped with SIGTERM (exit 0), `rr-row check` must find the image clean, and the pattern
@@ -98,6 +99,8 @@ fn start_backend(backend: Backend, dir: &Path, image: &Path) -> Daemon {
             let mut opts = ServeOpts::new(image, DISK_SIZE);
             opts.queues = 2;
             opts.extra = vec!["--serial".into(), SERIAL.into()];
+            // Per-request debug lines ("queue Q #N: ...") show which virtqueues carried I/O.
+            opts.rust_log = Some("info,rr_row::virtio_blk=debug");
             start_rr_row(dir, &opts)
         }
         Backend::QsdRaw => start_qsd(dir, image, QsdFormat::Raw, 2, true),
@@ -182,6 +185,16 @@ fn two_boots(backend: Backend) {
         "ok",
         "the disk should accept discards"
     );
+
+    if backend == Backend::RrRow {
+        let log = daemon.log_text();
+        for q in 0..2 {
+            assert!(
+                log.contains(&format!("queue {q} #")),
+                "virtqueue {q} carried no request during boot 1 (daemon log lacks \"queue {q} #\")"
+            );
+        }
+    }
 
     // What the guest wrote is on the disk, at the right place.
     let disk = stop_and_read_disk(backend, daemon, dir.path(), &image);

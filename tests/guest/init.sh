@@ -6,7 +6,8 @@
 # `RRROW: FAIL <what>` and powers off.
 #
 # Disk layout (/dev/vda, at least 112 MiB): an ext4 filesystem on the first 96 MiB, a raw
-# pattern (/pattern.bin from the initramfs, 8 MiB) written with dd at 100 MiB.
+# pattern (/pattern.bin from the initramfs, 8 MiB) written with dd at 100 MiB, in two halves by
+# two concurrent writers.
 /bin/busybox --install -s
 export PATH=/sbin:/bin
 
@@ -48,8 +49,16 @@ read_pattern() {
 
 case "$phase" in
 write)
-    dd if=/pattern.bin of=/dev/vda bs=1M seek=$PATTERN_SEEK_MIB oflag=direct conv=fsync \
-        2>/dev/null || fail "pattern write"
+    # Two writers at once, pinned to the two vCPUs so both virtqueues carry requests: the
+    # first half in 1 MiB requests from CPU 0, the second half in 64 KiB requests from CPU 1.
+    taskset 1 dd if=/pattern.bin of=/dev/vda bs=1M count=4 seek=$PATTERN_SEEK_MIB \
+        oflag=direct conv=fsync 2>/dev/null &
+    w1=$!
+    taskset 2 dd if=/pattern.bin of=/dev/vda bs=64k skip=64 count=64 \
+        seek=$(((PATTERN_SEEK_MIB + 4) * 16)) oflag=direct conv=fsync 2>/dev/null &
+    w2=$!
+    wait $w1 || fail "pattern write (first half)"
+    wait $w2 || fail "pattern write (second half)"
     say "pattern-read $(read_pattern)"
 
     /sbin/mke2fs -V 2>&1 | head -n1 | sed 's/^/RRROW: mke2fs /'
