@@ -303,34 +303,12 @@ fn scenario_discard_and_write_zeroes(peer: Peer) {
         for i in 0..4 {
             q.write_ok(i << 20, 0, &fill);
         }
-        // Discard 256 KiB at 1 MiB, write zeroes (may unmap) at 2 MiB and (must not) at 3 MiB.
-        assert_eq!(
-            q.one(Req::Discard {
-                offset: 1 << 20,
-                len: 256 << 10
-            }),
-            0,
-            "discard failed"
-        );
-        let r = q.one(Req::WriteZeroes {
-            offset: 2 << 20,
-            len: 128 << 10,
-            unmap: true,
-        });
-        assert_eq!(r, 0, "write-zeroes (unmap allowed) failed");
-        let r = q.one(Req::WriteZeroes {
-            offset: 3 << 20,
-            len: 64 << 10,
-            unmap: false,
-        });
-        assert_eq!(r, 0, "write-zeroes (no unmap) failed");
-        // Sub-block write-zeroes inside a block.
-        let r = q.one(Req::WriteZeroes {
-            offset: (3 << 20) + (512 << 10) + 1024,
-            len: 512,
-            unmap: false,
-        });
-        assert_eq!(r, 0, "sub-block write-zeroes failed");
+        // Discard 256 KiB at 1 MiB, write zeroes (may unmap) at 2 MiB and (must not) at 3 MiB,
+        // and 512 bytes of zeroes inside a block.
+        q.discard_ok(1 << 20, 256 << 10);
+        q.write_zeroes_ok(2 << 20, 128 << 10, true);
+        q.write_zeroes_ok(3 << 20, 64 << 10, false);
+        q.write_zeroes_ok((3 << 20) + (512 << 10) + 1024, 512, false);
         q.flush_ok();
         let mut expect = vec![0x5au8; 4 << 20];
         expect[1 << 20..(1 << 20) + (256 << 10)].fill(0);

@@ -193,7 +193,7 @@ impl Client {
         self.capacity
     }
 
-    /// A blkio property of the connected device (e.g. "max-segments", "flush-needed").
+    /// The blkio instance, to read the device's properties ("max-segments", "flush-needed"...).
     pub fn blkio(&self) -> &Blkio {
         &self.blkio
     }
@@ -354,5 +354,18 @@ impl Queue<'_> {
     /// Flushes; asserts success.
     pub fn flush_ok(&mut self) {
         assert_eq!(self.one(Req::Flush), 0, "flush failed");
+    }
+
+    /// Discards `len` bytes at `offset`; asserts success.
+    pub fn discard_ok(&mut self, offset: u64, len: u64) {
+        let r = self.one(Req::Discard { offset, len });
+        assert_eq!(r, 0, "discard of {len} bytes at {offset} failed");
+    }
+
+    /// Writes zeroes to `len` bytes at `offset` (deallocation allowed if `unmap`); asserts
+    /// success.
+    pub fn write_zeroes_ok(&mut self, offset: u64, len: u64, unmap: bool) {
+        let r = self.one(Req::WriteZeroes { offset, len, unmap });
+        assert_eq!(r, 0, "write-zeroes of {len} bytes at {offset} failed");
     }
 }
