@@ -312,3 +312,130 @@ fn truncated_files_fail_cleanly_or_show_a_model_state() {
         }
     }
 }
+
+/// Builds W1, W2 (no flush), then appends by hand a flush marker vouching for `marker_seq`,
+/// as a flush that synced after W1 but appended its marker after W2 would.
+fn two_writes_then_marker(marker_seq: u64) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    use rr_row::image::format::{encode_record, RecKind, Record};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.rrow");
+    let img = Image::create(
+        &path,
+        &CreateOptions {
+            size: SIZE,
+            block_size: BlockSize::new(BS as u32).unwrap(),
+            base: None,
+        },
+    )
+    .unwrap();
+    img.write_at(0, &[1u8; BS as usize]).unwrap();
+    img.write_at(BS, &[2u8; BS as usize]).unwrap();
+    drop(img);
+    let mut f = std::fs::read(&path).unwrap();
+    let recs = records(&f);
+    let (pos, len, _, _) = recs[1];
+    let end = (pos + len) as usize;
+    let prev = u32::from_le_bytes(f[end - 4..end].try_into().unwrap());
+    let (marker, _) = encode_record(
+        &Record {
+            kind: RecKind::Flush,
+            seq: marker_seq,
+            pieces: Vec::new(),
+            link: None,
+        },
+        prev,
+    );
+    f[end..end + marker.len()].copy_from_slice(&marker);
+    std::fs::write(&path, &f).unwrap();
+    (dir, path, f)
+}
+
+#[test]
+fn a_flush_marker_vouches_only_for_the_seq_it_names() {
+    // The marker after W2 names seq 1: W2 is still verified against its data.
+    let (_d, path, mut f) = two_writes_then_marker(1);
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(2));
+    drop(img);
+    // W2's data block never reached the disk: W2 is dropped although a marker follows it.
+    let w2_data = f.len() - BS as usize;
+    f[w2_data..].fill(0);
+    std::fs::write(&path, &f).unwrap();
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(1));
+    let mut b = vec![0u8; (2 * BS) as usize];
+    img.read_at(0, &mut b).unwrap();
+    assert!(b[..BS as usize].iter().all(|&x| x == 1));
+    assert!(b[BS as usize..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn a_torn_record_is_damage_only_if_a_marker_vouches_for_it() {
+    for (marker_seq, damaged) in [(1u64, false), (2, true)] {
+        let (_d, path, mut f) = two_writes_then_marker(marker_seq);
+        let w2 = records(&f)[1];
+        f[(w2.0 + 30) as usize] ^= 0x08;
+        std::fs::write(&path, &f).unwrap();
+        match Image::open(&path, OpenMode::ReadOnly) {
+            Ok(img) => {
+                assert!(!damaged, "marker {marker_seq}: damage accepted");
+                assert_eq!(img.seq(), Seq(1));
+            }
+            Err(ImageError::Corrupt { offset, .. }) => {
+                assert!(damaged, "marker {marker_seq}: torn tail refused");
+                assert_eq!(offset, w2.0);
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+}
+
+#[test]
+fn flushes_concurrent_with_writes_keep_every_flushed_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cf.rrow");
+    let img = Image::create(
+        &path,
+        &CreateOptions {
+            size: SIZE,
+            block_size: BlockSize::new(BS as u32).unwrap(),
+            base: None,
+        },
+    )
+    .unwrap();
+    let flushed = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..400u64 {
+                img.write_at((i % 64) * BS, &[(i % 251) as u8; BS as usize])
+                    .unwrap();
+            }
+        });
+        s.spawn(|| {
+            for _ in 0..100 {
+                let before = img.seq().0;
+                img.flush().unwrap();
+                flushed.store(before, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    });
+    let at_last_flush = flushed.load(std::sync::atomic::Ordering::SeqCst);
+    drop(img);
+    // Markers may name a seq older than records before them; recovery still gets everything.
+    let f = std::fs::read(&path).unwrap();
+    let recs = records(&f);
+    assert!(recs.iter().any(|r| r.2 == 4));
+    let vouched = recs.iter().filter(|r| r.2 == 4).map(|r| r.3).max().unwrap();
+    assert!(vouched >= at_last_flush, "{vouched} < {at_last_flush}");
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(400));
+    drop(img);
+    assert!(Image::check(&path, false).unwrap().is_clean());
+    // Lose everything after the last marker: the last flush's writes survive.
+    let last = recs.iter().rfind(|r| r.2 == 4).unwrap();
+    let mut cut = f.clone();
+    cut[(last.0 + last.1) as usize..(SEG0 + 1024 * 1024) as usize].fill(0);
+    std::fs::write(&path, &cut).unwrap();
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert!(img.seq().0 >= at_last_flush);
+}

@@ -391,3 +391,21 @@ fn a_corrupt_available_ring_does_not_spin_the_worker() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn a_used_ring_outside_guest_memory_is_survived() {
+    for event_idx in [false, true] {
+        let s = setup();
+        let m = s.mem.memory();
+        let chains = vec![chain(&m, 0, VIRTIO_BLK_T_IN, 0, 512, 0x30_0000)];
+        let vring = queue(&s, &chains, event_idx);
+        let (desc, avail) = {
+            let st = vring.get_ref();
+            (st.get_queue().desc_table(), st.get_queue().avail_ring())
+        };
+        vring.set_queue_info(desc, avail, 0x4000_0000).unwrap();
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .expect("a broken ring must not kill the worker");
+    }
+}

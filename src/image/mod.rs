@@ -528,7 +528,7 @@ impl Image {
             plausible,
         } = &stop
         {
-            if w.flush_marker_after(*plausible) {
+            if w.flush_marker_after(*plausible, w.seq) {
                 let msg = format!("{what}, but a later flush marker shows the record was durable");
                 if fl.rollback {
                     log::warn!(
@@ -546,13 +546,19 @@ impl Image {
         if let Stop::BadSegment { at, what } = &stop {
             notes.torn = Some(format!("byte offset {at}: {what}"));
         }
-        // Records after the last flush marker are kept only while their data verifies.
-        let first_untrusted = recs
+        // A flush marker with seq S vouches for every record with seq <= S (and their data).
+        // Later records are kept only while their data verifies.
+        let durable = recs
             .iter()
-            .rposition(|(r, _)| r.kind == RecKind::Flush)
-            .map_or(0, |i| i + 1);
+            .filter(|(r, _)| r.kind == RecKind::Flush)
+            .map(|(r, _)| r.seq)
+            .max()
+            .unwrap_or(start_seq);
         let mut keep = recs.len();
-        'verify: for (i, (r, _)) in recs.iter().enumerate().skip(first_untrusted) {
+        'verify: for (i, (r, _)) in recs.iter().enumerate() {
+            if !r.kind.changes_state() || r.seq <= durable {
+                continue;
+            }
             for p in &r.pieces {
                 if let Some(pba) = p.pba {
                     if sh.data_crc(pba, p.blocks)? != Some(p.data_crc) {
@@ -636,7 +642,7 @@ impl Image {
             written: end.offset,
             buf: Vec::new(),
             seq,
-            dirty: false,
+            durable_seq: seq,
             since_ckpt,
             failed: false,
             hdr,
@@ -865,12 +871,23 @@ impl Image {
         };
         j.append(&self.sh, &rec)?;
         j.seq = seq;
-        j.dirty = true;
         let zero = zero_value(&self.sh);
-        let mut live = wlock(&self.live);
-        apply(&mut live.map, &rec, zero);
-        live.seq = seq;
+        {
+            let mut live = wlock(&self.live);
+            apply(&mut live.map, &rec, zero);
+            live.seq = seq;
+        }
         self.seq.store(seq, Ordering::SeqCst);
+        // A guest that never flushes still gets checkpoints, so that opening stays bounded.
+        let limit = self
+            .ckpt_threshold
+            .load(Ordering::SeqCst)
+            .saturating_mul(2);
+        if j.since_ckpt >= limit {
+            if let Err(e) = self.checkpoint_locked(j) {
+                log::warn!("checkpoint failed: {e}");
+            }
+        }
         Ok(Seq(seq))
     }
 
@@ -972,26 +989,35 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        let mut j = lock(&self.journal);
-        if j.failed {
-            return Err(ImageError::Failed);
-        }
-        if !j.dirty {
-            return Ok(());
-        }
-        j.write_out(&self.sh)?;
+        let target = {
+            let mut j = lock(&self.journal);
+            if j.failed {
+                return Err(ImageError::Failed);
+            }
+            if j.seq <= j.durable_seq {
+                return Ok(());
+            }
+            j.write_out(&self.sh)?;
+            j.seq
+        };
+        // Sync without holding the journal mutex: other operations keep committing meanwhile.
+        // Every record up to `target` (and every record before them in the chain) is in the
+        // file, and their data blocks were written before they were committed.
         if let Err(e) = self.sh.file.sync_data() {
-            j.failed = true;
+            lock(&self.journal).failed = true;
             return Err(ImageError::io("cannot sync the image", e));
         }
-        let marker = Record {
-            kind: RecKind::Flush,
-            seq: j.seq,
-            pieces: Vec::new(),
-            link: None,
-        };
-        j.append(&self.sh, &marker)?;
-        j.dirty = false;
+        let mut j = lock(&self.journal);
+        if target > j.durable_seq {
+            let marker = Record {
+                kind: RecKind::Flush,
+                seq: target,
+                pieces: Vec::new(),
+                link: None,
+            };
+            j.append(&self.sh, &marker)?;
+            j.durable_seq = target;
+        }
         if j.since_ckpt >= self.ckpt_threshold.load(Ordering::SeqCst) {
             self.checkpoint_locked(&mut j)?;
         }
@@ -1055,6 +1081,7 @@ impl Image {
         j.hdr = hdr;
         j.hdr_copy = copy;
         j.since_ckpt = 0;
+        j.durable_seq = j.seq;
         log::debug!("checkpoint at seq {} ({} bytes)", j.seq, bytes.len());
         Ok(())
     }
@@ -1294,7 +1321,7 @@ impl Image {
         if j.failed {
             return Err(ImageError::Failed);
         }
-        if j.since_ckpt > 0 || j.hdr.ckpt.is_none() || j.dirty {
+        if j.since_ckpt > 0 || j.hdr.ckpt.is_none() || j.seq != j.hdr.ckpt_seq {
             self.checkpoint_locked(&mut j)?;
         }
         Ok(())

@@ -276,6 +276,24 @@ impl BlkBackend {
         }
         Ok(true)
     }
+
+    /// Processes a queue after a kick; with EVENT_IDX keeps draining until
+    /// `enable_notification()` says nothing arrived meanwhile, so no kick is lost.
+    fn drain(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<()> {
+        if !self.event_idx.load(Ordering::Acquire) {
+            self.process_queue(vring, queue)?;
+            return Ok(());
+        }
+        loop {
+            vring.disable_notification().map_err(io::Error::other)?;
+            if !self.process_queue(vring, queue)? {
+                return Ok(());
+            }
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -357,7 +375,7 @@ impl VhostUserBackend for BlkBackend {
         if !writeback && !was_through {
             // Entering write-through: make what the cache held durable now.
             self.dev
-                .flush(&RequestCtx::default())
+                .flush(&super::INTERNAL_CTX)
                 .map_err(io::Error::other)?;
         }
         info!(
@@ -413,18 +431,13 @@ impl VhostUserBackend for BlkBackend {
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("unknown device event {device_event}")))?;
-        if self.event_idx.load(Ordering::Acquire) {
-            loop {
-                vring.disable_notification().map_err(io::Error::other)?;
-                if !self.process_queue(vring, queue)? {
-                    break;
-                }
-                if !vring.enable_notification().map_err(io::Error::other)? {
-                    break;
-                }
+        if let Err(e) = self.drain(vring, queue) {
+            // The guest broke its rings (e.g. an unmapped used ring). Keep the worker alive, so
+            // the queue works again if the driver resets it, and say so once.
+            let bit = 1u64 << 61;
+            if self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                warn!("queue {queue}: {e}");
             }
-        } else {
-            self.process_queue(vring, queue)?;
         }
         Ok(())
     }
