@@ -8,6 +8,31 @@
 //! Checkpoints of the LBA map bound the work of opening an image.
 //!
 //! This module knows nothing of virtio or vhost-user.
+//!
+//! ```
+//! use rr_row::image::{CreateOptions, Extent, Image, OpenMode};
+//! use rr_row::units::{BlockSize, Lba, Seq};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("disk.rrow");
+//! let opts = CreateOptions { size: 1 << 20, block_size: BlockSize::DEFAULT, base: None };
+//! let img = Image::create(&path, &opts)?;
+//! let first = img.write_at(0, &[1u8; 4096])?;
+//! img.write_at(0, &[2u8; 4096])?; // redirected: a new block, the old one is kept
+//! img.flush()?;
+//!
+//! let mut buf = [0u8; 4096];
+//! img.read_at(0, &mut buf)?;
+//! assert_eq!(buf, [2u8; 4096]);
+//! img.read_block(first.first_pba, &mut buf)?; // by block id, whatever the map says now
+//! assert_eq!(buf, [1u8; 4096]);
+//! img.state_at(Seq(1))?.read_at(0, &mut buf)?; // the disk as of seq 1
+//! assert_eq!(buf, [1u8; 4096]);
+//! assert!(matches!(img.resolve(Lba(0), 1)?[..], [Extent::Mapped { .. }]));
+//! img.close()?;
+//! assert_eq!(Image::open(&path, OpenMode::ReadOnly)?.seq(), Seq(2));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod check;
 mod error;
