@@ -232,6 +232,7 @@ pub struct Image {
     read_only: bool,
     ckpt_threshold: AtomicU64,
     unsynced_limit: AtomicU64,
+    sync_due: std::sync::atomic::AtomicBool,
     notes: OpenNotes,
     path: PathBuf,
     closed: bool,
@@ -697,6 +698,7 @@ impl Image {
             read_only: !rw,
             ckpt_threshold: AtomicU64::new(DEFAULT_CHECKPOINT_THRESHOLD),
             unsynced_limit: AtomicU64::new(DEFAULT_UNSYNCED_LIMIT),
+            sync_due: std::sync::atomic::AtomicBool::new(false),
             notes,
             path: path.to_path_buf(),
             closed: false,
@@ -816,9 +818,8 @@ impl Image {
             let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
             io::pwritev_all(&self.sh.file, segs, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
-            let mut j = lock(&self.journal);
             let seq = self.commit(
-                &mut j,
+                &mut lock(&self.journal),
                 RecKind::Write,
                 vec![Piece {
                     lba,
@@ -827,6 +828,7 @@ impl Image {
                     data_crc: crc,
                 }],
             )?;
+            self.background_sync();
             return Ok(WriteOutcome {
                 seq,
                 first_pba: Pba(first),
@@ -876,6 +878,8 @@ impl Image {
                 data_crc: crc32c::crc32c(&buf),
             }],
         )?;
+        drop(j);
+        self.background_sync();
         Ok(WriteOutcome {
             seq,
             first_pba: Pba(first),
@@ -929,9 +933,9 @@ impl Image {
             .map(|p| p.blocks.saturating_mul(self.sh.bs.bytes_u64()))
             .sum::<u64>();
         if j.unsynced >= self.unsynced_limit.load(Ordering::SeqCst) {
-            if let Err(e) = self.sync_locked(j) {
-                log::warn!("background sync failed: {e}");
-            }
+            // The caller syncs once it has released the journal mutex.
+            j.unsynced = 0;
+            self.sync_due.store(true, Ordering::SeqCst);
         }
         let limit = self.ckpt_threshold.load(Ordering::SeqCst).saturating_mul(2);
         if j.since_ckpt >= limit {
@@ -1031,7 +1035,19 @@ impl Image {
             });
         }
         pieces.extend(rp);
-        self.commit(&mut j, kind, pieces)
+        let seq = self.commit(&mut j, kind, pieces)?;
+        drop(j);
+        self.background_sync();
+        Ok(seq)
+    }
+
+    /// Syncs (outside the journal mutex) when a commit found too much unflushed data.
+    fn background_sync(&self) {
+        if self.sync_due.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.flush() {
+                log::warn!("periodic sync failed: {e}");
+            }
+        }
     }
 
     /// Makes every completed operation durable (write out the journal, fdatasync, then append
@@ -1073,29 +1089,6 @@ impl Image {
         }
         if j.since_ckpt >= self.ckpt_threshold.load(Ordering::SeqCst) {
             self.checkpoint_locked(&mut j)?;
-        }
-        Ok(())
-    }
-
-    /// Makes everything committed so far durable and says so with a flush marker (journal
-    /// mutex held).
-    fn sync_locked(&self, j: &mut Journal) -> Result<(), ImageError> {
-        j.write_out(&self.sh)?;
-        if let Err(e) = self.sh.file.sync_data() {
-            j.failed = true;
-            return Err(ImageError::io("cannot sync the image", e));
-        }
-        j.unsynced = 0;
-        if j.seq > j.durable_seq {
-            let marker = Record {
-                kind: RecKind::Flush,
-                seq: j.seq,
-                pieces: Vec::new(),
-                link: None,
-                nonce: None,
-            };
-            j.append(&self.sh, &marker)?;
-            j.durable_seq = j.seq;
         }
         Ok(())
     }
