@@ -400,3 +400,74 @@ fn export_round_trip_with_qemu_img_compare() {
     std::fs::write(&want, &model).unwrap();
     assert!(!qemu_compare(&want, &got));
 }
+
+#[test]
+fn a_torn_tail_is_recovered_not_reported_as_damage() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("torn.rrow");
+    {
+        let img = Image::create(
+            &p,
+            &CreateOptions {
+                size: 1 << 20,
+                block_size: BlockSize::DEFAULT,
+                base: None,
+            },
+        )
+        .unwrap();
+        img.write_at(0, &[1u8; 4096]).unwrap();
+        img.flush().unwrap();
+        img.write_at(4096, &[2u8; 4096]).unwrap();
+    }
+    // Tear the last record (after the last flush marker), as a power cut could.
+    let mut b = std::fs::read(&p).unwrap();
+    let seg = &b[65536..65536 + (1 << 20)];
+    let end = seg.iter().rposition(|&x| x != 0).unwrap() + 65536;
+    b[end - 10] ^= 0x20;
+    std::fs::write(&p, &b).unwrap();
+    let o = rr(&["check", s(&p)]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("torn record") && out.contains("clean at seq 1"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), b);
+    let o = rr(&["check", s(&p), "--repair"]);
+    assert_eq!(o.status.code(), Some(3));
+    let o = rr(&["check", s(&p)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("warning"));
+}
+
+#[test]
+fn info_shows_every_field() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("b.raw");
+    std::fs::write(&base, vec![1u8; 8192]).unwrap();
+    let p = d.path().join("i.rrow");
+    let o = rr(&["create", s(&p), "--size", "8M", "--base", s(&base)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = rr(&["info", s(&p)]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for field in [
+        "virtual size: 8.0 MiB (8388608 bytes)",
+        "file size:",
+        "block size: 4096",
+        "seq: 0",
+        "live blocks: 0",
+        "retained blocks: 0",
+        "journal:",
+        "base: ",
+        "map memory:",
+    ] {
+        assert!(out.contains(field), "{field} missing from:\n{out}");
+    }
+    assert!(out.contains(s(&base)));
+    // The base is checked at every open.
+    std::fs::remove_file(&base).unwrap();
+    let o = rr(&["info", s(&p)]);
+    assert_fails(&o, "missing base");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("base image"));
+}

@@ -256,6 +256,9 @@ fn errors_are_typed() {
         Image::open(&p, OpenMode::ReadWrite),
         Err(ImageError::Locked)
     ));
+    // check refuses an image in use; read-only opens (info, export, history) are allowed.
+    assert!(matches!(Image::check(&p, false), Err(ImageError::Locked)));
+    assert!(Image::open(&p, OpenMode::ReadOnly).is_ok());
     assert!(matches!(
         Image::create(&p, &opts(1 << 20)),
         Err(ImageError::AlreadyExists { .. })

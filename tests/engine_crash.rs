@@ -333,7 +333,7 @@ fn two_writes_then_marker(marker_seq: u64) -> (tempfile::TempDir, std::path::Pat
     drop(img);
     let mut f = std::fs::read(&path).unwrap();
     let recs = records(&f);
-    let (pos, len, _, _) = recs[1];
+    let (pos, len, _, _) = *recs.iter().filter(|r| r.2 == 1).nth(1).unwrap();
     let end = (pos + len) as usize;
     let prev = u32::from_le_bytes(f[end - 4..end].try_into().unwrap());
     let (marker, _) = encode_record(
@@ -342,6 +342,7 @@ fn two_writes_then_marker(marker_seq: u64) -> (tempfile::TempDir, std::path::Pat
             seq: marker_seq,
             pieces: Vec::new(),
             link: None,
+            nonce: None,
         },
         prev,
     );
@@ -373,7 +374,7 @@ fn a_flush_marker_vouches_only_for_the_seq_it_names() {
 fn a_torn_record_is_damage_only_if_a_marker_vouches_for_it() {
     for (marker_seq, damaged) in [(1u64, false), (2, true)] {
         let (_d, path, mut f) = two_writes_then_marker(marker_seq);
-        let w2 = records(&f)[1];
+        let w2 = *records(&f).iter().filter(|r| r.2 == 1).nth(1).unwrap();
         f[(w2.0 + 30) as usize] ^= 0x08;
         std::fs::write(&path, &f).unwrap();
         match Image::open(&path, OpenMode::ReadOnly) {
@@ -404,15 +405,23 @@ fn flushes_concurrent_with_writes_keep_every_flushed_write() {
     )
     .unwrap();
     let flushed = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let start = std::sync::Barrier::new(2);
     std::thread::scope(|s| {
         s.spawn(|| {
+            start.wait();
             for i in 0..400u64 {
                 img.write_at((i % 64) * BS, &[(i % 251) as u8; BS as usize])
                     .unwrap();
+                if i % 50 == 0 {
+                    std::thread::yield_now();
+                }
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         s.spawn(|| {
-            for _ in 0..100 {
+            start.wait();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
                 let before = img.seq().0;
                 img.flush().unwrap();
                 flushed.store(before, std::sync::atomic::Ordering::SeqCst);
@@ -438,4 +447,98 @@ fn flushes_concurrent_with_writes_keep_every_flushed_write() {
     std::fs::write(&path, &cut).unwrap();
     let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
     assert!(img.seq().0 >= at_last_flush);
+}
+
+#[test]
+fn a_crash_right_after_a_segment_roll_recovers_and_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("roll.rrow");
+    let blocks = 256u64;
+    let img = Image::create(
+        &path,
+        &CreateOptions {
+            size: blocks * 512,
+            block_size: BlockSize::new(512).unwrap(),
+            base: None,
+        },
+    )
+    .unwrap();
+    // 60-byte write records: segment 0 (1 MiB) fills after about 17 400 of them.
+    let n = 17_600u64;
+    let value = |i: u64| ((i * 7) % 251) as u8;
+    for i in 0..n {
+        img.write_at((i % blocks) * 512, &[value(i); 512]).unwrap();
+    }
+    img.flush().unwrap();
+    drop(img);
+    let f = std::fs::read(&path).unwrap();
+    let recs = records(&f);
+    let link = *recs.iter().find(|r| r.2 == 5).expect("segment 0 is linked");
+    let p = (link.0 + 16) as usize;
+    let slot = u64::from_le_bytes(f[p..p + 8].try_into().unwrap());
+    let at_link = link.3;
+    assert!(at_link < n);
+    let state = |seq: u64| {
+        let mut m = vec![0u8; (blocks * 512) as usize];
+        for i in 0..seq {
+            let o = ((i % blocks) * 512) as usize;
+            m[o..o + 512].fill(value(i));
+        }
+        m
+    };
+    // The new segment never reached the disk.
+    let seg = (SEG0 + slot * 512) as usize;
+    let mut cut = f.clone();
+    cut[seg..seg + (1 << 20)].fill(0);
+    std::fs::write(&path, &cut).unwrap();
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(at_link));
+    let mut buf = vec![0u8; (blocks * 512) as usize];
+    img.read_at(0, &mut buf).unwrap();
+    assert!(buf == state(at_link));
+    drop(img);
+    // A read-write open rewrites the segment and goes on appending in it.
+    let img = Image::open(&path, OpenMode::ReadWrite).unwrap();
+    img.write_at(0, &[0xaa; 512]).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(at_link + 1));
+    let mut want = state(at_link);
+    want[..512].fill(0xaa);
+    img.read_at(0, &mut buf).unwrap();
+    assert!(buf == want);
+    drop(img);
+    assert!(Image::check(&path, false).unwrap().is_clean());
+}
+
+#[test]
+fn a_guest_that_never_flushes_still_gets_durable_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nf.rrow");
+    let img = Image::create(
+        &path,
+        &CreateOptions {
+            size: SIZE,
+            block_size: BlockSize::new(BS as u32).unwrap(),
+            base: None,
+        },
+    )
+    .unwrap();
+    img.set_unsynced_limit(4 * BS);
+    for i in 0..20u64 {
+        img.write_at(i * BS, &[i as u8 + 1; BS as usize]).unwrap();
+    }
+    drop(img);
+    let f = std::fs::read(&path).unwrap();
+    let recs = records(&f);
+    let markers: Vec<u64> = recs.iter().filter(|r| r.2 == 4).map(|r| r.3).collect();
+    assert_eq!(markers, vec![4, 8, 12, 16, 20]);
+    // Losing everything after the fourth marker keeps seq 16.
+    let m = recs.iter().filter(|r| r.2 == 4).nth(3).unwrap();
+    let mut cut = f.clone();
+    cut[(m.0 + m.1) as usize..(SEG0 + 1024 * 1024) as usize].fill(0);
+    std::fs::write(&path, &cut).unwrap();
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.seq(), Seq(16));
 }

@@ -119,10 +119,20 @@ pub fn crc_segs(segs: &[IoSeg<'_>]) -> u32 {
     crc
 }
 
-/// Sets `flock` on the file: exclusive for read-write, nothing for read-only.
+/// Takes an exclusive `flock` on the file (read-write opens); false when another open file
+/// description holds a lock.
 pub fn lock_exclusive(file: &File) -> io::Result<bool> {
+    flock(file, libc::LOCK_EX)
+}
+
+/// Takes a shared `flock` on the file (`check`: no read-write user may be active).
+pub fn lock_shared(file: &File) -> io::Result<bool> {
+    flock(file, libc::LOCK_SH)
+}
+
+fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
     // SAFETY: flock on an fd we own; no memory is involved.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
     if r == 0 {
         return Ok(true);
     }

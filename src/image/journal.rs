@@ -146,7 +146,7 @@ impl<'a> Walker<'a> {
                 RecKind::Write | RecKind::Discard | RecKind::WriteZeroes => rec.seq == self.seq + 1,
                 // A flush marker vouches for a seq reached before it was appended.
                 RecKind::Flush => rec.seq <= self.seq,
-                RecKind::Link => rec.seq == self.seq,
+                RecKind::Link | RecKind::Epoch => rec.seq == self.seq,
             };
             let want = if rec.kind.changes_state() {
                 self.seq + 1
@@ -225,6 +225,8 @@ pub struct Journal {
     pub seq: u64,
     /// Seq vouched for by the latest flush marker (everything up to it is durable).
     pub durable_seq: u64,
+    /// Data bytes committed since the last sync.
+    pub unsynced: u64,
     /// Journal bytes since the last checkpoint.
     pub since_ckpt: u64,
     /// A write-out failed: acknowledged records may be lost; refuse further changes.
@@ -281,7 +283,7 @@ impl Journal {
         Ok(())
     }
 
-    /// Starts a new segment: allocate it, write it zeroed with its header, sync, then link it.
+    /// Starts a new segment: allocate it, write it zeroed with its header, then link it.
     fn roll(&mut self, sh: &Shared) -> Result<(), ImageError> {
         let slot = sh.alloc(sh.seg_slots)?;
         let idx = self.pos.seg_index + 1;
@@ -293,8 +295,9 @@ impl Journal {
         let off = sh
             .slot_off(slot)
             .ok_or_else(|| ImageError::corrupt(0, "segment offset overflows"))?;
-        let res = sh.pwrite(&seg, off).and_then(|_| sh.file.sync_data());
-        if let Err(e) = res {
+        // Zero-filled so no stale bytes of earlier uses of these slots sit in the segment.
+        // (No sync is needed: stale records cannot validate, every open re-seeds the chain.)
+        if let Err(e) = sh.pwrite(&seg, off) {
             self.failed = true;
             return Err(ImageError::io("cannot write a new journal segment", e));
         }
@@ -304,6 +307,7 @@ impl Journal {
             seq: self.seq,
             pieces: Vec::new(),
             link: Some((slot, idx)),
+            nonce: None,
         };
         let (bytes, crc) = encode_record(&link, self.pos.crc);
         self.buf.extend_from_slice(&bytes);

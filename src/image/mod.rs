@@ -8,6 +8,31 @@
 //! Checkpoints of the LBA map bound the work of opening an image.
 //!
 //! This module knows nothing of virtio or vhost-user.
+//!
+//! ```
+//! use rr_row::image::{CreateOptions, Extent, Image, OpenMode};
+//! use rr_row::units::{BlockSize, Lba, Seq};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("disk.rrow");
+//! let opts = CreateOptions { size: 1 << 20, block_size: BlockSize::DEFAULT, base: None };
+//! let img = Image::create(&path, &opts)?;
+//! let first = img.write_at(0, &[1u8; 4096])?;
+//! img.write_at(0, &[2u8; 4096])?; // redirected: a new block, the old one is kept
+//! img.flush()?;
+//!
+//! let mut buf = [0u8; 4096];
+//! img.read_at(0, &mut buf)?;
+//! assert_eq!(buf, [2u8; 4096]);
+//! img.read_block(first.first_pba, &mut buf)?; // by block id, whatever the map says now
+//! assert_eq!(buf, [1u8; 4096]);
+//! img.state_at(Seq(1))?.read_at(0, &mut buf)?; // the disk as of seq 1
+//! assert_eq!(buf, [1u8; 4096]);
+//! assert!(matches!(img.resolve(Lba(0), 1)?[..], [Extent::Mapped { .. }]));
+//! img.close()?;
+//! assert_eq!(Image::open(&path, OpenMode::ReadOnly)?.seq(), Seq(2));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod check;
 mod error;
@@ -38,6 +63,8 @@ use crate::units::{BlockSize, Lba, Pba, Seq};
 
 /// Journal bytes after which a flush also takes a checkpoint.
 pub const DEFAULT_CHECKPOINT_THRESHOLD: u64 = 64 << 20;
+/// Data bytes written without a flush after which the engine syncs by itself.
+pub const DEFAULT_UNSYNCED_LIMIT: u64 = 1 << 30;
 
 /// Parameters of [`Image::create`].
 #[derive(Debug, Clone)]
@@ -185,10 +212,6 @@ pub(crate) struct OpenNotes {
     dropped: u64,
     /// Recovery rolled back over damaged durable records (repair only).
     rolled_back: Option<String>,
-    /// The checkpoint was ignored (repair only).
-    ignored_ckpt: bool,
-    /// Journal position where replay started.
-    replay_start: Option<JPos>,
     /// Journal bytes replayed at open.
     replayed_bytes: u64,
 }
@@ -208,6 +231,8 @@ pub struct Image {
     seq: AtomicU64,
     read_only: bool,
     ckpt_threshold: AtomicU64,
+    unsynced_limit: AtomicU64,
+    sync_due: std::sync::atomic::AtomicBool,
     notes: OpenNotes,
     path: PathBuf,
     closed: bool,
@@ -493,21 +518,17 @@ impl Image {
                 *wlock(&sh.meta) = meta;
                 (hdr.jpos, hdr.ckpt_seq)
             }
-            Some(_) => {
-                notes.ignored_ckpt = true;
-                (
-                    JPos {
-                        seg_slot: hdr.first_seg_slot,
-                        seg_index: 0,
-                        offset: SEG_HEADER_SIZE,
-                        crc: Header::chain_seed(&hdr.uuid),
-                    },
-                    0,
-                )
-            }
+            Some(_) => (
+                JPos {
+                    seg_slot: hdr.first_seg_slot,
+                    seg_index: 0,
+                    offset: SEG_HEADER_SIZE,
+                    crc: Header::chain_seed(&hdr.uuid),
+                },
+                0,
+            ),
             None => (hdr.jpos, hdr.ckpt_seq),
         };
-        notes.replay_start = Some(start);
 
         // Replay the journal after the checkpoint up to the first invalid record.
         let mut w = Walker::new(&sh, start, start_seq)?;
@@ -551,9 +572,7 @@ impl Image {
         let durable = recs
             .iter()
             .filter(|(r, _)| r.kind == RecKind::Flush)
-            .map(|(r, _)| r.seq)
-            .max()
-            .unwrap_or(start_seq);
+            .fold(start_seq, |d, (r, _)| d.max(r.seq));
         let mut keep = recs.len();
         'verify: for (i, (r, _)) in recs.iter().enumerate() {
             if !r.kind.changes_state() || r.seq <= durable {
@@ -620,15 +639,18 @@ impl Image {
                 .slot_off(end.seg_slot)
                 .ok_or_else(|| ImageError::corrupt(0, "journal offset overflows"))?;
             let seg = sh.read_segment(end.seg_slot)?;
+            let mut rewrite_tail = false;
             if check_seg_header(&seg, &sh.uuid, end.seg_index).is_err() {
+                // A segment the crash left unwritten: write it whole (header and zeros).
                 sh.pwrite(&encode_seg_header(&sh.uuid, end.seg_index), seg_off)
                     .map_err(|e| ImageError::io("cannot write a journal segment header", e))?;
+                rewrite_tail = true;
             }
             let tail = sh.seg_bytes() - end.offset;
             let stale = seg
                 .get(end.offset as usize..)
                 .is_some_and(|t| t.iter().any(|&b| b != 0));
-            if stale {
+            if stale || rewrite_tail {
                 sh.pwrite(&vec![0u8; tail as usize], seg_off + end.offset)
                     .map_err(|e| ImageError::io("cannot clear the journal tail", e))?;
             }
@@ -637,18 +659,30 @@ impl Image {
                 .map_err(|e| ImageError::io("cannot sync the image", e))?;
         }
 
-        let journal = Journal {
+        let mut journal = Journal {
             pos: end,
             written: end.offset,
             buf: Vec::new(),
             seq,
             durable_seq: seq,
+            unsynced: 0,
             since_ckpt,
             failed: false,
             hdr,
             hdr_copy,
             segments,
         };
+        if rw {
+            // Re-seed the chain: nothing a previous run left anywhere can validate after this.
+            let epoch = Record {
+                kind: RecKind::Epoch,
+                seq,
+                pieces: Vec::new(),
+                link: None,
+                nonce: Some(*uuid::Uuid::new_v4().as_bytes()),
+            };
+            journal.append(&sh, &epoch)?;
+        }
         log::info!(
             "opened image {} ({}, seq {}, {} bytes of journal replayed)",
             path.display(),
@@ -663,6 +697,8 @@ impl Image {
             seq: AtomicU64::new(seq),
             read_only: !rw,
             ckpt_threshold: AtomicU64::new(DEFAULT_CHECKPOINT_THRESHOLD),
+            unsynced_limit: AtomicU64::new(DEFAULT_UNSYNCED_LIMIT),
+            sync_due: std::sync::atomic::AtomicBool::new(false),
             notes,
             path: path.to_path_buf(),
             closed: false,
@@ -702,6 +738,12 @@ impl Image {
     /// Sets the journal size after which a flush takes a checkpoint.
     pub fn set_checkpoint_threshold(&self, bytes: u64) {
         self.ckpt_threshold.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Sets how many data bytes may be written without a flush before the engine syncs on its
+    /// own (bounding the work of recovery after a crash).
+    pub fn set_unsynced_limit(&self, bytes: u64) {
+        self.unsynced_limit.store(bytes, Ordering::SeqCst);
     }
 
     /// Journal bytes the last open replayed (after the checkpoint).
@@ -776,9 +818,8 @@ impl Image {
             let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
             io::pwritev_all(&self.sh.file, segs, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
-            let mut j = lock(&self.journal);
             let seq = self.commit(
-                &mut j,
+                &mut lock(&self.journal),
                 RecKind::Write,
                 vec![Piece {
                     lba,
@@ -787,6 +828,7 @@ impl Image {
                     data_crc: crc,
                 }],
             )?;
+            self.background_sync();
             return Ok(WriteOutcome {
                 seq,
                 first_pba: Pba(first),
@@ -836,6 +878,8 @@ impl Image {
                 data_crc: crc32c::crc32c(&buf),
             }],
         )?;
+        drop(j);
+        self.background_sync();
         Ok(WriteOutcome {
             seq,
             first_pba: Pba(first),
@@ -868,6 +912,7 @@ impl Image {
             seq,
             pieces,
             link: None,
+            nonce: None,
         };
         j.append(&self.sh, &rec)?;
         j.seq = seq;
@@ -878,11 +923,21 @@ impl Image {
             live.seq = seq;
         }
         self.seq.store(seq, Ordering::SeqCst);
-        // A guest that never flushes still gets checkpoints, so that opening stays bounded.
-        let limit = self
-            .ckpt_threshold
-            .load(Ordering::SeqCst)
-            .saturating_mul(2);
+        // A guest that never flushes still gets its data synced now and then (so recovery
+        // never has to verify more than the unsynced limit of data) and checkpoints (so that
+        // opening stays bounded).
+        j.unsynced += rec
+            .pieces
+            .iter()
+            .filter(|p| p.pba.is_some())
+            .map(|p| p.blocks.saturating_mul(self.sh.bs.bytes_u64()))
+            .sum::<u64>();
+        if j.unsynced >= self.unsynced_limit.load(Ordering::SeqCst) {
+            // The caller syncs once it has released the journal mutex.
+            j.unsynced = 0;
+            self.sync_due.store(true, Ordering::SeqCst);
+        }
+        let limit = self.ckpt_threshold.load(Ordering::SeqCst).saturating_mul(2);
         if j.since_ckpt >= limit {
             if let Err(e) = self.checkpoint_locked(j) {
                 log::warn!("checkpoint failed: {e}");
@@ -980,7 +1035,19 @@ impl Image {
             });
         }
         pieces.extend(rp);
-        self.commit(&mut j, kind, pieces)
+        let seq = self.commit(&mut j, kind, pieces)?;
+        drop(j);
+        self.background_sync();
+        Ok(seq)
+    }
+
+    /// Syncs (outside the journal mutex) when a commit found too much unflushed data.
+    fn background_sync(&self) {
+        if self.sync_due.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.flush() {
+                log::warn!("periodic sync failed: {e}");
+            }
+        }
     }
 
     /// Makes every completed operation durable (write out the journal, fdatasync, then append
@@ -1008,12 +1075,14 @@ impl Image {
             return Err(ImageError::io("cannot sync the image", e));
         }
         let mut j = lock(&self.journal);
+        j.unsynced = 0;
         if target > j.durable_seq {
             let marker = Record {
                 kind: RecKind::Flush,
                 seq: target,
                 pieces: Vec::new(),
                 link: None,
+                nonce: None,
             };
             j.append(&self.sh, &marker)?;
             j.durable_seq = target;
@@ -1082,6 +1151,7 @@ impl Image {
         j.hdr_copy = copy;
         j.since_ckpt = 0;
         j.durable_seq = j.seq;
+        j.unsynced = 0;
         log::debug!("checkpoint at seq {} ({} bytes)", j.seq, bytes.len());
         Ok(())
     }
@@ -1395,6 +1465,13 @@ impl Snapshot {
             .extents(lba.0, blocks, self.sh.base.is_some(), &mut ex);
         Ok(ex)
     }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Image>();
+    is::<Snapshot>();
 }
 
 /// Reads both header copies; returns the winner, its copy index and what was wrong with the
