@@ -8,6 +8,31 @@
 //! Checkpoints of the LBA map bound the work of opening an image.
 //!
 //! This module knows nothing of virtio or vhost-user.
+//!
+//! ```
+//! use rr_row::image::{CreateOptions, Extent, Image, OpenMode};
+//! use rr_row::units::{BlockSize, Lba, Seq};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("disk.rrow");
+//! let opts = CreateOptions { size: 1 << 20, block_size: BlockSize::DEFAULT, base: None };
+//! let img = Image::create(&path, &opts)?;
+//! let first = img.write_at(0, &[1u8; 4096])?;
+//! img.write_at(0, &[2u8; 4096])?; // redirected: a new block, the old one is kept
+//! img.flush()?;
+//!
+//! let mut buf = [0u8; 4096];
+//! img.read_at(0, &mut buf)?;
+//! assert_eq!(buf, [2u8; 4096]);
+//! img.read_block(first.first_pba, &mut buf)?; // by block id, whatever the map says now
+//! assert_eq!(buf, [1u8; 4096]);
+//! img.state_at(Seq(1))?.read_at(0, &mut buf)?; // the disk as of seq 1
+//! assert_eq!(buf, [1u8; 4096]);
+//! assert!(matches!(img.resolve(Lba(0), 1)?[..], [Extent::Mapped { .. }]));
+//! img.close()?;
+//! assert_eq!(Image::open(&path, OpenMode::ReadOnly)?.seq(), Seq(2));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod check;
 mod error;
@@ -207,6 +232,7 @@ pub struct Image {
     read_only: bool,
     ckpt_threshold: AtomicU64,
     unsynced_limit: AtomicU64,
+    sync_due: std::sync::atomic::AtomicBool,
     notes: OpenNotes,
     path: PathBuf,
     closed: bool,
@@ -672,6 +698,7 @@ impl Image {
             read_only: !rw,
             ckpt_threshold: AtomicU64::new(DEFAULT_CHECKPOINT_THRESHOLD),
             unsynced_limit: AtomicU64::new(DEFAULT_UNSYNCED_LIMIT),
+            sync_due: std::sync::atomic::AtomicBool::new(false),
             notes,
             path: path.to_path_buf(),
             closed: false,
@@ -791,9 +818,8 @@ impl Image {
             let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
             io::pwritev_all(&self.sh.file, segs, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
-            let mut j = lock(&self.journal);
             let seq = self.commit(
-                &mut j,
+                &mut lock(&self.journal),
                 RecKind::Write,
                 vec![Piece {
                     lba,
@@ -802,6 +828,7 @@ impl Image {
                     data_crc: crc,
                 }],
             )?;
+            self.background_sync();
             return Ok(WriteOutcome {
                 seq,
                 first_pba: Pba(first),
@@ -851,6 +878,8 @@ impl Image {
                 data_crc: crc32c::crc32c(&buf),
             }],
         )?;
+        drop(j);
+        self.background_sync();
         Ok(WriteOutcome {
             seq,
             first_pba: Pba(first),
@@ -904,9 +933,9 @@ impl Image {
             .map(|p| p.blocks.saturating_mul(self.sh.bs.bytes_u64()))
             .sum::<u64>();
         if j.unsynced >= self.unsynced_limit.load(Ordering::SeqCst) {
-            if let Err(e) = self.sync_locked(j) {
-                log::warn!("background sync failed: {e}");
-            }
+            // The caller syncs once it has released the journal mutex.
+            j.unsynced = 0;
+            self.sync_due.store(true, Ordering::SeqCst);
         }
         let limit = self.ckpt_threshold.load(Ordering::SeqCst).saturating_mul(2);
         if j.since_ckpt >= limit {
@@ -1006,7 +1035,19 @@ impl Image {
             });
         }
         pieces.extend(rp);
-        self.commit(&mut j, kind, pieces)
+        let seq = self.commit(&mut j, kind, pieces)?;
+        drop(j);
+        self.background_sync();
+        Ok(seq)
+    }
+
+    /// Syncs (outside the journal mutex) when a commit found too much unflushed data.
+    fn background_sync(&self) {
+        if self.sync_due.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.flush() {
+                log::warn!("periodic sync failed: {e}");
+            }
+        }
     }
 
     /// Makes every completed operation durable (write out the journal, fdatasync, then append
@@ -1048,29 +1089,6 @@ impl Image {
         }
         if j.since_ckpt >= self.ckpt_threshold.load(Ordering::SeqCst) {
             self.checkpoint_locked(&mut j)?;
-        }
-        Ok(())
-    }
-
-    /// Makes everything committed so far durable and says so with a flush marker (journal
-    /// mutex held).
-    fn sync_locked(&self, j: &mut Journal) -> Result<(), ImageError> {
-        j.write_out(&self.sh)?;
-        if let Err(e) = self.sh.file.sync_data() {
-            j.failed = true;
-            return Err(ImageError::io("cannot sync the image", e));
-        }
-        j.unsynced = 0;
-        if j.seq > j.durable_seq {
-            let marker = Record {
-                kind: RecKind::Flush,
-                seq: j.seq,
-                pieces: Vec::new(),
-                link: None,
-                nonce: None,
-            };
-            j.append(&self.sh, &marker)?;
-            j.durable_seq = j.seq;
         }
         Ok(())
     }
