@@ -84,8 +84,10 @@ impl Pattern {
 }
 
 /// Closed-loop load generator for vhost-user-blk backends (libblkio virtio-blk-vhost-user).
+///
+/// An option given twice takes its last value, so scripts can append overrides.
 #[derive(Debug, Parser)]
-#[command(name = "perf")]
+#[command(name = "perf", args_override_self = true)]
 struct Args {
     /// The backend's vhost-user unix socket.
     #[arg(long)]
