@@ -432,7 +432,7 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
         rss = max(b.peak_rss_kib) / 1024 if b.peak_rss_kib else None
         img = max(b.image_bytes) / (1 << 30) if b.image_bytes else None
         lines.append(f"| {b.name} | {'n/a' if rss is None else f'{rss:,.0f}'} | {'n/a' if img is None else f'{img:.2f}'} |")
-    lines += ["", f"![relative throughput]({opts.svg.name})", "", f"Raw per-run results: `{opts.json_out.relative_to(ROOT) if opts.json_out.is_relative_to(ROOT) else opts.json_out}`.", END_MARK]
+    lines += ["", f"![relative throughput]({opts.svg.name})", "", f"Raw per-run results (not committed): `{opts.json_out.relative_to(ROOT) if opts.json_out.is_relative_to(ROOT) else opts.json_out}`.", END_MARK]
     return "\n".join(lines)
 
 
@@ -479,7 +479,7 @@ def main() -> int:
     opts.size_bytes = parse_size(opts.size)
     opts.cmdline = " ".join(["scripts/perf-matrix.py"] + sys.argv[1:])
     opts.svg = opts.doc.parent / "perf-matrix.svg"
-    opts.json_out = opts.doc.parent / "perf-matrix.json"
+    opts.json_out = opts.workdir / f"results-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
 
     if opts.build:
         subprocess.run(["cargo", "build", "--release", "--example", "perf", "--bin", "rr-row"], cwd=ROOT, check=True)
