@@ -1,1 +1,190 @@
 //! [`BlockDevice`](super::BlockDevice) over an RR-Row [`Image`](crate::image::Image).
+//!
+//! A thin adapter: reads and writes go straight to the engine's vectored calls with the
+//! caller's segments (guest memory, for the daemon), so no data is copied here. The engine's
+//! range, alignment and read-only errors are turned into the matching [`BlockError`] variants;
+//! everything else is passed through as [`BlockError::Image`].
+
+use crate::image::{Image, ImageError};
+use crate::iobuf::IoSeg;
+
+use super::{BlockDevice, BlockError, RequestCtx};
+
+/// A block device serving an open image.
+pub struct ImageDevice {
+    image: Image,
+}
+
+impl std::fmt::Debug for ImageDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageDevice")
+            .field("size", &self.image.size())
+            .field("block_size", &self.image.block_size())
+            .field("read_only", &self.image.is_read_only())
+            .finish()
+    }
+}
+
+impl ImageDevice {
+    /// Wraps an open image.
+    pub fn new(image: Image) -> Self {
+        ImageDevice { image }
+    }
+
+    /// The image, for callers that need more than the block interface.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
+    /// Unwraps the image (e.g. to [`Image::close`] it).
+    pub fn into_image(self) -> Image {
+        self.image
+    }
+}
+
+fn map_err(e: ImageError) -> BlockError {
+    match e {
+        ImageError::OutOfRange { offset, len, size } => BlockError::OutOfRange {
+            offset,
+            len,
+            capacity: size,
+        },
+        ImageError::Unaligned { offset, len } => BlockError::Unaligned { offset, len },
+        ImageError::ReadOnly => BlockError::ReadOnly,
+        other => BlockError::Image(other),
+    }
+}
+
+impl BlockDevice for ImageDevice {
+    fn capacity(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.image.block_size().bytes()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.image.is_read_only()
+    }
+
+    fn read(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
+        self.image
+            .read_vectored(offset, segs, None)
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    fn write(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
+        self.image
+            .write_vectored(offset, segs)
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    fn flush(&self, _ctx: &RequestCtx) -> Result<(), BlockError> {
+        if self.image.is_read_only() {
+            return Ok(());
+        }
+        self.image.flush().map_err(map_err)
+    }
+
+    fn discard(&self, _ctx: &RequestCtx, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.image.discard(offset, len).map(|_| ()).map_err(map_err)
+    }
+
+    fn write_zeroes(
+        &self,
+        _ctx: &RequestCtx,
+        offset: u64,
+        len: u64,
+        _unmap: bool,
+    ) -> Result<(), BlockError> {
+        // Zeroing is a mapping change in a redirect-on-write image: no data block is written
+        // either way, so the UNMAP permission makes no difference.
+        self.image
+            .write_zeroes(offset, len)
+            .map(|_| ())
+            .map_err(map_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{CreateOptions, OpenMode};
+    use crate::units::BlockSize;
+
+    fn create(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        let path = dir.path().join("t.rrow");
+        Image::create(
+            &path,
+            &CreateOptions {
+                size: 1 << 20,
+                block_size: BlockSize::DEFAULT,
+                base: None,
+            },
+        )
+        .unwrap()
+        .close()
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn block_calls_reach_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = create(&dir);
+        let dev = ImageDevice::new(Image::open(&path, OpenMode::ReadWrite).unwrap());
+        let ctx = RequestCtx::default();
+        assert_eq!(dev.capacity(), 1 << 20);
+        assert_eq!(dev.block_size(), 4096);
+        assert!(!dev.is_read_only());
+
+        let data: Vec<u8> = (0..1536u32).map(|i| (i % 253) as u8).collect();
+        dev.write(
+            &ctx,
+            512,
+            &[
+                IoSeg::from_slice(&data[..512]),
+                IoSeg::from_slice(&data[512..]),
+            ],
+        )
+        .unwrap();
+        let mut back = vec![0u8; 1536];
+        dev.read(&ctx, 512, &[IoSeg::from_mut_slice(&mut back)])
+            .unwrap();
+        assert_eq!(back, data);
+
+        dev.discard(&ctx, 1024, 512).unwrap();
+        dev.write_zeroes(&ctx, 1536, 512, true).unwrap();
+        dev.read(&ctx, 512, &[IoSeg::from_mut_slice(&mut back)])
+            .unwrap();
+        assert_eq!(&back[..512], &data[..512]);
+        assert_eq!(&back[512..1536], &[0u8; 1024][..]);
+        dev.flush(&ctx).unwrap();
+
+        let mut buf = [0u8; 1024];
+        assert!(matches!(
+            dev.read(&ctx, (1 << 20) - 512, &[IoSeg::from_mut_slice(&mut buf)]),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            dev.read(&ctx, 100, &[IoSeg::from_mut_slice(&mut buf)]),
+            Err(BlockError::Unaligned { .. })
+        ));
+        dev.into_image().close().unwrap();
+
+        let ro = ImageDevice::new(Image::open(&path, OpenMode::ReadOnly).unwrap());
+        assert!(ro.is_read_only());
+        assert!(matches!(
+            ro.write(&ctx, 0, &[IoSeg::from_slice(&[0u8; 512])]),
+            Err(BlockError::ReadOnly)
+        ));
+        ro.flush(&ctx).unwrap();
+        let mut first = vec![0u8; 512];
+        ro.read(&ctx, 512, &[IoSeg::from_mut_slice(&mut first)])
+            .unwrap();
+        assert_eq!(first, data[..512]);
+    }
+}

@@ -1,8 +1,159 @@
-//! `rr-row serve`: the vhost-user-blk daemon.
+//! `rr-row serve`: the vhost-user-blk daemon. Validates the arguments, opens (or creates) the
+//! image, serves it with [`crate::vhost_user::run`] until SIGINT/SIGTERM (or, with `--once`,
+//! until the first frontend leaves), then closes the image so it is flushed and checkpointed.
+
+use std::sync::Arc;
+
+use log::{info, warn};
 
 use super::{CliError, CliResult, ServeArgs};
+use crate::blockdev::image_dev::ImageDevice;
+use crate::blockdev::BlockDevice;
+use crate::image::{CreateOptions, Image, OpenMode};
+use crate::units::BlockSize;
+use crate::vhost_user::backend::MAX_QUEUES;
+use crate::vhost_user::{run, stop_on_signals, BackendConfig, DaemonConfig, StopHandle};
+use crate::virtio_blk::{serial_bytes, ID_BYTES};
+
+/// Initialises env_logger: `RUST_LOG` decides, `info` by default, to stderr.
+fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or("info");
+    // A second initialisation (e.g. in tests) is harmless.
+    let _ = env_logger::Builder::from_env(env).try_init();
+}
+
+/// Checks the arguments and turns them into the daemon's configuration.
+fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
+    if a.record.is_some() || a.replay.is_some() {
+        return Err(CliError(
+            "--record and --replay are not supported yet by this build".into(),
+        ));
+    }
+    if a.queues == 0 || a.queues > MAX_QUEUES {
+        return Err(CliError(format!(
+            "--queues {} is out of range (1..={MAX_QUEUES})",
+            a.queues
+        )));
+    }
+    if a.queue_size < 2 || !a.queue_size.is_power_of_two() {
+        return Err(CliError(format!(
+            "--queue-size {} must be a power of two between 2 and 32768",
+            a.queue_size
+        )));
+    }
+    let serial = a.serial.as_deref().unwrap_or("");
+    if serial.len() > ID_BYTES {
+        return Err(CliError(format!(
+            "--serial '{serial}' is longer than {ID_BYTES} bytes"
+        )));
+    }
+    let socket_mode = u32::from_str_radix(a.socket_mode.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            CliError(format!(
+                "--socket-mode '{}' is not an octal file mode such as 600",
+                a.socket_mode
+            ))
+        })?;
+    Ok(DaemonConfig {
+        socket: a.socket.clone(),
+        socket_mode,
+        once: a.once,
+        backend: BackendConfig::new(a.queues, a.queue_size, serial_bytes(serial)),
+    })
+}
+
+/// Opens the image, creating it first when it does not exist and `--size` is given.
+fn open_image(a: &ServeArgs) -> Result<Image, CliError> {
+    let mode = if a.read_only {
+        OpenMode::ReadOnly
+    } else {
+        OpenMode::ReadWrite
+    };
+    let path = &a.image;
+    if !path.exists() {
+        let Some(size) = a.size else {
+            return Err(CliError(format!(
+                "{}: no such image (give --size to create it)",
+                path.display()
+            )));
+        };
+        let block_size = u32::try_from(a.block_size)
+            .ok()
+            .and_then(BlockSize::new)
+            .ok_or_else(|| {
+                CliError(format!(
+                    "--block-size {} is not a power of two from 512 to 64K",
+                    a.block_size
+                ))
+            })?;
+        let opts = CreateOptions {
+            size,
+            block_size,
+            base: None,
+        };
+        let image = Image::create(path, &opts).map_err(|e| CliError::ctx(path.display(), e))?;
+        info!(
+            "created image {} ({} bytes, block size {})",
+            path.display(),
+            size,
+            block_size
+        );
+        if mode == OpenMode::ReadWrite {
+            return Ok(image);
+        }
+        image
+            .close()
+            .map_err(|e| CliError::ctx(path.display(), e))?;
+    }
+    let image = Image::open(path, mode).map_err(|e| CliError::ctx(path.display(), e))?;
+    if let Some(size) = a.size {
+        if size != image.size() {
+            warn!(
+                "{} exists with size {}; --size {} is ignored",
+                path.display(),
+                image.size(),
+                size
+            );
+        }
+    }
+    Ok(image)
+}
 
 /// `rr-row serve`.
-pub fn serve(_a: &ServeArgs) -> CliResult {
-    Err(CliError("serve: not implemented yet".into()))
+pub fn serve(a: &ServeArgs) -> CliResult {
+    init_logging();
+    let cfg = daemon_config(a)?;
+    let image = open_image(a)?;
+    info!(
+        "image opened: {} ({} bytes, block size {}, seq {}, {})",
+        a.image.display(),
+        image.size(),
+        image.block_size(),
+        image.seq(),
+        if image.is_read_only() {
+            "read-only"
+        } else {
+            "read-write"
+        }
+    );
+    let dev = Arc::new(ImageDevice::new(image));
+    let stop = StopHandle::new().map_err(|e| CliError::ctx("serve", e))?;
+    stop_on_signals(stop.clone()).map_err(|e| CliError::ctx("cannot handle signals", e))?;
+
+    let result = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
+
+    // Every connection's workers are joined by now, so this is the last reference.
+    let closed = match Arc::try_unwrap(dev) {
+        Ok(dev) => dev.into_image().close(),
+        Err(dev) => dev.image().flush(),
+    };
+    match (&result, closed) {
+        (_, Err(e)) => return Err(CliError::ctx("closing the image failed", e)),
+        (Ok(()), Ok(())) => info!("image closed"),
+        (Err(_), Ok(())) => {}
+    }
+    result.map_err(|e| CliError(e.to_string()))?;
+    Ok(0)
 }

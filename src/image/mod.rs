@@ -1,4 +1,1473 @@
 //! The RR-Row image engine: redirect-on-write, retained history, crash-consistent journal.
+//!
+//! An image is one file (docs/format.md specifies it byte by byte): two header copies, then a
+//! data area of block-sized slots handed out by one append-only counter. Every write goes to
+//! freshly allocated slots (its PBAs); the journal, itself a chain of slot runs, records every
+//! state-changing operation with its seq, so the disk as of any seq can be rebuilt
+//! ([`Image::state_at`]) and every version of a block listed ([`Image::history`]).
+//! Checkpoints of the LBA map bound the work of opening an image.
+//!
+//! This module knows nothing of virtio or vhost-user.
 
+mod check;
 mod error;
+pub mod format;
+mod io;
+mod journal;
+mod map;
+mod shared;
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+pub use check::CheckReport;
 pub use error::ImageError;
+use format::{
+    check_seg_header, encode_seg_header, Checkpoint, CkptRef, Header, HeaderFault, JPos, Piece,
+    RecKind, Record, DATA_OFFSET, HEADER_B_OFFSET, HEADER_SIZE, MAX_BASE_PATH, MAX_BLOCKS,
+    SEG_HEADER_SIZE, VERSION,
+};
+use journal::{Journal, Step, Stop, Walker};
+use map::Map;
+use shared::{Base, Shared};
+
+use crate::iobuf::{total_len, IoSeg};
+use crate::units::{BlockSize, Lba, Pba, Seq};
+
+/// Journal bytes after which a flush also takes a checkpoint.
+pub const DEFAULT_CHECKPOINT_THRESHOLD: u64 = 64 << 20;
+
+/// Parameters of [`Image::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size in bytes (a multiple of 512).
+    pub size: u64,
+    /// Block size.
+    pub block_size: BlockSize,
+    /// Read-only raw base image; unwritten blocks read from it (zeros past its end).
+    pub base: Option<PathBuf>,
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Read and write (takes an exclusive lock on the file).
+    ReadWrite,
+    /// Read only: nothing is ever written to the file.
+    ReadOnly,
+}
+
+/// Block-granular description of what backs consecutive LBAs, in LBA order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// PBAs `pba .. pba + blocks`, consecutive.
+    Mapped {
+        /// First block id.
+        pba: Pba,
+        /// Number of blocks.
+        blocks: u64,
+    },
+    /// Reads zeros (never written without a base, discarded, zeroed).
+    Zero {
+        /// Number of blocks.
+        blocks: u64,
+    },
+    /// Reads the raw base image at these LBAs (zeros past its end).
+    Base {
+        /// First LBA in the base.
+        lba: Lba,
+        /// Number of blocks.
+        blocks: u64,
+    },
+}
+
+impl Extent {
+    /// Number of blocks the extent covers.
+    pub fn blocks(&self) -> u64 {
+        match *self {
+            Extent::Mapped { blocks, .. }
+            | Extent::Zero { blocks }
+            | Extent::Base { blocks, .. } => blocks,
+        }
+    }
+}
+
+/// The result of a write: its seq and the run of new PBAs holding the blocks it touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// The write's seq.
+    pub seq: Seq,
+    /// First new PBA.
+    pub first_pba: Pba,
+    /// Number of new blocks (covering every block the write touched, whole).
+    pub blocks: u64,
+}
+
+/// What an operation did to one LBA, as listed by [`Image::history`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HistoryKind {
+    /// Written with data.
+    Write,
+    /// Discarded.
+    Discard,
+    /// Zeroed.
+    WriteZeroes,
+}
+
+/// One version of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// The operation's seq.
+    pub seq: Seq,
+    /// Which operation.
+    pub kind: HistoryKind,
+    /// The block id holding this version, or None when it reads as zeros.
+    pub pba: Option<Pba>,
+}
+
+/// Image metadata, as shown by `rr-row info`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageInfo {
+    /// Format version.
+    pub format_version: u32,
+    /// UUID.
+    pub uuid: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Size of the image file in bytes.
+    pub file_size: u64,
+    /// Bytes the file occupies on disk.
+    pub allocated_bytes: u64,
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// Current seq.
+    pub seq: u64,
+    /// Blocks the current map points at.
+    pub live_blocks: u64,
+    /// Data blocks retained in the file (current and old versions).
+    pub retained_blocks: u64,
+    /// Journal segments.
+    pub journal_segments: u64,
+    /// Bytes of journal segments.
+    pub journal_bytes: u64,
+    /// Journal bytes written since the latest checkpoint.
+    pub journal_bytes_since_checkpoint: u64,
+    /// Seq of the latest checkpoint (None when there is none).
+    pub checkpoint_seq: Option<u64>,
+    /// Header generation.
+    pub header_generation: u64,
+    /// Base image path as stored.
+    pub base: Option<String>,
+    /// Base image size.
+    pub base_size: Option<u64>,
+    /// Memory used by the in-memory map.
+    pub map_memory_bytes: u64,
+    /// Whether the image is open read-only.
+    pub read_only: bool,
+}
+
+struct Live {
+    map: Map,
+    seq: u64,
+}
+
+/// What opening found, for `check`.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct OpenNotes {
+    /// A header copy that failed validation.
+    damaged_header: Option<(u8, String)>,
+    /// Bytes of torn journal tail and the records dropped.
+    torn: Option<String>,
+    /// Records dropped after the last flush marker because their data did not verify.
+    dropped: u64,
+    /// Recovery rolled back over damaged durable records (repair only).
+    rolled_back: Option<String>,
+    /// The checkpoint was ignored (repair only).
+    ignored_ckpt: bool,
+    /// Journal position where replay started.
+    replay_start: Option<JPos>,
+    /// Journal bytes replayed at open.
+    replayed_bytes: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct OpenFlags {
+    ignore_ckpt: bool,
+    rollback: bool,
+}
+
+/// An open RR-Row image. `Send + Sync`: reads run in parallel, writes allocate and write their
+/// data in parallel and serialize only their journal commit.
+pub struct Image {
+    sh: Arc<Shared>,
+    live: RwLock<Live>,
+    journal: Mutex<Journal>,
+    seq: AtomicU64,
+    read_only: bool,
+    ckpt_threshold: AtomicU64,
+    notes: OpenNotes,
+    path: PathBuf,
+    closed: bool,
+}
+
+/// A read-only view of an image as of a past seq, with its own map.
+pub struct Snapshot {
+    sh: Arc<Shared>,
+    map: Map,
+    seq: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn rlock<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+fn wlock<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn check_range(size: u64, offset: u64, len: u64) -> Result<(), ImageError> {
+    if offset % 512 != 0 || len % 512 != 0 {
+        return Err(ImageError::Unaligned { offset, len });
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ImageError::OutOfRange { offset, len, size }),
+    }
+}
+
+fn zero_value(sh: &Shared) -> u64 {
+    if sh.base.is_some() {
+        map::ZERO
+    } else {
+        0
+    }
+}
+
+fn apply(map: &mut Map, rec: &Record, zero: u64) {
+    for p in &rec.pieces {
+        map.set_range(p.lba, p.blocks, p.pba, zero);
+    }
+}
+
+fn resolve_base_path(image: &Path, stored: &str) -> PathBuf {
+    let p = PathBuf::from(stored);
+    if p.is_absolute() {
+        p
+    } else {
+        image.parent().map(|d| d.join(&p)).unwrap_or(p)
+    }
+}
+
+impl Image {
+    /// Creates a new image; refuses an existing file.
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<Image, ImageError> {
+        let bs = opts.block_size;
+        if opts.size == 0 || opts.size % 512 != 0 {
+            return Err(ImageError::InvalidOptions(format!(
+                "size {} is not a positive multiple of 512",
+                opts.size
+            )));
+        }
+        if opts.size.div_ceil(bs.bytes_u64()) > MAX_BLOCKS {
+            return Err(ImageError::InvalidOptions(format!(
+                "size {} is too large: at most {} blocks of {} bytes",
+                opts.size, MAX_BLOCKS, bs
+            )));
+        }
+        let (base_path, base_size) = match &opts.base {
+            None => (None, 0),
+            Some(b) => {
+                let s = b.to_str().ok_or_else(|| {
+                    ImageError::InvalidOptions("base path is not valid UTF-8".into())
+                })?;
+                if s.len() > MAX_BASE_PATH {
+                    return Err(ImageError::InvalidOptions(
+                        "base path is longer than 1024 bytes".into(),
+                    ));
+                }
+                let resolved = resolve_base_path(path, s);
+                let f = File::open(&resolved).map_err(|e| ImageError::BaseUnavailable {
+                    path: resolved.clone(),
+                    source: e,
+                })?;
+                let size = f
+                    .metadata()
+                    .map_err(|e| ImageError::BaseUnavailable {
+                        path: resolved.clone(),
+                        source: e,
+                    })?
+                    .len();
+                (Some(s.to_string()), size)
+            }
+        };
+        let seg_slots = ((1u64 << 20) / bs.bytes_u64()).max(1);
+        let uuid = *uuid::Uuid::new_v4().as_bytes();
+        let hdr = Header {
+            incompat: 0,
+            compat: 0,
+            generation: 1,
+            block_size: bs,
+            seg_slots: seg_slots as u32,
+            size: opts.size,
+            uuid,
+            data_offset: DATA_OFFSET,
+            first_seg_slot: 0,
+            ckpt: None,
+            ckpt_seq: 0,
+            jpos: JPos {
+                seg_slot: 0,
+                seg_index: 0,
+                offset: SEG_HEADER_SIZE,
+                crc: Header::chain_seed(&uuid),
+            },
+            next_free_slot: seg_slots,
+            base_size,
+            base_path,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    ImageError::AlreadyExists {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    ImageError::io("cannot create the image", e)
+                }
+            })?;
+        let res = (|| -> std::io::Result<()> {
+            use std::os::unix::fs::FileExt;
+            let h = hdr.encode();
+            file.write_all_at(&h, 0)?;
+            file.write_all_at(&h, HEADER_B_OFFSET)?;
+            let mut seg = vec![0u8; (seg_slots * bs.bytes_u64()) as usize];
+            let sh = encode_seg_header(&uuid, 0);
+            if let Some(d) = seg.get_mut(..sh.len()) {
+                d.copy_from_slice(&sh);
+            }
+            file.write_all_at(&seg, DATA_OFFSET)?;
+            file.sync_all()?;
+            if let Some(dir) = path.parent() {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+            Ok(())
+        })();
+        drop(file);
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(path);
+            return Err(ImageError::io("cannot create the image", e));
+        }
+        log::info!(
+            "created image {} ({} bytes, block size {})",
+            path.display(),
+            opts.size,
+            bs
+        );
+        Image::open(path, OpenMode::ReadWrite)
+    }
+
+    /// Opens an image, recovering from an unclean shutdown (see docs/format.md).
+    pub fn open(path: &Path, mode: OpenMode) -> Result<Image, ImageError> {
+        Self::open_with(path, mode, OpenFlags::default())
+    }
+
+    pub(crate) fn open_with(
+        path: &Path,
+        mode: OpenMode,
+        fl: OpenFlags,
+    ) -> Result<Image, ImageError> {
+        let rw = mode == OpenMode::ReadWrite;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(rw)
+            .open(path)
+            .map_err(|e| ImageError::io("cannot open the image", e))?;
+        if rw
+            && !io::lock_exclusive(&file).map_err(|e| ImageError::io("cannot lock the image", e))?
+        {
+            return Err(ImageError::Locked);
+        }
+        let (hdr, hdr_copy, damaged) = read_header(&file)?;
+        let mut notes = OpenNotes {
+            damaged_header: damaged,
+            ..OpenNotes::default()
+        };
+        let base = match &hdr.base_path {
+            None => None,
+            Some(p) => {
+                let resolved = resolve_base_path(path, p);
+                let f = File::open(&resolved).map_err(|e| ImageError::BaseUnavailable {
+                    path: resolved.clone(),
+                    source: e,
+                })?;
+                let size = f
+                    .metadata()
+                    .map_err(|e| ImageError::BaseUnavailable {
+                        path: resolved.clone(),
+                        source: e,
+                    })?
+                    .len();
+                if size != hdr.base_size {
+                    return Err(ImageError::BaseSizeChanged {
+                        path: resolved,
+                        expected: hdr.base_size,
+                        found: size,
+                    });
+                }
+                Some(Base { file: f, size })
+            }
+        };
+        let file_len = file
+            .metadata()
+            .map_err(|e| ImageError::io("cannot stat the image", e))?
+            .len();
+        let sh = Shared {
+            file,
+            base,
+            bs: hdr.block_size,
+            size: hdr.size,
+            blocks: hdr.blocks(),
+            data_offset: hdr.data_offset,
+            uuid: hdr.uuid,
+            seg_slots: u64::from(hdr.seg_slots),
+            next_slot: AtomicU64::new(hdr.next_free_slot),
+            meta: RwLock::new(vec![(hdr.first_seg_slot, u64::from(hdr.seg_slots))]),
+        };
+        let zero = zero_value(&sh);
+        let mut map = Map::new(sh.blocks);
+        let mut next_slot = hdr.next_free_slot;
+        let (start, start_seq) = match hdr.ckpt {
+            Some(c) if !fl.ignore_ckpt => {
+                let ck = load_checkpoint(&sh, &hdr, c, file_len)?;
+                for &(l, n, e) in &ck.runs {
+                    let bad = l.checked_add(n).map_or(true, |end| end > sh.blocks)
+                        || n == 0
+                        || e == 0
+                        || (e >= 2 && (e - 2).checked_add(n).map_or(true, |end| end > next_slot));
+                    if bad {
+                        return Err(ImageError::corrupt(
+                            sh.slot_off(c.slot).unwrap_or(0),
+                            format!("checkpoint run {l}+{n} -> {e} is out of bounds"),
+                        ));
+                    }
+                    if e >= 2 {
+                        map.set_range(l, n, Some(e - 2), zero);
+                    } else {
+                        map.set_range(l, n, None, map::ZERO);
+                    }
+                }
+                let mut meta = ck.meta.clone();
+                meta.sort_unstable();
+                *wlock(&sh.meta) = meta;
+                (hdr.jpos, hdr.ckpt_seq)
+            }
+            Some(_) => {
+                notes.ignored_ckpt = true;
+                (
+                    JPos {
+                        seg_slot: hdr.first_seg_slot,
+                        seg_index: 0,
+                        offset: SEG_HEADER_SIZE,
+                        crc: Header::chain_seed(&hdr.uuid),
+                    },
+                    0,
+                )
+            }
+            None => (hdr.jpos, hdr.ckpt_seq),
+        };
+        notes.replay_start = Some(start);
+
+        // Replay the journal after the checkpoint up to the first invalid record.
+        let mut w = Walker::new(&sh, start, start_seq)?;
+        let mut recs: Vec<(Record, JPos)> = Vec::new();
+        let mut replayed = 0u64;
+        let stop = loop {
+            match w.next_step()? {
+                Step::Rec(r, len) => {
+                    replayed += len as u64;
+                    recs.push((r, w.pos));
+                }
+                Step::Stop(s) => break s,
+            }
+        };
+        if let Stop::Torn {
+            at,
+            what,
+            plausible,
+        } = &stop
+        {
+            if w.flush_marker_after(*plausible) {
+                let msg = format!("{what}, but a later flush marker shows the record was durable");
+                if fl.rollback {
+                    log::warn!(
+                        "ROLLING BACK: journal record at byte offset {at} is damaged ({msg}); \
+                         every operation from there on is discarded"
+                    );
+                    notes.rolled_back = Some(format!("byte offset {at}: {msg}"));
+                } else {
+                    return Err(ImageError::corrupt(*at, msg));
+                }
+            } else {
+                notes.torn = Some(format!("byte offset {at}: {what}"));
+            }
+        }
+        if let Stop::BadSegment { at, what } = &stop {
+            notes.torn = Some(format!("byte offset {at}: {what}"));
+        }
+        // Records after the last flush marker are kept only while their data verifies.
+        let first_untrusted = recs
+            .iter()
+            .rposition(|(r, _)| r.kind == RecKind::Flush)
+            .map_or(0, |i| i + 1);
+        let mut keep = recs.len();
+        'verify: for (i, (r, _)) in recs.iter().enumerate().skip(first_untrusted) {
+            for p in &r.pieces {
+                if let Some(pba) = p.pba {
+                    if sh.data_crc(pba, p.blocks)? != Some(p.data_crc) {
+                        keep = i;
+                        break 'verify;
+                    }
+                }
+            }
+        }
+        if keep < recs.len() {
+            notes.dropped = (recs.len() - keep) as u64;
+            log::info!(
+                "recovery: dropped {} journal record(s) after the last flush whose data did not \
+                 reach the disk",
+                notes.dropped
+            );
+        }
+        let end = if keep == recs.len() {
+            w.pos
+        } else if keep == 0 {
+            start
+        } else {
+            recs.get(keep - 1).map_or(start, |(_, p)| *p)
+        };
+        let mut seq = start_seq;
+        let mut segments = rlock(&sh.meta)
+            .iter()
+            .filter(|&&(_, c)| c == sh.seg_slots)
+            .count() as u64;
+        for (r, _) in recs.iter().take(keep) {
+            if r.kind.changes_state() {
+                apply(&mut map, r, zero);
+                seq = r.seq;
+            }
+            for p in &r.pieces {
+                if let Some(pba) = p.pba {
+                    next_slot = next_slot.max(pba + p.blocks);
+                }
+            }
+            if let Some((slot, _)) = r.link {
+                next_slot = next_slot.max(slot + sh.seg_slots);
+                if !sh.overlaps_meta(slot, sh.seg_slots) {
+                    sh.add_meta(slot, sh.seg_slots);
+                    segments += 1;
+                }
+            }
+        }
+        sh.next_slot.store(next_slot, Ordering::SeqCst);
+        if let Some(t) = &notes.torn {
+            log::info!("recovery: journal ends with a torn record at {t}");
+        }
+        notes.replayed_bytes = replayed;
+        let since_ckpt = replayed;
+
+        if rw {
+            // Make the recovered end the durable end: fix the segment header, zero the stale
+            // tail so nothing left behind can ever be read as a record.
+            let seg_off = sh
+                .slot_off(end.seg_slot)
+                .ok_or_else(|| ImageError::corrupt(0, "journal offset overflows"))?;
+            let seg = sh.read_segment(end.seg_slot)?;
+            if check_seg_header(&seg, &sh.uuid, end.seg_index).is_err() {
+                sh.pwrite(&encode_seg_header(&sh.uuid, end.seg_index), seg_off)
+                    .map_err(|e| ImageError::io("cannot write a journal segment header", e))?;
+            }
+            let tail = sh.seg_bytes() - end.offset;
+            let stale = seg
+                .get(end.offset as usize..)
+                .is_some_and(|t| t.iter().any(|&b| b != 0));
+            if stale {
+                sh.pwrite(&vec![0u8; tail as usize], seg_off + end.offset)
+                    .map_err(|e| ImageError::io("cannot clear the journal tail", e))?;
+            }
+            sh.file
+                .sync_data()
+                .map_err(|e| ImageError::io("cannot sync the image", e))?;
+        }
+
+        let journal = Journal {
+            pos: end,
+            written: end.offset,
+            buf: Vec::new(),
+            seq,
+            dirty: false,
+            since_ckpt,
+            failed: false,
+            hdr,
+            hdr_copy,
+            segments,
+        };
+        log::info!(
+            "opened image {} ({}, seq {}, {} bytes of journal replayed)",
+            path.display(),
+            if rw { "read-write" } else { "read-only" },
+            seq,
+            replayed
+        );
+        Ok(Image {
+            sh: Arc::new(sh),
+            live: RwLock::new(Live { map, seq }),
+            journal: Mutex::new(journal),
+            seq: AtomicU64::new(seq),
+            read_only: !rw,
+            ckpt_threshold: AtomicU64::new(DEFAULT_CHECKPOINT_THRESHOLD),
+            notes,
+            path: path.to_path_buf(),
+            closed: false,
+        })
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.sh.size
+    }
+
+    /// Block size.
+    pub fn block_size(&self) -> BlockSize {
+        self.sh.bs
+    }
+
+    /// The image's UUID.
+    pub fn uuid(&self) -> [u8; 16] {
+        self.sh.uuid
+    }
+
+    /// True when opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The current seq.
+    pub fn seq(&self) -> Seq {
+        Seq(self.seq.load(Ordering::SeqCst))
+    }
+
+    /// Bytes of memory the live map uses.
+    pub fn map_memory_bytes(&self) -> u64 {
+        rlock(&self.live).map.memory_bytes()
+    }
+
+    /// Sets the journal size after which a flush takes a checkpoint.
+    pub fn set_checkpoint_threshold(&self, bytes: u64) {
+        self.ckpt_threshold.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Journal bytes the last open replayed (after the checkpoint).
+    pub fn replayed_bytes(&self) -> u64 {
+        self.notes.replayed_bytes
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; returns the seq of the state read.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<Seq, ImageError> {
+        self.read_vectored(offset, &[IoSeg::from_mut_slice(buf)], None)
+    }
+
+    /// Writes `buf` at `offset`.
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<WriteOutcome, ImageError> {
+        self.write_vectored(offset, &[IoSeg::from_slice(buf)])
+    }
+
+    /// Reads into `segs`; when `trace` is given, pushes the extents (covering every block
+    /// touched, in order) that supplied the data, consistent with the returned seq.
+    pub fn read_vectored(
+        &self,
+        offset: u64,
+        segs: &[IoSeg<'_>],
+        trace: Option<&mut Vec<Extent>>,
+    ) -> Result<Seq, ImageError> {
+        let len = total_len(segs);
+        check_range(self.sh.size, offset, len)?;
+        if len == 0 {
+            return Ok(self.seq());
+        }
+        let bs = self.sh.bs.bytes_u64();
+        let first = offset / bs;
+        let n = (offset + len - 1) / bs - first + 1;
+        let mut ex = Vec::new();
+        let seq = {
+            let live = rlock(&self.live);
+            live.map.extents(first, n, self.sh.base.is_some(), &mut ex);
+            live.seq
+        };
+        self.sh.read_extents(&ex, offset % bs, segs)?;
+        if let Some(t) = trace {
+            t.extend_from_slice(&ex);
+        }
+        Ok(Seq(seq))
+    }
+
+    /// Writes the bytes of `segs` at `offset` into new blocks.
+    pub fn write_vectored(
+        &self,
+        offset: u64,
+        segs: &[IoSeg<'_>],
+    ) -> Result<WriteOutcome, ImageError> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        let len = total_len(segs);
+        check_range(self.sh.size, offset, len)?;
+        if len == 0 {
+            return Ok(WriteOutcome {
+                seq: self.seq(),
+                first_pba: Pba(0),
+                blocks: 0,
+            });
+        }
+        let bs = self.sh.bs.bytes_u64();
+        let lba = offset / bs;
+        if offset % bs == 0 && len % bs == 0 {
+            // Full blocks: allocate, write the data outside any lock, then commit.
+            let n = len / bs;
+            let first = self.sh.alloc(n);
+            let crc = io::crc_segs(segs);
+            let off = self
+                .sh
+                .slot_off(first)
+                .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+            io::pwritev_all(&self.sh.file, segs, off)
+                .map_err(|e| ImageError::io("cannot write data blocks", e))?;
+            let mut j = lock(&self.journal);
+            let seq = self.commit(
+                &mut j,
+                RecKind::Write,
+                vec![Piece {
+                    lba,
+                    blocks: n,
+                    pba: Some(first),
+                    data_crc: crc,
+                }],
+            )?;
+            return Ok(WriteOutcome {
+                seq,
+                first_pba: Pba(first),
+                blocks: n,
+            });
+        }
+        // Sub-block: read-modify-write of the touched blocks into new ones, serialized by the
+        // journal mutex so that concurrent read-modify-writes cannot lose each other's bytes.
+        let mut j = lock(&self.journal);
+        if j.failed {
+            return Err(ImageError::Failed);
+        }
+        let last = (offset + len - 1) / bs;
+        let n = last - lba + 1;
+        let mut buf = vec![0u8; (n * bs) as usize];
+        let head = offset % bs;
+        if head != 0 || len < bs {
+            self.read_current(lba, buf.get_mut(..bs as usize).unwrap_or(&mut []))?;
+        }
+        if (offset + len) % bs != 0 && n > 1 {
+            let t = ((n - 1) * bs) as usize;
+            self.read_current(last, buf.get_mut(t..).unwrap_or(&mut []))?;
+        }
+        {
+            let dst = buf
+                .get_mut(head as usize..(head + len) as usize)
+                .unwrap_or(&mut []);
+            let mut pos = 0usize;
+            for s in segs {
+                let d = dst.get_mut(pos..pos + s.len()).unwrap_or(&mut []);
+                s.copy_to(0, d);
+                pos += s.len();
+            }
+        }
+        let first = self.sh.alloc(n);
+        let off = self
+            .sh
+            .slot_off(first)
+            .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+        self.sh
+            .pwrite(&buf, off)
+            .map_err(|e| ImageError::io("cannot write data blocks", e))?;
+        let seq = self.commit(
+            &mut j,
+            RecKind::Write,
+            vec![Piece {
+                lba,
+                blocks: n,
+                pba: Some(first),
+                data_crc: crc32c::crc32c(&buf),
+            }],
+        )?;
+        Ok(WriteOutcome {
+            seq,
+            first_pba: Pba(first),
+            blocks: n,
+        })
+    }
+
+    /// Reads whole block `lba` of the current state into `buf` (one block).
+    fn read_current(&self, lba: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let mut ex = Vec::new();
+        rlock(&self.live)
+            .map
+            .extents(lba, 1, self.sh.base.is_some(), &mut ex);
+        self.sh.read_extents(&ex, 0, &[IoSeg::from_mut_slice(buf)])
+    }
+
+    /// Appends the record and applies it to the map (journal mutex held).
+    fn commit(
+        &self,
+        j: &mut Journal,
+        kind: RecKind,
+        pieces: Vec<Piece>,
+    ) -> Result<Seq, ImageError> {
+        if j.failed {
+            return Err(ImageError::Failed);
+        }
+        let seq = j.seq + 1;
+        let rec = Record {
+            kind,
+            seq,
+            pieces,
+            link: None,
+        };
+        j.append(&self.sh, &rec)?;
+        j.seq = seq;
+        j.dirty = true;
+        let zero = zero_value(&self.sh);
+        let mut live = wlock(&self.live);
+        apply(&mut live.map, &rec, zero);
+        live.seq = seq;
+        self.seq.store(seq, Ordering::SeqCst);
+        Ok(Seq(seq))
+    }
+
+    /// Discards `[offset, offset + len)`: afterwards it reads as zeros.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<Seq, ImageError> {
+        self.zero_range(offset, len, RecKind::Discard)
+    }
+
+    /// Zeroes `[offset, offset + len)`.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<Seq, ImageError> {
+        self.zero_range(offset, len, RecKind::WriteZeroes)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64, kind: RecKind) -> Result<Seq, ImageError> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        check_range(self.sh.size, offset, len)?;
+        if len == 0 {
+            return Ok(self.seq());
+        }
+        let bs = self.sh.bs.bytes_u64();
+        let end = offset + len;
+        let mut j = lock(&self.journal);
+        if j.failed {
+            return Err(ImageError::Failed);
+        }
+        // The part of the last block beyond the disk's end counts as covered.
+        let partial_head = offset % bs != 0;
+        let partial_tail = end % bs != 0 && end != self.sh.size;
+        let b0 = offset / bs;
+        let b1 = (end - 1) / bs;
+        let mut pieces = Vec::new();
+        // (lba, zero from, zero to) of blocks that need a read-modify-write.
+        let mut rmw: Vec<(u64, u64, u64)> = Vec::new();
+        let mut full = (b0, b1 + 1);
+        if b0 == b1 {
+            if partial_head || partial_tail {
+                rmw.push((b0, offset % bs, offset % bs + len));
+                full = (b0, b0);
+            }
+        } else {
+            if partial_head {
+                rmw.push((b0, offset % bs, bs));
+                full.0 = b0 + 1;
+            }
+            if partial_tail {
+                rmw.push((b1, 0, end % bs));
+                full.1 = b1;
+            }
+        }
+        let mut rmw_pieces = Vec::new();
+        for &(l, from, to) in &rmw {
+            let mut buf = vec![0u8; bs as usize];
+            self.read_current(l, &mut buf)?;
+            if let Some(z) = buf.get_mut(from as usize..to as usize) {
+                z.fill(0);
+            }
+            if buf.iter().all(|&b| b == 0) {
+                rmw_pieces.push(Piece {
+                    lba: l,
+                    blocks: 1,
+                    pba: None,
+                    data_crc: 0,
+                });
+                continue;
+            }
+            let slot = self.sh.alloc(1);
+            let off = self
+                .sh
+                .slot_off(slot)
+                .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+            self.sh
+                .pwrite(&buf, off)
+                .map_err(|e| ImageError::io("cannot write data blocks", e))?;
+            rmw_pieces.push(Piece {
+                lba: l,
+                blocks: 1,
+                pba: Some(slot),
+                data_crc: crc32c::crc32c(&buf),
+            });
+        }
+        let mut rp = rmw_pieces.into_iter();
+        if partial_head || (b0 == b1 && partial_tail) {
+            pieces.extend(rp.next());
+        }
+        if full.1 > full.0 {
+            pieces.push(Piece {
+                lba: full.0,
+                blocks: full.1 - full.0,
+                pba: None,
+                data_crc: 0,
+            });
+        }
+        pieces.extend(rp);
+        self.commit(&mut j, kind, pieces)
+    }
+
+    /// Makes every completed operation durable (write out the journal, fdatasync, then append
+    /// a flush marker); takes a checkpoint when the journal since the last one is large.
+    pub fn flush(&self) -> Result<(), ImageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut j = lock(&self.journal);
+        if j.failed {
+            return Err(ImageError::Failed);
+        }
+        if !j.dirty {
+            return Ok(());
+        }
+        j.write_out(&self.sh)?;
+        if let Err(e) = self.sh.file.sync_data() {
+            j.failed = true;
+            return Err(ImageError::io("cannot sync the image", e));
+        }
+        let marker = Record {
+            kind: RecKind::Flush,
+            seq: j.seq,
+            pieces: Vec::new(),
+            link: None,
+        };
+        j.append(&self.sh, &marker)?;
+        j.dirty = false;
+        if j.since_ckpt >= self.ckpt_threshold.load(Ordering::SeqCst) {
+            self.checkpoint_locked(&mut j)?;
+        }
+        Ok(())
+    }
+
+    /// Takes a checkpoint now (read-write images only).
+    pub fn checkpoint(&self) -> Result<(), ImageError> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        let mut j = lock(&self.journal);
+        self.checkpoint_locked(&mut j)
+    }
+
+    fn checkpoint_locked(&self, j: &mut Journal) -> Result<(), ImageError> {
+        if j.failed {
+            return Err(ImageError::Failed);
+        }
+        j.write_out(&self.sh)?;
+        let sync = |j: &mut Journal| -> Result<(), ImageError> {
+            self.sh.file.sync_data().map_err(|e| {
+                j.failed = true;
+                ImageError::io("cannot sync the image", e)
+            })
+        };
+        sync(j)?;
+        let runs = rlock(&self.live).map.runs();
+        let mut meta = self.sh.meta_runs();
+        let len = Checkpoint::encoded_len(runs.len(), meta.len() + 1) as u64;
+        let slots = len.div_ceil(self.sh.bs.bytes_u64());
+        let slot = self.sh.alloc(slots);
+        meta.push((slot, slots));
+        meta.sort_unstable();
+        let ck = Checkpoint {
+            seq: j.seq,
+            runs,
+            meta,
+        };
+        let (bytes, crc) = ck.encode(&self.sh.uuid);
+        let off = self
+            .sh
+            .slot_off(slot)
+            .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+        self.sh
+            .pwrite(&bytes, off)
+            .map_err(|e| ImageError::io("cannot write a checkpoint", e))?;
+        sync(j)?;
+        self.sh.add_meta(slot, slots);
+        let mut hdr = j.hdr.clone();
+        hdr.generation += 1;
+        hdr.ckpt = Some(CkptRef {
+            slot,
+            len: bytes.len() as u64,
+            crc,
+        });
+        hdr.ckpt_seq = j.seq;
+        hdr.jpos = j.pos;
+        hdr.next_free_slot = self.sh.next_slot.load(Ordering::SeqCst);
+        let copy = 1 - j.hdr_copy;
+        self.write_header(&hdr, copy)
+            .inspect_err(|_| j.failed = true)?;
+        sync(j)?;
+        j.hdr = hdr;
+        j.hdr_copy = copy;
+        j.since_ckpt = 0;
+        log::debug!("checkpoint at seq {} ({} bytes)", j.seq, bytes.len());
+        Ok(())
+    }
+
+    fn write_header(&self, hdr: &Header, copy: u8) -> Result<(), ImageError> {
+        let off = if copy == 0 { 0 } else { HEADER_B_OFFSET };
+        self.sh
+            .pwrite(&hdr.encode(), off)
+            .map_err(|e| ImageError::io("cannot write the image header", e))
+    }
+
+    /// Rewrites both header copies (repair of a damaged copy).
+    pub(crate) fn rewrite_headers(&self) -> Result<(), ImageError> {
+        let mut j = lock(&self.journal);
+        for _ in 0..2 {
+            let mut hdr = j.hdr.clone();
+            hdr.generation += 1;
+            let copy = 1 - j.hdr_copy;
+            self.write_header(&hdr, copy)?;
+            self.sh
+                .file
+                .sync_data()
+                .map_err(|e| ImageError::io("cannot sync the image", e))?;
+            j.hdr = hdr;
+            j.hdr_copy = copy;
+        }
+        Ok(())
+    }
+
+    /// Describes LBAs `lba .. lba + blocks` of the current state as extents.
+    pub fn resolve(&self, lba: Lba, blocks: u64) -> Result<Vec<Extent>, ImageError> {
+        let bs = self.sh.bs.bytes_u64();
+        if lba
+            .0
+            .checked_add(blocks)
+            .map_or(true, |e| e > self.sh.blocks)
+        {
+            return Err(ImageError::OutOfRange {
+                offset: lba.0.saturating_mul(bs),
+                len: blocks.saturating_mul(bs),
+                size: self.sh.size,
+            });
+        }
+        let mut ex = Vec::new();
+        rlock(&self.live)
+            .map
+            .extents(lba.0, blocks, self.sh.base.is_some(), &mut ex);
+        Ok(ex)
+    }
+
+    /// Reads one data block by id; `buf` must be one block long.
+    pub fn read_block(&self, pba: Pba, buf: &mut [u8]) -> Result<(), ImageError> {
+        if buf.len() as u64 != self.sh.bs.bytes_u64() {
+            return Err(ImageError::BadBuffer {
+                expected: self.sh.bs.bytes_u64(),
+                got: buf.len() as u64,
+            });
+        }
+        self.sh.read_extents(
+            &[Extent::Mapped { pba, blocks: 1 }],
+            0,
+            &[IoSeg::from_mut_slice(buf)],
+        )
+    }
+
+    /// Fills `segs` with the bytes of the concatenated extents starting `skip` bytes into the
+    /// first one (what replay uses: the live map is not consulted).
+    pub fn read_extents(
+        &self,
+        extents: &[Extent],
+        skip: u64,
+        segs: &[IoSeg<'_>],
+    ) -> Result<(), ImageError> {
+        self.sh.read_extents(extents, skip, segs)
+    }
+
+    /// Writes buffered journal records to the file and returns the journal's end.
+    fn journal_end(&self) -> Result<(JPos, u64), ImageError> {
+        let mut j = lock(&self.journal);
+        if !self.read_only && !j.failed {
+            j.write_out(&self.sh)?;
+        }
+        Ok((j.pos, j.seq))
+    }
+
+    /// Walks the whole journal from its first record to its current end.
+    pub(crate) fn walk_all(
+        &self,
+        mut f: impl FnMut(&Record, JPos) -> Result<bool, ImageError>,
+    ) -> Result<(), ImageError> {
+        let (end, _) = self.journal_end()?;
+        let hdr = lock(&self.journal).hdr.clone();
+        let start = JPos {
+            seg_slot: hdr.first_seg_slot,
+            seg_index: 0,
+            offset: SEG_HEADER_SIZE,
+            crc: Header::chain_seed(&hdr.uuid),
+        };
+        let mut w = Walker::new(&self.sh, start, 0)?;
+        while !(w.pos.seg_slot == end.seg_slot && w.pos.offset == end.offset) {
+            let at = w.file_pos();
+            match w.next_step()? {
+                Step::Rec(r, _) => {
+                    if !f(&r, w.pos)? {
+                        return Ok(());
+                    }
+                }
+                Step::Stop(s) => {
+                    let what = match s {
+                        Stop::End => "journal ends early".to_string(),
+                        Stop::Torn { what, .. } | Stop::BadSegment { what, .. } => what,
+                    };
+                    return Err(ImageError::corrupt(
+                        at,
+                        format!("{what} in the durable part of the journal"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A read-only view of the disk as of `seq` (rebuilt from the whole journal).
+    pub fn state_at(&self, seq: Seq) -> Result<Snapshot, ImageError> {
+        let cur = self.seq();
+        if seq > cur {
+            return Err(ImageError::SeqInFuture {
+                requested: seq,
+                current: cur,
+            });
+        }
+        let zero = zero_value(&self.sh);
+        let mut map = Map::new(self.sh.blocks);
+        self.walk_all(|r, _| {
+            if r.kind.changes_state() {
+                if r.seq > seq.0 {
+                    return Ok(false);
+                }
+                apply(&mut map, r, zero);
+            }
+            Ok(true)
+        })?;
+        Ok(Snapshot {
+            sh: Arc::clone(&self.sh),
+            map,
+            seq: seq.0,
+        })
+    }
+
+    /// Every version block `lba` ever had, oldest first.
+    pub fn history(&self, lba: Lba) -> Result<Vec<HistoryEntry>, ImageError> {
+        if lba.0 >= self.sh.blocks {
+            let bs = self.sh.bs.bytes_u64();
+            return Err(ImageError::OutOfRange {
+                offset: lba.0.saturating_mul(bs),
+                len: bs,
+                size: self.sh.size,
+            });
+        }
+        let mut out = Vec::new();
+        self.walk_all(|r, _| {
+            let kind = match r.kind {
+                RecKind::Write => HistoryKind::Write,
+                RecKind::Discard => HistoryKind::Discard,
+                RecKind::WriteZeroes => HistoryKind::WriteZeroes,
+                _ => return Ok(true),
+            };
+            for p in &r.pieces {
+                if lba.0 >= p.lba && lba.0 - p.lba < p.blocks {
+                    out.push(HistoryEntry {
+                        seq: Seq(r.seq),
+                        kind,
+                        pba: p.pba.map(|b| Pba(b + (lba.0 - p.lba))),
+                    });
+                }
+            }
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Image metadata and statistics.
+    pub fn info(&self) -> Result<ImageInfo, ImageError> {
+        let md = self
+            .sh
+            .file
+            .metadata()
+            .map_err(|e| ImageError::io("cannot stat the image", e))?;
+        use std::os::unix::fs::MetadataExt;
+        let (hdr, since, segments) = {
+            let j = lock(&self.journal);
+            (j.hdr.clone(), j.since_ckpt, j.segments)
+        };
+        let meta_slots: u64 = self.sh.meta_runs().iter().map(|&(_, c)| c).sum();
+        let (live_blocks, mem, seq) = {
+            let l = rlock(&self.live);
+            (l.map.mapped(), l.map.memory_bytes(), l.seq)
+        };
+        Ok(ImageInfo {
+            format_version: VERSION,
+            uuid: uuid::Uuid::from_bytes(self.sh.uuid).to_string(),
+            virtual_size: self.sh.size,
+            file_size: md.len(),
+            allocated_bytes: md.blocks() * 512,
+            block_size: self.sh.bs.bytes(),
+            seq,
+            live_blocks,
+            retained_blocks: self
+                .sh
+                .next_slot
+                .load(Ordering::SeqCst)
+                .saturating_sub(meta_slots),
+            journal_segments: segments,
+            journal_bytes: segments * self.sh.seg_bytes(),
+            journal_bytes_since_checkpoint: since,
+            checkpoint_seq: hdr.ckpt.map(|_| hdr.ckpt_seq),
+            header_generation: hdr.generation,
+            base: hdr.base_path.clone(),
+            base_size: hdr.base_path.as_ref().map(|_| hdr.base_size),
+            map_memory_bytes: mem,
+            read_only: self.read_only,
+        })
+    }
+
+    /// Verifies an image (and repairs what can be repaired when `repair` is set).
+    pub fn check(path: &Path, repair: bool) -> Result<CheckReport, ImageError> {
+        check::check(path, repair)
+    }
+
+    /// Flushes and takes a checkpoint, so the next open replays nothing.
+    pub fn close(mut self) -> Result<(), ImageError> {
+        self.closed = true;
+        if self.read_only {
+            return Ok(());
+        }
+        let mut j = lock(&self.journal);
+        if j.failed {
+            return Err(ImageError::Failed);
+        }
+        if j.since_ckpt > 0 || j.hdr.ckpt.is_none() || j.dirty {
+            self.checkpoint_locked(&mut j)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if self.closed || self.read_only {
+            return;
+        }
+        let mut j = lock(&self.journal);
+        if j.failed {
+            return;
+        }
+        let res = j.write_out(&self.sh).and_then(|_| {
+            self.sh
+                .file
+                .sync_data()
+                .map_err(|e| ImageError::io("cannot sync the image", e))
+        });
+        if let Err(e) = res {
+            log::error!("closing {}: {e}", self.path.display());
+        }
+    }
+}
+
+impl Snapshot {
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.sh.size
+    }
+
+    /// The seq this view shows.
+    pub fn seq(&self) -> Seq {
+        Seq(self.seq)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` as of this view's seq.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let len = buf.len() as u64;
+        check_range(self.sh.size, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.sh.bs.bytes_u64();
+        let first = offset / bs;
+        let n = (offset + len - 1) / bs - first + 1;
+        let mut ex = Vec::new();
+        self.map.extents(first, n, self.sh.base.is_some(), &mut ex);
+        self.sh
+            .read_extents(&ex, offset % bs, &[IoSeg::from_mut_slice(buf)])
+    }
+
+    /// Describes LBAs `lba .. lba + blocks` as of this view's seq.
+    pub fn resolve(&self, lba: Lba, blocks: u64) -> Result<Vec<Extent>, ImageError> {
+        let bs = self.sh.bs.bytes_u64();
+        if lba
+            .0
+            .checked_add(blocks)
+            .map_or(true, |e| e > self.sh.blocks)
+        {
+            return Err(ImageError::OutOfRange {
+                offset: lba.0.saturating_mul(bs),
+                len: blocks.saturating_mul(bs),
+                size: self.sh.size,
+            });
+        }
+        let mut ex = Vec::new();
+        self.map
+            .extents(lba.0, blocks, self.sh.base.is_some(), &mut ex);
+        Ok(ex)
+    }
+}
+
+/// Reads both header copies; returns the winner, its copy index and what was wrong with the
+/// other one, if anything.
+#[allow(clippy::type_complexity)]
+fn read_header(file: &File) -> Result<(Header, u8, Option<(u8, String)>), ImageError> {
+    use std::os::unix::fs::FileExt;
+    let len = file
+        .metadata()
+        .map_err(|e| ImageError::io("cannot stat the image", e))?
+        .len();
+    let mut b = vec![0u8; 2 * HEADER_SIZE];
+    let mut got = 0usize;
+    while got < b.len() {
+        match file.read_at(b.get_mut(got..).unwrap_or(&mut []), got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ImageError::io("cannot read the image header", e)),
+        }
+    }
+    if got < 8 {
+        return Err(ImageError::Truncated {
+            what: format!("the file is {len} bytes, too short for a header"),
+        });
+    }
+    let a = Header::decode(b.get(..HEADER_SIZE.min(got)).unwrap_or(&[]));
+    let bb = Header::decode(b.get(HEADER_SIZE..got.max(HEADER_SIZE)).unwrap_or(&[]));
+    let describe = |f: &HeaderFault| match f {
+        HeaderFault::BadMagic(_) => "bad magic".to_string(),
+        HeaderFault::Version(v) => format!("format version {v}"),
+        HeaderFault::Features(b) => format!("unknown incompatible features {b:#x}"),
+        HeaderFault::Invalid(s) => s.clone(),
+    };
+    match (a, bb) {
+        (Ok(x), Ok(y)) => Ok(if y.generation > x.generation {
+            (y, 1, None)
+        } else {
+            (x, 0, None)
+        }),
+        (Ok(x), Err(f)) => Ok((x, 0, Some((1, describe(&f))))),
+        (Err(f), Ok(y)) => Ok((y, 1, Some((0, describe(&f))))),
+        (Err(fa), Err(fb)) => Err(match (&fa, &fb) {
+            (HeaderFault::BadMagic(m), _) => ImageError::BadMagic { found: *m },
+            (HeaderFault::Version(v), _) | (_, HeaderFault::Version(v)) => {
+                ImageError::UnsupportedVersion {
+                    found: *v,
+                    supported: VERSION,
+                }
+            }
+            (HeaderFault::Features(b), _) | (_, HeaderFault::Features(b)) => {
+                ImageError::UnsupportedFeatures { bits: *b }
+            }
+            _ if (got as u64) < 2 * HEADER_SIZE as u64 => ImageError::Truncated {
+                what: format!(
+                    "the file is {len} bytes, shorter than its two {HEADER_SIZE}-byte headers"
+                ),
+            },
+            _ => ImageError::corrupt(
+                0,
+                format!(
+                    "both header copies are invalid (A: {}; B: {})",
+                    describe(&fa),
+                    describe(&fb)
+                ),
+            ),
+        }),
+    }
+}
+
+fn load_checkpoint(
+    sh: &Shared,
+    hdr: &Header,
+    c: CkptRef,
+    file_len: u64,
+) -> Result<Checkpoint, ImageError> {
+    let off = sh
+        .slot_off(c.slot)
+        .ok_or_else(|| ImageError::corrupt(0, "checkpoint offset overflows"))?;
+    if off.checked_add(c.len).map_or(true, |e| e > file_len) {
+        return Err(ImageError::Truncated {
+            what: format!(
+                "the checkpoint at byte offset {off} ({} bytes) lies past the end of the file \
+                 ({file_len} bytes)",
+                c.len
+            ),
+        });
+    }
+    let mut b = vec![0u8; c.len as usize];
+    sh.pread_padded(&mut b, off)?;
+    if crc32c::crc32c(b.get(..b.len().saturating_sub(4)).unwrap_or(&[]))
+        != format::rd_u32(&b, b.len().saturating_sub(4)).unwrap_or(0)
+        || format::rd_u32(&b, b.len().saturating_sub(4)) != Some(c.crc)
+    {
+        return Err(ImageError::corrupt(off, "checkpoint checksum mismatch"));
+    }
+    let ck = Checkpoint::decode(&b, &sh.uuid).map_err(|w| ImageError::corrupt(off, w))?;
+    if ck.seq != hdr.ckpt_seq {
+        return Err(ImageError::corrupt(
+            off,
+            format!(
+                "checkpoint holds seq {} but the header says {}",
+                ck.seq, hdr.ckpt_seq
+            ),
+        ));
+    }
+    Ok(ck)
+}

@@ -1,0 +1,223 @@
+//! `check`: full verification of an image (headers, checkpoint, every journal record, every
+//! data block's checksum, block references) and the repairs that are safe.
+
+use std::path::Path;
+
+use super::format::RecKind;
+use super::map::Map;
+use super::{apply, zero_value, Image, ImageError, OpenFlags, OpenMode};
+
+/// The outcome of [`Image::check`].
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CheckReport {
+    /// "clean", "corrupt" or "repaired".
+    pub status: String,
+    /// The image's seq after the check (and repair).
+    pub seq: u64,
+    /// Journal records verified.
+    pub records: u64,
+    /// Data blocks whose checksum was verified.
+    pub verified_blocks: u64,
+    /// Damage found (and not repaired).
+    pub problems: Vec<String>,
+    /// Things worth knowing that are not damage (e.g. a torn tail after a crash).
+    pub warnings: Vec<String>,
+    /// What `--repair` did.
+    pub repaired: Vec<String>,
+}
+
+impl CheckReport {
+    /// True when no unrepaired damage was found.
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// Exit code convention of `rr-row check`: 0 clean, 2 corrupt, 3 repaired.
+    pub fn exit_code(&self) -> i32 {
+        if !self.problems.is_empty() {
+            2
+        } else if !self.repaired.is_empty() {
+            3
+        } else {
+            0
+        }
+    }
+
+    fn finish(mut self) -> Self {
+        self.status = match self.exit_code() {
+            2 => "corrupt",
+            3 => "repaired",
+            _ => "clean",
+        }
+        .to_string();
+        self
+    }
+}
+
+fn damage(e: &ImageError) -> bool {
+    matches!(e, ImageError::Corrupt { .. } | ImageError::Truncated { .. })
+}
+
+pub(crate) fn check(path: &Path, repair: bool) -> Result<CheckReport, ImageError> {
+    let mut rep = CheckReport::default();
+    let img = match Image::open_with(path, OpenMode::ReadOnly, OpenFlags::default()) {
+        Ok(img) => img,
+        Err(e) if damage(&e) => {
+            if !repair {
+                rep.problems.push(e.to_string());
+                return Ok(rep.finish());
+            }
+            let attempts = [
+                (
+                    OpenFlags {
+                        ignore_ckpt: false,
+                        rollback: true,
+                    },
+                    "rolled the journal back to the last intact record",
+                ),
+                (
+                    OpenFlags {
+                        ignore_ckpt: true,
+                        rollback: false,
+                    },
+                    "rebuilt the map from the whole journal (the checkpoint was damaged)",
+                ),
+                (
+                    OpenFlags {
+                        ignore_ckpt: true,
+                        rollback: true,
+                    },
+                    "rebuilt the map from the whole journal and rolled it back to the last \
+                     intact record",
+                ),
+            ];
+            let mut fixed = None;
+            for (fl, what) in attempts {
+                if let Ok(img) = Image::open_with(path, OpenMode::ReadWrite, fl) {
+                    fixed = Some((img, what));
+                    break;
+                }
+            }
+            let Some((img, what)) = fixed else {
+                rep.problems.push(e.to_string());
+                rep.problems
+                    .push("no repair could make the image open; it is left unchanged".into());
+                return Ok(rep.finish());
+            };
+            log::warn!("REPAIR of {}: {e}; {what}", path.display());
+            rep.repaired.push(format!("{e}: {what}"));
+            if let Some(r) = &img.notes.rolled_back {
+                rep.repaired.push(format!(
+                    "LOST: every operation from the damaged record at {r}"
+                ));
+            }
+            img.checkpoint()?;
+            img.rewrite_headers()?;
+            img.close()?;
+            Image::open_with(path, OpenMode::ReadOnly, OpenFlags::default())?
+        }
+        Err(e) => return Err(e),
+    };
+    verify(&img, &mut rep);
+    let needs_fix =
+        img.notes.damaged_header.is_some() || img.notes.torn.is_some() || img.notes.dropped > 0;
+    if repair && rep.problems.is_empty() && needs_fix {
+        drop(img);
+        let rw = Image::open_with(path, OpenMode::ReadWrite, OpenFlags::default())?;
+        if let Some((c, what)) = &rw.notes.damaged_header {
+            rw.rewrite_headers()?;
+            rep.repaired.push(format!(
+                "rewrote header copy {} ({what})",
+                if *c == 0 { "A" } else { "B" }
+            ));
+        }
+        if rw.notes.torn.is_some() || rw.notes.dropped > 0 {
+            rep.repaired
+                .push("cleared the torn journal tail left by an unclean shutdown".into());
+        }
+        rep.seq = rw.seq().0;
+        rw.close()?;
+    }
+    Ok(rep.finish())
+}
+
+fn verify(img: &Image, rep: &mut CheckReport) {
+    let n = &img.notes;
+    if let Some((c, what)) = &n.damaged_header {
+        rep.warnings.push(format!(
+            "header copy {} is invalid ({what}); the other copy is in use",
+            if *c == 0 { "A" } else { "B" }
+        ));
+    }
+    if let Some(t) = &n.torn {
+        rep.warnings.push(format!(
+            "the journal ends with a torn record ({t}): an unclean shutdown, recovered"
+        ));
+    }
+    if n.dropped > 0 {
+        rep.warnings.push(format!(
+            "{} record(s) after the last flush are dropped: their data never reached the disk",
+            n.dropped
+        ));
+    }
+    rep.seq = img.seq().0;
+    let sh = &img.sh;
+    let zero = zero_value(sh);
+    let mut map = Map::new(sh.blocks);
+    let mut refs: Vec<(u64, u64)> = Vec::new();
+    let mut problems = Vec::new();
+    let mut records = 0u64;
+    let mut verified = 0u64;
+    let res = img.walk_all(|r, _| {
+        records += 1;
+        if r.kind.changes_state() {
+            apply(&mut map, r, zero);
+        }
+        for p in &r.pieces {
+            let Some(pba) = p.pba else { continue };
+            if let Err(e) = sh.check_data(pba, p.blocks) {
+                problems.push(format!("seq {}: {e}", r.seq));
+                continue;
+            }
+            refs.push((pba, p.blocks));
+            match sh.data_crc(pba, p.blocks) {
+                Ok(Some(c)) if c == p.data_crc => verified += p.blocks,
+                Ok(_) => problems.push(format!(
+                    "seq {}: data blocks {pba}+{} do not match their checksum",
+                    r.seq, p.blocks
+                )),
+                Err(e) => problems.push(format!("seq {}: {e}", r.seq)),
+            }
+        }
+        if r.kind == RecKind::Link && r.link.is_none() {
+            problems.push("link record without a target".into());
+        }
+        Ok(true)
+    });
+    if let Err(e) = res {
+        problems.push(e.to_string());
+    }
+    refs.sort_unstable();
+    for w in refs.windows(2) {
+        if let [a, b] = w {
+            if a.0 + a.1 > b.0 {
+                problems.push(format!(
+                    "data blocks {}+{} and {}+{} are referenced twice",
+                    a.0, a.1, b.0, b.1
+                ));
+                break;
+            }
+        }
+    }
+    if problems.is_empty() {
+        let live = super::rlock(&img.live);
+        if !live.map.same_as(&map) {
+            problems.push(
+                "the checkpointed map disagrees with the map rebuilt from the journal".into(),
+            );
+        }
+    }
+    rep.records = records;
+    rep.verified_blocks = verified;
+    rep.problems.extend(problems);
+}

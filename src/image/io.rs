@@ -1,0 +1,135 @@
+//! Positioned vectored I/O on the image file: `preadv`/`pwritev` loops that finish short
+//! transfers, straight into and out of the caller's segments.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use crate::iobuf::{as_iovecs, IoSeg};
+
+const IOV_MAX: usize = 1024;
+
+/// Advances an iovec list by `n` bytes, dropping finished entries.
+fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut done = 0;
+    for v in iovs.iter_mut() {
+        if n == 0 {
+            break;
+        }
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            done += 1;
+        } else {
+            // SAFETY: n < iov_len, so the advanced pointer stays inside the same segment.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            n = 0;
+        }
+    }
+    iovs.drain(..done);
+}
+
+/// Reads exactly the segments' length at `offset`. Returns the number of bytes read before
+/// end of file (less than the total only at EOF).
+pub fn preadv_full(file: &File, segs: &[IoSeg<'_>], offset: u64) -> io::Result<u64> {
+    let mut iovs: Vec<libc::iovec> = as_iovecs(segs)
+        .iter()
+        .filter(|v| v.iov_len > 0)
+        .copied()
+        .collect();
+    let mut pos = offset;
+    let mut total = 0u64;
+    while !iovs.is_empty() {
+        let cnt = iovs.len().min(IOV_MAX);
+        let off = libc::off_t::try_from(pos)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+        // SAFETY: each iovec describes memory valid for writes (IoSeg's constructor contract,
+        // and `advance` keeps them inside their segments); the fd is open for the call.
+        let r = unsafe { libc::preadv(file.as_raw_fd(), iovs.as_ptr(), cnt as libc::c_int, off) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            break;
+        }
+        let r = r as usize;
+        advance(&mut iovs, r);
+        pos += r as u64;
+        total += r as u64;
+    }
+    Ok(total)
+}
+
+/// Writes all of the segments at `offset`.
+pub fn pwritev_all(file: &File, segs: &[IoSeg<'_>], offset: u64) -> io::Result<()> {
+    let mut iovs: Vec<libc::iovec> = as_iovecs(segs)
+        .iter()
+        .filter(|v| v.iov_len > 0)
+        .copied()
+        .collect();
+    let mut pos = offset;
+    while !iovs.is_empty() {
+        let cnt = iovs.len().min(IOV_MAX);
+        let off = libc::off_t::try_from(pos)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+        // SAFETY: each iovec describes memory valid for reads (IoSeg's constructor contract);
+        // the fd is open for the call.
+        let r = unsafe { libc::pwritev(file.as_raw_fd(), iovs.as_ptr(), cnt as libc::c_int, off) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
+        }
+        let r = r as usize;
+        advance(&mut iovs, r);
+        pos += r as u64;
+    }
+    Ok(())
+}
+
+/// crc32c of the bytes of `segs`, copied through a small bounce buffer (the segments may be
+/// guest memory, which must not be borrowed as a Rust slice).
+pub fn crc_segs(segs: &[IoSeg<'_>]) -> u32 {
+    let mut crc = 0u32;
+    let mut tmp = [0u8; 16 * 1024];
+    for s in segs {
+        let mut off = 0usize;
+        while off < s.len() {
+            let n = (s.len() - off).min(tmp.len());
+            let dst = &mut tmp[..n];
+            if !s.copy_to(off, dst) {
+                break;
+            }
+            crc = crc32c::crc32c_append(crc, dst);
+            off += n;
+        }
+    }
+    crc
+}
+
+/// Sets `flock` on the file: exclusive for read-write, nothing for read-only.
+pub fn lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on an fd we own; no memory is involved.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}

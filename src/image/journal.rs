@@ -1,0 +1,315 @@
+//! The journal: a chain of segments holding checksum-chained records. [`Walker`] reads it
+//! (recovery, history, state_at, check); [`Journal`] appends to it (buffered group commit).
+
+use super::format::{
+    check_seg_header, decode_record, encode_record, encode_seg_header, Decoded, Header, JPos,
+    RecKind, Record, LINK_LEN, SEG_HEADER_SIZE,
+};
+use super::shared::Shared;
+use super::ImageError;
+
+/// Why a walk stopped.
+#[derive(Debug)]
+pub enum Stop {
+    /// Zero length field: the clean end.
+    End,
+    /// Bytes that are not a valid record at file offset `at`.
+    Torn {
+        /// File offset of the bad record.
+        at: u64,
+        /// What was wrong.
+        what: String,
+        /// Plausible length and stored crc of the bad record.
+        plausible: Option<(usize, u32)>,
+    },
+    /// A link pointed to a segment whose header is not valid.
+    BadSegment {
+        /// File offset of the segment.
+        at: u64,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// One step of a walk.
+#[derive(Debug)]
+pub enum Step {
+    /// A valid record; the walker's position is now right after it.
+    Rec(Record, usize),
+    /// The walk ended.
+    Stop(Stop),
+}
+
+/// Reads records from a journal position onwards.
+pub struct Walker<'a> {
+    sh: &'a Shared,
+    /// Position of the next record.
+    pub pos: JPos,
+    seg: Vec<u8>,
+    seg_ok: Result<(), String>,
+    /// Seq of the state after the last record read.
+    pub seq: u64,
+    check_seq: bool,
+}
+
+impl<'a> Walker<'a> {
+    /// Starts at `pos` (whose segment must be valid) with the state at `seq`.
+    pub fn new(sh: &'a Shared, pos: JPos, seq: u64) -> Result<Walker<'a>, ImageError> {
+        let seg = sh.read_segment(pos.seg_slot)?;
+        let seg_ok = check_seg_header(&seg, &sh.uuid, pos.seg_index);
+        if let Err(what) = seg_ok {
+            return Err(ImageError::corrupt(
+                sh.slot_off(pos.seg_slot).unwrap_or(0),
+                what,
+            ));
+        }
+        Ok(Walker {
+            sh,
+            pos,
+            seg,
+            seg_ok: Ok(()),
+            seq,
+            check_seq: true,
+        })
+    }
+
+    /// A walker that checks no seq order (the look-ahead past a damaged record).
+    fn lookahead(&self, offset: u64, crc: u32) -> Walker<'a> {
+        Walker {
+            sh: self.sh,
+            pos: JPos {
+                offset,
+                crc,
+                ..self.pos
+            },
+            seg: self.seg.clone(),
+            seg_ok: Ok(()),
+            seq: 0,
+            check_seq: false,
+        }
+    }
+
+    /// File offset of the current position.
+    pub fn file_pos(&self) -> u64 {
+        self.sh
+            .slot_off(self.pos.seg_slot)
+            .and_then(|o| o.checked_add(self.pos.offset))
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Reads the next record.
+    pub fn next_step(&mut self) -> Result<Step, ImageError> {
+        if let Err(what) = &self.seg_ok {
+            return Ok(Step::Stop(Stop::BadSegment {
+                at: self.sh.slot_off(self.pos.seg_slot).unwrap_or(0),
+                what: what.clone(),
+            }));
+        }
+        let at = self.file_pos();
+        let rest = self.seg.get(self.pos.offset as usize..).unwrap_or(&[]);
+        let (rec, len, crc) = match decode_record(rest, self.pos.crc) {
+            Err(what) => return Err(ImageError::corrupt(at, what)),
+            Ok(Decoded::End) => return Ok(Step::Stop(Stop::End)),
+            Ok(Decoded::Invalid { what, plausible }) => {
+                return Ok(Step::Stop(Stop::Torn {
+                    at,
+                    what,
+                    plausible,
+                }))
+            }
+            Ok(Decoded::Valid { rec, len, crc }) => (rec, len, crc),
+        };
+        self.validate(&rec)
+            .map_err(|w| ImageError::corrupt(at, w))?;
+        self.pos.offset += len as u64;
+        self.pos.crc = crc;
+        if rec.kind.changes_state() {
+            self.seq = rec.seq;
+        }
+        if let Some((slot, idx)) = rec.link {
+            let seg = self.sh.read_segment(slot)?;
+            self.seg_ok = check_seg_header(&seg, &self.sh.uuid, idx);
+            self.seg = seg;
+            self.pos = JPos {
+                seg_slot: slot,
+                seg_index: idx,
+                offset: SEG_HEADER_SIZE,
+                crc,
+            };
+        }
+        Ok(Step::Rec(rec, len))
+    }
+
+    fn validate(&self, rec: &Record) -> Result<(), String> {
+        if self.check_seq {
+            let want = if rec.kind.changes_state() {
+                self.seq + 1
+            } else {
+                self.seq
+            };
+            if rec.seq != want {
+                return Err(format!(
+                    "journal record has seq {}, expected {want}",
+                    rec.seq
+                ));
+            }
+        }
+        for p in &rec.pieces {
+            let end = p.lba.checked_add(p.blocks);
+            if p.blocks == 0 || end.map_or(true, |e| e > self.sh.blocks) {
+                return Err(format!(
+                    "journal record maps blocks {}+{} outside the disk",
+                    p.lba, p.blocks
+                ));
+            }
+            if let Some(pba) = p.pba {
+                if pba
+                    .checked_add(p.blocks)
+                    .map_or(true, |e| e > self.sh.slot_limit())
+                {
+                    return Err(format!("journal record names impossible block id {pba}"));
+                }
+            } else if rec.kind == RecKind::Write {
+                return Err("write record with a zero piece".into());
+            }
+        }
+        if let Some((slot, idx)) = rec.link {
+            if idx != self.pos.seg_index + 1
+                || slot
+                    .checked_add(self.sh.seg_slots)
+                    .map_or(true, |e| e > self.sh.slot_limit())
+            {
+                return Err(format!("link record names an impossible segment {slot}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// After a torn record with a plausible length: is there a flush marker further on in the
+    /// chain it would have seeded? If so the record was durable and is now damaged.
+    pub fn flush_marker_after(&self, plausible: Option<(usize, u32)>) -> bool {
+        let Some((len, crc)) = plausible else {
+            return false;
+        };
+        let mut w = self.lookahead(self.pos.offset + len as u64, crc);
+        for _ in 0..1_000_000 {
+            match w.next_step() {
+                Ok(Step::Rec(r, _)) if r.kind == RecKind::Flush => return true,
+                Ok(Step::Rec(..)) => {}
+                _ => return false,
+            }
+        }
+        false
+    }
+}
+
+/// Size of the in-memory record buffer that triggers a write-out.
+pub const BUF_LIMIT: usize = 256 * 1024;
+
+/// The append side of the journal, kept under the image's journal mutex.
+pub struct Journal {
+    /// Position after the last appended (possibly still buffered) record.
+    pub pos: JPos,
+    /// Offset in the current segment up to which records are in the file.
+    pub written: u64,
+    /// Records not yet written to the file.
+    pub buf: Vec<u8>,
+    /// Seq of the latest state-changing record.
+    pub seq: u64,
+    /// State-changing records since the last flush marker.
+    pub dirty: bool,
+    /// Journal bytes since the last checkpoint.
+    pub since_ckpt: u64,
+    /// A write-out failed: acknowledged records may be lost; refuse further changes.
+    pub failed: bool,
+    /// The header as last written.
+    pub hdr: Header,
+    /// Which copy holds `hdr` (0 = A at offset 0, 1 = B).
+    pub hdr_copy: u8,
+    /// Number of segments in the chain.
+    pub segments: u64,
+}
+
+impl Journal {
+    /// Writes buffered records to the file (no sync).
+    pub fn write_out(&mut self, sh: &Shared) -> Result<(), ImageError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let off = sh
+            .slot_off(self.pos.seg_slot)
+            .and_then(|o| o.checked_add(self.written))
+            .ok_or_else(|| ImageError::corrupt(0, "journal offset overflows"))?;
+        if let Err(e) = sh.pwrite(&self.buf, off) {
+            self.failed = true;
+            return Err(ImageError::io("cannot write the journal", e));
+        }
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Appends one record (rolling to a new segment first when it does not fit).
+    pub fn append(&mut self, sh: &Shared, rec: &Record) -> Result<(), ImageError> {
+        if self.failed {
+            return Err(ImageError::Failed);
+        }
+        let (mut bytes, mut crc) = encode_record(rec, self.pos.crc);
+        if self.pos.offset + (bytes.len() + LINK_LEN) as u64 > sh.seg_bytes() {
+            self.roll(sh)?;
+            (bytes, crc) = encode_record(rec, self.pos.crc);
+            if self.pos.offset + (bytes.len() + LINK_LEN) as u64 > sh.seg_bytes() {
+                return Err(ImageError::InvalidOptions(
+                    "journal record larger than a segment".into(),
+                ));
+            }
+        }
+        self.pos.offset += bytes.len() as u64;
+        self.pos.crc = crc;
+        self.since_ckpt += bytes.len() as u64;
+        self.buf.extend_from_slice(&bytes);
+        if self.buf.len() >= BUF_LIMIT {
+            self.write_out(sh)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new segment: allocate it, write it zeroed with its header, sync, then link it.
+    fn roll(&mut self, sh: &Shared) -> Result<(), ImageError> {
+        let slot = sh.alloc(sh.seg_slots);
+        let idx = self.pos.seg_index + 1;
+        let mut seg = vec![0u8; sh.seg_bytes() as usize];
+        let h = encode_seg_header(&sh.uuid, idx);
+        if let Some(d) = seg.get_mut(..h.len()) {
+            d.copy_from_slice(&h);
+        }
+        let off = sh
+            .slot_off(slot)
+            .ok_or_else(|| ImageError::corrupt(0, "segment offset overflows"))?;
+        let res = sh.pwrite(&seg, off).and_then(|_| sh.file.sync_data());
+        if let Err(e) = res {
+            self.failed = true;
+            return Err(ImageError::io("cannot write a new journal segment", e));
+        }
+        sh.add_meta(slot, sh.seg_slots);
+        let link = Record {
+            kind: RecKind::Link,
+            seq: self.seq,
+            pieces: Vec::new(),
+            link: Some((slot, idx)),
+        };
+        let (bytes, crc) = encode_record(&link, self.pos.crc);
+        self.buf.extend_from_slice(&bytes);
+        self.since_ckpt += bytes.len() as u64 + SEG_HEADER_SIZE;
+        self.write_out(sh)?;
+        self.pos = JPos {
+            seg_slot: slot,
+            seg_index: idx,
+            offset: SEG_HEADER_SIZE,
+            crc,
+        };
+        self.written = SEG_HEADER_SIZE;
+        self.segments += 1;
+        Ok(())
+    }
+}

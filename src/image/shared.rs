@@ -1,0 +1,252 @@
+//! What an open image and its snapshots share: the file, the base image, the geometry, the
+//! slot allocator and the list of metadata slots; plus the read path from extents.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use super::io::preadv_full;
+use super::{Extent, ImageError};
+use crate::iobuf::{slice_segs, total_len, IoSeg};
+use crate::units::{BlockSize, Pba};
+
+/// The read-only base image.
+pub struct Base {
+    /// The open file.
+    pub file: File,
+    /// Its size.
+    pub size: u64,
+}
+
+/// State shared by an image and its snapshots.
+pub struct Shared {
+    /// The image file.
+    pub file: File,
+    /// The base image, if any.
+    pub base: Option<Base>,
+    /// Block size.
+    pub bs: BlockSize,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Virtual size in blocks (rounded up).
+    pub blocks: u64,
+    /// Byte offset of slot 0.
+    pub data_offset: u64,
+    /// Image UUID.
+    pub uuid: [u8; 16],
+    /// Journal segment length in slots.
+    pub seg_slots: u64,
+    /// Next free slot (the allocator).
+    pub next_slot: AtomicU64,
+    /// Sorted (first slot, count) runs that hold metadata, not data.
+    pub meta: RwLock<Vec<(u64, u64)>>,
+}
+
+impl Shared {
+    /// Byte offset of slot `slot`, or None on overflow.
+    pub fn slot_off(&self, slot: u64) -> Option<u64> {
+        slot.checked_mul(self.bs.bytes_u64())?
+            .checked_add(self.data_offset)
+    }
+
+    /// Largest slot number that can exist (keeps every offset computation in range).
+    pub fn slot_limit(&self) -> u64 {
+        (i64::MAX as u64 - self.data_offset) / self.bs.bytes_u64()
+    }
+
+    /// Bytes per journal segment.
+    pub fn seg_bytes(&self) -> u64 {
+        self.seg_slots * self.bs.bytes_u64()
+    }
+
+    /// Allocates `n` consecutive slots.
+    pub fn alloc(&self, n: u64) -> u64 {
+        self.next_slot.fetch_add(n, Ordering::SeqCst)
+    }
+
+    /// Records a metadata run.
+    pub fn add_meta(&self, slot: u64, count: u64) {
+        let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
+        let i = m.partition_point(|&(s, _)| s < slot);
+        m.insert(i, (slot, count));
+    }
+
+    /// The metadata runs.
+    pub fn meta_runs(&self) -> Vec<(u64, u64)> {
+        self.meta.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// True when `[slot, slot + n)` overlaps a metadata run.
+    pub fn overlaps_meta(&self, slot: u64, n: u64) -> bool {
+        let m = self.meta.read().unwrap_or_else(|e| e.into_inner());
+        let end = slot.saturating_add(n);
+        // Runs are sorted and disjoint: only the last run starting before `end` can overlap.
+        let i = m.partition_point(|&(s, _)| s < end);
+        i.checked_sub(1)
+            .and_then(|j| m.get(j))
+            .is_some_and(|&(s, c)| s.saturating_add(c) > slot)
+    }
+
+    /// Checks that `[pba, pba + n)` are allocated data blocks.
+    pub fn check_data(&self, pba: u64, n: u64) -> Result<(), ImageError> {
+        let end = pba.checked_add(n).ok_or(ImageError::UnknownPba(Pba(pba)))?;
+        if end > self.next_slot.load(Ordering::SeqCst) || self.overlaps_meta(pba, n) {
+            return Err(ImageError::UnknownPba(Pba(pba)));
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `off` in the image file.
+    pub fn pwrite(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.file.write_all_at(buf, off)
+    }
+
+    /// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
+    /// Returns how many bytes came from the file.
+    pub fn pread_padded(&self, buf: &mut [u8], off: u64) -> Result<usize, ImageError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = buf.get_mut(done..).unwrap_or(&mut []);
+            match self.file.read_at(rest, off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ImageError::io("cannot read the image", e)),
+            }
+        }
+        if let Some(rest) = buf.get_mut(done..) {
+            rest.fill(0);
+        }
+        Ok(done)
+    }
+
+    /// Reads one journal segment (zeros past the end of the file).
+    pub fn read_segment(&self, slot: u64) -> Result<Vec<u8>, ImageError> {
+        let off = self
+            .slot_off(slot)
+            .ok_or_else(|| ImageError::corrupt(0, "journal segment offset overflows"))?;
+        let mut seg = vec![0u8; self.seg_bytes() as usize];
+        self.pread_padded(&mut seg, off)?;
+        Ok(seg)
+    }
+
+    /// crc32c of data blocks `[pba, pba + n)` as they are in the file, or None when the file
+    /// ends before them.
+    pub fn data_crc(&self, pba: u64, n: u64) -> Result<Option<u32>, ImageError> {
+        let Some(off) = self.slot_off(pba) else {
+            return Ok(None);
+        };
+        let total = n.saturating_mul(self.bs.bytes_u64());
+        let mut crc = 0u32;
+        let mut buf = vec![0u8; (1 << 20).min(total as usize)];
+        let mut done = 0u64;
+        while done < total {
+            let len = ((total - done) as usize).min(buf.len());
+            let chunk = buf.get_mut(..len).unwrap_or(&mut []);
+            if self.pread_padded(chunk, off + done)? < len {
+                return Ok(None);
+            }
+            crc = crc32c::crc32c_append(crc, chunk);
+            done += len as u64;
+        }
+        Ok(Some(crc))
+    }
+
+    /// Fills `segs` with the bytes of the concatenated `extents`, starting `skip` bytes into
+    /// the first one. Extents may come from a record log: every block id is checked.
+    pub fn read_extents(
+        &self,
+        extents: &[Extent],
+        skip: u64,
+        segs: &[IoSeg<'_>],
+    ) -> Result<(), ImageError> {
+        let need = total_len(segs);
+        let bs = self.bs.bytes_u64();
+        let mut pos = 0u64;
+        let mut skip = skip;
+        let mut have = 0u64;
+        for e in extents {
+            if pos >= need {
+                break;
+            }
+            let blocks = match *e {
+                Extent::Mapped { blocks, .. }
+                | Extent::Zero { blocks }
+                | Extent::Base { blocks, .. } => blocks,
+            };
+            let eb = blocks.saturating_mul(bs);
+            have = have.saturating_add(eb);
+            if skip >= eb {
+                skip -= eb;
+                continue;
+            }
+            let take = (eb - skip).min(need - pos);
+            let sub = slice_segs(segs, pos, take).ok_or(ImageError::BadBuffer {
+                expected: pos + take,
+                got: need,
+            })?;
+            match *e {
+                Extent::Mapped { pba, blocks } => {
+                    self.check_data(pba.0, blocks)?;
+                    let off = self
+                        .slot_off(pba.0)
+                        .and_then(|o| o.checked_add(skip))
+                        .ok_or(ImageError::UnknownPba(pba))?;
+                    let got = preadv_full(&self.file, &sub, off)
+                        .map_err(|e| ImageError::io("cannot read the image", e))?;
+                    if got < take {
+                        return Err(ImageError::Truncated {
+                            what: format!("data block {} lies past the end of the file", pba.0),
+                        });
+                    }
+                }
+                Extent::Zero { .. } => {
+                    for s in &sub {
+                        s.zero(0, s.len());
+                    }
+                }
+                Extent::Base { lba, .. } => {
+                    let start = lba
+                        .0
+                        .checked_mul(bs)
+                        .and_then(|o| o.checked_add(skip))
+                        .unwrap_or(u64::MAX);
+                    self.read_base(start, &sub)?;
+                }
+            }
+            pos += take;
+            skip = 0;
+        }
+        if pos < need {
+            return Err(ImageError::ExtentsTooShort {
+                have: have.saturating_sub(skip),
+                need,
+            });
+        }
+        Ok(())
+    }
+
+    fn read_base(&self, start: u64, segs: &[IoSeg<'_>]) -> Result<(), ImageError> {
+        let len = total_len(segs);
+        let (bsize, file) = match &self.base {
+            Some(b) => (b.size, Some(&b.file)),
+            None => (0, None),
+        };
+        let avail = bsize.saturating_sub(start).min(len);
+        let mut got = 0;
+        if let (Some(f), true) = (file, avail > 0) {
+            let part = slice_segs(segs, 0, avail).unwrap_or_default();
+            got = preadv_full(f, &part, start)
+                .map_err(|e| ImageError::io("cannot read the base image", e))?;
+        }
+        if got < len {
+            if let Some(rest) = slice_segs(segs, got, len - got) {
+                for s in &rest {
+                    s.zero(0, s.len());
+                }
+            }
+        }
+        Ok(())
+    }
+}

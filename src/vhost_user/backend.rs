@@ -1,0 +1,421 @@
+//! The vhost-user-blk backend: [`BlkBackend`] implements
+//! [`vhost_user_backend::VhostUserBackend`] (the `&self` flavour, so every queue's worker thread
+//! runs requests in parallel) over any [`BlockDevice`].
+//!
+//! One backend lives for one frontend connection: request counters, negotiated features and the
+//! once-per-kind warning state start fresh with each connection, while the device is shared.
+//!
+//! Each queue has its own worker thread (`queues_per_thread`). On a kick the worker takes every
+//! available chain, executes them in order, adds them all to the used ring and signals the
+//! guest once per batch (when `needs_notification` says so). With VIRTIO_RING_F_EVENT_IDX it
+//! keeps draining until `enable_notification()` reports that no new chain arrived meanwhile, so
+//! no kick is lost.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use log::{debug, error, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::blockdev::{BlockDevice, BlockError, RequestCtx};
+use crate::virtio_blk::execute::{ChainError, ExecuteError, ExecuteParams, EXECUTE_ERROR_KINDS};
+use crate::virtio_blk::request::{Limits, REQUEST_ERROR_KINDS};
+use crate::virtio_blk::{process_chain, BlkConfig, ConfigParams, ID_BYTES};
+
+/// Guest memory as the vhost-user backend crates share it.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The most queues a backend can have (one bit per queue in `queues_per_thread`).
+pub const MAX_QUEUES: u16 = 64;
+
+/// Static settings of a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Number of request queues (1..=[`MAX_QUEUES`]).
+    pub num_queues: u16,
+    /// Largest queue size the frontend may set (a power of two).
+    pub queue_size: u16,
+    /// GET_ID answer.
+    pub serial: [u8; ID_BYTES],
+    /// Logical block size presented to the guest (`blk_size`).
+    pub logical_block_size: u32,
+    /// Maximum discard / write-zeroes segments per request.
+    pub max_dwz_segments: u32,
+    /// Maximum sectors per discard / write-zeroes segment.
+    pub max_dwz_sectors: u32,
+}
+
+impl BackendConfig {
+    /// Defaults for everything but the queue shape and serial.
+    pub fn new(num_queues: u16, queue_size: u16, serial: [u8; ID_BYTES]) -> Self {
+        BackendConfig {
+            num_queues,
+            queue_size,
+            serial,
+            logical_block_size: 512,
+            max_dwz_segments: 32,
+            max_dwz_sectors: 1 << 22,
+        }
+    }
+}
+
+/// Errors of the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The queue count is out of range.
+    #[error("queue count {0} is not in 1..={MAX_QUEUES}")]
+    QueueCount(u16),
+    /// The queue size is not a power of two in 2..=32768.
+    #[error("queue size {0} is not a power of two between 2 and 32768")]
+    QueueSize(u16),
+}
+
+/// Bit of the once-per-kind warning mask for an error.
+fn warn_bit(e: &ChainError) -> u32 {
+    match e {
+        ChainError::Malformed(r) => r.kind_index(),
+        ChainError::Execute(x) => REQUEST_ERROR_KINDS + x.kind_index(),
+    }
+}
+
+const _: () = assert!(REQUEST_ERROR_KINDS + EXECUTE_ERROR_KINDS <= 64);
+
+/// A vhost-user-blk backend over a [`BlockDevice`], for one frontend connection.
+pub struct BlkBackend {
+    dev: Arc<dyn BlockDevice>,
+    cfg: BackendConfig,
+    limits: Limits,
+    config: Mutex<BlkConfig>,
+    mem: RwLock<GuestMem>,
+    event_idx: AtomicBool,
+    write_through: AtomicBool,
+    acked_features: AtomicU64,
+    next_index: Vec<AtomicU64>,
+    warned: AtomicU64,
+}
+
+impl BlkBackend {
+    /// A backend serving `dev` with guest memory `mem` (the same object given to the
+    /// `VhostUserDaemon`).
+    pub fn new(
+        dev: Arc<dyn BlockDevice>,
+        cfg: BackendConfig,
+        mem: GuestMem,
+    ) -> Result<Self, BackendError> {
+        if cfg.num_queues == 0 || cfg.num_queues > MAX_QUEUES {
+            return Err(BackendError::QueueCount(cfg.num_queues));
+        }
+        if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 2 {
+            return Err(BackendError::QueueSize(cfg.queue_size));
+        }
+        let seg_max = u32::from(cfg.queue_size) - 2;
+        let limits = Limits {
+            seg_max,
+            max_dwz_segments: cfg.max_dwz_segments,
+            max_dwz_sectors: cfg.max_dwz_sectors,
+        };
+        let config = BlkConfig::new(&ConfigParams {
+            capacity_bytes: dev.capacity(),
+            logical_block_size: cfg.logical_block_size,
+            physical_block_size: dev.block_size(),
+            seg_max,
+            num_queues: cfg.num_queues,
+            writeback: true,
+            max_dwz_sectors: cfg.max_dwz_sectors,
+            max_dwz_segments: cfg.max_dwz_segments,
+        });
+        let next_index = (0..cfg.num_queues).map(|_| AtomicU64::new(0)).collect();
+        Ok(BlkBackend {
+            dev,
+            cfg,
+            limits,
+            config: Mutex::new(config),
+            mem: RwLock::new(mem),
+            event_idx: AtomicBool::new(false),
+            write_through: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+            next_index,
+            warned: AtomicU64::new(0),
+        })
+    }
+
+    /// The virtio feature bits offered.
+    pub fn device_features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_CONFIG_WCE)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | (1 << VIRTIO_BLK_F_DISCARD)
+            | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.dev.is_read_only() {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn acked(&self, bit: u32) -> bool {
+        self.acked_features.load(Ordering::Acquire) & (1u64 << bit) != 0
+    }
+
+    fn exec_params(&self) -> ExecuteParams {
+        ExecuteParams {
+            limits: self.limits,
+            serial: self.cfg.serial,
+            write_through: self.write_through.load(Ordering::Acquire),
+        }
+    }
+
+    /// Logs a failed chain: at warn the first time its kind is seen on this connection, at
+    /// debug afterwards.
+    fn report(&self, queue: u16, index: u64, e: &ChainError, dropped: bool) {
+        let bit = 1u64 << warn_bit(e);
+        let first = self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0;
+        let what = if dropped {
+            "dropped (no status byte)"
+        } else {
+            "failed"
+        };
+        if first {
+            let device_failure = matches!(
+                e,
+                ChainError::Execute(ExecuteError::Device(
+                    BlockError::Io(_) | BlockError::Image(_)
+                ))
+            );
+            if device_failure {
+                error!("queue {queue} request #{index} {what}: {e} (repeats are logged at debug)");
+            } else {
+                warn!("queue {queue} request #{index} {what}: {e} (repeats are logged at debug)");
+            }
+        } else {
+            debug!("queue {queue} request #{index} {what}: {e}");
+        }
+    }
+
+    /// Executes every available chain of one queue, completes them, and signals the guest once.
+    fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .map_err(|_| io::Error::other("guest memory lock poisoned"))?
+            .memory();
+        let chains: Vec<_> = {
+            let mut state = vring.get_mut();
+            match state.get_queue_mut().iter(mem.clone()) {
+                Ok(iter) => iter.collect(),
+                Err(e) => {
+                    // A corrupt available ring: the guest broke the queue; leave it stalled.
+                    let bit = 1u64 << 63;
+                    if self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                        warn!("queue {queue}: cannot read the available ring: {e}");
+                    }
+                    return Ok(());
+                }
+            }
+        };
+        if chains.is_empty() {
+            return Ok(());
+        }
+        let params = self.exec_params();
+        let counter = self
+            .next_index
+            .get(usize::from(queue))
+            .ok_or_else(|| io::Error::other("queue index out of range"))?;
+        let mut completions = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let ctx = RequestCtx {
+                queue,
+                index: counter.fetch_add(1, Ordering::Relaxed),
+            };
+            let c = process_chain(chain, &*self.dev, &ctx, &params);
+            if let Some(e) = &c.error {
+                self.report(queue, ctx.index, e, c.status.is_none());
+            }
+            completions.push(c);
+        }
+        {
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            for c in &completions {
+                if let Err(e) = q.add_used(&*mem, c.head_index, c.used_len) {
+                    let bit = 1u64 << 62;
+                    if self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                        warn!("queue {queue}: cannot complete chain {}: {e}", c.head_index);
+                    }
+                }
+            }
+        }
+        if vring.needs_notification().unwrap_or(true) {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock<GuestMem>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.cfg.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.cfg.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.device_features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+        // Without FLUSH the driver cannot make writes durable: the device must write through.
+        let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        self.write_through.store(!flush, Ordering::Release);
+        if let Ok(mut c) = self.config.lock() {
+            c.writeback = u8::from(flush);
+        }
+        info!(
+            "negotiated features {features:#x}: event_idx={} indirect={} mq={} flush={} discard={} write_zeroes={} ro={}",
+            features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0,
+            features & (1 << VIRTIO_BLK_F_MQ) != 0,
+            flush,
+            features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
+            features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+            features & (1 << VIRTIO_BLK_F_RO) != 0,
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        match self.config.lock() {
+            Ok(c) => c.read_window(offset, size),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if !self.acked(VIRTIO_BLK_F_CONFIG_WCE) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "configuration is read-only without VIRTIO_BLK_F_CONFIG_WCE",
+            ));
+        }
+        let writeback = {
+            let mut c = self
+                .config
+                .lock()
+                .map_err(|_| io::Error::other("config lock poisoned"))?;
+            c.write_window(offset, buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            c.writeback != 0
+        };
+        let was_through = self.write_through.swap(!writeback, Ordering::AcqRel);
+        if !writeback && !was_through {
+            // Entering write-through: make what the cache held durable now.
+            self.dev
+                .flush(&RequestCtx::default())
+                .map_err(io::Error::other)?;
+        }
+        info!(
+            "driver switched the cache to {}",
+            if writeback {
+                "write-back"
+            } else {
+                "write-through"
+            }
+        );
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self
+            .mem
+            .write()
+            .map_err(|_| io::Error::other("guest memory lock poisoned"))? = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.cfg.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without an exit event the worker threads could never be joined.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock<GuestMem>],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unexpected event set {evset:?}"),
+            ));
+        }
+        // One queue per worker thread: the thread index is the queue index.
+        let queue = u16::try_from(thread_id)
+            .map_err(|_| io::Error::other("worker thread index out of range"))?;
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::other(format!("unknown device event {device_event}")))?;
+        if self.event_idx.load(Ordering::Acquire) {
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                self.process_queue(vring, queue)?;
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            }
+        } else {
+            self.process_queue(vring, queue)?;
+        }
+        Ok(())
+    }
+}
