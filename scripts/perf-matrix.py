@@ -199,11 +199,12 @@ def run_perf(opts: argparse.Namespace, backend: Backend, args: tuple[str, ...], 
         return None
 
 
-def rr_row_serve_works(rr_row: Path, workdir: Path) -> str | None:
-    """Returns None when `rr-row serve` starts and listens, else the reason it cannot be used."""
+def rr_row_serve_works(rr_row: Path, workdir: Path, record: bool = False) -> str | None:
+    """Returns None when `rr-row serve` (with `--record` if asked) starts and listens, else the
+    reason it cannot be used."""
     if not rr_row.exists():
         return f"{rr_row} not built"
-    probe = Backend("rr-row-probe", "rr-row", "rrimg")
+    probe = Backend("rr-row-probe", "rr-row", "rrimg", record=record)
     ns = argparse.Namespace(size_bytes=64 << 20, rr_row=rr_row, aio="io_uring")
     try:
         probe.start(ns, workdir, 0)
@@ -369,6 +370,8 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
     ]
     if not has_rr:
         lines += [f"- **rr-row not measured**: {opts.rr_row_reason}", ""]
+    if opts.record_reason:
+        lines += [f"- **`--record` variant not measured**: {opts.record_reason}", ""]
     # Main table.
     head = ["Workload"] + [f"{b} IOPS" for b in backends]
     if has_rr:
@@ -499,6 +502,13 @@ def main() -> int:
             print(f"note: rr-row skipped: {reason}", file=sys.stderr)
             opts.rr_row_reason = reason
             wanted.remove("rr-row")
+    opts.record_reason = ""
+    if opts.record and "rr-row" in wanted:
+        reason = rr_row_serve_works(opts.rr_row, opts.workdir, record=True)
+        if reason:
+            print(f"note: rr-row --record skipped: {reason}", file=sys.stderr)
+            opts.record_reason = reason
+            opts.record = False
     backends: list[Backend] = []
     for name in wanted:
         if name == "rr-row":
