@@ -164,6 +164,12 @@ class Backend:
             (self.image.parent / f"{self.name}.rrlog").unlink(missing_ok=True)
 
 
+def settle() -> None:
+    """Writes back every dirty page (sync(2)), so that no run pays for the writeback of the
+    data an earlier run, of any backend, left in the page cache."""
+    os.sync()
+
+
 def tail(path: Path, n: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -363,7 +369,7 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
         f"- Command: `{opts.cmdline}`",
         f"- {opts.reps} repetition(s), runtime {opts.runtime} s after {opts.ramp} s ramp per run, "
         f"virtual disk {opts.size} on {info['filesystem']} ({info['workdir']}), buffered I/O for every backend "
-        f"(qemu-storage-daemon: `cache.direct=off,aio={opts.aio}`), backends interleaved per workload; wall time {elapsed / 60:.1f} min.",
+        f"(qemu-storage-daemon: `cache.direct=off,aio={opts.aio}`), backends interleaved per workload (order rotated per workload and repetition){', sync(2) before each run' if opts.settle else ''}; wall time {elapsed / 60:.1f} min.",
         f"- Machine: {info['cpu']}, {info['cpus']} CPUs, kernel {info['kernel']}, {info['qemu_storage_daemon']}.",
         f"- Load average (1 min) before / after: {loads[0]} / {loads[1]} (other jobs share these CPUs; see the spread column).",
         "",
@@ -463,6 +469,7 @@ def main() -> int:
     ap.add_argument("--record", action="store_true", help="also run rr-row with --record (backend rr-row-record)")
     ap.add_argument("--only", help="comma list of workload keys to run (default all)")
     ap.add_argument("--aio", default="io_uring", choices=["io_uring", "threads"], help="qemu-storage-daemon aio mode")
+    ap.add_argument("--no-settle", dest="settle", action="store_false", help="do not sync(2) before each measured run")
     ap.add_argument("--seed", type=int, default=1, help="seed passed to perf")
     ap.add_argument("--workdir", type=Path, default=ROOT / "target" / "perf-matrix", help="where images live (one filesystem for all)")
     ap.add_argument("--rr-row", type=Path, default=ROOT / "target" / "release" / "rr-row")
@@ -546,7 +553,7 @@ def main() -> int:
                 if pre is None:
                     raise RuntimeError(f"prefill of {b.name} failed; see {b.log}")
                 print(f"   prefill {b.name:<14} {opts.size} in {time.monotonic() - t:5.1f} s ({pre['total']['mib_s']:,.0f} MiB/s)")
-            for w in workloads:
+            for wi, w in enumerate(workloads):
                 prepared = {b.name: True for b in backends}
                 if w.prepare:
                     for b in backends:
@@ -555,7 +562,12 @@ def main() -> int:
                         prepared[b.name] = pre is not None
                         state = "FAILED, not measured" if pre is None else f"{time.monotonic() - t:5.1f} s, {pre['total']['iops']:,.0f} IOPS"
                         print(f"   prepare {w.key} on {b.name:<14} ({state})")
-                for b in backends:
+                # Rotate the order per workload and repetition so that no backend always runs
+                # first (right after the previous workload's writes) or last.
+                shift = (rep + wi) % len(backends)
+                for b in backends[shift:] + backends[:shift]:
+                    if opts.settle:
+                        settle()
                     rep_res = run_perf(opts, b, w.args, measured=True) if prepared[b.name] else None
                     results.setdefault((w.key, b.name), []).append(rep_res)
                     done += 1
