@@ -45,6 +45,7 @@ struct Case {
     short: u64,
     base: bool,
     ckpt_threshold: u64,
+    unsynced_limit: u64,
     ops: Vec<Op>,
 }
 
@@ -66,16 +67,20 @@ fn case() -> impl Strategy<Value = Case> {
         0u64..3,
         any::<bool>(),
         prop_oneof![Just(u64::MAX), Just(0u64), Just(2048u64)],
+        prop_oneof![Just(u64::MAX), Just(0u64), Just(100_000u64)],
         proptest::collection::vec(op(), 1..40),
     )
-        .prop_map(|(bs, blocks, short, base, ckpt_threshold, ops)| Case {
-            bs,
-            blocks,
-            short,
-            base,
-            ckpt_threshold,
-            ops,
-        })
+        .prop_map(
+            |(bs, blocks, short, base, ckpt_threshold, unsynced_limit, ops)| Case {
+                bs,
+                blocks,
+                short,
+                base,
+                ckpt_threshold,
+                unsynced_limit,
+                ops,
+            },
+        )
 }
 
 fn pattern(seed: u8, off: u64, len: usize) -> Vec<u8> {
@@ -172,6 +177,7 @@ fn run(c: Case) {
                 }
                 let i = Image::open(&path, OpenMode::ReadWrite).unwrap();
                 i.set_checkpoint_threshold(c.ckpt_threshold);
+                i.set_unsynced_limit(c.unsynced_limit);
                 img = Some(i);
             }
         }

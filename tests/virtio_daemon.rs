@@ -445,3 +445,25 @@ fn socket_is_created_with_the_requested_mode() {
     assert_eq!(mode, 0o600);
     d.stop();
 }
+
+#[test]
+fn a_socket_in_use_is_not_stolen() {
+    let _w = Watchdog::new(60);
+    let d = Daemon::start(MemDevice::new(false), 1, false);
+    let cfg = DaemonConfig {
+        socket: d.socket.clone(),
+        socket_mode: 0o600,
+        once: true,
+        backend: BackendConfig::new(1, 256, serial_bytes("second")),
+    };
+    let stop = StopHandle::new().unwrap();
+    let err = run(&cfg, MemDevice::new(false), &stop).unwrap_err();
+    assert!(
+        matches!(err, rr_row::vhost_user::DaemonError::SocketInUse(_)),
+        "{err}"
+    );
+    // The first daemon still serves.
+    let c = Client::connect(&d.socket, 1);
+    c.close();
+    d.stop();
+}

@@ -1,4 +1,4 @@
-//! [`BlockDevice`](super::BlockDevice) over an RR-Row [`Image`](crate::image::Image).
+//! [`BlockDevice`] over an RR-Row [`Image`].
 //!
 //! A thin adapter: reads and writes go straight to the engine's vectored calls with the
 //! caller's segments (guest memory, for the daemon), so no data is copied here. The engine's

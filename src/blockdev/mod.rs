@@ -7,6 +7,8 @@
 //! implementations re-check and return [`BlockError::Unaligned`] otherwise.
 
 pub mod image_dev;
+pub mod record_dev;
+pub mod replay_dev;
 
 use crate::iobuf::IoSeg;
 
@@ -18,6 +20,22 @@ pub struct RequestCtx {
     /// Per-queue request index: 0 for the first request completed on this queue since the
     /// frontend connected, then 1, 2, ...
     pub index: u64,
+}
+
+impl RequestCtx {
+    /// The context of calls the daemon makes on its own, not for a guest request (e.g. the
+    /// flush when the driver switches the cache to write-through). Record/replay devices
+    /// execute them without logging or matching them: they are not part of the guest's stream.
+    /// Same value as `vhost_user::INTERNAL_CTX`.
+    pub const INTERNAL: RequestCtx = RequestCtx {
+        queue: u16::MAX,
+        index: u64::MAX,
+    };
+
+    /// True for [`RequestCtx::INTERNAL`] (any context on queue `u16::MAX`).
+    pub fn is_internal(&self) -> bool {
+        self.queue == u16::MAX
+    }
 }
 
 /// The kind of a virtio-blk request, as far as the storage layer cares.

@@ -8,6 +8,8 @@ use log::{info, warn};
 
 use super::{CliError, CliResult, ServeArgs};
 use crate::blockdev::image_dev::ImageDevice;
+use crate::blockdev::record_dev::RecordingDevice;
+use crate::blockdev::replay_dev::{DivergencePolicy, ReplayingDevice};
 use crate::blockdev::BlockDevice;
 use crate::image::{CreateOptions, Image, OpenMode};
 use crate::units::BlockSize;
@@ -24,11 +26,6 @@ fn init_logging() {
 
 /// Checks the arguments and turns them into the daemon's configuration.
 fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
-    if a.record.is_some() || a.replay.is_some() {
-        return Err(CliError(
-            "--record and --replay are not supported yet by this build".into(),
-        ));
-    }
     if a.queues == 0 || a.queues > MAX_QUEUES {
         return Err(CliError(format!(
             "--queues {} is out of range (1..={MAX_QUEUES})",
@@ -66,7 +63,7 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
 
 /// Opens the image, creating it first when it does not exist and `--size` is given.
 fn open_image(a: &ServeArgs) -> Result<Image, CliError> {
-    let mode = if a.read_only {
+    let mode = if a.read_only || a.replay.is_some() {
         OpenMode::ReadOnly
     } else {
         OpenMode::ReadWrite
@@ -94,12 +91,6 @@ fn open_image(a: &ServeArgs) -> Result<Image, CliError> {
             base: None,
         };
         let image = Image::create(path, &opts).map_err(|e| CliError::ctx(path.display(), e))?;
-        info!(
-            "created image {} ({} bytes, block size {})",
-            path.display(),
-            size,
-            block_size
-        );
         if mode == OpenMode::ReadWrite {
             return Ok(image);
         }
@@ -138,9 +129,50 @@ pub fn serve(a: &ServeArgs) -> CliResult {
             "read-write"
         }
     );
-    let dev = Arc::new(ImageDevice::new(image));
     let stop = StopHandle::new().map_err(|e| CliError::ctx("serve", e))?;
     stop_on_signals(stop.clone()).map_err(|e| CliError::ctx("cannot handle signals", e))?;
+    if a.record.is_some() || a.replay.is_some() {
+        let image = Arc::new(image);
+        let mut clean = true;
+        let result = if let Some(log) = &a.record {
+            let mode = match a.record_mode {
+                super::RecordMode::BlockId => crate::record::RecordMode::BlockId,
+                super::RecordMode::Full => crate::record::RecordMode::Full,
+            };
+            let dev = Arc::new(
+                RecordingDevice::new(Arc::clone(&image), log, mode)
+                    .map_err(|e| CliError::ctx(log.display(), e))?,
+            );
+            let r = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
+            if let Ok(dev) = Arc::try_unwrap(dev) {
+                dev.finish().map_err(|e| CliError::ctx(log.display(), e))?;
+            }
+            r
+        } else if let Some(log) = &a.replay {
+            let policy = match a.on_divergence {
+                super::OnDivergence::Stop => DivergencePolicy::Stop,
+                super::OnDivergence::Continue => DivergencePolicy::Continue,
+            };
+            let dev = Arc::new(
+                ReplayingDevice::open(Arc::clone(&image), log, policy)
+                    .map_err(|e| CliError::ctx(log.display(), e))?,
+            );
+            let r = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
+            clean = dev.summary().is_clean();
+            drop(dev); // logs the summary, releases the image
+            r
+        } else {
+            Ok(())
+        };
+        let closed = match Arc::try_unwrap(image) {
+            Ok(image) => image.close(),
+            Err(image) => image.flush(),
+        };
+        closed.map_err(|e| CliError::ctx("closing the image failed", e))?;
+        result.map_err(|e| CliError(e.to_string()))?;
+        return Ok(if clean { 0 } else { 2 });
+    }
+    let dev = Arc::new(ImageDevice::new(image));
 
     let result = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
 

@@ -59,8 +59,19 @@ fn damage(e: &ImageError) -> bool {
 }
 
 pub(crate) fn check(path: &Path, repair: bool) -> Result<CheckReport, ImageError> {
+    // Checking an image a daemon is writing to would report its moving tail as damage.
+    let guard =
+        std::fs::File::open(path).map_err(|e| ImageError::io("cannot open the image", e))?;
+    if !super::io::lock_shared(&guard).map_err(|e| ImageError::io("cannot lock the image", e))? {
+        return Err(ImageError::Locked);
+    }
     let mut rep = CheckReport::default();
-    let img = match Image::open_with(path, OpenMode::ReadOnly, OpenFlags::default()) {
+    let opened = Image::open_with(path, OpenMode::ReadOnly, OpenFlags::default());
+    if repair {
+        // Repairs open the image read-write, which takes the exclusive lock.
+        drop(guard);
+    }
+    let img = match opened {
         Ok(img) => img,
         Err(e) if damage(&e) => {
             if !repair {

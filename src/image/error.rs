@@ -131,6 +131,9 @@ pub enum ImageError {
         /// Bytes requested.
         need: u64,
     },
+    /// The data area has no block ids left.
+    #[error("the image is full: no block ids are left")]
+    Full,
     /// An earlier journal write failed; the image refuses further changes until reopened.
     #[error("the image's journal failed earlier; reopen the image")]
     Failed,

@@ -287,10 +287,10 @@ impl Header {
             base_size: g64(152),
             base_path,
         };
-        if h.jpos.offset < SEG_HEADER_SIZE || h.jpos.offset > seg_bytes {
+        if h.jpos.offset < SEG_HEADER_SIZE || h.jpos.offset + LINK_LEN as u64 > seg_bytes {
             return Err(inv("journal position outside its segment"));
         }
-        let slot_limit = u64::MAX / bs / 2;
+        let slot_limit = ((i64::MAX as u64) / bs).min((1 << 48) - 4);
         if h.next_free_slot > slot_limit
             || h.jpos.seg_slot.saturating_add(u64::from(seg_slots)) > h.next_free_slot
             || h.first_seg_slot.saturating_add(u64::from(seg_slots)) > h.next_free_slot
@@ -355,6 +355,8 @@ pub enum RecKind {
     Flush,
     /// The journal continues in another segment.
     Link,
+    /// A read-write open started appending here (a random nonce re-seeds the chain).
+    Epoch,
 }
 
 impl RecKind {
@@ -365,6 +367,7 @@ impl RecKind {
             RecKind::WriteZeroes => 3,
             RecKind::Flush => 4,
             RecKind::Link => 5,
+            RecKind::Epoch => 6,
         }
     }
 
@@ -375,6 +378,7 @@ impl RecKind {
             3 => RecKind::WriteZeroes,
             4 => RecKind::Flush,
             5 => RecKind::Link,
+            6 => RecKind::Epoch,
             _ => return None,
         })
     }
@@ -412,6 +416,8 @@ pub struct Record {
     pub pieces: Vec<Piece>,
     /// Link target: (segment slot, segment index).
     pub link: Option<(u64, u64)>,
+    /// Epoch nonce.
+    pub nonce: Option<[u8; 16]>,
 }
 
 /// Encodes a record with the chain seed `prev_crc`; returns the bytes and the record's crc.
@@ -420,7 +426,7 @@ pub fn encode_record(rec: &Record, prev_crc: u32) -> (Vec<u8>, u32) {
         RecKind::Write | RecKind::Discard | RecKind::WriteZeroes => {
             8 + PIECE_LEN * rec.pieces.len()
         }
-        RecKind::Link => 16,
+        RecKind::Link | RecKind::Epoch => 16,
         RecKind::Flush => 0,
     };
     let len = REC_HEAD + payload + 4;
@@ -445,6 +451,7 @@ pub fn encode_record(rec: &Record, prev_crc: u32) -> (Vec<u8>, u32) {
             b.extend_from_slice(&slot.to_le_bytes());
             b.extend_from_slice(&idx.to_le_bytes());
         }
+        RecKind::Epoch => b.extend_from_slice(&rec.nonce.unwrap_or_default()),
         RecKind::Flush => {}
     }
     let crc = crc32c::crc32c_append(prev_crc, &b);
@@ -512,6 +519,7 @@ pub fn decode_record(b: &[u8], prev_crc: u32) -> Result<Decoded, String> {
         seq,
         pieces: Vec::new(),
         link: None,
+        nonce: None,
     };
     match kind {
         RecKind::Write | RecKind::Discard | RecKind::WriteZeroes => {
@@ -539,6 +547,12 @@ pub fn decode_record(b: &[u8], prev_crc: u32) -> Result<Decoded, String> {
                 rd_u64(payload, 0).unwrap_or(0),
                 rd_u64(payload, 8).unwrap_or(0),
             ));
+        }
+        RecKind::Epoch => {
+            let n: [u8; 16] = payload
+                .try_into()
+                .map_err(|_| "epoch record has the wrong length".to_string())?;
+            rec.nonce = Some(n);
         }
         RecKind::Flush => {
             if !payload.is_empty() {
@@ -699,6 +713,7 @@ mod tests {
                 data_crc: 9,
             }],
             link: None,
+            nonce: None,
         };
         let (b, crc) = encode_record(&r, 11);
         match decode_record(&b, 11).unwrap() {

@@ -119,17 +119,33 @@ pub fn crc_segs(segs: &[IoSeg<'_>]) -> u32 {
     crc
 }
 
-/// Sets `flock` on the file: exclusive for read-write, nothing for read-only.
+/// Takes an exclusive `flock` on the file (read-write opens); false when another open file
+/// description holds a lock.
 pub fn lock_exclusive(file: &File) -> io::Result<bool> {
-    // SAFETY: flock on an fd we own; no memory is involved.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(true);
+    flock(file, libc::LOCK_EX)
+}
+
+/// Takes a shared `flock` on the file (`check`: no read-write user may be active).
+pub fn lock_shared(file: &File) -> io::Result<bool> {
+    flock(file, libc::LOCK_SH)
+}
+
+/// Tries for up to ~100 ms: a lock can be held briefly by a child process that inherited the
+/// descriptor between its fork and its exec (descriptors are close-on-exec).
+fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
+    for attempt in 0..10 {
+        // SAFETY: flock on an fd we own; no memory is involved.
+        let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if attempt < 9 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
+    Ok(false)
 }

@@ -142,12 +142,18 @@ impl<'a> Walker<'a> {
 
     fn validate(&self, rec: &Record) -> Result<(), String> {
         if self.check_seq {
+            let ok = match rec.kind {
+                RecKind::Write | RecKind::Discard | RecKind::WriteZeroes => rec.seq == self.seq + 1,
+                // A flush marker vouches for a seq reached before it was appended.
+                RecKind::Flush => rec.seq <= self.seq,
+                RecKind::Link | RecKind::Epoch => rec.seq == self.seq,
+            };
             let want = if rec.kind.changes_state() {
                 self.seq + 1
             } else {
                 self.seq
             };
-            if rec.seq != want {
+            if !ok {
                 return Err(format!(
                     "journal record has seq {}, expected {want}",
                     rec.seq
@@ -185,16 +191,17 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
-    /// After a torn record with a plausible length: is there a flush marker further on in the
-    /// chain it would have seeded? If so the record was durable and is now damaged.
-    pub fn flush_marker_after(&self, plausible: Option<(usize, u32)>) -> bool {
+    /// After a torn record with a plausible length: is there, further on in the chain it would
+    /// have seeded, a flush marker vouching for a seq beyond `last_seq` (the seq before the bad
+    /// record)? If so the bad record was made durable by that flush and is now damaged.
+    pub fn flush_marker_after(&self, plausible: Option<(usize, u32)>, last_seq: u64) -> bool {
         let Some((len, crc)) = plausible else {
             return false;
         };
         let mut w = self.lookahead(self.pos.offset + len as u64, crc);
         for _ in 0..1_000_000 {
             match w.next_step() {
-                Ok(Step::Rec(r, _)) if r.kind == RecKind::Flush => return true,
+                Ok(Step::Rec(r, _)) if r.kind == RecKind::Flush && r.seq > last_seq => return true,
                 Ok(Step::Rec(..)) => {}
                 _ => return false,
             }
@@ -216,8 +223,10 @@ pub struct Journal {
     pub buf: Vec<u8>,
     /// Seq of the latest state-changing record.
     pub seq: u64,
-    /// State-changing records since the last flush marker.
-    pub dirty: bool,
+    /// Seq vouched for by the latest flush marker (everything up to it is durable).
+    pub durable_seq: u64,
+    /// Data bytes committed since the last sync.
+    pub unsynced: u64,
     /// Journal bytes since the last checkpoint.
     pub since_ckpt: u64,
     /// A write-out failed: acknowledged records may be lost; refuse further changes.
@@ -274,9 +283,9 @@ impl Journal {
         Ok(())
     }
 
-    /// Starts a new segment: allocate it, write it zeroed with its header, sync, then link it.
+    /// Starts a new segment: allocate it, write it zeroed with its header, then link it.
     fn roll(&mut self, sh: &Shared) -> Result<(), ImageError> {
-        let slot = sh.alloc(sh.seg_slots);
+        let slot = sh.alloc(sh.seg_slots)?;
         let idx = self.pos.seg_index + 1;
         let mut seg = vec![0u8; sh.seg_bytes() as usize];
         let h = encode_seg_header(&sh.uuid, idx);
@@ -286,8 +295,9 @@ impl Journal {
         let off = sh
             .slot_off(slot)
             .ok_or_else(|| ImageError::corrupt(0, "segment offset overflows"))?;
-        let res = sh.pwrite(&seg, off).and_then(|_| sh.file.sync_data());
-        if let Err(e) = res {
+        // Zero-filled so no stale bytes of earlier uses of these slots sit in the segment.
+        // (No sync is needed: stale records cannot validate, every open re-seeds the chain.)
+        if let Err(e) = sh.pwrite(&seg, off) {
             self.failed = true;
             return Err(ImageError::io("cannot write a new journal segment", e));
         }
@@ -297,6 +307,7 @@ impl Journal {
             seq: self.seq,
             pieces: Vec::new(),
             link: Some((slot, idx)),
+            nonce: None,
         };
         let (bytes, crc) = encode_record(&link, self.pos.crc);
         self.buf.extend_from_slice(&bytes);

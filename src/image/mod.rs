@@ -8,6 +8,31 @@
 //! Checkpoints of the LBA map bound the work of opening an image.
 //!
 //! This module knows nothing of virtio or vhost-user.
+//!
+//! ```
+//! use rr_row::image::{CreateOptions, Extent, Image, OpenMode};
+//! use rr_row::units::{BlockSize, Lba, Seq};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("disk.rrow");
+//! let opts = CreateOptions { size: 1 << 20, block_size: BlockSize::DEFAULT, base: None };
+//! let img = Image::create(&path, &opts)?;
+//! let first = img.write_at(0, &[1u8; 4096])?;
+//! img.write_at(0, &[2u8; 4096])?; // redirected: a new block, the old one is kept
+//! img.flush()?;
+//!
+//! let mut buf = [0u8; 4096];
+//! img.read_at(0, &mut buf)?;
+//! assert_eq!(buf, [2u8; 4096]);
+//! img.read_block(first.first_pba, &mut buf)?; // by block id, whatever the map says now
+//! assert_eq!(buf, [1u8; 4096]);
+//! img.state_at(Seq(1))?.read_at(0, &mut buf)?; // the disk as of seq 1
+//! assert_eq!(buf, [1u8; 4096]);
+//! assert!(matches!(img.resolve(Lba(0), 1)?[..], [Extent::Mapped { .. }]));
+//! img.close()?;
+//! assert_eq!(Image::open(&path, OpenMode::ReadOnly)?.seq(), Seq(2));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod check;
 mod error;
@@ -38,6 +63,8 @@ use crate::units::{BlockSize, Lba, Pba, Seq};
 
 /// Journal bytes after which a flush also takes a checkpoint.
 pub const DEFAULT_CHECKPOINT_THRESHOLD: u64 = 64 << 20;
+/// Data bytes written without a flush after which the engine syncs by itself.
+pub const DEFAULT_UNSYNCED_LIMIT: u64 = 1 << 30;
 
 /// Parameters of [`Image::create`].
 #[derive(Debug, Clone)]
@@ -185,10 +212,6 @@ pub(crate) struct OpenNotes {
     dropped: u64,
     /// Recovery rolled back over damaged durable records (repair only).
     rolled_back: Option<String>,
-    /// The checkpoint was ignored (repair only).
-    ignored_ckpt: bool,
-    /// Journal position where replay started.
-    replay_start: Option<JPos>,
     /// Journal bytes replayed at open.
     replayed_bytes: u64,
 }
@@ -208,6 +231,8 @@ pub struct Image {
     seq: AtomicU64,
     read_only: bool,
     ckpt_threshold: AtomicU64,
+    unsynced_limit: AtomicU64,
+    sync_due: std::sync::atomic::AtomicBool,
     notes: OpenNotes,
     path: PathBuf,
     closed: bool,
@@ -436,6 +461,23 @@ impl Image {
             .metadata()
             .map_err(|e| ImageError::io("cannot stat the image", e))?
             .len();
+        // Journal segments are written whole when they are started: the file must reach the
+        // end of the first one and of the one replay starts in.
+        let seg_bytes = u64::from(hdr.seg_slots) * hdr.block_size.bytes_u64();
+        let need = [hdr.first_seg_slot, hdr.jpos.seg_slot]
+            .iter()
+            .map(|&s| {
+                s.saturating_mul(hdr.block_size.bytes_u64())
+                    .saturating_add(hdr.data_offset)
+                    .saturating_add(seg_bytes)
+            })
+            .max()
+            .unwrap_or(0);
+        if file_len < need {
+            return Err(ImageError::Truncated {
+                what: format!("the file is {file_len} bytes but its journal reaches byte {need}"),
+            });
+        }
         let sh = Shared {
             file,
             base,
@@ -476,21 +518,17 @@ impl Image {
                 *wlock(&sh.meta) = meta;
                 (hdr.jpos, hdr.ckpt_seq)
             }
-            Some(_) => {
-                notes.ignored_ckpt = true;
-                (
-                    JPos {
-                        seg_slot: hdr.first_seg_slot,
-                        seg_index: 0,
-                        offset: SEG_HEADER_SIZE,
-                        crc: Header::chain_seed(&hdr.uuid),
-                    },
-                    0,
-                )
-            }
+            Some(_) => (
+                JPos {
+                    seg_slot: hdr.first_seg_slot,
+                    seg_index: 0,
+                    offset: SEG_HEADER_SIZE,
+                    crc: Header::chain_seed(&hdr.uuid),
+                },
+                0,
+            ),
             None => (hdr.jpos, hdr.ckpt_seq),
         };
-        notes.replay_start = Some(start);
 
         // Replay the journal after the checkpoint up to the first invalid record.
         let mut w = Walker::new(&sh, start, start_seq)?;
@@ -511,7 +549,7 @@ impl Image {
             plausible,
         } = &stop
         {
-            if w.flush_marker_after(*plausible) {
+            if w.flush_marker_after(*plausible, w.seq) {
                 let msg = format!("{what}, but a later flush marker shows the record was durable");
                 if fl.rollback {
                     log::warn!(
@@ -529,13 +567,17 @@ impl Image {
         if let Stop::BadSegment { at, what } = &stop {
             notes.torn = Some(format!("byte offset {at}: {what}"));
         }
-        // Records after the last flush marker are kept only while their data verifies.
-        let first_untrusted = recs
+        // A flush marker with seq S vouches for every record with seq <= S (and their data).
+        // Later records are kept only while their data verifies.
+        let durable = recs
             .iter()
-            .rposition(|(r, _)| r.kind == RecKind::Flush)
-            .map_or(0, |i| i + 1);
+            .filter(|(r, _)| r.kind == RecKind::Flush)
+            .fold(start_seq, |d, (r, _)| d.max(r.seq));
         let mut keep = recs.len();
-        'verify: for (i, (r, _)) in recs.iter().enumerate().skip(first_untrusted) {
+        'verify: for (i, (r, _)) in recs.iter().enumerate() {
+            if !r.kind.changes_state() || r.seq <= durable {
+                continue;
+            }
             for p in &r.pieces {
                 if let Some(pba) = p.pba {
                     if sh.data_crc(pba, p.blocks)? != Some(p.data_crc) {
@@ -597,15 +639,18 @@ impl Image {
                 .slot_off(end.seg_slot)
                 .ok_or_else(|| ImageError::corrupt(0, "journal offset overflows"))?;
             let seg = sh.read_segment(end.seg_slot)?;
+            let mut rewrite_tail = false;
             if check_seg_header(&seg, &sh.uuid, end.seg_index).is_err() {
+                // A segment the crash left unwritten: write it whole (header and zeros).
                 sh.pwrite(&encode_seg_header(&sh.uuid, end.seg_index), seg_off)
                     .map_err(|e| ImageError::io("cannot write a journal segment header", e))?;
+                rewrite_tail = true;
             }
             let tail = sh.seg_bytes() - end.offset;
             let stale = seg
                 .get(end.offset as usize..)
                 .is_some_and(|t| t.iter().any(|&b| b != 0));
-            if stale {
+            if stale || rewrite_tail {
                 sh.pwrite(&vec![0u8; tail as usize], seg_off + end.offset)
                     .map_err(|e| ImageError::io("cannot clear the journal tail", e))?;
             }
@@ -614,18 +659,30 @@ impl Image {
                 .map_err(|e| ImageError::io("cannot sync the image", e))?;
         }
 
-        let journal = Journal {
+        let mut journal = Journal {
             pos: end,
             written: end.offset,
             buf: Vec::new(),
             seq,
-            dirty: false,
+            durable_seq: seq,
+            unsynced: 0,
             since_ckpt,
             failed: false,
             hdr,
             hdr_copy,
             segments,
         };
+        if rw {
+            // Re-seed the chain: nothing a previous run left anywhere can validate after this.
+            let epoch = Record {
+                kind: RecKind::Epoch,
+                seq,
+                pieces: Vec::new(),
+                link: None,
+                nonce: Some(*uuid::Uuid::new_v4().as_bytes()),
+            };
+            journal.append(&sh, &epoch)?;
+        }
         log::info!(
             "opened image {} ({}, seq {}, {} bytes of journal replayed)",
             path.display(),
@@ -640,6 +697,8 @@ impl Image {
             seq: AtomicU64::new(seq),
             read_only: !rw,
             ckpt_threshold: AtomicU64::new(DEFAULT_CHECKPOINT_THRESHOLD),
+            unsynced_limit: AtomicU64::new(DEFAULT_UNSYNCED_LIMIT),
+            sync_due: std::sync::atomic::AtomicBool::new(false),
             notes,
             path: path.to_path_buf(),
             closed: false,
@@ -679,6 +738,12 @@ impl Image {
     /// Sets the journal size after which a flush takes a checkpoint.
     pub fn set_checkpoint_threshold(&self, bytes: u64) {
         self.ckpt_threshold.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Sets how many data bytes may be written without a flush before the engine syncs on its
+    /// own (bounding the work of recovery after a crash).
+    pub fn set_unsynced_limit(&self, bytes: u64) {
+        self.unsynced_limit.store(bytes, Ordering::SeqCst);
     }
 
     /// Journal bytes the last open replayed (after the checkpoint).
@@ -748,17 +813,13 @@ impl Image {
         if offset % bs == 0 && len % bs == 0 {
             // Full blocks: allocate, write the data outside any lock, then commit.
             let n = len / bs;
-            let first = self.sh.alloc(n);
+            let first = self.sh.alloc(n)?;
             let crc = io::crc_segs(segs);
-            let off = self
-                .sh
-                .slot_off(first)
-                .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+            let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
             io::pwritev_all(&self.sh.file, segs, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
-            let mut j = lock(&self.journal);
             let seq = self.commit(
-                &mut j,
+                &mut lock(&self.journal),
                 RecKind::Write,
                 vec![Piece {
                     lba,
@@ -767,6 +828,7 @@ impl Image {
                     data_crc: crc,
                 }],
             )?;
+            self.background_sync();
             return Ok(WriteOutcome {
                 seq,
                 first_pba: Pba(first),
@@ -801,11 +863,8 @@ impl Image {
                 pos += s.len();
             }
         }
-        let first = self.sh.alloc(n);
-        let off = self
-            .sh
-            .slot_off(first)
-            .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+        let first = self.sh.alloc(n)?;
+        let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
         self.sh
             .pwrite(&buf, off)
             .map_err(|e| ImageError::io("cannot write data blocks", e))?;
@@ -819,6 +878,8 @@ impl Image {
                 data_crc: crc32c::crc32c(&buf),
             }],
         )?;
+        drop(j);
+        self.background_sync();
         Ok(WriteOutcome {
             seq,
             first_pba: Pba(first),
@@ -851,15 +912,37 @@ impl Image {
             seq,
             pieces,
             link: None,
+            nonce: None,
         };
         j.append(&self.sh, &rec)?;
         j.seq = seq;
-        j.dirty = true;
         let zero = zero_value(&self.sh);
-        let mut live = wlock(&self.live);
-        apply(&mut live.map, &rec, zero);
-        live.seq = seq;
+        {
+            let mut live = wlock(&self.live);
+            apply(&mut live.map, &rec, zero);
+            live.seq = seq;
+        }
         self.seq.store(seq, Ordering::SeqCst);
+        // A guest that never flushes still gets its data synced now and then (so recovery
+        // never has to verify more than the unsynced limit of data) and checkpoints (so that
+        // opening stays bounded).
+        j.unsynced += rec
+            .pieces
+            .iter()
+            .filter(|p| p.pba.is_some())
+            .map(|p| p.blocks.saturating_mul(self.sh.bs.bytes_u64()))
+            .sum::<u64>();
+        if j.unsynced >= self.unsynced_limit.load(Ordering::SeqCst) {
+            // The caller syncs once it has released the journal mutex.
+            j.unsynced = 0;
+            self.sync_due.store(true, Ordering::SeqCst);
+        }
+        let limit = self.ckpt_threshold.load(Ordering::SeqCst).saturating_mul(2);
+        if j.since_ckpt >= limit {
+            if let Err(e) = self.checkpoint_locked(j) {
+                log::warn!("checkpoint failed: {e}");
+            }
+        }
         Ok(Seq(seq))
     }
 
@@ -927,11 +1010,8 @@ impl Image {
                 });
                 continue;
             }
-            let slot = self.sh.alloc(1);
-            let off = self
-                .sh
-                .slot_off(slot)
-                .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+            let slot = self.sh.alloc(1)?;
+            let off = self.sh.slot_off(slot).ok_or(ImageError::Full)?;
             self.sh
                 .pwrite(&buf, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
@@ -955,7 +1035,19 @@ impl Image {
             });
         }
         pieces.extend(rp);
-        self.commit(&mut j, kind, pieces)
+        let seq = self.commit(&mut j, kind, pieces)?;
+        drop(j);
+        self.background_sync();
+        Ok(seq)
+    }
+
+    /// Syncs (outside the journal mutex) when a commit found too much unflushed data.
+    fn background_sync(&self) {
+        if self.sync_due.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.flush() {
+                log::warn!("periodic sync failed: {e}");
+            }
+        }
     }
 
     /// Makes every completed operation durable (write out the journal, fdatasync, then append
@@ -964,26 +1056,37 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        let mut j = lock(&self.journal);
-        if j.failed {
-            return Err(ImageError::Failed);
-        }
-        if !j.dirty {
-            return Ok(());
-        }
-        j.write_out(&self.sh)?;
+        let target = {
+            let mut j = lock(&self.journal);
+            if j.failed {
+                return Err(ImageError::Failed);
+            }
+            if j.seq <= j.durable_seq {
+                return Ok(());
+            }
+            j.write_out(&self.sh)?;
+            j.seq
+        };
+        // Sync without holding the journal mutex: other operations keep committing meanwhile.
+        // Every record up to `target` (and every record before them in the chain) is in the
+        // file, and their data blocks were written before they were committed.
         if let Err(e) = self.sh.file.sync_data() {
-            j.failed = true;
+            lock(&self.journal).failed = true;
             return Err(ImageError::io("cannot sync the image", e));
         }
-        let marker = Record {
-            kind: RecKind::Flush,
-            seq: j.seq,
-            pieces: Vec::new(),
-            link: None,
-        };
-        j.append(&self.sh, &marker)?;
-        j.dirty = false;
+        let mut j = lock(&self.journal);
+        j.unsynced = 0;
+        if target > j.durable_seq {
+            let marker = Record {
+                kind: RecKind::Flush,
+                seq: target,
+                pieces: Vec::new(),
+                link: None,
+                nonce: None,
+            };
+            j.append(&self.sh, &marker)?;
+            j.durable_seq = target;
+        }
         if j.since_ckpt >= self.ckpt_threshold.load(Ordering::SeqCst) {
             self.checkpoint_locked(&mut j)?;
         }
@@ -1015,7 +1118,7 @@ impl Image {
         let mut meta = self.sh.meta_runs();
         let len = Checkpoint::encoded_len(runs.len(), meta.len() + 1) as u64;
         let slots = len.div_ceil(self.sh.bs.bytes_u64());
-        let slot = self.sh.alloc(slots);
+        let slot = self.sh.alloc(slots)?;
         meta.push((slot, slots));
         meta.sort_unstable();
         let ck = Checkpoint {
@@ -1024,10 +1127,7 @@ impl Image {
             meta,
         };
         let (bytes, crc) = ck.encode(&self.sh.uuid);
-        let off = self
-            .sh
-            .slot_off(slot)
-            .ok_or_else(|| ImageError::InvalidOptions("the image is full".into()))?;
+        let off = self.sh.slot_off(slot).ok_or(ImageError::Full)?;
         self.sh
             .pwrite(&bytes, off)
             .map_err(|e| ImageError::io("cannot write a checkpoint", e))?;
@@ -1050,6 +1150,8 @@ impl Image {
         j.hdr = hdr;
         j.hdr_copy = copy;
         j.since_ckpt = 0;
+        j.durable_seq = j.seq;
+        j.unsynced = 0;
         log::debug!("checkpoint at seq {} ({} bytes)", j.seq, bytes.len());
         Ok(())
     }
@@ -1289,7 +1391,7 @@ impl Image {
         if j.failed {
             return Err(ImageError::Failed);
         }
-        if j.since_ckpt > 0 || j.hdr.ckpt.is_none() || j.dirty {
+        if j.since_ckpt > 0 || j.hdr.ckpt.is_none() || j.seq != j.hdr.ckpt_seq {
             self.checkpoint_locked(&mut j)?;
         }
         Ok(())
@@ -1363,6 +1465,13 @@ impl Snapshot {
             .extents(lba.0, blocks, self.sh.base.is_some(), &mut ex);
         Ok(ex)
     }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Image>();
+    is::<Snapshot>();
 }
 
 /// Reads both header copies; returns the winner, its copy index and what was wrong with the

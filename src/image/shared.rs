@@ -51,8 +51,9 @@ impl Shared {
     }
 
     /// Largest slot number that can exist (keeps every offset computation in range).
+    /// Also keeps map entries (block id + 2) within 48 bits.
     pub fn slot_limit(&self) -> u64 {
-        (i64::MAX as u64 - self.data_offset) / self.bs.bytes_u64()
+        ((i64::MAX as u64 - self.data_offset) / self.bs.bytes_u64()).min((1 << 48) - 4)
     }
 
     /// Bytes per journal segment.
@@ -61,8 +62,12 @@ impl Shared {
     }
 
     /// Allocates `n` consecutive slots.
-    pub fn alloc(&self, n: u64) -> u64 {
-        self.next_slot.fetch_add(n, Ordering::SeqCst)
+    pub fn alloc(&self, n: u64) -> Result<u64, ImageError> {
+        let first = self.next_slot.fetch_add(n, Ordering::SeqCst);
+        match first.checked_add(n) {
+            Some(end) if end <= self.slot_limit() => Ok(first),
+            _ => Err(ImageError::Full),
+        }
     }
 
     /// Records a metadata run.

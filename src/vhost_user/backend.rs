@@ -149,7 +149,8 @@ impl BlkBackend {
             config: Mutex::new(config),
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
-            write_through: AtomicBool::new(false),
+            // Until FLUSH is negotiated the device must write through (virtio 1.2, 5.2.6.2).
+            write_through: AtomicBool::new(true),
             acked_features: AtomicU64::new(0),
             next_index,
             warned: AtomicU64::new(0),
@@ -216,7 +217,9 @@ impl BlkBackend {
     }
 
     /// Executes every available chain of one queue, completes them, and signals the guest once.
-    fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<()> {
+    /// Returns false when the available ring is unusable (the guest corrupted it): the queue is
+    /// then left alone, and draining must stop.
+    fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<bool> {
         let mem = self
             .mem
             .read()
@@ -232,12 +235,12 @@ impl BlkBackend {
                     if self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
                         warn!("queue {queue}: cannot read the available ring: {e}");
                     }
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         };
         if chains.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let params = self.exec_params();
         let counter = self
@@ -271,7 +274,25 @@ impl BlkBackend {
         if vring.needs_notification().unwrap_or(true) {
             vring.signal_used_queue()?;
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Processes a queue after a kick; with EVENT_IDX keeps draining until
+    /// `enable_notification()` says nothing arrived meanwhile, so no kick is lost.
+    fn drain(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<()> {
+        if !self.event_idx.load(Ordering::Acquire) {
+            self.process_queue(vring, queue)?;
+            return Ok(());
+        }
+        loop {
+            vring.disable_notification().map_err(io::Error::other)?;
+            if !self.process_queue(vring, queue)? {
+                return Ok(());
+            }
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -292,7 +313,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Release);
+        let previous = self.acked_features.swap(features, Ordering::AcqRel);
+        if previous == features {
+            // A repeated SET_FEATURES (e.g. around migration logging) changes nothing, and must
+            // not undo a cache mode the driver chose through the config space.
+            return;
+        }
         // Without FLUSH the driver cannot make writes durable: the device must write through.
         let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         self.write_through.store(!flush, Ordering::Release);
@@ -349,7 +375,7 @@ impl VhostUserBackend for BlkBackend {
         if !writeback && !was_through {
             // Entering write-through: make what the cache held durable now.
             self.dev
-                .flush(&RequestCtx::default())
+                .flush(&super::INTERNAL_CTX)
                 .map_err(io::Error::other)?;
         }
         info!(
@@ -405,16 +431,13 @@ impl VhostUserBackend for BlkBackend {
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("unknown device event {device_event}")))?;
-        if self.event_idx.load(Ordering::Acquire) {
-            loop {
-                vring.disable_notification().map_err(io::Error::other)?;
-                self.process_queue(vring, queue)?;
-                if !vring.enable_notification().map_err(io::Error::other)? {
-                    break;
-                }
+        if let Err(e) = self.drain(vring, queue) {
+            // The guest broke its rings (e.g. an unmapped used ring). Keep the worker alive, so
+            // the queue works again if the driver resets it, and say so once.
+            let bit = 1u64 << 61;
+            if self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                warn!("queue {queue}: {e}");
             }
-        } else {
-            self.process_queue(vring, queue)?;
         }
         Ok(())
     }

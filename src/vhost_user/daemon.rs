@@ -22,7 +22,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::blockdev::{BlockDevice, RequestCtx};
+use crate::blockdev::BlockDevice;
 
 use super::backend::{BackendConfig, BackendError, BlkBackend};
 
@@ -125,16 +125,23 @@ impl StopHandle {
     }
 }
 
-/// Stops `stop` on SIGINT or SIGTERM (from a background thread).
+/// Stops `stop` on SIGINT or SIGTERM (from a background thread). A second signal exits the
+/// process at once with status 1, without flushing: the image is crash consistent, so this only
+/// loses writes the guest had not flushed.
 pub fn stop_on_signals(stop: StopHandle) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            let mut forever = signals.forever();
+            if let Some(sig) = forever.next() {
                 info!("signal {sig} received: stopping");
                 stop.stop();
+            }
+            if let Some(sig) = forever.next() {
+                warn!("second signal {sig} received: exiting without flushing");
+                std::process::exit(1);
             }
         })?;
     Ok(())
@@ -269,7 +276,7 @@ pub fn run(
         }
         // Dropping the daemon stops and joins the queue workers: no request is in flight after.
         drop(daemon);
-        match dev.flush(&RequestCtx::default()) {
+        match dev.flush(&super::INTERNAL_CTX) {
             Ok(()) => info!("device flushed"),
             Err(e) => error!("flush after disconnect failed: {e}"),
         }

@@ -275,6 +275,10 @@ impl Rejection {
 /// memory (when the chain has one), requests that never reach the device are reported through
 /// [`BlockDevice::rejected`], and the returned [`Completion`] says what to `add_used`.
 /// Never panics, whatever the chain holds.
+///
+/// A rejected request is reported with the status the guest received; a chain dropped without
+/// a status byte is reported with `VIRTIO_BLK_S_IOERR` (what the guest's driver makes of it),
+/// and one whose header could not be read with kind `RequestKind::Other(u32::MAX)`, sector 0.
 pub fn process_chain<M>(
     chain: DescriptorChain<M>,
     dev: &dyn BlockDevice,

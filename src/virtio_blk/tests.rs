@@ -277,6 +277,18 @@ fn header_split_and_status_sharing_a_data_descriptor() {
 }
 
 #[test]
+fn header_and_data_in_one_descriptor() {
+    // ANY_LAYOUT the other way round: an OUT whose header and data share a descriptor.
+    let m = mem();
+    let dev = MemDevice::new(false);
+    header(&m, HDR, VIRTIO_BLK_T_OUT, 2);
+    m.write_slice(&[0x42; 512], GuestAddress(HDR + 16)).unwrap();
+    let c = run(&m, &dev, &[d(HDR, 16 + 512, R), d(STATUS, 1, W)]);
+    assert_eq!(c.status, Some(STATUS_OK), "{:?}", c.error);
+    assert_eq!(dev.bytes(1024, 512), vec![0x42; 512]);
+}
+
+#[test]
 fn indirect_descriptors_are_followed() {
     let m = mem();
     let dev = MemDevice::new(false);
@@ -838,6 +850,54 @@ proptest! {
                 prop_assert_eq!(c.used_len, 0);
                 prop_assert!(c.error.is_some());
             }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Linear chains of random descriptors: when a status is reported it is the byte at the end
+    /// of the last descriptor, and a chain is dropped exactly when that descriptor cannot hold
+    /// a status.
+    #[test]
+    fn linear_chains_report_status_in_place(
+        descs in proptest::collection::vec(
+            (prop_oneof![Just(HDR), Just(DATA), Just(DATA2), 0u64..(2 * MEM_SIZE as u64)],
+             prop_oneof![Just(1u32), Just(16), Just(20), Just(512), Just(4096), 0u32..9000],
+             any::<bool>()),
+            1..12),
+        t in prop_oneof![Just(VIRTIO_BLK_T_IN), Just(VIRTIO_BLK_T_OUT), Just(VIRTIO_BLK_T_FLUSH),
+                         Just(VIRTIO_BLK_T_GET_ID), Just(VIRTIO_BLK_T_DISCARD),
+                         Just(VIRTIO_BLK_T_WRITE_ZEROES), any::<u32>()],
+        sector in prop_oneof![0u64..4096, any::<u64>()],
+        status_in_memory in any::<bool>(),
+    ) {
+        let m = mem();
+        let dev = MemDevice::new(false);
+        header(&m, HDR, t, sector);
+        dwz(&m, DATA, &[(sector, 8, 0)]);
+        let mut raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|(a, l, w)| d(*a, *l, if *w { W } else { R }))
+            .collect();
+        let status_addr = if status_in_memory { STATUS } else { MEM_SIZE as u64 + 5 };
+        raw.push(d(status_addr, 1, W));
+        m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let q = MockSplitQueue::new(&m, 32);
+        let chain = q.build_desc_chain(&raw).unwrap();
+        let c = process_chain(chain, &dev, &RequestCtx::default(), &params());
+        if status_in_memory {
+            let s = c.status.expect("a usable status byte is always written");
+            prop_assert_eq!(status_byte(&m), s);
+            prop_assert!(c.used_len >= 1);
+        } else {
+            prop_assert_eq!(c.status, None);
+            prop_assert_eq!(c.used_len, 0);
+            prop_assert!(matches!(
+                c.error,
+                Some(ChainError::Malformed(RequestError::StatusOutOfMemory(_)))
+            ));
         }
     }
 }

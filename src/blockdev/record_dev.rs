@@ -1,0 +1,353 @@
+//! [`RecordingDevice`]: a [`BlockDevice`] over an [`Image`] that records every request.
+//!
+//! Each request is executed on the image, then appended to the record log
+//! ([`crate::record`]): a read with the extents of block ids that supplied its data (traced by
+//! [`Image::read_vectored`], consistent with the seq it returns), or with the data itself in
+//! full mode; a write with the PBAs it was redirected to and a hash of its data; the others
+//! with their ranges. Requests the virtio layer refused arrive through
+//! [`BlockDevice::rejected`] and are recorded too. A guest flush makes the log durable before
+//! it completes.
+//!
+//! If the log cannot be written (disk full, I/O error), the VM keeps running: the error is
+//! logged once and the log ends at its last complete frame, a valid prefix.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use log::{error, info};
+
+use crate::image::{Image, ImageError};
+use crate::iobuf::{total_len, IoSeg};
+use crate::record::format::{hash_segs, LogHeader, MAX_READ_DATA, VERSION};
+use crate::record::writer::DEFAULT_SYNC_INTERVAL;
+use crate::record::{
+    LogExtent, LogWriter, ReadBody, Record, RecordBody, RecordError, RecordMode, WriterStats,
+};
+use crate::units::{Seq, SECTOR_SIZE};
+
+use super::{BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind};
+
+/// VIRTIO_BLK_S_OK.
+const STATUS_OK: u8 = 0;
+/// VIRTIO_BLK_S_IOERR.
+const STATUS_IOERR: u8 = 1;
+/// VIRTIO_BLK_S_UNSUPP.
+const STATUS_UNSUPP: u8 = 2;
+
+/// The status the virtio layer reports for a device result (the same mapping as
+/// `virtio_blk`'s `ChainError::status` for device errors).
+pub fn status_of<T>(r: &Result<T, BlockError>) -> u8 {
+    match r {
+        Ok(_) => STATUS_OK,
+        Err(BlockError::Unsupported) => STATUS_UNSUPP,
+        Err(_) => STATUS_IOERR,
+    }
+}
+
+/// Turns an engine error into the matching [`BlockError`] (as `ImageDevice` does), so that a
+/// recorded or replayed device fails exactly like the plain one.
+pub(crate) fn block_error(e: ImageError) -> BlockError {
+    match e {
+        ImageError::OutOfRange { offset, len, size } => BlockError::OutOfRange {
+            offset,
+            len,
+            capacity: size,
+        },
+        ImageError::Unaligned { offset, len } => BlockError::Unaligned { offset, len },
+        ImageError::ReadOnly => BlockError::ReadOnly,
+        other => BlockError::Image(other),
+    }
+}
+
+/// The virtio-blk request type code of a request kind (virtio spec 5.2.6).
+pub fn request_type_code(kind: RequestKind) -> u32 {
+    match kind {
+        RequestKind::Read => 0,
+        RequestKind::Write => 1,
+        RequestKind::Flush => 4,
+        RequestKind::GetId => 8,
+        RequestKind::Discard => 11,
+        RequestKind::WriteZeroes => 13,
+        RequestKind::Other(c) => c,
+    }
+}
+
+/// A block device that executes requests on an image and records each one.
+pub struct RecordingDevice {
+    image: Arc<Image>,
+    log: LogWriter,
+    mode: RecordMode,
+    /// An append failed: reported once, then silence (the writer logs I/O errors itself).
+    append_failed: AtomicBool,
+}
+
+impl RecordingDevice {
+    /// Starts recording `image` into a new log at `log_path` (an existing file is refused),
+    /// syncing the log every second and on every guest flush.
+    pub fn new(image: Arc<Image>, log_path: &Path, mode: RecordMode) -> Result<Self, RecordError> {
+        Self::with_sync_interval(image, log_path, mode, DEFAULT_SYNC_INTERVAL)
+    }
+
+    /// As [`new`](Self::new), with the interval of the periodic log sync (zero: only on guest
+    /// flushes and at the end).
+    pub fn with_sync_interval(
+        image: Arc<Image>,
+        log_path: &Path,
+        mode: RecordMode,
+        sync_interval: Duration,
+    ) -> Result<Self, RecordError> {
+        let created_unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let header = LogHeader {
+            version: VERSION,
+            mode,
+            block_size: image.block_size(),
+            image_uuid: image.uuid(),
+            start_seq: image.seq(),
+            image_size: image.size(),
+            created_unix_ns,
+        };
+        let log = LogWriter::create(log_path, &header, sync_interval)?;
+        info!(
+            "recording to {} ({} mode, image seq {})",
+            log_path.display(),
+            mode.name(),
+            header.start_seq
+        );
+        Ok(Self {
+            image,
+            log,
+            mode,
+            append_failed: AtomicBool::new(false),
+        })
+    }
+
+    /// The image being recorded.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    /// The log's counters so far.
+    pub fn log_stats(&self) -> WriterStats {
+        self.log.stats()
+    }
+
+    /// Writes out and syncs everything recorded so far.
+    pub fn sync_log(&self) -> Result<(), RecordError> {
+        self.log.sync()
+    }
+
+    /// Ends the recording: writes out and syncs the log, returns its counters. (Dropping the
+    /// device does the same, logging instead of returning an error.)
+    pub fn finish(self) -> Result<WriterStats, RecordError> {
+        let stats = self.log.finish()?;
+        info!(
+            "recording finished: {} records, {} bytes",
+            stats.records, stats.bytes
+        );
+        Ok(stats)
+    }
+
+    fn append(&self, rec: &Record) {
+        if let Err(e) = self.log.append(rec) {
+            if !self.append_failed.swap(true, Ordering::Relaxed) {
+                error!(
+                    "record log: cannot record q{} #{}: {e}; later records are lost",
+                    rec.queue, rec.index
+                );
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        ctx: &RequestCtx,
+        offset: u64,
+        len: u64,
+        status: u8,
+        seq: Seq,
+        body: RecordBody,
+    ) {
+        self.append(&Record {
+            queue: ctx.queue,
+            index: ctx.index,
+            sector: offset / SECTOR_SIZE,
+            len,
+            status,
+            seq,
+            body,
+        });
+    }
+
+    /// Full mode: read into a private buffer, log exactly those bytes, then hand them to the
+    /// guest (guest memory may change under us; the log must hold what the guest got).
+    /// Reads larger than [`MAX_READ_DATA`] (no Linux guest issues them) fail with IOERR, and
+    /// are recorded as failed, rather than buffering an unbounded amount of guest data.
+    fn read_full(&self, offset: u64, segs: &[IoSeg<'_>]) -> Result<(Seq, Vec<u8>), BlockError> {
+        let total = total_len(segs);
+        let len = usize::try_from(total)
+            .ok()
+            .filter(|_| total <= MAX_READ_DATA)
+            .ok_or_else(|| {
+                BlockError::Io(std::io::Error::other(format!(
+                    "a {total}-byte read is larger than a full-mode record can carry"
+                )))
+            })?;
+        let mut buf = vec![0u8; len];
+        let seq = self
+            .image
+            .read_vectored(offset, &[IoSeg::from_mut_slice(&mut buf)], None)
+            .map_err(block_error)?;
+        let mut pos = 0usize;
+        for s in segs {
+            let part = buf.get(pos..pos + s.len()).unwrap_or_default();
+            s.copy_from(0, part);
+            pos += s.len();
+        }
+        Ok((seq, buf))
+    }
+}
+
+impl BlockDevice for RecordingDevice {
+    fn capacity(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.image.block_size().bytes()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.image.is_read_only()
+    }
+
+    fn read(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
+        let len = total_len(segs);
+        let (res, body) = match self.mode {
+            RecordMode::BlockId => {
+                let mut trace = Vec::new();
+                let r = self
+                    .image
+                    .read_vectored(offset, segs, Some(&mut trace))
+                    .map_err(block_error);
+                let extents = match r {
+                    Ok(_) => trace.iter().map(LogExtent::from).collect(),
+                    Err(_) => Vec::new(),
+                };
+                (
+                    r,
+                    ReadBody {
+                        extents,
+                        data: None,
+                    },
+                )
+            }
+            RecordMode::Full => match self.read_full(offset, segs) {
+                Ok((seq, data)) => (
+                    Ok(seq),
+                    ReadBody {
+                        extents: Vec::new(),
+                        data: Some(data),
+                    },
+                ),
+                Err(e) => (Err(e), ReadBody::default()),
+            },
+        };
+        let seq = res.as_ref().map_or_else(|_| self.image.seq(), |s| *s);
+        self.record(
+            ctx,
+            offset,
+            len,
+            status_of(&res),
+            seq,
+            RecordBody::Read(body),
+        );
+        res.map(|_| ())
+    }
+
+    fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
+        let hash = hash_segs(segs);
+        let res = self.image.write_vectored(offset, segs).map_err(block_error);
+        let (seq, first_pba, blocks) = match &res {
+            Ok(o) => (o.seq, o.first_pba, o.blocks),
+            Err(_) => (self.image.seq(), Default::default(), 0),
+        };
+        self.record(
+            ctx,
+            offset,
+            total_len(segs),
+            status_of(&res),
+            seq,
+            RecordBody::Write {
+                first_pba,
+                blocks,
+                hash,
+            },
+        );
+        res.map(|_| ())
+    }
+
+    fn flush(&self, ctx: &RequestCtx) -> Result<(), BlockError> {
+        // A read-only image has nothing to flush (and the engine refuses to).
+        let res = if self.image.is_read_only() {
+            Ok(())
+        } else {
+            self.image.flush().map_err(block_error)
+        };
+        if !ctx.is_internal() {
+            let seq = self.image.seq();
+            self.record(ctx, 0, 0, status_of(&res), seq, RecordBody::Flush);
+        }
+        // The guest's flush covers the log: a run survives a crash up to its last flush.
+        if let Err(e) = self.log.sync() {
+            if !self.append_failed.swap(true, Ordering::Relaxed) {
+                error!("record log: sync failed: {e}");
+            }
+        }
+        res
+    }
+
+    fn discard(&self, ctx: &RequestCtx, offset: u64, len: u64) -> Result<(), BlockError> {
+        let res = self.image.discard(offset, len).map_err(block_error);
+        let seq = res.as_ref().map_or_else(|_| self.image.seq(), |s| *s);
+        self.record(ctx, offset, len, status_of(&res), seq, RecordBody::Discard);
+        res.map(|_| ())
+    }
+
+    fn write_zeroes(
+        &self,
+        ctx: &RequestCtx,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), BlockError> {
+        let res = self.image.write_zeroes(offset, len).map_err(block_error);
+        let seq = res.as_ref().map_or_else(|_| self.image.seq(), |s| *s);
+        self.record(
+            ctx,
+            offset,
+            len,
+            status_of(&res),
+            seq,
+            RecordBody::WriteZeroes { unmap },
+        );
+        res.map(|_| ())
+    }
+
+    fn rejected(&self, ctx: &RequestCtx, req: &RejectedRequest) {
+        self.append(&Record {
+            queue: ctx.queue,
+            index: ctx.index,
+            sector: req.sector,
+            len: req.len,
+            status: req.status,
+            seq: self.image.seq(),
+            body: RecordBody::Rejected {
+                req_type: request_type_code(req.kind),
+            },
+        });
+    }
+}

@@ -1,0 +1,411 @@
+//! The vhost-user backend's queue handling, without a frontend: a split virtqueue is laid out in
+//! guest memory with virtio-queue's `MockSplitQueue`, handed to [`BlkBackend::handle_event`]
+//! through a `VringRwLock`, and the used ring, the call eventfd, the per-queue request indices
+//! and the once-per-kind warnings are checked.
+
+use std::fs::File;
+use std::os::unix::io::FromRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rr_row::blockdev::{BlockDevice, BlockError, RejectedRequest, RequestCtx};
+use rr_row::iobuf::{total_len, IoSeg};
+use rr_row::vhost_user::{BackendConfig, BlkBackend, GuestMem};
+use rr_row::virtio_blk::{serial_bytes, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const CAPACITY: u64 = 1 << 20;
+const W: u16 = VRING_DESC_F_WRITE as u16;
+const N: u16 = VRING_DESC_F_NEXT as u16;
+
+/// Captures warn-level records for the assertions on once-per-kind logging.
+struct Capture(Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            self.0.lock().unwrap().push(r.args().to_string());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn captured() -> &'static Capture {
+    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let c: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
+        log::set_logger(c).unwrap();
+        log::set_max_level(log::LevelFilter::Warn);
+        c
+    })
+}
+
+struct MemDevice {
+    data: Mutex<Vec<u8>>,
+    indices: Mutex<Vec<u64>>,
+    flushes: AtomicUsize,
+}
+
+impl BlockDevice for MemDevice {
+    fn capacity(&self) -> u64 {
+        CAPACITY
+    }
+    fn block_size(&self) -> u32 {
+        4096
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
+        self.indices.lock().unwrap().push(ctx.index);
+        let data = self.data.lock().unwrap();
+        let mut pos = offset as usize;
+        for s in segs {
+            assert!(s.copy_from(0, &data[pos..pos + s.len()]));
+            pos += s.len();
+        }
+        Ok(())
+    }
+    fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
+        self.indices.lock().unwrap().push(ctx.index);
+        let mut data = self.data.lock().unwrap();
+        assert!(offset + total_len(segs) <= CAPACITY);
+        let mut pos = offset as usize;
+        for s in segs {
+            assert!(s.copy_to(0, &mut data[pos..pos + s.len()]));
+            pos += s.len();
+        }
+        Ok(())
+    }
+    fn flush(&self, _: &RequestCtx) -> Result<(), BlockError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn discard(&self, _: &RequestCtx, _: u64, _: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _: &RequestCtx, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn rejected(&self, ctx: &RequestCtx, _: &RejectedRequest) {
+        self.indices.lock().unwrap().push(ctx.index);
+    }
+}
+
+struct Setup {
+    mem: GuestMem,
+    dev: Arc<MemDevice>,
+    backend: BlkBackend,
+    call: EventFd,
+}
+
+fn setup() -> Setup {
+    let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+    let mem = GuestMemoryAtomic::new(mmap);
+    let dev = Arc::new(MemDevice {
+        data: Mutex::new(vec![0x77; CAPACITY as usize]),
+        indices: Mutex::new(Vec::new()),
+        flushes: AtomicUsize::new(0),
+    });
+    let backend = BlkBackend::new(
+        dev.clone(),
+        BackendConfig::new(1, 256, serial_bytes("b")),
+        mem.clone(),
+    )
+    .unwrap();
+    Setup {
+        mem,
+        dev,
+        backend,
+        call: EventFd::new(EFD_NONBLOCK).unwrap(),
+    }
+}
+
+/// One request: (type, sector, data len, data writable, status address).
+fn chain(
+    m: &GuestMemoryMmap,
+    i: u64,
+    t: u32,
+    sector: u64,
+    len: u32,
+    status: u64,
+) -> Vec<RawDescriptor> {
+    let hdr = 0x10_0000 + i * 0x100;
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&t.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    m.write_slice(&h, GuestAddress(hdr)).unwrap();
+    let data = 0x20_0000 + i * 0x1_0000;
+    let dflags = if t == VIRTIO_BLK_T_IN { W } else { 0 };
+    vec![
+        RawDescriptor::from(SplitDescriptor::new(hdr, 16, N, 0)),
+        RawDescriptor::from(SplitDescriptor::new(data, len, dflags | N, 0)),
+        RawDescriptor::from(SplitDescriptor::new(status, 1, W, 0)),
+    ]
+}
+
+/// Lays out chains back to back in the descriptor table (fixing up the `next` indices), and
+/// returns a vring over the queue.
+fn queue(s: &Setup, chains: &[Vec<RawDescriptor>], event_idx: bool) -> VringRwLock<GuestMem> {
+    let m = s.mem.memory();
+    let q = MockSplitQueue::create(&*m, GuestAddress(0), 256);
+    let mut idx = 0u16;
+    for c in chains {
+        let fixed: Vec<RawDescriptor> = c
+            .iter()
+            .enumerate()
+            .map(|(k, d)| {
+                let d = SplitDescriptor::from(*d);
+                let last = k == c.len() - 1;
+                let flags = if last { d.flags() & !N } else { d.flags() | N };
+                RawDescriptor::from(SplitDescriptor::new(
+                    d.addr().0,
+                    d.len(),
+                    flags,
+                    idx + k as u16 + 1,
+                ))
+            })
+            .collect();
+        q.add_desc_chains(&fixed, idx).unwrap();
+        idx += c.len() as u16;
+    }
+    let vring = VringRwLock::new(s.mem.clone(), 256).unwrap();
+    vring.set_queue_size(256);
+    vring
+        .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+        .unwrap();
+    vring.set_queue_event_idx(event_idx);
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    // SAFETY: dup() returns a new descriptor we own exclusively and hand to the File.
+    let fd = unsafe { libc::dup(std::os::unix::io::AsRawFd::as_raw_fd(&s.call)) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is a fresh, owned, open descriptor.
+    vring.set_call(Some(unsafe { File::from_raw_fd(fd) }));
+    s.backend.set_event_idx(event_idx);
+    vring
+}
+
+fn used_idx(vring: &VringRwLock<GuestMem>) -> u16 {
+    vring.queue_used_idx().unwrap()
+}
+
+#[test]
+fn a_batch_is_completed_in_order_and_signalled_once() {
+    for event_idx in [false, true] {
+        let s = setup();
+        let m = s.mem.memory();
+        let status = |i: u64| 0x30_0000 + i * 16;
+        let mut chains = Vec::new();
+        for i in 0..8u64 {
+            let t = if i % 2 == 0 {
+                VIRTIO_BLK_T_OUT
+            } else {
+                VIRTIO_BLK_T_IN
+            };
+            chains.push(chain(&m, i, t, i * 8, 4096, status(i)));
+        }
+        let vring = queue(&s, &chains, event_idx);
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        assert_eq!(used_idx(&vring), 8, "event_idx={event_idx}");
+        for i in 0..8u64 {
+            assert_eq!(
+                m.read_obj::<u8>(GuestAddress(status(i))).unwrap(),
+                STATUS_OK
+            );
+        }
+        assert_eq!(
+            s.call.read().unwrap(),
+            1,
+            "one signal per batch (event_idx={event_idx})"
+        );
+        assert_eq!(*s.dev.indices.lock().unwrap(), (0..8).collect::<Vec<u64>>());
+        // The used ring says how much each chain wrote: data + status for reads, status for
+        // writes.
+        let used = vring.get_ref().get_queue().used_ring();
+        for i in 0..8u64 {
+            let len: u32 = m.read_obj(GuestAddress(used + 4 + 8 * i + 4)).unwrap();
+            assert_eq!(len, if i % 2 == 0 { 1 } else { 4097 });
+        }
+        // A second kick with nothing new completes nothing and signals nothing.
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        assert_eq!(used_idx(&vring), 8);
+        assert!(s.call.read().is_err(), "no signal without completions");
+    }
+}
+
+#[test]
+fn hostile_chains_are_completed_and_warned_about_once_per_kind() {
+    let log = captured();
+    let s = setup();
+    let m = s.mem.memory();
+    let status = |i: u64| 0x30_0000 + i * 16;
+    let mut chains = Vec::new();
+    // Three reads past the end, two unknown types, one good read, one chain without a
+    // writable status (dropped).
+    for i in 0..3u64 {
+        chains.push(chain(
+            &m,
+            i,
+            VIRTIO_BLK_T_IN,
+            CAPACITY / 512,
+            4096,
+            status(i),
+        ));
+    }
+    for i in 3..5u64 {
+        chains.push(chain(&m, i, 0x4242, 0, 512, status(i)));
+    }
+    chains.push(chain(&m, 5, VIRTIO_BLK_T_IN, 0, 512, status(5)));
+    let mut dropped = chain(&m, 6, VIRTIO_BLK_T_OUT, 0, 512, status(6));
+    dropped[2] = RawDescriptor::from(SplitDescriptor::new(status(6), 1, 0, 0));
+    chains.push(dropped);
+    m.write_obj(0xeeu8, GuestAddress(status(6))).unwrap();
+
+    let vring = queue(&s, &chains, true);
+    s.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert_eq!(used_idx(&vring), 7, "every chain is completed");
+    for i in 0..3 {
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(status(i))).unwrap(),
+            STATUS_IOERR
+        );
+    }
+    for i in 3..5 {
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(status(i))).unwrap(),
+            STATUS_UNSUPP
+        );
+    }
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(status(5))).unwrap(),
+        STATUS_OK
+    );
+    assert_eq!(m.read_obj::<u8>(GuestAddress(status(6))).unwrap(), 0xee);
+    let used = vring.get_ref().get_queue().used_ring();
+    let dropped_len: u32 = m.read_obj(GuestAddress(used + 4 + 8 * 6 + 4)).unwrap();
+    assert_eq!(dropped_len, 0, "a dropped chain is completed with length 0");
+    assert_eq!(
+        *s.dev.indices.lock().unwrap(),
+        (0..7).collect::<Vec<u64>>(),
+        "every chain got the next request index, rejected ones included"
+    );
+
+    let lines = log.0.lock().unwrap().clone();
+    let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("beyond the end of the device"), 1, "{lines:?}");
+    assert_eq!(count("unsupported request type 16962"), 1, "{lines:?}");
+    assert_eq!(
+        count("status descriptor is not device-writable"),
+        1,
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn config_space_and_features_follow_the_device() {
+    let s = setup();
+    let f = s.backend.features();
+    for bit in [1u32, 2, 6, 9, 10, 11, 12, 13, 14, 28, 29, 30, 32] {
+        if bit == 1 {
+            assert_eq!(f & (1 << bit), 0, "SIZE_MAX is not offered");
+        } else {
+            assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
+        }
+    }
+    assert_eq!(f & (1 << 5), 0, "RO only for read-only devices");
+    let cfg = s.backend.get_config(0, 8);
+    assert_eq!(u64::from_le_bytes(cfg.try_into().unwrap()), CAPACITY / 512);
+    assert_eq!(s.backend.get_config(0x1000, 4), vec![0; 4]);
+    // Writing the cache mode requires CONFIG_WCE to be negotiated.
+    assert!(s.backend.set_config(32, &[0]).is_err());
+    s.backend.acked_features(f);
+    assert_eq!(s.backend.get_config(32, 1), vec![1]);
+    s.backend.set_config(32, &[0]).unwrap();
+    assert_eq!(s.backend.get_config(32, 1), vec![0]);
+    assert_eq!(
+        s.dev.flushes.load(Ordering::SeqCst),
+        1,
+        "entering write-through flushes"
+    );
+    assert!(s.backend.set_config(0, &[0; 8]).is_err());
+    let p = s.backend.protocol_features();
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    assert!(p.contains(P::CONFIG | P::MQ | P::REPLY_ACK | P::CONFIGURE_MEM_SLOTS));
+    assert_eq!(s.backend.queues_per_thread(), vec![1]);
+}
+
+#[test]
+fn a_corrupt_available_ring_does_not_spin_the_worker() {
+    let log = captured();
+    let s = setup();
+    let m = s.mem.memory();
+    let chains = vec![chain(&m, 0, VIRTIO_BLK_T_IN, 0, 512, 0x30_0000)];
+    let vring = queue(&s, &chains, true);
+    // avail.idx 1000 entries ahead of the device on a 256-entry ring.
+    let avail = vring.get_ref().get_queue().avail_ring();
+    m.write_obj(1000u16.to_le(), GuestAddress(avail + 2))
+        .unwrap();
+    let backend = Arc::new(s.backend);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = backend.clone();
+    let v = vring.clone();
+    std::thread::spawn(move || {
+        let r = b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0);
+        let _ = tx.send(r.is_ok());
+    });
+    let ok = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("handle_event must return on a corrupt ring");
+    assert!(ok);
+    assert_eq!(
+        used_idx(&vring),
+        0,
+        "nothing is completed from a corrupt ring"
+    );
+    let lines = log.0.lock().unwrap().clone();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("cannot read the available ring"))
+            .count(),
+        1,
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_used_ring_outside_guest_memory_is_survived() {
+    for event_idx in [false, true] {
+        let s = setup();
+        let m = s.mem.memory();
+        let chains = vec![chain(&m, 0, VIRTIO_BLK_T_IN, 0, 512, 0x30_0000)];
+        let vring = queue(&s, &chains, event_idx);
+        let (desc, avail) = {
+            let st = vring.get_ref();
+            (st.get_queue().desc_table(), st.get_queue().avail_ring())
+        };
+        vring.set_queue_info(desc, avail, 0x4000_0000).unwrap();
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .expect("a broken ring must not kill the worker");
+    }
+}
