@@ -5,14 +5,16 @@
 //!
 //! Every test has a watchdog: libblkio has no timeouts.
 
-use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+mod common;
 
-use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blkio::ReqFlags;
+use common::blk::{wait_one as wait, Client, ClientOpts};
+use common::inproc::InProcDaemon;
+use common::Watchdog;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -22,121 +24,27 @@ use rr_row::blockdev::BlockDevice;
 use rr_row::image::{CreateOptions, Image};
 use rr_row::record::RecordMode;
 use rr_row::units::BlockSize;
-use rr_row::vhost_user::{run, BackendConfig, DaemonConfig, StopHandle};
-use rr_row::virtio_blk::serial_bytes;
 
 const SIZE: u64 = 32 << 20;
 
-/// Aborts the process if a test takes longer than `secs` (libblkio has no timeouts).
-struct Watchdog(Arc<AtomicBool>);
-
-impl Watchdog {
-    fn new(secs: u64) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(secs) {
-                if d.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            eprintln!("watchdog: test hung for {secs}s, aborting");
-            std::process::abort();
-        });
-        Watchdog(done)
-    }
+/// Serves `dev` in-process until the (single) frontend leaves.
+fn start(dev: Arc<dyn BlockDevice>, queues: u16) -> InProcDaemon {
+    InProcDaemon::start(dev, queues, true, "rr")
 }
 
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
+/// Waits for the daemon to end after the client disconnected.
+fn join(d: InProcDaemon) {
+    d.join_or_stop_after(Duration::from_secs(20));
 }
 
-struct Daemon {
-    stop: StopHandle,
-    thread: Option<JoinHandle<()>>,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, dev: Arc<dyn BlockDevice>, queues: u16) -> Self {
-        let _ = env_logger::builder().is_test(true).try_init();
-        let socket = dir.join(format!("blk-{}.sock", rand::random::<u32>()));
-        let cfg = DaemonConfig {
-            socket: socket.clone(),
-            socket_mode: 0o600,
-            once: true,
-            backend: BackendConfig::new(queues, 256, serial_bytes("rr")),
-        };
-        let stop = StopHandle::new().unwrap();
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || run(&cfg, dev, &s).unwrap());
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Daemon {
-            stop,
-            thread: Some(thread),
-            socket,
-        }
-    }
-
-    /// Waits for the daemon to end after the client disconnected (`once`).
-    fn join(mut self) {
-        let t = self.thread.take().unwrap();
-        let start = Instant::now();
-        while !t.is_finished() {
-            if start.elapsed() > Duration::from_secs(20) {
-                self.stop.stop();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        t.join().unwrap();
-    }
-}
-
-struct Client {
-    queues: Vec<Blkioq>,
-    region: MemoryRegion,
-    blkio: Blkio,
-}
-
-impl Client {
-    fn connect(socket: &Path, queues: i32) -> Client {
-        let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
-        b.set_str("path", socket.to_str().unwrap()).unwrap();
-        b.connect().unwrap();
-        b.set_i32("num-queues", queues).unwrap();
-        b.set_i32("queue-size", 256).unwrap();
-        let out = b.start().unwrap();
-        let region = b.alloc_mem_region(4 << 20).unwrap();
-        b.map_mem_region(&region).unwrap();
-        Client {
-            queues: out.queues,
-            region,
-            blkio: b,
-        }
-    }
-
-    fn close(mut self) {
-        self.blkio.unmap_mem_region(&self.region);
-        self.blkio.free_mem_region(&self.region);
-        self.queues.clear();
-        drop(self.blkio);
-    }
-}
-
-fn wait(q: &mut Blkioq) -> i32 {
-    let mut c = [MaybeUninit::uninit()];
-    let n = q.do_io(&mut c, 1, None, None).unwrap();
-    assert_eq!(n, 1);
-    // SAFETY (test): do_io initialised the first `n` completions.
-    unsafe { c[0].assume_init_read() }.ret
+fn connect(d: &InProcDaemon, queues: usize) -> Client {
+    let opts = ClientOpts {
+        queues,
+        queue_size: 256,
+        read_only: false,
+        mem: 4 << 20,
+    };
+    Client::open(d.socket(), opts)
 }
 
 /// What the client saw for one request: its result, and the data of a read.
@@ -146,12 +54,10 @@ type Seen = (i32, Option<Vec<u8>>);
 /// vectored writes, discards, write-zeroes, flushes. `diverge_at` changes that request.
 fn workload(c: &mut Client, q: usize, seed: u64, n: usize, diverge_at: Option<usize>) -> Vec<Seen> {
     let mut rng = StdRng::seed_from_u64(seed);
-    // SAFETY (test): the region stays mapped until `close`; one request at a time uses it.
-    let mem = unsafe {
-        std::slice::from_raw_parts_mut((c.region.addr + q * (2 << 20)) as *mut u8, 2 << 20)
-    };
+    // SAFETY (test): each queue has its own 2 MiB of the region; the client outlives the slice.
+    let mem = unsafe { c.mem().slice(q * (2 << 20), 2 << 20) };
     let (wbuf, rbuf) = mem.split_at_mut(1 << 20);
-    let queue = &mut c.queues[q];
+    let queue = c.raw_queue(q);
     let mut seen = Vec::new();
     for i in 0..n {
         let sectors = rng.gen_range(1..=128u64);
@@ -253,7 +159,7 @@ fn overwrite(img: &Image) {
 }
 
 /// Records `n` requests on each of `queues` queues; returns what the client saw per queue.
-fn record(dir: &Path, img: &Arc<Image>, log: &Path, queues: usize, n: usize) -> Vec<Vec<Seen>> {
+fn record(img: &Arc<Image>, log: &Path, queues: usize, n: usize) -> Vec<Vec<Seen>> {
     let dev = Arc::new(
         RecordingDevice::with_sync_interval(
             Arc::clone(img),
@@ -263,13 +169,13 @@ fn record(dir: &Path, img: &Arc<Image>, log: &Path, queues: usize, n: usize) -> 
         )
         .unwrap(),
     );
-    let d = Daemon::start(dir, dev.clone(), queues as u16);
-    let mut c = Client::connect(&d.socket, queues as i32);
+    let d = start(dev.clone(), queues as u16);
+    let mut c = connect(&d, queues);
     let seen = (0..queues)
         .map(|q| workload(&mut c, q, 100 + q as u64, n, None))
         .collect();
-    c.close();
-    d.join();
+    drop(c);
+    join(d);
     Arc::try_unwrap(dev)
         .ok()
         .expect("the daemon dropped its reference")
@@ -284,7 +190,7 @@ fn a_recorded_blkio_run_replays_byte_for_byte_after_the_disk_moved_on() {
     let dir = tempfile::tempdir().unwrap();
     let img = new_image(dir.path());
     let log = dir.path().join("run.log");
-    let recorded = record(dir.path(), &img, &log, 2, 300);
+    let recorded = record(&img, &log, 2, 300);
     let reads = recorded
         .iter()
         .flatten()
@@ -298,13 +204,13 @@ fn a_recorded_blkio_run_replays_byte_for_byte_after_the_disk_moved_on() {
 
     let dev =
         Arc::new(ReplayingDevice::open(Arc::clone(&img), &log, DivergencePolicy::Stop).unwrap());
-    let d = Daemon::start(dir.path(), dev.clone(), 2);
-    let mut c = Client::connect(&d.socket, 2);
+    let d = start(dev.clone(), 2);
+    let mut c = connect(&d, 2);
     let replayed: Vec<Vec<Seen>> = (0..2)
         .map(|q| workload(&mut c, q, 100 + q as u64, 300, None))
         .collect();
-    c.close();
-    d.join();
+    drop(c);
+    join(d);
     for q in 0..2 {
         for (i, (a, b)) in recorded[q].iter().zip(&replayed[q]).enumerate() {
             assert!(a == b, "queue {q} request {i} differs");
@@ -325,17 +231,17 @@ fn a_divergent_blkio_run_is_reported_at_its_index() {
     let dir = tempfile::tempdir().unwrap();
     let img = new_image(dir.path());
     let log = dir.path().join("run.log");
-    let recorded = record(dir.path(), &img, &log, 1, 120);
+    let recorded = record(&img, &log, 1, 120);
     overwrite(&img);
 
     let dev =
         Arc::new(ReplayingDevice::open(Arc::clone(&img), &log, DivergencePolicy::Stop).unwrap());
-    let d = Daemon::start(dir.path(), dev.clone(), 1);
-    let mut c = Client::connect(&d.socket, 1);
+    let d = start(dev.clone(), 1);
+    let mut c = connect(&d, 1);
     let k = 77;
     let replayed = workload(&mut c, 0, 100, 120, Some(k));
-    c.close();
-    d.join();
+    drop(c);
+    join(d);
     assert_eq!(&replayed[..k], &recorded[0][..k]);
     assert!(replayed[k..].iter().all(|(r, _)| *r == -libc::EIO));
     let s = dev.summary();

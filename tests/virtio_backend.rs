@@ -3,13 +3,14 @@
 //! through a `VringRwLock`, and the used ring, the call eventfd, the per-queue request indices
 //! and the once-per-kind warnings are checked.
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::io::FromRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use rr_row::blockdev::{BlockDevice, BlockError, RejectedRequest, RequestCtx};
-use rr_row::iobuf::{total_len, IoSeg};
+use common::mem_dev::MemDevice;
 use rr_row::vhost_user::{BackendConfig, BlkBackend, GuestMem};
 use rr_row::virtio_blk::{serial_bytes, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -52,58 +53,6 @@ fn captured() -> &'static Capture {
     })
 }
 
-struct MemDevice {
-    data: Mutex<Vec<u8>>,
-    indices: Mutex<Vec<u64>>,
-    flushes: AtomicUsize,
-}
-
-impl BlockDevice for MemDevice {
-    fn capacity(&self) -> u64 {
-        CAPACITY
-    }
-    fn block_size(&self) -> u32 {
-        4096
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
-    fn read(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
-        self.indices.lock().unwrap().push(ctx.index);
-        let data = self.data.lock().unwrap();
-        let mut pos = offset as usize;
-        for s in segs {
-            assert!(s.copy_from(0, &data[pos..pos + s.len()]));
-            pos += s.len();
-        }
-        Ok(())
-    }
-    fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
-        self.indices.lock().unwrap().push(ctx.index);
-        let mut data = self.data.lock().unwrap();
-        assert!(offset + total_len(segs) <= CAPACITY);
-        let mut pos = offset as usize;
-        for s in segs {
-            assert!(s.copy_to(0, &mut data[pos..pos + s.len()]));
-            pos += s.len();
-        }
-        Ok(())
-    }
-    fn flush(&self, _: &RequestCtx) -> Result<(), BlockError> {
-        self.flushes.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn discard(&self, _: &RequestCtx, _: u64, _: u64) -> Result<(), BlockError> {
-        Ok(())
-    }
-    fn write_zeroes(&self, _: &RequestCtx, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
-        Ok(())
-    }
-    fn rejected(&self, ctx: &RequestCtx, _: &RejectedRequest) {
-        self.indices.lock().unwrap().push(ctx.index);
-    }
-}
-
 struct Setup {
     mem: GuestMem,
     dev: Arc<MemDevice>,
@@ -114,11 +63,7 @@ struct Setup {
 fn setup() -> Setup {
     let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
     let mem = GuestMemoryAtomic::new(mmap);
-    let dev = Arc::new(MemDevice {
-        data: Mutex::new(vec![0x77; CAPACITY as usize]),
-        indices: Mutex::new(Vec::new()),
-        flushes: AtomicUsize::new(0),
-    });
+    let dev = MemDevice::new(CAPACITY, 0x77, false);
     let backend = BlkBackend::new(
         dev.clone(),
         BackendConfig::new(1, 256, serial_bytes("b")),

@@ -74,6 +74,18 @@ impl Mem {
         (self.addr + off) as *mut u8
     }
 
+    /// The `len` bytes at `off` as a slice, for tests that hand buffers to blkio themselves.
+    ///
+    /// # Safety
+    /// The slice aliases the shared region: the caller must not create overlapping slices that
+    /// are alive at the same time, nor use the slice after the [`Client`] is dropped.
+    pub unsafe fn slice(&self, off: usize, len: usize) -> &'static mut [u8] {
+        self.check(off, len);
+        // SAFETY: the range is inside the mapped region (checked above); the caller guarantees
+        // its lifetime and exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(off), len) }
+    }
+
     /// Copies `data` into the region at `off`.
     pub fn fill(&self, off: usize, data: &[u8]) {
         self.check(off, data.len());
@@ -209,6 +221,16 @@ impl Client {
             q: &mut self.queues[i],
             mem: self.mem,
         }
+    }
+
+    /// blkio's queue `i` itself, for tests that submit requests directly (see [`wait_one`]).
+    pub fn raw_queue(&mut self, i: usize) -> &mut Blkioq {
+        &mut self.queues[i]
+    }
+
+    /// All of blkio's queues, e.g. to hand one to each thread of a scope.
+    pub fn raw_queues(&mut self) -> &mut [Blkioq] {
+        &mut self.queues
     }
 
     /// All queues at once, e.g. to hand one to each thread of a scope.
@@ -368,4 +390,17 @@ impl Queue<'_> {
         let r = self.one(Req::WriteZeroes { offset, len, unmap });
         assert_eq!(r, 0, "write-zeroes of {len} bytes at {offset} failed");
     }
+}
+
+/// Waits for one completion on a raw blkio queue and returns its result (0 or a negative
+/// errno). Fails the test after [`REQUEST_TIMEOUT`].
+pub fn wait_one(q: &mut Blkioq) -> i32 {
+    let mut c = [MaybeUninit::uninit()];
+    let mut left = REQUEST_TIMEOUT;
+    let n = q
+        .do_io(&mut c, 1, Some(&mut left), None)
+        .unwrap_or_else(|e| panic!("blkio do_io failed: {e} ({:?})", e.errno()));
+    assert_eq!(n, 1, "no completion within {REQUEST_TIMEOUT:?}");
+    // SAFETY: do_io initialised the first n = 1 completions.
+    unsafe { c[0].assume_init_read() }.ret
 }

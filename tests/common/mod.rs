@@ -6,6 +6,9 @@
 //!   watchdog (blkio has no timeout of its own for the vhost-user handshake).
 //! - [`guest`]: the test assets prepared by `scripts/guest-assets.sh`, the guest initramfs and
 //!   a QEMU (TCG) runner whose serial console the tests parse.
+//! - [`inproc`]: `rr_row::vhost_user::run` on a thread of the test, with a stop handle.
+//! - [`mem_dev`]: an in-memory block device that records what it was asked.
+//! - [`Watchdog`]: a whole-test time limit that aborts the test binary.
 //!
 //! Each test crate uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
@@ -13,9 +16,13 @@
 pub mod blk;
 pub mod daemon;
 pub mod guest;
+pub mod inproc;
+pub mod mem_dev;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The `rr-row` binary cargo built for this test run.
@@ -103,4 +110,39 @@ pub fn tempdir() -> tempfile::TempDir {
 /// `path` as an `OsStr` argument.
 pub fn arg(path: &Path) -> &std::ffi::OsStr {
     path.as_os_str()
+}
+
+/// Aborts the whole test binary if it is still alive `secs` seconds after creation (dropping
+/// it disarms it).
+///
+/// For tests whose blocking calls run on the test's own thread (blkio queues driven inline, an
+/// in-process daemon): libblkio has no timeouts, and a hung handshake must end CI rather than
+/// hang it. Where the client work can move to its own thread, [`with_watchdog`] fails just
+/// that test instead.
+pub struct Watchdog(Arc<AtomicBool>);
+
+impl Watchdog {
+    /// Arms a watchdog of `secs` seconds.
+    pub fn new(secs: u64) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(secs) {
+                if d.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!("watchdog: test hung for {secs}s, aborting");
+            std::process::abort();
+        });
+        Watchdog(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
