@@ -49,7 +49,7 @@ fn connect(d: &InProcDaemon, queues: usize) -> Client {
 }
 
 /// `len` bytes of the client's buffer region at `off`.
-fn buf(c: &Client, off: usize, len: usize) -> &'static mut [u8] {
+fn region(c: &Client, off: usize, len: usize) -> &'static mut [u8] {
     // SAFETY (test): every test uses disjoint ranges at a time and drops the client last.
     unsafe { c.mem().slice(off, len) }
 }
@@ -73,8 +73,8 @@ fn data_round_trips_through_the_daemon() {
     assert_eq!(c.blkio().get_u64("capacity").unwrap(), CAPACITY);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut model = vec![0u8; CAPACITY as usize];
-    let wbuf = buf(&c, 0, 1 << 20);
-    let rbuf = buf(&c, 1 << 20, 1 << 20);
+    let wbuf = region(&c, 0, 1 << 20);
+    let rbuf = region(&c, 1 << 20, 1 << 20);
     let q = c.raw_queue(0);
     for _ in 0..200 {
         let sectors = rng.gen_range(1..=256u64);
@@ -181,7 +181,7 @@ fn reconnect_keeps_the_data_and_flushes_on_disconnect() {
     let d = start(dev.clone(), 2, false);
     for round in 0..3u8 {
         let mut c = connect(&d, 2);
-        let buf = buf(&c, 0, 4096);
+        let buf = region(&c, 0, 4096);
         let q = c.raw_queue(0);
         if round > 0 {
             assert_eq!(read(q, buf, 1 << 20), 0);
@@ -218,7 +218,7 @@ fn read_only_device_is_advertised_and_served() {
         .expect("RW connect must fail");
     assert_eq!(err.errno(), blkio::Errno::ROFS);
     let mut c = try_connect(&d, 1, true).unwrap();
-    let buf = buf(&c, 0, 4096);
+    let buf = region(&c, 0, 4096);
     let q = c.raw_queue(0);
     assert_eq!(read(q, buf, 0), 0);
     assert!(buf.iter().all(|&b| b == 0x3c));

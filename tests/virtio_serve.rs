@@ -3,147 +3,58 @@
 //! image checks clean afterwards, and bad arguments fail with a clear message. (The full
 //! integration suite against the binary lives in the harness tests.)
 
-use std::fs::File;
-use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
-use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use blkio::ReqFlags;
+use common::blk::{wait_one as wait, Client, ClientOpts};
+use common::daemon::{start_rr_row, Daemon, ServeOpts};
+use common::{rr_row, Watchdog};
 use rr_row::image::{Image, OpenMode};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rr-row");
-
-/// Aborts the process if a test takes longer than `secs` (libblkio has no timeouts).
-struct Watchdog(Arc<AtomicBool>);
-
-impl Watchdog {
-    fn new(secs: u64) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(secs) {
-                if d.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            eprintln!("watchdog: test hung for {secs}s, aborting");
-            std::process::abort();
-        });
-        Watchdog(done)
-    }
+/// Starts `rr-row serve` on `DIR/disk.rrow` with `queues` queues (of the default size), the
+/// `extra` arguments and `RUST_LOG=info`.
+fn serve(dir: &Path, queues: u16, extra: &[&str]) -> Daemon {
+    let opts = ServeOpts {
+        size: None,
+        queues,
+        extra: extra.iter().map(|a| a.to_string()).collect(),
+        rust_log: Some("info"),
+        ..ServeOpts::new(&dir.join("disk.rrow"), 0)
+    };
+    start_rr_row(dir, &opts)
 }
 
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
+/// Sends SIGTERM and waits for the exit; returns the status, the socket path and the log.
+fn terminate(d: Daemon) -> (ExitStatus, PathBuf, String) {
+    let socket = d.socket().to_owned();
+    let log = d.log_path().to_owned();
+    let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(60));
+    (
+        status,
+        socket,
+        std::fs::read_to_string(log).unwrap_or_default(),
+    )
 }
 
-struct Served {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
+fn connect(d: &Daemon, queues: usize) -> Client {
+    let opts = ClientOpts {
+        queues,
+        queue_size: 256,
+        read_only: false,
+        mem: 1 << 20,
+    };
+    Client::open(d.socket(), opts)
 }
 
-impl Served {
-    fn start(dir: &Path, extra: &[&str]) -> Served {
-        let socket = dir.join("blk.sock");
-        let log = dir.join("serve.log");
-        let child = Command::new(BIN)
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--image")
-            .arg(dir.join("disk.rrow"))
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut s = Served { child, socket, log };
-        let start = Instant::now();
-        while !s.socket.exists() {
-            if let Some(status) = s.child.try_wait().unwrap() {
-                panic!("rr-row serve exited with {status}: {}", s.log_text());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn terminate(&mut self) -> ExitStatus {
-        // SAFETY: sending a signal to our own child process, whose pid is still valid because
-        // it has not been waited for yet.
-        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(r, 0);
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Client {
-    queues: Vec<Blkioq>,
-    region: MemoryRegion,
-    blkio: Blkio,
-}
-
-impl Client {
-    fn connect(socket: &Path, queues: i32) -> Client {
-        let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
-        b.set_str("path", socket.to_str().unwrap()).unwrap();
-        b.connect().unwrap();
-        b.set_i32("num-queues", queues).unwrap();
-        b.set_i32("queue-size", 256).unwrap();
-        let out = b.start().unwrap();
-        let region = b.alloc_mem_region(1 << 20).unwrap();
-        b.map_mem_region(&region).unwrap();
-        Client {
-            queues: out.queues,
-            region,
-            blkio: b,
-        }
-    }
-
-    fn buf(&self, off: usize, len: usize) -> &'static mut [u8] {
-        assert!(off + len <= self.region.len);
-        // SAFETY (test): the region stays mapped until `close`, which the tests call last; only
-        // one request uses a given range at a time.
-        unsafe { std::slice::from_raw_parts_mut((self.region.addr + off) as *mut u8, len) }
-    }
-
-    fn close(mut self) {
-        self.blkio.unmap_mem_region(&self.region);
-        self.blkio.free_mem_region(&self.region);
-        self.queues.clear();
-        drop(self.blkio);
-    }
-}
-
-fn wait(q: &mut Blkioq) -> i32 {
-    let mut c = [MaybeUninit::uninit()];
-    assert_eq!(q.do_io(&mut c, 1, None, None).unwrap(), 1);
-    // SAFETY (test): do_io initialised the first completion.
-    unsafe { c[0].assume_init_read() }.ret
+/// `len` bytes of the client's buffer region at `off`.
+fn region(c: &Client, off: usize, len: usize) -> &'static mut [u8] {
+    // SAFETY (test): each test uses one range and drops the client last.
+    unsafe { c.mem().slice(off, len) }
 }
 
 fn pattern(i: u64) -> Vec<u8> {
@@ -158,44 +69,44 @@ const OFFSETS: [u64; 4] = [0, 4096 * 3 + 512, 1 << 20, (64 << 20) - 8192];
 fn serve_creates_serves_and_closes_cleanly_on_sigterm() {
     let _w = Watchdog::new(120);
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Served::start(
+    let s = serve(
         dir.path(),
-        &["--size", "64M", "--queues", "2", "--serial", "rr-row-smoke"],
+        2,
+        &["--size", "64M", "--serial", "rr-row-smoke"],
     );
-    let mode = std::fs::metadata(&s.socket).unwrap();
+    let mode = std::fs::metadata(s.socket()).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o600
     );
 
-    let mut c = Client::connect(&s.socket, 2);
-    assert_eq!(c.blkio.get_u64("capacity").unwrap(), 64 << 20);
-    let buf = c.buf(0, 8192);
+    let mut c = connect(&s, 2);
+    assert_eq!(c.blkio().get_u64("capacity").unwrap(), 64 << 20);
+    let buf = region(&c, 0, 8192);
     for (i, off) in OFFSETS.iter().enumerate() {
-        let q = &mut c.queues[i % 2];
+        let q = c.raw_queue(i % 2);
         buf.copy_from_slice(&pattern(i as u64));
         q.write(*off, buf.as_ptr(), buf.len(), 0, ReqFlags::empty());
         assert_eq!(wait(q), 0, "write at {off}");
     }
-    c.queues[0].flush(0, ReqFlags::empty());
-    assert_eq!(wait(&mut c.queues[0]), 0);
-    c.close();
+    c.raw_queue(0).flush(0, ReqFlags::empty());
+    assert_eq!(wait(c.raw_queue(0)), 0);
+    drop(c);
 
     // Reconnect: the data is there.
-    let mut c = Client::connect(&s.socket, 1);
-    let buf = c.buf(0, 8192);
+    let mut c = connect(&s, 1);
+    let buf = region(&c, 0, 8192);
     for (i, off) in OFFSETS.iter().enumerate() {
-        let q = &mut c.queues[0];
+        let q = c.raw_queue(0);
         q.read(*off, buf.as_mut_ptr(), buf.len(), 0, ReqFlags::empty());
         assert_eq!(wait(q), 0);
         assert_eq!(&buf[..], &pattern(i as u64)[..], "read back at {off}");
     }
-    c.close();
+    drop(c);
 
-    let status = s.terminate();
-    assert!(status.success(), "exit status {status}: {}", s.log_text());
-    assert!(!s.socket.exists(), "socket removed on exit");
-    let log = s.log_text();
+    let (status, socket, log) = terminate(s);
+    assert!(status.success(), "exit status {status}: {log}");
+    assert!(!socket.exists(), "socket removed on exit");
     for needle in [
         "created image",
         "image opened",
@@ -223,34 +134,38 @@ fn serve_creates_serves_and_closes_cleanly_on_sigterm() {
 fn sigterm_while_a_frontend_is_connected_exits_zero() {
     let _w = Watchdog::new(120);
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Served::start(dir.path(), &["--size", "16M"]);
-    let mut c = Client::connect(&s.socket, 1);
-    let buf = c.buf(0, 4096);
+    let s = serve(dir.path(), 1, &["--size", "16M"]);
+    let mut c = connect(&s, 1);
+    let buf = region(&c, 0, 4096);
     buf.fill(0x5a);
-    c.queues[0].write(4096, buf.as_ptr(), 4096, 0, ReqFlags::empty());
-    assert_eq!(wait(&mut c.queues[0]), 0);
-    let status = s.terminate();
-    assert!(status.success(), "exit status {status}: {}", s.log_text());
-    c.close();
+    c.raw_queue(0)
+        .write(4096, buf.as_ptr(), 4096, 0, ReqFlags::empty());
+    assert_eq!(wait(c.raw_queue(0)), 0);
+    let (status, _, log) = terminate(s);
+    assert!(status.success(), "exit status {status}: {log}");
+    drop(c);
     let image = Image::open(&dir.path().join("disk.rrow"), OpenMode::ReadOnly).unwrap();
     let mut back = vec![0u8; 4096];
     image.read_at(4096, &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0x5a));
 }
 
+/// Runs `rr-row serve --socket DIR/x.sock --image DIR/disk.rrow EXTRA...`, which must fail
+/// without creating the socket; returns its stderr.
 fn serve_fails(dir: &Path, extra: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .arg("serve")
-        .arg("--socket")
-        .arg(dir.join("x.sock"))
-        .arg("--image")
-        .arg(dir.join("disk.rrow"))
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(!dir.join("x.sock").exists());
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let (socket, image) = (dir.join("x.sock"), dir.join("disk.rrow"));
+    let mut args = vec![
+        "serve".as_ref(),
+        "--socket".as_ref(),
+        socket.as_os_str(),
+        "--image".as_ref(),
+        image.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    let (code, _, stderr) = rr_row(&args);
+    assert_ne!(code, 0);
+    assert!(!socket.exists());
+    stderr
 }
 
 #[test]
@@ -281,14 +196,16 @@ fn a_socket_path_that_is_not_a_socket_is_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("x.sock"), b"precious").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--size", "1M", "--socket"])
-        .arg(d.join("x.sock"))
-        .arg("--image")
-        .arg(d.join("disk.rrow"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    let (code, _, stderr) = rr_row(&[
+        "serve".as_ref(),
+        "--size".as_ref(),
+        "1M".as_ref(),
+        "--socket".as_ref(),
+        d.join("x.sock").as_os_str(),
+        "--image".as_ref(),
+        d.join("disk.rrow").as_os_str(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("not a socket"));
     assert_eq!(std::fs::read(d.join("x.sock")).unwrap(), b"precious");
 }

@@ -85,6 +85,11 @@ impl Daemon {
         self.child.as_ref().expect("daemon already reaped").id()
     }
 
+    /// The file the process logs to (still readable after [`Daemon::signal_and_wait`]).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// Everything the process logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
