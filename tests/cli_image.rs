@@ -3,20 +3,16 @@
 //! journal, size overflow and out-of-range LBAs fails with one clear line, a non-zero exit, no
 //! panic and the image bytes unchanged. Plus the export round trip checked by `qemu-img compare`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::image::create_image;
+use common::rr_row_output as rr;
 use rr_row::image::format::Header;
 use rr_row::image::{CreateOptions, Image, OpenMode};
 use rr_row::units::BlockSize;
-
-fn rr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rr-row"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -61,15 +57,7 @@ fn all_commands_fail(img: &Path, what: &str) {
 
 fn make_image(dir: &Path, name: &str, checkpoint: bool) -> PathBuf {
     let p = dir.join(name);
-    let img = Image::create(
-        &p,
-        &CreateOptions {
-            size: 1 << 20,
-            block_size: BlockSize::DEFAULT,
-            base: None,
-        },
-    )
-    .unwrap();
+    let img = create_image(&p, 1 << 20, 4096);
     for i in 0..8u64 {
         img.write_at(i * 4096, &[i as u8 + 1; 4096]).unwrap();
         img.flush().unwrap();
@@ -325,7 +313,7 @@ fn commands_work_on_a_good_image() {
 }
 
 fn qemu_compare(a: &Path, b: &Path) -> bool {
-    let o = Command::new("qemu-img")
+    let o = Command::new(common::require_tool("qemu-img"))
         .args(["compare", "-f", "raw", "-F", "raw", s(a), s(b)])
         .output()
         .expect("qemu-img is part of the test set-up (Debian package qemu-utils)");

@@ -1,5 +1,8 @@
 //! Basic engine behaviour: create, write, read, reopen, history, state_at, base images.
 
+mod common;
+
+use common::image::create_image;
 use rr_row::image::{CreateOptions, Extent, HistoryKind, Image, ImageError, OpenMode};
 use rr_row::units::{BlockSize, Lba, Seq};
 
@@ -85,15 +88,7 @@ fn discard_and_base() {
 
 fn new_image(dir: &std::path::Path, size: u64, bs: u32) -> (std::path::PathBuf, Image) {
     let p = dir.join("x.rrow");
-    let img = Image::create(
-        &p,
-        &CreateOptions {
-            size,
-            block_size: BlockSize::new(bs).unwrap(),
-            base: None,
-        },
-    )
-    .unwrap();
+    let img = create_image(&p, size, bs);
     (p, img)
 }
 

@@ -3,8 +3,11 @@
 //! or a typed error, and `check` (without --repair) never modifies the file.
 
 use proptest::prelude::*;
-use rr_row::image::{CreateOptions, Image, OpenMode};
-use rr_row::units::{BlockSize, Lba, Seq};
+mod common;
+
+use common::image::create_image;
+use rr_row::image::{Image, OpenMode};
+use rr_row::units::{Lba, Seq};
 
 fn template() -> &'static [u8] {
     static T: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
@@ -14,15 +17,7 @@ fn template() -> &'static [u8] {
 fn build_template() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.rrow");
-    let img = Image::create(
-        &p,
-        &CreateOptions {
-            size: 256 * 1024,
-            block_size: BlockSize::new(4096).unwrap(),
-            base: None,
-        },
-    )
-    .unwrap();
+    let img = create_image(&p, 256 * 1024, 4096);
     for i in 0..30u64 {
         img.write_at((i * 7 % 64) * 4096, &[i as u8; 4096]).unwrap();
         if i % 4 == 0 {

@@ -10,9 +10,12 @@
 //!     after recovery never reached the disk.
 //! (d) Truncating the whole file anywhere: open and reads fail cleanly or show a model state.
 
+mod common;
+
+use common::image::create_image;
 use rand::{Rng, SeedableRng};
-use rr_row::image::{CreateOptions, Image, ImageError, OpenMode};
-use rr_row::units::{BlockSize, Seq};
+use rr_row::image::{Image, ImageError, OpenMode};
+use rr_row::units::Seq;
 
 const BS: u64 = 4096;
 const SIZE: u64 = 64 * BS;
@@ -35,15 +38,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 fn workload(seed: u64, ops: usize, checkpoint_at: Option<usize>) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.rrow");
-    let img = Image::create(
-        &path,
-        &CreateOptions {
-            size: SIZE,
-            block_size: BlockSize::new(BS as u32).unwrap(),
-            base: None,
-        },
-    )
-    .unwrap();
+    let img = create_image(&path, SIZE, BS as u32);
     img.set_checkpoint_threshold(u64::MAX);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut model = vec![0u8; SIZE as usize];
@@ -319,15 +314,7 @@ fn two_writes_then_marker(marker_seq: u64) -> (tempfile::TempDir, std::path::Pat
     use rr_row::image::format::{encode_record, RecKind, Record};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.rrow");
-    let img = Image::create(
-        &path,
-        &CreateOptions {
-            size: SIZE,
-            block_size: BlockSize::new(BS as u32).unwrap(),
-            base: None,
-        },
-    )
-    .unwrap();
+    let img = create_image(&path, SIZE, BS as u32);
     img.write_at(0, &[1u8; BS as usize]).unwrap();
     img.write_at(BS, &[2u8; BS as usize]).unwrap();
     drop(img);
@@ -395,15 +382,7 @@ fn a_torn_record_is_damage_only_if_a_marker_vouches_for_it() {
 fn flushes_concurrent_with_writes_keep_every_flushed_write() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cf.rrow");
-    let img = Image::create(
-        &path,
-        &CreateOptions {
-            size: SIZE,
-            block_size: BlockSize::new(BS as u32).unwrap(),
-            base: None,
-        },
-    )
-    .unwrap();
+    let img = create_image(&path, SIZE, BS as u32);
     let flushed = std::sync::atomic::AtomicU64::new(0);
     let done = std::sync::atomic::AtomicBool::new(false);
     let start = std::sync::Barrier::new(2);
@@ -454,15 +433,7 @@ fn a_crash_right_after_a_segment_roll_recovers_and_continues() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("roll.rrow");
     let blocks = 256u64;
-    let img = Image::create(
-        &path,
-        &CreateOptions {
-            size: blocks * 512,
-            block_size: BlockSize::new(512).unwrap(),
-            base: None,
-        },
-    )
-    .unwrap();
+    let img = create_image(&path, blocks * 512, 512);
     // 60-byte write records: segment 0 (1 MiB) fills after about 17 400 of them.
     let n = 17_600u64;
     let value = |i: u64| ((i * 7) % 251) as u8;
@@ -516,15 +487,7 @@ fn a_crash_right_after_a_segment_roll_recovers_and_continues() {
 fn a_guest_that_never_flushes_still_gets_durable_points() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nf.rrow");
-    let img = Image::create(
-        &path,
-        &CreateOptions {
-            size: SIZE,
-            block_size: BlockSize::new(BS as u32).unwrap(),
-            base: None,
-        },
-    )
-    .unwrap();
+    let img = create_image(&path, SIZE, BS as u32);
     img.set_unsynced_limit(4 * BS);
     for i in 0..20u64 {
         img.write_at(i * BS, &[i as u8 + 1; BS as usize]).unwrap();

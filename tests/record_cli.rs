@@ -1,38 +1,23 @@
 //! `rr-row log info` and `rr-row log dump` on real logs, torn logs and garbage.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::image::create_image;
+use common::rr_row_output;
 use rr_row::blockdev::record_dev::RecordingDevice;
 use rr_row::blockdev::{BlockDevice, RequestCtx};
-use rr_row::image::{CreateOptions, Image};
 use rr_row::iobuf::IoSeg;
 use rr_row::record::{LogReader, RecordMode};
 use rr_row::units::BlockSize;
 
-fn rr_row(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rr-row"))
-        .args(args)
-        .output()
-        .expect("run rr-row")
-}
-
 /// Records 300 4 KiB reads, 50 writes and a flush on a fresh image; returns the log path.
 fn make_log(dir: &Path, mode: RecordMode, name: &str) -> std::path::PathBuf {
     let img_path = dir.join(format!("{name}.rrow"));
-    let img = Arc::new(
-        Image::create(
-            &img_path,
-            &CreateOptions {
-                size: 4 << 20,
-                block_size: BlockSize::DEFAULT,
-                base: None,
-            },
-        )
-        .unwrap(),
-    );
+    let img = Arc::new(create_image(&img_path, 4 << 20, 4096));
     let log = dir.join(format!("{name}.log"));
     let dev =
         RecordingDevice::with_sync_interval(Arc::clone(&img), &log, mode, Duration::ZERO).unwrap();
@@ -64,7 +49,7 @@ fn info_reports_counts_bytes_and_the_full_mode_cost() {
     let dir = tempfile::tempdir().unwrap();
     let log = make_log(dir.path(), RecordMode::BlockId, "a");
     let full = make_log(dir.path(), RecordMode::Full, "b");
-    let out = rr_row(&["log", "info", log.to_str().unwrap(), "--output", "json"]);
+    let out = rr_row_output(&["log", "info", log.to_str().unwrap(), "--output", "json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -83,12 +68,12 @@ fn info_reports_counts_bytes_and_the_full_mode_cost() {
     let full_size = std::fs::metadata(&full).unwrap().len();
     assert_eq!(v["full_mode_bytes"], full_size);
 
-    let out = rr_row(&["log", "info", full.to_str().unwrap(), "--output", "json"]);
+    let out = rr_row_output(&["log", "info", full.to_str().unwrap(), "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["header"]["mode"], "full");
     assert!(v["full_mode_bytes"].is_null());
 
-    let out = rr_row(&["log", "info", log.to_str().unwrap()]);
+    let out = rr_row_output(&["log", "info", log.to_str().unwrap()]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("record mode:    block-id"), "{text}");
     assert!(text.contains("same run in full mode:"), "{text}");
@@ -102,7 +87,7 @@ fn dump_prints_one_line_per_record() {
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
-    let out = rr_row(&["log", "dump", log.to_str().unwrap(), "--output", "json"]);
+    let out = rr_row_output(&["log", "dump", log.to_str().unwrap(), "--output", "json"]);
     assert!(out.status.success());
     let lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
     assert_eq!(lines.len(), recs.len());
@@ -112,7 +97,7 @@ fn dump_prints_one_line_per_record() {
         assert_eq!(v["kind"], r.kind_name());
         assert_eq!(v["sector"], r.sector);
     }
-    let out = rr_row(&["log", "dump", log.to_str().unwrap()]);
+    let out = rr_row_output(&["log", "dump", log.to_str().unwrap()]);
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].starts_with("# record log v1 mode=block-id"));
@@ -128,18 +113,18 @@ fn torn_and_broken_logs_are_reported_clearly() {
 
     let torn = dir.path().join("torn.log");
     std::fs::write(&torn, &bytes[..bytes.len() - 10]).unwrap();
-    let out = rr_row(&["log", "info", torn.to_str().unwrap(), "--output", "json"]);
+    let out = rr_row_output(&["log", "info", torn.to_str().unwrap(), "--output", "json"]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["torn_tail"]["dropped_bytes"], bytes.len() - 10 - 80);
-    let out = rr_row(&["log", "dump", torn.to_str().unwrap()]);
+    let out = rr_row_output(&["log", "dump", torn.to_str().unwrap()]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("torn tail"));
 
     let garbage = dir.path().join("garbage.log");
     std::fs::write(&garbage, b"this is not a log at all, not even close").unwrap();
     for cmd in ["info", "dump"] {
-        let out = rr_row(&["log", cmd, garbage.to_str().unwrap()]);
+        let out = rr_row_output(&["log", cmd, garbage.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8(out.stderr).unwrap();
         assert_eq!(err.lines().count(), 1, "{err}");
@@ -147,7 +132,7 @@ fn torn_and_broken_logs_are_reported_clearly() {
     }
 
     let missing = dir.path().join("nope.log");
-    let out = rr_row(&["log", "info", missing.to_str().unwrap()]);
+    let out = rr_row_output(&["log", "info", missing.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"));
 }
@@ -195,7 +180,7 @@ fn info_on_a_log_damaged_in_the_middle_reports_the_readable_part_and_fails() {
     let second = 80 + 8 + first_len;
     bytes[second + 10] ^= 0xff;
     std::fs::write(&log, &bytes).unwrap();
-    let out = rr_row(&["log", "info", log.to_str().unwrap(), "--output", "json"]);
+    let out = rr_row_output(&["log", "info", log.to_str().unwrap(), "--output", "json"]);
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["records"], 10);

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use blkio::ReqFlags;
 use common::blk::{wait_one as wait, Client, ClientOpts};
+use common::image::{create_image, write_random};
 use common::inproc::InProcDaemon;
 use common::Watchdog;
 use rand::rngs::StdRng;
@@ -21,9 +22,8 @@ use rand::{Rng, SeedableRng};
 use rr_row::blockdev::record_dev::RecordingDevice;
 use rr_row::blockdev::replay_dev::{DivergencePolicy, ReplayingDevice};
 use rr_row::blockdev::BlockDevice;
-use rr_row::image::{CreateOptions, Image};
+use rr_row::image::Image;
 use rr_row::record::RecordMode;
-use rr_row::units::BlockSize;
 
 const SIZE: u64 = 32 << 20;
 
@@ -123,22 +123,10 @@ fn workload(c: &mut Client, q: usize, seed: u64, n: usize, diverge_at: Option<us
     seen
 }
 
+/// A disk with random data in every other MiB.
 fn new_image(dir: &Path) -> Arc<Image> {
-    let img = Image::create(
-        &dir.join("disk.rrow"),
-        &CreateOptions {
-            size: SIZE,
-            block_size: BlockSize::DEFAULT,
-            base: None,
-        },
-    )
-    .unwrap();
-    let mut rng = StdRng::seed_from_u64(1);
-    let mut data = vec![0u8; 1 << 20];
-    for i in 0..SIZE / (1 << 20) / 2 {
-        rng.fill(&mut data[..]);
-        img.write_at(i * 2 * (1 << 20), &data).unwrap();
-    }
+    let img = create_image(&dir.join("disk.rrow"), SIZE, 4096);
+    write_random(&img, 1, 1 << 20, 2 << 20);
     Arc::new(img)
 }
 
@@ -148,13 +136,9 @@ fn whole_disk(img: &Image) -> Vec<u8> {
     buf
 }
 
+/// A later session that overwrites the whole disk.
 fn overwrite(img: &Image) {
-    let mut rng = StdRng::seed_from_u64(1234);
-    let mut data = vec![0u8; 1 << 20];
-    for i in 0..SIZE / (1 << 20) {
-        rng.fill(&mut data[..]);
-        img.write_at(i * (1 << 20), &data).unwrap();
-    }
+    write_random(img, 1234, 1 << 20, 1 << 20);
     img.flush().unwrap();
 }
 

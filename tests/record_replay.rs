@@ -2,10 +2,13 @@
 //! workload, overwrite the disk in a later session, replay the same request stream, and compare
 //! every byte; divergences at the right index; the live image untouched by a replay.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::image::write_random;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -180,12 +183,7 @@ fn new_image(dir: &Path, base: bool) -> Arc<Image> {
 
 /// A later session that overwrites the whole disk.
 fn overwrite(img: &Image, seed: u64) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    for chunk in 0..(SIZE / (256 << 10)) {
-        let mut data = vec![0u8; 256 << 10];
-        rng.fill(&mut data[..]);
-        img.write_at(chunk * (256 << 10), &data).unwrap();
-    }
+    write_random(img, seed, 256 << 10, 256 << 10);
     img.discard(0, 64 << 10).unwrap();
 }
 

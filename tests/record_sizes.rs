@@ -3,19 +3,21 @@
 //! Read-heavy runs must cost at most 1% of the full log. `cargo test --test record_sizes --
 //! --nocapture` prints the table quoted in docs/record-log.md.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::image::{create_image, write_random};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use rr_row::blockdev::record_dev::RecordingDevice;
 use rr_row::blockdev::{BlockDevice, RequestCtx};
-use rr_row::image::{CreateOptions, Image};
+use rr_row::image::Image;
 use rr_row::iobuf::IoSeg;
 use rr_row::record::RecordMode;
-use rr_row::units::BlockSize;
 
 const SIZE: u64 = 64 << 20;
 
@@ -26,22 +28,9 @@ enum Op {
 }
 
 fn image(dir: &Path) -> Arc<Image> {
-    let img = Image::create(
-        &dir.join("disk.rrow"),
-        &CreateOptions {
-            size: SIZE,
-            block_size: BlockSize::DEFAULT,
-            base: None,
-        },
-    )
-    .unwrap();
+    let img = create_image(&dir.join("disk.rrow"), SIZE, 4096);
     // A fully written disk, as after an OS install.
-    let mut rng = StdRng::seed_from_u64(9);
-    let mut buf = vec![0u8; 1 << 20];
-    for i in 0..SIZE >> 20 {
-        rng.fill(&mut buf[..]);
-        img.write_at(i << 20, &buf).unwrap();
-    }
+    write_random(&img, 9, 1 << 20, 1 << 20);
     Arc::new(img)
 }
 

@@ -6,6 +6,7 @@
 //!   watchdog (blkio has no timeout of its own for the vhost-user handshake).
 //! - [`guest`]: the test assets prepared by `scripts/guest-assets.sh`, the guest initramfs and
 //!   a QEMU (TCG) runner whose serial console the tests parse.
+//! - [`image`]: creating and filling images.
 //! - [`inproc`]: `rr_row::vhost_user::run` on a thread of the test, with a stop handle.
 //! - [`mem_dev`]: an in-memory block device that records what it was asked.
 //! - [`Watchdog`]: a whole-test time limit that aborts the test binary.
@@ -16,11 +17,13 @@
 pub mod blk;
 pub mod daemon;
 pub mod guest;
+pub mod image;
 pub mod inproc;
 pub mod mem_dev;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +56,16 @@ pub fn rr_row(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs `rr-row ARGS...` to completion with `RUST_LOG` unset, so that stderr holds only what
+/// the command itself prints.
+pub fn rr_row_output<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new(rr_row_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("cannot run the rr-row binary")
 }
 
 /// Polls `cond` every 20 ms until it returns true; false if `limit` passed first.
