@@ -18,6 +18,22 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// What `rr-row info IMG` prints on stderr.
+fn info_stderr(img: &Path) -> String {
+    String::from_utf8_lossy(&rr(&["info", s(img)]).stderr).into_owned()
+}
+
+/// Runs `rr-row check IMG --repair` and asserts exit code 3 (damage found and repaired).
+fn assert_repaired(img: &Path) {
+    let o = rr(&["check", s(img), "--repair"]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
 /// Asserts a clean one-line failure.
 fn assert_fails(o: &Output, what: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
@@ -108,7 +124,7 @@ fn future_version() {
     b[4096 + 8] = 2;
     std::fs::write(&p, &b).unwrap();
     all_commands_fail(&p, "future version");
-    let err = String::from_utf8_lossy(&rr(&["info", s(&p)]).stderr).to_string();
+    let err = info_stderr(&p);
     assert!(
         err.contains("version 2") && err.contains("version 1"),
         "{err}"
@@ -123,7 +139,7 @@ fn truncated_header() {
     for cut in [4, 5000] {
         std::fs::write(&p, &b[..cut]).unwrap();
         all_commands_fail(&p, &format!("truncated at {cut}"));
-        let err = String::from_utf8_lossy(&rr(&["info", s(&p)]).stderr).to_string();
+        let err = info_stderr(&p);
         assert!(err.contains("truncated"), "{err}");
     }
 }
@@ -161,13 +177,7 @@ fn one_damaged_header_copy_is_a_warning_and_is_repaired() {
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).contains("warning: header copy"));
     assert_eq!(std::fs::read(&p).unwrap(), b);
-    let o = rr(&["check", s(&p), "--repair"]);
-    assert_eq!(
-        o.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    assert_repaired(&p);
     let o = rr(&["check", s(&p)]);
     assert_eq!(o.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("warning"));
@@ -184,19 +194,13 @@ fn corrupt_checkpoint_and_repair() {
     b[off] ^= 0x10;
     std::fs::write(&p, &b).unwrap();
     all_commands_fail(&p, "corrupt checkpoint");
-    let err = String::from_utf8_lossy(&rr(&["info", s(&p)]).stderr).to_string();
+    let err = info_stderr(&p);
     assert!(
         err.contains("checkpoint") && err.contains(&format!("{}", off - 30)),
         "{err}"
     );
     // The journal holds the whole history: --repair rebuilds the map from it, losing nothing.
-    let o = rr(&["check", s(&p), "--repair"]);
-    assert_eq!(
-        o.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    assert_repaired(&p);
     assert_eq!(rr(&["check", s(&p)]).status.code(), Some(0));
     let img = Image::open(&p, OpenMode::ReadOnly).unwrap();
     let mut buf = vec![0u8; 4096];
@@ -216,7 +220,7 @@ fn corrupt_journal() {
     b[rec] ^= 0x01;
     std::fs::write(&p, &b).unwrap();
     all_commands_fail(&p, "corrupt journal");
-    let err = String::from_utf8_lossy(&rr(&["info", s(&p)]).stderr).to_string();
+    let err = info_stderr(&p);
     assert!(err.contains("corrupt at byte offset 65600"), "{err}");
 }
 
@@ -394,15 +398,7 @@ fn a_torn_tail_is_recovered_not_reported_as_damage() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("torn.rrow");
     {
-        let img = Image::create(
-            &p,
-            &CreateOptions {
-                size: 1 << 20,
-                block_size: BlockSize::DEFAULT,
-                base: None,
-            },
-        )
-        .unwrap();
+        let img = create_image(&p, 1 << 20, 4096);
         img.write_at(0, &[1u8; 4096]).unwrap();
         img.flush().unwrap();
         img.write_at(4096, &[2u8; 4096]).unwrap();
@@ -426,8 +422,7 @@ fn a_torn_tail_is_recovered_not_reported_as_damage() {
         "{out}"
     );
     assert_eq!(std::fs::read(&p).unwrap(), b);
-    let o = rr(&["check", s(&p), "--repair"]);
-    assert_eq!(o.status.code(), Some(3));
+    assert_repaired(&p);
     let o = rr(&["check", s(&p)]);
     assert_eq!(o.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("warning"));

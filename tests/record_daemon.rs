@@ -38,12 +38,7 @@ fn join(d: InProcDaemon) {
 }
 
 fn connect(d: &InProcDaemon, queues: usize) -> Client {
-    let opts = ClientOpts {
-        queues,
-        queue_size: 256,
-        read_only: false,
-        mem: 4 << 20,
-    };
+    let opts = ClientOpts::new(queues, 256, 4 << 20);
     Client::open(d.socket(), opts)
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::image::write_random;
+use common::image::{create_image, write_random};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -659,17 +659,7 @@ fn daemon_initiated_flushes_are_neither_recorded_nor_matched() {
 #[test]
 fn full_mode_refuses_reads_too_large_to_log_and_records_the_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let img = Arc::new(
-        Image::create(
-            &dir.path().join("big.rrow"),
-            &CreateOptions {
-                size: 128 << 20,
-                block_size: BlockSize::DEFAULT,
-                base: None,
-            },
-        )
-        .unwrap(),
-    );
+    let img = Arc::new(create_image(&dir.path().join("big.rrow"), 128 << 20, 4096));
     let log = dir.path().join("big.log");
     let dev = RecordingDevice::with_sync_interval(
         Arc::clone(&img),

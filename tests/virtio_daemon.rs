@@ -36,10 +36,8 @@ fn start(dev: Arc<MemDevice>, queues: u16, once: bool) -> InProcDaemon {
 
 fn try_connect(d: &InProcDaemon, queues: usize, read_only: bool) -> blkio::Result<Client> {
     let opts = ClientOpts {
-        queues,
-        queue_size: 256,
         read_only,
-        mem: 4 << 20,
+        ..ClientOpts::new(queues, 256, 4 << 20)
     };
     Client::connect(d.socket(), opts)
 }

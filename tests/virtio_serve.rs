@@ -42,12 +42,7 @@ fn terminate(d: Daemon) -> (ExitStatus, PathBuf, String) {
 }
 
 fn connect(d: &Daemon, queues: usize) -> Client {
-    let opts = ClientOpts {
-        queues,
-        queue_size: 256,
-        read_only: false,
-        mem: 1 << 20,
-    };
+    let opts = ClientOpts::new(queues, 256, 1 << 20);
     Client::open(d.socket(), opts)
 }
 

@@ -45,6 +45,18 @@ impl Default for ClientOpts {
     }
 }
 
+impl ClientOpts {
+    /// `queues` read-write queues of `queue_size` entries and `mem` bytes of buffer memory.
+    pub fn new(queues: usize, queue_size: usize, mem: usize) -> ClientOpts {
+        ClientOpts {
+            queues,
+            queue_size,
+            read_only: false,
+            mem,
+        }
+    }
+}
+
 /// The buffer memory region shared with the backend, addressed by byte offset.
 ///
 /// It is `Copy` so that threads can each use their own disjoint window of it.
