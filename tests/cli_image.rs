@@ -86,6 +86,17 @@ fn make_image(dir: &Path, name: &str, checkpoint: bool) -> PathBuf {
     p
 }
 
+/// XORs the byte at each offset of `p` with its mask, writes the file back and returns its
+/// new content.
+fn flip_bits(p: &Path, flips: &[(usize, u8)]) -> Vec<u8> {
+    let mut b = std::fs::read(p).unwrap();
+    for &(off, mask) in flips {
+        b[off] ^= mask;
+    }
+    std::fs::write(p, &b).unwrap();
+    b
+}
+
 fn header(p: &Path) -> Header {
     let b = std::fs::read(p).unwrap();
     let a = Header::decode(&b[..4096]).unwrap();
@@ -148,10 +159,7 @@ fn truncated_header() {
 fn both_headers_damaged() {
     let d = tempfile::tempdir().unwrap();
     let p = make_image(d.path(), "h.rrow", true);
-    let mut b = std::fs::read(&p).unwrap();
-    b[50] ^= 1;
-    b[4096 + 50] ^= 1;
-    std::fs::write(&p, &b).unwrap();
+    let b = flip_bits(&p, &[(50, 1), (4096 + 50, 1)]);
     all_commands_fail(&p, "both headers damaged");
     // Even --repair cannot invent a header: it fails and leaves the file alone.
     let o = rr(&["check", s(&p), "--repair"]);
@@ -190,9 +198,7 @@ fn corrupt_checkpoint_and_repair() {
     let h = header(&p);
     let ck = h.ckpt.unwrap();
     let off = (h.data_offset + ck.slot * 4096 + 30) as usize;
-    let mut b = std::fs::read(&p).unwrap();
-    b[off] ^= 0x10;
-    std::fs::write(&p, &b).unwrap();
+    flip_bits(&p, &[(off, 0x10)]);
     all_commands_fail(&p, "corrupt checkpoint");
     let err = info_stderr(&p);
     assert!(
@@ -215,10 +221,8 @@ fn corrupt_journal() {
     let d = tempfile::tempdir().unwrap();
     // Without a checkpoint the damage is in the part of the journal open replays.
     let p = make_image(d.path(), "j.rrow", false);
-    let mut b = std::fs::read(&p).unwrap();
     let rec = 65536 + 64 + 20; // inside the first record, which a flush marker follows
-    b[rec] ^= 0x01;
-    std::fs::write(&p, &b).unwrap();
+    flip_bits(&p, &[(rec, 0x01)]);
     all_commands_fail(&p, "corrupt journal");
     let err = info_stderr(&p);
     assert!(err.contains("corrupt at byte offset 65600"), "{err}");
@@ -228,9 +232,7 @@ fn corrupt_journal() {
 fn corrupt_journal_behind_a_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let p = make_image(d.path(), "jc.rrow", true);
-    let mut b = std::fs::read(&p).unwrap();
-    b[65536 + 64 + 20] ^= 0x01;
-    std::fs::write(&p, &b).unwrap();
+    let b = flip_bits(&p, &[(65536 + 64 + 20, 0x01)]);
     // The current state comes from the checkpoint; the damaged history is reported by check
     // and refused by history.
     let o = rr(&["check", s(&p)]);

@@ -27,21 +27,6 @@ use rr_row::record::RecordMode;
 
 const SIZE: u64 = 32 << 20;
 
-/// Serves `dev` in-process until the (single) frontend leaves.
-fn start(dev: Arc<dyn BlockDevice>, queues: u16) -> InProcDaemon {
-    InProcDaemon::start(dev, queues, true, "rr")
-}
-
-/// Waits for the daemon to end after the client disconnected.
-fn join(d: InProcDaemon) {
-    d.join_or_stop_after(Duration::from_secs(20));
-}
-
-fn connect(d: &InProcDaemon, queues: usize) -> Client {
-    let opts = ClientOpts::new(queues, 256, 4 << 20);
-    Client::open(d.socket(), opts)
-}
-
 /// What the client saw for one request: its result, and the data of a read.
 type Seen = (i32, Option<Vec<u8>>);
 
@@ -137,6 +122,26 @@ fn overwrite(img: &Image) {
     img.flush().unwrap();
 }
 
+/// Serves `dev` to one blkio frontend that runs the `n`-request workload of seed 100 + q on
+/// each queue q of `queues` (see [`workload`] for `diverge_at`), until it disconnects; returns
+/// what the client saw per queue.
+fn session(
+    dev: Arc<dyn BlockDevice>,
+    queues: usize,
+    n: usize,
+    diverge_at: Option<usize>,
+) -> Vec<Vec<Seen>> {
+    // `once`: the daemon returns when the frontend leaves.
+    let d = InProcDaemon::start(dev, queues as u16, true, "rr");
+    let mut c = Client::open(d.socket(), ClientOpts::new(queues, 256, 4 << 20));
+    let seen = (0..queues)
+        .map(|q| workload(&mut c, q, 100 + q as u64, n, diverge_at))
+        .collect();
+    drop(c);
+    d.join_or_stop_after(Duration::from_secs(20));
+    seen
+}
+
 /// Records `n` requests on each of `queues` queues; returns what the client saw per queue.
 fn record(img: &Arc<Image>, log: &Path, queues: usize, n: usize) -> Vec<Vec<Seen>> {
     let dev = Arc::new(
@@ -148,13 +153,7 @@ fn record(img: &Arc<Image>, log: &Path, queues: usize, n: usize) -> Vec<Vec<Seen
         )
         .unwrap(),
     );
-    let d = start(dev.clone(), queues as u16);
-    let mut c = connect(&d, queues);
-    let seen = (0..queues)
-        .map(|q| workload(&mut c, q, 100 + q as u64, n, None))
-        .collect();
-    drop(c);
-    join(d);
+    let seen = session(dev.clone(), queues, n, None);
     Arc::try_unwrap(dev)
         .ok()
         .expect("the daemon dropped its reference")
@@ -183,13 +182,7 @@ fn a_recorded_blkio_run_replays_byte_for_byte_after_the_disk_moved_on() {
 
     let dev =
         Arc::new(ReplayingDevice::open(Arc::clone(&img), &log, DivergencePolicy::Stop).unwrap());
-    let d = start(dev.clone(), 2);
-    let mut c = connect(&d, 2);
-    let replayed: Vec<Vec<Seen>> = (0..2)
-        .map(|q| workload(&mut c, q, 100 + q as u64, 300, None))
-        .collect();
-    drop(c);
-    join(d);
+    let replayed = session(dev.clone(), 2, 300, None);
     for q in 0..2 {
         for (i, (a, b)) in recorded[q].iter().zip(&replayed[q]).enumerate() {
             assert!(a == b, "queue {q} request {i} differs");
@@ -215,12 +208,8 @@ fn a_divergent_blkio_run_is_reported_at_its_index() {
 
     let dev =
         Arc::new(ReplayingDevice::open(Arc::clone(&img), &log, DivergencePolicy::Stop).unwrap());
-    let d = start(dev.clone(), 1);
-    let mut c = connect(&d, 1);
     let k = 77;
-    let replayed = workload(&mut c, 0, 100, 120, Some(k));
-    drop(c);
-    join(d);
+    let replayed = session(dev.clone(), 1, 120, Some(k)).remove(0);
     assert_eq!(&replayed[..k], &recorded[0][..k]);
     assert!(replayed[k..].iter().all(|(r, _)| *r == -libc::EIO));
     let s = dev.summary();
