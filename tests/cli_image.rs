@@ -34,6 +34,13 @@ fn assert_repaired(img: &Path) {
     );
 }
 
+/// Runs `rr-row check IMG` and asserts exit code 0 with no warning printed.
+fn assert_clean_without_warnings(img: &Path) {
+    let o = rr(&["check", s(img)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("warning"));
+}
+
 /// Asserts a clean one-line failure.
 fn assert_fails(o: &Output, what: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
@@ -186,9 +193,7 @@ fn one_damaged_header_copy_is_a_warning_and_is_repaired() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("warning: header copy"));
     assert_eq!(std::fs::read(&p).unwrap(), b);
     assert_repaired(&p);
-    let o = rr(&["check", s(&p)]);
-    assert_eq!(o.status.code(), Some(0));
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("warning"));
+    assert_clean_without_warnings(&p);
 }
 
 #[test]
@@ -425,9 +430,7 @@ fn a_torn_tail_is_recovered_not_reported_as_damage() {
     );
     assert_eq!(std::fs::read(&p).unwrap(), b);
     assert_repaired(&p);
-    let o = rr(&["check", s(&p)]);
-    assert_eq!(o.status.code(), Some(0));
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("warning"));
+    assert_clean_without_warnings(&p);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::blk::{Client, ClientOpts, Queue, Req, EIO};
-use common::daemon::{qemu_img_create, start_qsd, start_rr_row, Daemon, QsdFormat, ServeOpts};
+use common::daemon::{start_rr_row, Daemon, Peer, ServeOpts};
 use common::with_watchdog;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -23,13 +23,6 @@ const SIZE: u64 = 64 << 20;
 const MAX_REQ: usize = 256 << 10;
 /// Watchdog for one client session.
 const SESSION: Duration = Duration::from_secs(60);
-
-/// The backend under test.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Peer {
-    RrRow,
-    QsdRaw,
-}
 
 /// A test's folder, image and backend.
 struct Setup {
@@ -45,9 +38,7 @@ impl Setup {
             Peer::RrRow => "disk.rrimg",
             Peer::QsdRaw => "disk.raw",
         });
-        if peer == Peer::QsdRaw {
-            qemu_img_create(&image, QsdFormat::Raw, SIZE);
-        }
+        peer.prepare_image(&image, SIZE);
         Setup { dir, image, peer }
     }
 
@@ -56,21 +47,12 @@ impl Setup {
     }
 
     fn start_with(&self, queues: u16, read_only: bool) -> Daemon {
-        match self.peer {
-            Peer::RrRow => {
-                let mut o = ServeOpts::new(&self.image, SIZE);
-                o.queues = queues;
-                o.read_only = read_only;
-                start_rr_row(self.dir.path(), &o)
-            }
-            Peer::QsdRaw => start_qsd(
-                self.dir.path(),
-                &self.image,
-                QsdFormat::Raw,
-                queues,
-                !read_only,
-            ),
-        }
+        let opts = ServeOpts {
+            queues,
+            read_only,
+            ..ServeOpts::new(&self.image, SIZE)
+        };
+        self.peer.start(self.dir.path(), &opts)
     }
 }
 

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{qemu_img_create, start_qsd, start_rr_row, Daemon, QsdFormat, ServeOpts};
+use common::daemon::{Daemon, Peer, ServeOpts};
 use common::guest::{boot, build_initramfs, Assets, GuestOpts, GuestRun};
 use rand::{RngCore, SeedableRng};
 
@@ -83,36 +83,21 @@ fn file_sums(run: &GuestRun) -> Vec<(String, String)> {
     v
 }
 
-/// The disk backend a run uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    /// `rr-row serve`: the product.
-    RrRow,
-    /// qemu-storage-daemon exporting a raw file: the reference that validates the harness
-    /// itself (when it passes and the rr-row run fails, the daemon is at fault).
-    QsdRaw,
-}
-
-fn start_backend(backend: Backend, dir: &Path, image: &Path) -> Daemon {
-    match backend {
-        Backend::RrRow => {
-            let mut opts = ServeOpts::new(image, DISK_SIZE);
-            opts.queues = 2;
-            opts.extra = vec!["--serial".into(), SERIAL.into()];
-            // Per-request debug lines ("queue Q #N: ...") show which virtqueues carried I/O.
-            opts.rust_log = Some("info,rr_row::virtio_blk=debug");
-            start_rr_row(dir, &opts)
-        }
-        Backend::QsdRaw => start_qsd(dir, image, QsdFormat::Raw, 2, true),
-    }
+fn start_backend(backend: Peer, dir: &Path, image: &Path) -> Daemon {
+    let mut opts = ServeOpts::new(image, DISK_SIZE);
+    opts.queues = 2;
+    opts.extra = vec!["--serial".into(), SERIAL.into()];
+    // Per-request debug lines ("queue Q #N: ...") show which virtqueues carried I/O.
+    opts.rust_log = Some("info,rr_row::virtio_blk=debug");
+    backend.start(dir, &opts)
 }
 
 /// Stops the backend (SIGTERM must give exit 0) and returns the disk's bytes as the host sees
 /// them: for rr-row, after `rr-row check` finds the image clean, through `rr-row export`.
-fn stop_and_read_disk(backend: Backend, daemon: Daemon, dir: &Path, image: &Path) -> Vec<u8> {
+fn stop_and_read_disk(backend: Peer, daemon: Daemon, dir: &Path, image: &Path) -> Vec<u8> {
     let status = daemon.signal_and_wait(libc::SIGTERM, Duration::from_secs(20));
     match backend {
-        Backend::RrRow => {
+        Peer::RrRow => {
             assert!(
                 status.success(),
                 "rr-row serve exited with {status} on SIGTERM"
@@ -131,17 +116,15 @@ fn stop_and_read_disk(backend: Backend, daemon: Daemon, dir: &Path, image: &Path
             std::fs::read(&raw).expect("cannot read the export")
         }
         // qemu-storage-daemon's own exit status on SIGTERM is not what is under test here.
-        Backend::QsdRaw => std::fs::read(image).expect("cannot read the raw image"),
+        Peer::QsdRaw => std::fs::read(image).expect("cannot read the raw image"),
     }
 }
 
-fn two_boots(backend: Backend) {
+fn two_boots(backend: Peer) {
     let assets = Assets::get();
     let dir = common::tempdir();
     let image = dir.path().join("disk.img");
-    if backend == Backend::QsdRaw {
-        qemu_img_create(&image, QsdFormat::Raw, DISK_SIZE);
-    }
+    backend.prepare_image(&image, DISK_SIZE);
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5252_524f_5721);
     let mut pattern = vec![0u8; PATTERN_LEN];
@@ -186,7 +169,7 @@ fn two_boots(backend: Backend) {
         "the disk should accept discards"
     );
 
-    if backend == Backend::RrRow {
+    if backend == Peer::RrRow {
         let log = daemon.log_text();
         for q in 0..2 {
             assert!(
@@ -235,10 +218,10 @@ fn two_boots(backend: Backend) {
 
 #[test]
 fn guest_on_rr_row_writes_pattern_and_ext4_then_finds_them_after_reboot() {
-    two_boots(Backend::RrRow);
+    two_boots(Peer::RrRow);
 }
 
 #[test]
 fn reference_guest_on_qemu_storage_daemon_raw() {
-    two_boots(Backend::QsdRaw);
+    two_boots(Peer::QsdRaw);
 }

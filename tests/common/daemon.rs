@@ -270,3 +270,39 @@ pub fn start_qsd(
         ));
     Daemon::spawn("qemu-storage-daemon", cmd, &socket, &dir.join("qsd.log"))
 }
+
+/// The backend of a comparative test: the product, or the reference that validates the
+/// harness itself (when the reference passes and the rr-row run fails, the daemon is at fault).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// `rr-row serve`.
+    RrRow,
+    /// qemu-storage-daemon exporting a raw file.
+    QsdRaw,
+}
+
+impl Peer {
+    /// Makes `image` ready to be served with `size` bytes: a raw file from `qemu-img create`
+    /// for qemu-storage-daemon; nothing for rr-row, whose `--size` creates the image.
+    pub fn prepare_image(self, image: &Path, size: u64) {
+        if self == Peer::QsdRaw {
+            qemu_img_create(image, QsdFormat::Raw, size);
+        }
+    }
+
+    /// Starts the backend with its socket and log in `dir`, serving `opts.image` with
+    /// `opts.queues` queues, read-only if `opts.read_only`; the other options apply to rr-row
+    /// only.
+    pub fn start(self, dir: &Path, opts: &ServeOpts) -> Daemon {
+        match self {
+            Peer::RrRow => start_rr_row(dir, opts),
+            Peer::QsdRaw => start_qsd(
+                dir,
+                &opts.image,
+                QsdFormat::Raw,
+                opts.queues,
+                !opts.read_only,
+            ),
+        }
+    }
+}
