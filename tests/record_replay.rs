@@ -43,6 +43,31 @@ struct Req {
     op: Op,
 }
 
+impl Op {
+    /// A one-segment read of `len` bytes at `off`.
+    fn read(off: u64, len: usize) -> Op {
+        Op::Read {
+            off,
+            lens: vec![len],
+        }
+    }
+
+    /// A one-segment write of `data` at `off`.
+    fn write(off: u64, data: Vec<u8>) -> Op {
+        Op::Write {
+            off,
+            data: vec![data],
+        }
+    }
+}
+
+impl Req {
+    /// `op` on queue 0.
+    fn q0(op: Op) -> Req {
+        Req { queue: 0, op }
+    }
+}
+
 /// A deterministic mixed workload over two queues: aligned, sub-block and multi-segment reads
 /// and writes, reads of never-written and base-backed blocks, discards, write-zeroes, flushes,
 /// and requests the virtio layer rejected.
@@ -277,13 +302,7 @@ fn block_id_log_is_a_small_fraction_of_full_mode() {
     // Read-only workload: 4 KiB random reads.
     let mut rng = StdRng::seed_from_u64(3);
     let reqs: Vec<Req> = (0..2000)
-        .map(|_| Req {
-            queue: 0,
-            op: Op::Read {
-                off: rng.gen_range(0..SIZE / BS) * BS,
-                lens: vec![BS as usize],
-            },
-        })
+        .map(|_| Req::q0(Op::read(rng.gen_range(0..SIZE / BS) * BS, BS as usize)))
         .collect();
     let a = dir.path().join("a.log");
     let b = dir.path().join("b.log");
@@ -308,10 +327,7 @@ fn a_different_request_stops_the_replay_at_its_index() {
     // Change the 100th request into a read of another sector.
     let mut changed = reqs.clone();
     let k = 100;
-    changed[k].op = Op::Read {
-        off: 4096 * 7 + 512,
-        lens: vec![1024],
-    };
+    changed[k].op = Op::read(4096 * 7 + 512, 1024);
     let q = changed[k].queue;
     let index = changed[..k].iter().filter(|r| r.queue == q).count() as u64;
 
@@ -346,34 +362,10 @@ fn continue_serves_divergent_reads_from_the_replay_point_and_goes_on() {
     let a = vec![0xaau8; BS as usize];
     let b = vec![0xbbu8; BS as usize];
     let reqs = vec![
-        Req {
-            queue: 0,
-            op: Op::Write {
-                off: 10 * BS,
-                data: vec![a.clone()],
-            },
-        },
-        Req {
-            queue: 0,
-            op: Op::Read {
-                off: 10 * BS,
-                lens: vec![BS as usize],
-            },
-        },
-        Req {
-            queue: 0,
-            op: Op::Write {
-                off: 20 * BS,
-                data: vec![b.clone()],
-            },
-        },
-        Req {
-            queue: 0,
-            op: Op::Read {
-                off: 20 * BS,
-                lens: vec![BS as usize],
-            },
-        },
+        Req::q0(Op::write(10 * BS, a.clone())),
+        Req::q0(Op::read(10 * BS, BS as usize)),
+        Req::q0(Op::write(20 * BS, b.clone())),
+        Req::q0(Op::read(20 * BS, BS as usize)),
     ];
     let recorded = record(&img, &log, RecordMode::BlockId, &reqs);
     overwrite(&img, 8);
@@ -383,14 +375,8 @@ fn continue_serves_divergent_reads_from_the_replay_point_and_goes_on() {
     let mut changed = reqs.clone();
     // Request 1 now reads block 11 (never written in the recording: the snapshot at the replay
     // point - after write A - has the pre-recording content, zeros) and writes different data.
-    changed[1].op = Op::Read {
-        off: 11 * BS,
-        lens: vec![BS as usize],
-    };
-    changed[2].op = Op::Write {
-        off: 20 * BS,
-        data: vec![vec![0xcc; BS as usize]],
-    };
+    changed[1].op = Op::read(11 * BS, BS as usize);
+    changed[2].op = Op::write(20 * BS, vec![0xcc; BS as usize]);
     let dev = ReplayingDevice::open(Arc::clone(&img), &log, DivergencePolicy::Continue).unwrap();
     let replayed = run(&dev, &changed);
     assert_eq!(replayed[0], recorded[0]);
@@ -570,20 +556,8 @@ fn recorded_writes_carry_their_blocks_and_hash() {
     let log = dir.path().join("w.log");
     let data = vec![0x17u8; 2 * BS as usize];
     let reqs = vec![
-        Req {
-            queue: 0,
-            op: Op::Write {
-                off: 5 * BS,
-                data: vec![data.clone()],
-            },
-        },
-        Req {
-            queue: 0,
-            op: Op::Read {
-                off: 5 * BS,
-                lens: vec![2 * BS as usize],
-            },
-        },
+        Req::q0(Op::write(5 * BS, data.clone())),
+        Req::q0(Op::read(5 * BS, 2 * BS as usize)),
     ];
     record(&img, &log, RecordMode::BlockId, &reqs);
     let recs: Vec<Record> = LogReader::open(&log)
