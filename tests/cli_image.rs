@@ -426,7 +426,12 @@ fn a_torn_tail_is_recovered_not_reported_as_damage() {
     b[end - 10] ^= 0x20;
     std::fs::write(&p, &b).unwrap();
     let o = rr(&["check", s(&p)]);
-    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("torn record") && out.contains("clean at seq 1"),

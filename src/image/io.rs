@@ -130,16 +130,22 @@ pub fn lock_shared(file: &File) -> io::Result<bool> {
     flock(file, libc::LOCK_SH)
 }
 
+/// Tries for up to ~100 ms: a lock can be held briefly by a child process that inherited the
+/// descriptor between its fork and its exec (descriptors are close-on-exec).
 fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
-    // SAFETY: flock on an fd we own; no memory is involved.
-    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(true);
+    for attempt in 0..10 {
+        // SAFETY: flock on an fd we own; no memory is involved.
+        let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if attempt < 9 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
+    Ok(false)
 }
