@@ -324,7 +324,7 @@ def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Pa
         rows.append((w, vals))
     vmax = max([v for _, vs in rows for v in vs if v is not None] + [1.2])
     vmax = min(max(1.2, vmax * 1.1), 4.0)
-    left, right, top, row_h, bar_h = 330, 40, 50, 14 * len(backends) + 12, 12
+    left, right, top, row_h, bar_h = 330, 110, 50, 14 * len(backends) + 12, 12
     width = 900
     plot_w = width - left - right
     height = top + row_h * len(rows) + 60
@@ -354,7 +354,8 @@ def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Pa
                 out.append(f'<text x="{left + 4}" y="{y + 10}" fill="#888">{esc(b)}: n/a</text>')
                 continue
             out.append(f'<rect x="{left}" y="{y}" width="{xpos(v) - left:.1f}" height="{bar_h}" fill="{colors.get(b, "#777")}"/>')
-            out.append(f'<text x="{xpos(v) + 4:.1f}" y="{y + 10}" font-size="10">{v:.2f}</text>')
+            clipped = " (bar clipped)" if v > vmax else ""
+            out.append(f'<text x="{xpos(v) + 4:.1f}" y="{y + 10}" font-size="10">{v:.2f}{clipped}</text>')
     ly = top + row_h * len(rows) + 35
     lx = left
     for b in backends:
