@@ -154,6 +154,7 @@ fn info_on_a_log_damaged_in_the_middle_reports_the_readable_part_and_fails() {
             start_seq: Seq(0),
             image_size: 1 << 20,
             created_unix_ns: 0,
+            write_hash: rr_row::record::format::WriteHash::default(),
         },
         Duration::ZERO,
     )

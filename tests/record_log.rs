@@ -19,6 +19,7 @@ fn header(mode: RecordMode) -> LogHeader {
         start_seq: Seq(10),
         image_size: 64 << 20,
         created_unix_ns: 1,
+        write_hash: rr_row::record::format::WriteHash::default(),
     }
 }
 

@@ -456,6 +456,7 @@ fn crafted_log(path: &Path, img: &Image, start_seq: Seq, recs: &[Record]) {
             start_seq,
             image_size: img.size(),
             created_unix_ns: 0,
+            write_hash: rr_row::record::format::WriteHash::default(),
         },
         Duration::ZERO,
     )
@@ -573,8 +574,9 @@ fn recorded_writes_carry_their_blocks_and_hash() {
         panic!("{}", recs[0]);
     };
     assert_eq!(blocks, 2);
-    let h = blake3::hash(&data);
-    assert_eq!(hash, h.as_bytes()[..HASH_LEN]);
+    // The default write hash is XXH3-128 (docs/record-log.md).
+    assert_eq!(hash, xxhash_rust::xxh3::xxh3_128(&data).to_le_bytes());
+    assert_eq!(hash.len(), HASH_LEN);
     let RecordBody::Read(ref b) = recs[1].body else {
         panic!("{}", recs[1]);
     };

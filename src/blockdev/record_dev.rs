@@ -20,7 +20,7 @@ use log::{error, info};
 
 use crate::image::{Image, ImageError};
 use crate::iobuf::{total_len, IoSeg};
-use crate::record::format::{hash_segs, LogHeader, MAX_READ_DATA, VERSION};
+use crate::record::format::{hash_segs, LogHeader, WriteHash, MAX_READ_DATA, VERSION};
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 use crate::record::{
     LogExtent, LogWriter, ReadBody, Record, RecordBody, RecordError, RecordMode, WriterStats,
@@ -109,6 +109,7 @@ impl RecordingDevice {
             start_seq: image.seq(),
             image_size: image.size(),
             created_unix_ns,
+            write_hash: WriteHash::default(),
         };
         let log = LogWriter::create(log_path, &header, sync_interval)?;
         info!(
@@ -269,7 +270,7 @@ impl BlockDevice for RecordingDevice {
     }
 
     fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
-        let hash = hash_segs(segs);
+        let hash = hash_segs(self.log.header().write_hash, segs);
         let res = self.image.write_vectored(offset, segs).map_err(block_error);
         let (seq, first_pba, blocks) = match &res {
             Ok(o) => (o.seq, o.first_pba, o.blocks),

@@ -597,7 +597,7 @@ impl BlockDevice for ReplayingDevice {
 
     fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
         self.check_stopped()?;
-        let hash = hash_segs(segs);
+        let hash = hash_segs(self.index.header().write_hash, segs);
         let actual = Actual {
             kind: "write",
             sector: offset / SECTOR_SIZE,

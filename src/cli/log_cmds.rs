@@ -151,6 +151,7 @@ fn header_json(h: &LogHeader) -> Value {
         "image_uuid": uuid_str(&h.image_uuid),
         "start_seq": h.start_seq.get(),
         "block_size": h.block_size.bytes(),
+        "write_hash": h.write_hash.name(),
         "image_size": h.image_size,
         "created_unix_ns": h.created_unix_ns,
         "created": utc_time(h.created_unix_ns),
@@ -260,6 +261,7 @@ pub fn info(log: &Path, output: OutputFormat) -> CliResult {
             println!("image uuid:     {uuid}");
             println!("start seq:      {}", header.start_seq);
             println!("block size:     {}", header.block_size);
+            println!("write hash:     {}", header.write_hash.name());
             println!(
                 "image size:     {} ({} bytes)",
                 human_bytes(header.image_size),
