@@ -1,0 +1,650 @@
+#!/usr/bin/env python3
+"""Side-by-side performance matrix: rr-row serve vs qemu-storage-daemon (raw, qcow2).
+
+Every backend serves a fresh image of the same virtual size, on the same filesystem, with the
+same cache mode (buffered: the host page cache is used by all of them). Each repetition:
+
+  1. create a fresh image per backend, start every daemon, prefill each disk sequentially
+     (1 MiB writes, QD8) so reads hit allocated, sequentially laid out data;
+  2. run the workloads in the order below; within a workload the backends run back to back
+     (A B C, A B C, ...), so slow drifts of the machine hit every backend alike;
+  3. the fragmentation workload first overwrites the whole region with 4 KiB random writes
+     (as many bytes as the region holds), unmeasured, then measures a 128 KiB sequential read;
+  4. stop the daemons (SIGTERM) and delete the images.
+
+The load generator is examples/perf.rs (libblkio virtio-blk-vhost-user driver, closed loop).
+Medians over the repetitions, and the ratios rr-row/peer, are printed and written into
+docs/performance.md between the perf-matrix markers, with an SVG plot next to it.
+
+Python 3 standard library only. Typical use, from the repository root:
+
+  cargo build --release --example perf --bin rr-row
+  scripts/perf-matrix.py --quick              # ~2 minutes: short runs, one repetition
+  scripts/perf-matrix.py                      # default: 5 s runs, 3 repetitions
+  scripts/perf-matrix.py --full --record      # 10 s runs, 5 repetitions, plus rr-row --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN_MARK = "<!-- perf-matrix:begin -->"
+END_MARK = "<!-- perf-matrix:end -->"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One cell row of the matrix: perf arguments plus how it is presented."""
+
+    key: str
+    title: str
+    args: tuple[str, ...]
+    # Unmeasured preparation run before the measured one (same backend), if any.
+    prepare: tuple[str, ...] | None = None
+    # Targets from issue 5 (ratio of medians against raw and qcow2), for the report.
+    target_raw: float | None = None
+    target_qcow2: float | None = None
+
+
+def matrix(size: int) -> list[Workload]:
+    """The matrix of issue 5, in execution order (reads first, then writes, then fragmentation)."""
+    r4 = ("--bs", "4k")
+    return [
+        Workload("seqread-128k-qd8", "128 KiB seq read, QD8", ("--pattern", "read", "--bs", "128k", "--iodepth", "8"), target_raw=0.95),
+        Workload("randread-4k-qd1", "4 KiB rand read, QD1, 1 queue", ("--pattern", "randread", *r4, "--iodepth", "1"), target_raw=1.0, target_qcow2=1.2),
+        Workload("randread-4k-qd32", "4 KiB rand read, QD32, 1 queue", ("--pattern", "randread", *r4, "--iodepth", "32"), target_raw=1.0, target_qcow2=1.2),
+        Workload("randread-4k-qd1-2q", "4 KiB rand read, QD1, 2 queues", ("--pattern", "randread", *r4, "--iodepth", "1", "--queues", "2"), target_raw=1.0, target_qcow2=1.2),
+        Workload("randread-4k-qd32-2q", "4 KiB rand read, QD32, 2 queues", ("--pattern", "randread", *r4, "--iodepth", "32", "--queues", "2"), target_raw=1.0, target_qcow2=1.2),
+        Workload("seqwrite-128k-qd8", "128 KiB seq write, QD8", ("--pattern", "write", "--bs", "128k", "--iodepth", "8"), target_raw=0.95),
+        Workload("randwrite-4k-qd1", "4 KiB rand write, QD1, 1 queue", ("--pattern", "randwrite", *r4, "--iodepth", "1"), target_raw=1.0, target_qcow2=1.2),
+        Workload("randwrite-4k-qd32", "4 KiB rand write, QD32, 1 queue", ("--pattern", "randwrite", *r4, "--iodepth", "32"), target_raw=1.0, target_qcow2=1.2),
+        Workload("randwrite-4k-qd1-2q", "4 KiB rand write, QD1, 2 queues", ("--pattern", "randwrite", *r4, "--iodepth", "1", "--queues", "2"), target_raw=1.0, target_qcow2=1.2),
+        Workload("randwrite-4k-qd32-2q", "4 KiB rand write, QD32, 2 queues", ("--pattern", "randwrite", *r4, "--iodepth", "32", "--queues", "2"), target_raw=1.0, target_qcow2=1.2),
+        Workload("randrw70-4k-qd32", "4 KiB rand 70/30 read/write, QD32", ("--pattern", "randrw", "--rwmix-read", "70", *r4, "--iodepth", "32")),
+        Workload(
+            "fragread-128k-qd8",
+            "128 KiB seq read after 4 KiB rand overwrite, QD8",
+            ("--pattern", "read", "--bs", "128k", "--iodepth", "8"),
+            prepare=("--pattern", "randwrite", *r4, "--iodepth", "32", "--io-size", str(size), "--runtime", "3600", "--seed", "4242"),
+            target_raw=0.9,
+        ),
+    ]
+
+
+@dataclass
+class Backend:
+    """A daemon serving one image over a vhost-user-blk socket."""
+
+    name: str
+    kind: str  # "rr-row" or "qsd"
+    fmt: str  # "rrimg", "raw" or "qcow2"
+    record: bool = False
+    proc: subprocess.Popen | None = None
+    image: Path | None = None
+    socket: Path | None = None
+    log: Path | None = None
+    peak_rss_kib: list[int] = field(default_factory=list)
+    image_bytes: list[int] = field(default_factory=list)
+
+    def start(self, opts: argparse.Namespace, workdir: Path, rep: int) -> None:
+        self.image = workdir / f"{self.name}.{self.fmt}"
+        self.socket = workdir / f"{self.name}.sock"
+        self.log = workdir / f"{self.name}.rep{rep}.log"
+        for p in (self.image, self.socket):
+            p.unlink(missing_ok=True)
+        size = str(opts.size_bytes)
+        if self.kind == "qsd":
+            run_checked(["qemu-img", "create", "-q", "-f", self.fmt, str(self.image), size])
+            cmd = [
+                "qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=file0,filename={self.image},cache.direct=off,aio={opts.aio}",
+                "--blockdev", f"driver={self.fmt},node-name=fmt0,file=file0",
+                "--export", f"type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,addr.path={self.socket},writable=on,num-queues=2",
+            ]
+        else:
+            cmd = [str(opts.rr_row), "serve", "--socket", str(self.socket), "--image", str(self.image), "--size", size, "--queues", "2"]
+            if self.record:
+                rec = workdir / f"{self.name}.rrlog"
+                rec.unlink(missing_ok=True)
+                cmd += ["--record", str(rec)]
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        with open(self.log, "w") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 15
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: daemon exited with {self.proc.returncode} at start; see {self.log}:\n{tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no socket after 15 s; see {self.log}")
+            time.sleep(0.05)
+
+    def sample(self) -> None:
+        """Records the daemon's peak RSS and the image file's allocated size."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_rss_kib.append(int(line.split()[1]))
+            except OSError:
+                pass
+        if self.image and self.image.exists():
+            self.image_bytes.append(self.image.stat().st_blocks * 512)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                print(f"  warning: {self.name} ignored SIGTERM for 20 s, killing it", file=sys.stderr)
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        for p in (self.image, self.socket):
+            if p:
+                p.unlink(missing_ok=True)
+        if self.record and self.image:
+            (self.image.parent / f"{self.name}.rrlog").unlink(missing_ok=True)
+
+
+def settle() -> None:
+    """Writes back every dirty page (sync(2)), so that no run pays for the writeback of the
+    data an earlier run, of any backend, left in the page cache."""
+    os.sync()
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run_checked(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+
+
+def run_perf(opts: argparse.Namespace, backend: Backend, args: tuple[str, ...], measured: bool) -> dict | None:
+    """Runs the load generator once; returns its JSON report, or None when the run failed."""
+    cmd = [str(opts.perf), "--socket", str(backend.socket), "--json", "--timeout", "30", "--seed", str(opts.seed)]
+    if measured:
+        cmd += ["--runtime", str(opts.runtime), "--ramp", str(opts.ramp)]
+    cmd += list(args)  # later flags win: a prepare run's own --runtime/--seed override
+    limit = (opts.runtime + opts.ramp + 120) if measured else 3600
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        print(f"  error: perf against {backend.name} did not finish in {limit:.0f} s", file=sys.stderr)
+        return None
+    if r.returncode != 0:
+        print(f"  error: perf against {backend.name} failed ({r.returncode}): {r.stderr.strip()}", file=sys.stderr)
+        return None
+    try:
+        return json.loads(r.stdout)
+    except json.JSONDecodeError:
+        print(f"  error: perf printed no JSON: {r.stdout[:200]!r}", file=sys.stderr)
+        return None
+
+
+def rr_row_serve_works(rr_row: Path, workdir: Path, record: bool = False) -> str | None:
+    """Returns None when `rr-row serve` (with `--record` if asked) starts and listens, else the
+    reason it cannot be used."""
+    if not rr_row.exists():
+        return f"{rr_row} not built"
+    probe = Backend("rr-row-probe", "rr-row", "rrimg", record=record)
+    ns = argparse.Namespace(size_bytes=64 << 20, rr_row=rr_row, aio="io_uring")
+    try:
+        probe.start(ns, workdir, 0)
+        return None
+    except RuntimeError as e:
+        return str(e).splitlines()[0] + " " + tail(probe.log or Path("/nonexistent"), 3).replace("\n", " ")
+    finally:
+        probe.stop()
+        probe.cleanup()
+
+
+def parse_size(s: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = s.strip().lower()
+    if s and s[-1] in units:
+        return int(s[:-1]) * units[s[-1]]
+    return int(s)
+
+
+def fmt_num(v: float | None, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    if unit == "MiB/s":
+        return f"{v:,.0f}"
+    return f"{v:,.0f}"
+
+
+def fmt_ratio(a: float | None, b: float | None, target: float | None = None) -> str:
+    if a is None or b is None or b == 0:
+        return "n/a"
+    r = a / b
+    mark = ""
+    if target is not None:
+        mark = " ✓" if r >= target else " ✗"
+    return f"{r:.2f}{mark}"
+
+
+def machine_info(opts: argparse.Namespace) -> dict:
+    def cmd_out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "unknown"
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    fs = cmd_out(["stat", "-f", "-c", "%T", str(opts.workdir)])
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "qemu_storage_daemon": cmd_out(["qemu-storage-daemon", "--version"]),
+        "filesystem": fs,
+        "workdir": str(opts.workdir),
+    }
+
+
+def metric(report: dict | None, key: str) -> float | None:
+    if report is None:
+        return None
+    total = report["total"]
+    if key == "iops":
+        return total["iops"]
+    if key == "mib_s":
+        return total["mib_s"]
+    if key == "p99":
+        return total["lat_us"]["p99"]
+    if key == "p50":
+        return total["lat_us"]["p50"]
+    raise KeyError(key)
+
+
+def median(vals: list[float]) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def spread(vals: list[float]) -> float | None:
+    vals = [v for v in vals if v is not None]
+    if len(vals) < 2:
+        return None
+    m = statistics.median(vals)
+    return (max(vals) - min(vals)) / m if m else None
+
+
+def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Path, baseline: str) -> None:
+    """Grouped bar chart of throughput relative to `baseline` (1.0 = as fast as it), by hand."""
+    colors = {"rr-row": "#d62728", "rr-row-record": "#ff9896", "raw": "#1f77b4", "qcow2": "#2ca02c"}
+    rows = []
+    for w in workloads:
+        base = med.get((w.key, baseline, "iops"))
+        vals = []
+        for b in backends:
+            v = med.get((w.key, b, "iops"))
+            vals.append(v / base if (v is not None and base) else None)
+        rows.append((w, vals))
+    vmax = max([v for _, vs in rows for v in vs if v is not None] + [1.2])
+    vmax = min(max(1.2, vmax * 1.1), 4.0)
+    left, right, top, row_h, bar_h = 330, 40, 50, 14 * len(backends) + 12, 12
+    width = 900
+    plot_w = width - left - right
+    height = top + row_h * len(rows) + 60
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="15">Throughput relative to qemu-storage-daemon {baseline} (median of interleaved runs; 1.0 = equal)</text>',
+    ]
+
+    def xpos(v: float) -> float:
+        return left + plot_w * min(v, vmax) / vmax
+
+    ticks = [i / 4 for i in range(0, int(vmax * 4) + 1)]
+    for t in ticks:
+        x = xpos(t)
+        dash = "" if t == 1.0 else ' stroke-dasharray="2,3"'
+        stroke = "#000" if t == 1.0 else "#bbb"
+        out.append(f'<line x1="{x:.1f}" y1="{top - 5}" x2="{x:.1f}" y2="{top + row_h * len(rows)}" stroke="{stroke}"{dash}/>')
+        if abs(t * 2 - round(t * 2)) < 1e-9:
+            out.append(f'<text x="{x:.1f}" y="{top + row_h * len(rows) + 15}" text-anchor="middle">{t:.1f}x</text>')
+    for i, (w, vals) in enumerate(rows):
+        y0 = top + i * row_h
+        out.append(f'<text x="{left - 8}" y="{y0 + row_h / 2 + 4:.1f}" text-anchor="end">{esc(w.title)}</text>')
+        for j, (b, v) in enumerate(zip(backends, vals)):
+            y = y0 + 6 + j * 14
+            if v is None:
+                out.append(f'<text x="{left + 4}" y="{y + 10}" fill="#888">{esc(b)}: n/a</text>')
+                continue
+            out.append(f'<rect x="{left}" y="{y}" width="{xpos(v) - left:.1f}" height="{bar_h}" fill="{colors.get(b, "#777")}"/>')
+            out.append(f'<text x="{xpos(v) + 4:.1f}" y="{y + 10}" font-size="10">{v:.2f}</text>')
+    ly = top + row_h * len(rows) + 35
+    lx = left
+    for b in backends:
+        out.append(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{colors.get(b, "#777")}"/>')
+        out.append(f'<text x="{lx + 16}" y="{ly}">{esc(b)}</text>')
+        lx += 140
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
+def esc(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def render_markdown(opts, info, workloads, backends, med, spreads, results, elapsed, loads, backend_objs) -> str:
+    has_rr = "rr-row" in backends
+    lines = [
+        BEGIN_MARK,
+        f"### Matrix run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (generated by `scripts/perf-matrix.py`)",
+        "",
+        f"- Command: `{opts.cmdline}`",
+        f"- {opts.reps} repetition(s), runtime {opts.runtime} s after {opts.ramp} s ramp per run, "
+        f"virtual disk {opts.size} on {info['filesystem']} ({info['workdir']}), buffered I/O for every backend "
+        f"(qemu-storage-daemon: `cache.direct=off,aio={opts.aio}`), backends interleaved per workload (order rotated per workload and repetition){', sync(2) before each run' if opts.settle else ''}; wall time {elapsed / 60:.1f} min.",
+        f"- Machine: {info['cpu']}, {info['cpus']} CPUs, kernel {info['kernel']}, {info['qemu_storage_daemon']}.",
+        f"- Load average (1 min) before / after: {loads[0]} / {loads[1]} (other jobs share these CPUs; see the spread column).",
+        "",
+    ]
+    if not has_rr:
+        lines += [f"- **rr-row not measured**: {opts.rr_row_reason}", ""]
+    if opts.record_reason:
+        lines += [f"- **`--record` variant not measured**: {opts.record_reason}", ""]
+    # Main table.
+    head = ["Workload"] + [f"{b} IOPS" for b in backends]
+    if has_rr:
+        head += [f"rr-row/{p}" for p in ("raw", "qcow2") if p in backends]
+        if "rr-row-record" in backends:
+            head += ["record/rr-row"]
+    head += ["max spread"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    for w in workloads:
+        row = [w.title]
+        for b in backends:
+            v = med.get((w.key, b, "iops"))
+            mib = med.get((w.key, b, "mib_s"))
+            row.append("n/a" if v is None else (f"{v:,.0f} ({mib:,.0f} MiB/s)" if "128k" in w.key else f"{v:,.0f}"))
+        if has_rr:
+            rr = med.get((w.key, "rr-row", "iops"))
+            if "raw" in backends:
+                row.append(fmt_ratio(rr, med.get((w.key, "raw", "iops")), w.target_raw))
+            if "qcow2" in backends:
+                row.append(fmt_ratio(rr, med.get((w.key, "qcow2", "iops")), w.target_qcow2))
+            if "rr-row-record" in backends:
+                row.append(fmt_ratio(med.get((w.key, "rr-row-record", "iops")), rr, 0.95))
+        sp = [spreads.get((w.key, b)) for b in backends]
+        sp = [s for s in sp if s is not None]
+        row.append(f"{max(sp) * 100:.0f}%" if sp else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Ratios are of medians; ✓/✗ mark the targets of issue 5 (4 KiB random: ≥1.0x raw and ≥1.2x qcow2; "
+        "128 KiB sequential: ≥0.95x raw; read after random overwrite: ≥0.9x raw; record: ≥0.95x). "
+        "'max spread' is (max-min)/median over the repetitions, worst backend.",
+        "",
+        "Latency (median over repetitions of each run's p50 / p99, microseconds):",
+        "",
+    ]
+    head = ["Workload"] + [f"{b} p50 / p99" for b in backends]
+    if has_rr and "raw" in backends:
+        head.append("rr-row/raw p99")
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    for w in workloads:
+        row = [w.title]
+        for b in backends:
+            p50, p99 = med.get((w.key, b, "p50")), med.get((w.key, b, "p99"))
+            row.append("n/a" if p50 is None else f"{p50:,.0f} / {p99:,.0f}")
+        if has_rr and "raw" in backends:
+            rr, raw = med.get((w.key, "rr-row", "p99")), med.get((w.key, "raw", "p99"))
+            # Lower is better: show rr/raw; the target (QD1) is <= 1.2.
+            if rr is None or not raw:
+                row.append("n/a")
+            else:
+                r = rr / raw
+                mark = (" ✓" if r <= 1.2 else " ✗") if "qd1" in w.key else ""
+                row.append(f"{r:.2f}{mark}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Daemon peak RSS (VmHWM) and allocated image size at the end of each repetition:", ""]
+    lines.append("| Backend | peak RSS MiB (max) | image allocated GiB (max) |")
+    lines.append("|---|---:|---:|")
+    for b in backend_objs:
+        rss = max(b.peak_rss_kib) / 1024 if b.peak_rss_kib else None
+        img = max(b.image_bytes) / (1 << 30) if b.image_bytes else None
+        lines.append(f"| {b.name} | {'n/a' if rss is None else f'{rss:,.0f}'} | {'n/a' if img is None else f'{img:.2f}'} |")
+    lines += ["", f"![relative throughput]({opts.svg.name})", "", f"Raw per-run results (not committed): `{opts.json_out.relative_to(ROOT) if opts.json_out.is_relative_to(ROOT) else opts.json_out}`.", END_MARK]
+    return "\n".join(lines)
+
+
+def write_docs(md_path: Path, block: str) -> None:
+    text = md_path.read_text() if md_path.exists() else "# Performance\n\n"
+    if BEGIN_MARK in text and END_MARK in text:
+        pre, rest = text.split(BEGIN_MARK, 1)
+        _, post = rest.split(END_MARK, 1)
+        text = pre + block + post
+    else:
+        text = text.rstrip("\n") + "\n\n## Side-by-side matrix\n\n" + block + "\n"
+    md_path.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="2 s runs, 0.5 s ramp, 1 repetition, 1 GiB disk")
+    mode.add_argument("--full", action="store_true", help="10 s runs, 2 s ramp, 5 repetitions, 4 GiB disk")
+    ap.add_argument("--runtime", type=float, help="measured seconds per run (default 5)")
+    ap.add_argument("--ramp", type=float, help="warm-up seconds per run (default 1)")
+    ap.add_argument("--reps", type=int, help="repetitions of the whole matrix (default 3)")
+    ap.add_argument("--size", help="virtual disk size, K/M/G suffix (default 2G)")
+    ap.add_argument("--backends", default="rr-row,raw,qcow2", help="comma list from rr-row,raw,qcow2 (default all; rr-row is skipped with a note if `rr-row serve` does not start)")
+    ap.add_argument("--record", action="store_true", help="also run rr-row with --record (backend rr-row-record)")
+    ap.add_argument("--only", help="comma list of workload keys to run (default all)")
+    ap.add_argument("--aio", default="io_uring", choices=["io_uring", "threads"], help="qemu-storage-daemon aio mode")
+    ap.add_argument("--no-settle", dest="settle", action="store_false", help="do not sync(2) before each measured run")
+    ap.add_argument("--seed", type=int, default=1, help="seed passed to perf")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "target" / "perf-matrix", help="where images live (one filesystem for all)")
+    ap.add_argument("--rr-row", type=Path, default=ROOT / "target" / "release" / "rr-row")
+    ap.add_argument("--perf", type=Path, default=ROOT / "target" / "release" / "examples" / "perf")
+    ap.add_argument("--build", action="store_true", help="run `cargo build --release --example perf --bin rr-row` first")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md", help="markdown file to update")
+    ap.add_argument("--no-doc", action="store_true", help="print only; do not touch docs/")
+    opts = ap.parse_args()
+    preset = {"runtime": 5.0, "ramp": 1.0, "reps": 3, "size": "2G"}
+    if opts.quick:
+        preset = {"runtime": 2.0, "ramp": 0.5, "reps": 1, "size": "1G"}
+    elif opts.full:
+        preset = {"runtime": 10.0, "ramp": 2.0, "reps": 5, "size": "4G"}
+    for k, v in preset.items():
+        if getattr(opts, k) is None:
+            setattr(opts, k, v)
+    opts.size_bytes = parse_size(opts.size)
+    opts.cmdline = " ".join(["scripts/perf-matrix.py"] + sys.argv[1:])
+    opts.svg = opts.doc.parent / "perf-matrix.svg"
+    opts.json_out = opts.workdir / f"results-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+
+    if opts.build:
+        subprocess.run(["cargo", "build", "--release", "--example", "perf", "--bin", "rr-row"], cwd=ROOT, check=True)
+    if not opts.perf.exists():
+        print(f"error: {opts.perf} missing; run: cargo build --release --example perf --bin rr-row", file=sys.stderr)
+        return 2
+    if shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None:
+        print("error: qemu-storage-daemon and qemu-img are needed (Debian: qemu-utils)", file=sys.stderr)
+        return 2
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+
+    wanted = [b.strip() for b in opts.backends.split(",") if b.strip()]
+    opts.rr_row_reason = ""
+    if "rr-row" in wanted:
+        reason = rr_row_serve_works(opts.rr_row, opts.workdir)
+        if reason:
+            print(f"note: rr-row skipped: {reason}", file=sys.stderr)
+            opts.rr_row_reason = reason
+            wanted.remove("rr-row")
+    opts.record_reason = ""
+    if opts.record and "rr-row" in wanted:
+        reason = rr_row_serve_works(opts.rr_row, opts.workdir, record=True)
+        if reason:
+            print(f"note: rr-row --record skipped: {reason}", file=sys.stderr)
+            opts.record_reason = reason
+            opts.record = False
+    backends: list[Backend] = []
+    for name in wanted:
+        if name == "rr-row":
+            backends.append(Backend("rr-row", "rr-row", "rrimg"))
+            if opts.record:
+                backends.append(Backend("rr-row-record", "rr-row", "rrimg", record=True))
+        elif name in ("raw", "qcow2"):
+            backends.append(Backend(name, "qsd", name))
+        else:
+            print(f"error: unknown backend {name}", file=sys.stderr)
+            return 2
+    if not backends:
+        print("error: no backend to measure", file=sys.stderr)
+        return 2
+    names = [b.name for b in backends]
+    workloads = matrix(opts.size_bytes)
+    if opts.only:
+        keep = set(opts.only.split(","))
+        workloads = [w for w in workloads if w.key in keep]
+
+    total_runs = opts.reps * len(workloads) * len(backends)
+    print(f"perf-matrix: backends {', '.join(names)}; {len(workloads)} workloads x {opts.reps} reps = {total_runs} runs of {opts.ramp}+{opts.runtime} s; disk {opts.size}")
+    load_before = Path("/proc/loadavg").read_text().split()[0]
+    t_start = time.monotonic()
+    results: dict[tuple[str, str], list[dict | None]] = {}
+    done = 0
+    try:
+        for rep in range(1, opts.reps + 1):
+            print(f"== repetition {rep}/{opts.reps}: fresh images, prefill")
+            for b in backends:
+                b.start(opts, opts.workdir, rep)
+            for b in backends:
+                t = time.monotonic()
+                pre = run_perf(opts, b, ("--pattern", "write", "--bs", "1M", "--iodepth", "8", "--io-size", str(opts.size_bytes), "--runtime", "3600"), measured=False)
+                if pre is None:
+                    raise RuntimeError(f"prefill of {b.name} failed; see {b.log}")
+                print(f"   prefill {b.name:<14} {opts.size} in {time.monotonic() - t:5.1f} s ({pre['total']['mib_s']:,.0f} MiB/s)")
+            for wi, w in enumerate(workloads):
+                prepared = {b.name: True for b in backends}
+                if w.prepare:
+                    for b in backends:
+                        t = time.monotonic()
+                        pre = run_perf(opts, b, w.prepare, measured=False)
+                        prepared[b.name] = pre is not None
+                        state = "FAILED, not measured" if pre is None else f"{time.monotonic() - t:5.1f} s, {pre['total']['iops']:,.0f} IOPS"
+                        print(f"   prepare {w.key} on {b.name:<14} ({state})")
+                # Rotate the order per workload and repetition so that no backend always runs
+                # first (right after the previous workload's writes) or last.
+                shift = (rep + wi) % len(backends)
+                for b in backends[shift:] + backends[:shift]:
+                    if opts.settle:
+                        settle()
+                    rep_res = run_perf(opts, b, w.args, measured=True) if prepared[b.name] else None
+                    results.setdefault((w.key, b.name), []).append(rep_res)
+                    done += 1
+                    el = time.monotonic() - t_start
+                    eta = el / done * (total_runs - done)
+                    if rep_res:
+                        t = rep_res["total"]
+                        desc = f"{t['iops']:>10,.0f} IOPS {t['mib_s']:>8,.0f} MiB/s  p50 {t['lat_us']['p50']:>8,.1f} us  p99 {t['lat_us']['p99']:>9,.1f} us"
+                    else:
+                        desc = "FAILED"
+                    print(f"[{done:>3}/{total_runs}] {w.key:<22} {b.name:<14} {desc}   (eta {eta / 60:4.1f} min)", flush=True)
+            for b in backends:
+                b.sample()
+                b.stop()
+                b.cleanup()
+    except KeyboardInterrupt:
+        print("interrupted; reporting what ran", file=sys.stderr)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        for b in backends:
+            b.stop()
+        return 1
+    finally:
+        for b in backends:
+            b.stop()
+            b.cleanup()
+    elapsed = time.monotonic() - t_start
+    load_after = Path("/proc/loadavg").read_text().split()[0]
+
+    med: dict[tuple[str, str, str], float | None] = {}
+    spreads: dict[tuple[str, str], float | None] = {}
+    for (wk, bn), reps in results.items():
+        for m in ("iops", "mib_s", "p50", "p99"):
+            med[(wk, bn, m)] = median([metric(r, m) for r in reps])
+        spreads[(wk, bn)] = spread([metric(r, "iops") for r in reps])
+
+    # Console summary.
+    print()
+    hdr = f"{'workload':<22}" + "".join(f"{n + ' IOPS':>20}" for n in names)
+    peers = [p for p in ("raw", "qcow2") if p in names and "rr-row" in names]
+    hdr += "".join(f"{'rr/' + p:>10}" for p in peers)
+    if "rr-row-record" in names:
+        hdr += f"{'rec/rr':>10}"
+    print(hdr)
+    for w in workloads:
+        line = f"{w.key:<22}" + "".join(f"{fmt_num(med.get((w.key, n, 'iops')), 'IOPS'):>20}" for n in names)
+        for p in peers:
+            line += f"{fmt_ratio(med.get((w.key, 'rr-row', 'iops')), med.get((w.key, p, 'iops'))):>10}"
+        if "rr-row-record" in names:
+            line += f"{fmt_ratio(med.get((w.key, 'rr-row-record', 'iops')), med.get((w.key, 'rr-row', 'iops'))):>10}"
+        print(line)
+    print(f"\nwall time {elapsed / 60:.1f} min; load average {load_before} -> {load_after}")
+
+    if not opts.no_doc:
+        info = machine_info(opts)
+        opts.doc.parent.mkdir(parents=True, exist_ok=True)
+        baseline = "raw" if "raw" in names else names[0]
+        svg_plot(workloads, names, med, opts.svg, baseline)
+        raw_dump = {
+            "command": opts.cmdline,
+            "machine": info,
+            "runtime_s": opts.runtime,
+            "ramp_s": opts.ramp,
+            "reps": opts.reps,
+            "size": opts.size_bytes,
+            "runs": [{"workload": wk, "backend": bn, "rep": i + 1, "report": r} for (wk, bn), reps in results.items() for i, r in enumerate(reps)],
+        }
+        opts.json_out.write_text(json.dumps(raw_dump, indent=1) + "\n")
+        block = render_markdown(opts, info, workloads, names, med, spreads, results, elapsed, (load_before, load_after), backends)
+        write_docs(opts.doc, block)
+        print(f"wrote {opts.doc}, {opts.svg}, {opts.json_out}")
+    failed = sum(1 for reps in results.values() for r in reps if r is None)
+    if failed:
+        print(f"{failed} run(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
