@@ -93,6 +93,14 @@ impl BlockDevice for ImageDevice {
         self.image.discard(offset, len).map(|_| ()).map_err(map_err)
     }
 
+    fn end_of_batch(&self) {
+        // Completed writes then live in the page cache, journal included: a killed daemon
+        // keeps them (a power cut still needs a flush).
+        if let Err(e) = self.image.write_out_journal() {
+            log::warn!("cannot write out the journal: {e}");
+        }
+    }
+
     fn write_zeroes(
         &self,
         _ctx: &RequestCtx,
