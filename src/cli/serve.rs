@@ -117,6 +117,14 @@ pub fn serve(a: &ServeArgs) -> CliResult {
     init_logging();
     let cfg = daemon_config(a)?;
     let image = open_image(a)?;
+    if a.replay.is_none() {
+        if a.relocate_on_read > 0 {
+            image.set_relocate_on_read(Some(a.relocate_on_read));
+        }
+        if let Err(e) = image.set_preallocate(a.preallocate) {
+            warn!("{e}; writes work without it, more slowly");
+        }
+    }
     info!(
         "image opened: {} ({} bytes, block size {}, seq {}, {})",
         a.image.display(),
