@@ -760,3 +760,107 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(pattern: Pattern, queues: u32) -> Job {
+        Job {
+            pattern,
+            bs: 4096,
+            iodepth: 4,
+            region_start: 1 << 20,
+            region_len: 64 << 20,
+            rwmix_read: 70,
+            ramp: Duration::ZERO,
+            runtime: Duration::from_secs(1),
+            io_budget_per_queue: None,
+            timeout: Duration::from_secs(1),
+            seed: 42,
+            queues,
+        }
+    }
+
+    #[test]
+    fn random_offsets_are_aligned_and_inside_the_region() {
+        let j = job(Pattern::Randread, 1);
+        let mut g = OffsetGen::new(&j, 0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let (off, is_read) = g.next();
+            assert!(is_read);
+            assert_eq!(off % j.bs, 0);
+            assert!(off >= j.region_start && off + j.bs <= j.region_start + j.region_len);
+            seen.insert(off);
+        }
+        // 10k draws over 16384 blocks: a uniform generator hits thousands of distinct blocks.
+        assert!(seen.len() > 5000, "only {} distinct offsets", seen.len());
+    }
+
+    #[test]
+    fn sequential_queues_stream_through_disjoint_slices_and_wrap() {
+        let j = job(Pattern::Write, 2);
+        let per = j.region_len / 2;
+        for q in 0..2u32 {
+            let mut g = OffsetGen::new(&j, q);
+            let start = j.region_start + u64::from(q) * per;
+            let blocks = per / j.bs;
+            for i in 0..blocks {
+                assert_eq!(g.next(), (start + i * j.bs, false));
+            }
+            assert_eq!(g.next().0, start, "queue {q} wraps to its slice start");
+        }
+    }
+
+    #[test]
+    fn randrw_mix_follows_rwmix_read() {
+        let j = job(Pattern::Randrw, 1);
+        let mut g = OffsetGen::new(&j, 0);
+        let reads = (0..20_000).filter(|_| g.next().1).count();
+        let pct = reads as f64 / 200.0;
+        assert!((67.0..73.0).contains(&pct), "{pct}% reads for rwmix 70");
+    }
+
+    #[test]
+    fn same_seed_same_stream_other_queue_other_stream() {
+        let j = job(Pattern::Randwrite, 2);
+        let a: Vec<_> = (0..64)
+            .map({
+                let mut g = OffsetGen::new(&j, 0);
+                move |_| g.next()
+            })
+            .collect();
+        let b: Vec<_> = (0..64)
+            .map({
+                let mut g = OffsetGen::new(&j, 0);
+                move |_| g.next()
+            })
+            .collect();
+        let c: Vec<_> = (0..64)
+            .map({
+                let mut g = OffsetGen::new(&j, 1);
+                move |_| g.next()
+            })
+            .collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn histogram_stats_merge_and_report() {
+        let mut a = DirStats::new().expect("histogram");
+        let mut b = DirStats::new().expect("histogram");
+        for ns in [10_000u64, 20_000, 30_000] {
+            a.record(4096, ns);
+        }
+        b.record(4096, 1_000_000);
+        a.merge(&b);
+        let r = dir_report(&a, 2.0);
+        assert_eq!(r.ios, 4);
+        assert_eq!(r.bytes, 4 * 4096);
+        assert!((r.iops - 2.0).abs() < 1e-9);
+        assert!((r.lat_us.p50 - 20.0).abs() < 0.1, "p50 {}", r.lat_us.p50);
+        assert!((r.lat_us.max - 1000.0).abs() < 1.0, "max {}", r.lat_us.max);
+    }
+}

@@ -97,6 +97,7 @@ class Backend:
     log: Path | None = None
     peak_rss_kib: list[int] = field(default_factory=list)
     image_bytes: list[int] = field(default_factory=list)
+    log_bytes: list[int] = field(default_factory=list)
 
     def start(self, opts: argparse.Namespace, workdir: Path, rep: int) -> None:
         self.image = workdir / f"{self.name}.{self.fmt}"
@@ -131,8 +132,8 @@ class Backend:
                 raise RuntimeError(f"{self.name}: no socket after 15 s; see {self.log}")
             time.sleep(0.05)
 
-    def sample(self) -> None:
-        """Records the daemon's peak RSS and the image file's allocated size."""
+    def sample_rss(self) -> None:
+        """Records the running daemon's peak RSS."""
         if self.proc and self.proc.poll() is None:
             try:
                 for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -140,8 +141,16 @@ class Backend:
                         self.peak_rss_kib.append(int(line.split()[1]))
             except OSError:
                 pass
+
+    def sample_files(self) -> None:
+        """Records the image's allocated size and the record log's size (after stop, so that
+        everything the daemon buffered is on disk)."""
         if self.image and self.image.exists():
             self.image_bytes.append(self.image.stat().st_blocks * 512)
+        if self.record and self.image:
+            log = self.image.parent / f"{self.name}.rrlog"
+            if log.exists():
+                self.log_bytes.append(log.stat().st_size)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -315,7 +324,7 @@ def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Pa
         rows.append((w, vals))
     vmax = max([v for _, vs in rows for v in vs if v is not None] + [1.2])
     vmax = min(max(1.2, vmax * 1.1), 4.0)
-    left, right, top, row_h, bar_h = 330, 40, 50, 14 * len(backends) + 12, 12
+    left, right, top, row_h, bar_h = 330, 110, 50, 14 * len(backends) + 12, 12
     width = 900
     plot_w = width - left - right
     height = top + row_h * len(rows) + 60
@@ -345,7 +354,8 @@ def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Pa
                 out.append(f'<text x="{left + 4}" y="{y + 10}" fill="#888">{esc(b)}: n/a</text>')
                 continue
             out.append(f'<rect x="{left}" y="{y}" width="{xpos(v) - left:.1f}" height="{bar_h}" fill="{colors.get(b, "#777")}"/>')
-            out.append(f'<text x="{xpos(v) + 4:.1f}" y="{y + 10}" font-size="10">{v:.2f}</text>')
+            clipped = " (bar clipped)" if v > vmax else ""
+            out.append(f'<text x="{xpos(v) + 4:.1f}" y="{y + 10}" font-size="10">{v:.2f}{clipped}</text>')
     ly = top + row_h * len(rows) + 35
     lx = left
     for b in backends:
@@ -435,12 +445,13 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
                 row.append(f"{r:.2f}{mark}")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Daemon peak RSS (VmHWM) and allocated image size at the end of each repetition:", ""]
-    lines.append("| Backend | peak RSS MiB (max) | image allocated GiB (max) |")
-    lines.append("|---|---:|---:|")
+    lines.append("| Backend | peak RSS MiB (max) | image allocated GiB (max) | record log MiB (max) |")
+    lines.append("|---|---:|---:|---:|")
     for b in backend_objs:
         rss = max(b.peak_rss_kib) / 1024 if b.peak_rss_kib else None
         img = max(b.image_bytes) / (1 << 30) if b.image_bytes else None
-        lines.append(f"| {b.name} | {'n/a' if rss is None else f'{rss:,.0f}'} | {'n/a' if img is None else f'{img:.2f}'} |")
+        log = f"{max(b.log_bytes) / (1 << 20):,.1f}" if b.log_bytes else "-"
+        lines.append(f"| {b.name} | {'n/a' if rss is None else f'{rss:,.0f}'} | {'n/a' if img is None else f'{img:.2f}'} | {log} |")
     lines += ["", f"![relative throughput]({opts.svg.name})", "", f"Raw per-run results (not committed): `{opts.json_out.relative_to(ROOT) if opts.json_out.is_relative_to(ROOT) else opts.json_out}`.", END_MARK]
     return "\n".join(lines)
 
@@ -580,8 +591,9 @@ def main() -> int:
                         desc = "FAILED"
                     print(f"[{done:>3}/{total_runs}] {w.key:<22} {b.name:<14} {desc}   (eta {eta / 60:4.1f} min)", flush=True)
             for b in backends:
-                b.sample()
+                b.sample_rss()
                 b.stop()
+                b.sample_files()
                 b.cleanup()
     except KeyboardInterrupt:
         print("interrupted; reporting what ran", file=sys.stderr)

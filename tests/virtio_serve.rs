@@ -258,7 +258,12 @@ fn bad_arguments_fail_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert!(serve_fails(d, &[]).contains("no such image"));
-    assert!(serve_fails(d, &["--size", "1M", "--record", "l.log"]).contains("not supported yet"));
+    assert!(serve_fails(
+        d,
+        &["--size", "1M", "--record", "l.log", "--replay", "l.log"]
+    )
+    .contains("cannot be used with"));
+    assert!(serve_fails(d, &["--size", "1M", "--record-mode", "full"]).contains("--record"));
     assert!(serve_fails(d, &["--size", "1M", "--queues", "0"]).contains("--queues"));
     assert!(serve_fails(d, &["--size", "1M", "--queue-size", "100"]).contains("--queue-size"));
     assert!(
