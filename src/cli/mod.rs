@@ -171,8 +171,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "600")]
     pub socket_mode: String,
     /// Relocate on read: a read whose data blocks are spread over at least this many
-    /// physically separate runs is rewritten as one contiguous run (content, seq and old
-    /// block ids are kept; see docs/format.md). 0 turns it off; never done during --replay.
+    /// physically separate runs has them rewritten, by a background thread, as one contiguous
+    /// run (content, seq and old block ids are kept; see docs/format.md). 0 turns it off.
+    /// Plain serving only (not with --record or --replay).
     #[arg(long, default_value_t = 4, value_name = "RUNS")]
     pub relocate_on_read: usize,
     /// Keep this much of the image file ahead of its end reserved and in the page cache

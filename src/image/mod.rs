@@ -980,6 +980,30 @@ impl Image {
         Ok(())
     }
 
+    /// Relocates LBAs `lba ..` (as many blocks as `expected` covers), which a read found
+    /// backed by the data-block extents `expected`, into one new contiguous run, if the map
+    /// still holds exactly those extents (see [`Image::set_relocate_on_read`] for what a
+    /// relocation keeps). Reads the old blocks itself (they are immutable), so it can run
+    /// later and on another thread than the read. Returns whether it committed; `false`
+    /// when the map changed meanwhile or `expected` is not all data blocks.
+    pub fn relocate_extents(&self, lba: Lba, expected: &[Extent]) -> Result<bool, ImageError> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        let blocks: u64 = expected.iter().map(Extent::blocks).sum();
+        if blocks == 0 || !expected.iter().all(|e| matches!(e, Extent::Mapped { .. })) {
+            return Ok(false);
+        }
+        // Cheap early exit for a stale request (relocate() checks again under the lock).
+        if self.resolve(lba, blocks)? != expected {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; (blocks * self.sh.bs.bytes_u64()) as usize];
+        self.sh
+            .read_extents(expected, 0, &[IoSeg::from_mut_slice(&mut buf)])?;
+        self.relocate(lba.0, expected, &buf)
+    }
+
     /// Appends `data` (the current content of LBAs `lba..`, backed by `expected`) as one new
     /// run and points the map at it, if the map still holds `expected`. Returns whether it
     /// committed. Takes no seq: the disk's content does not change.
