@@ -177,8 +177,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4, value_name = "RUNS")]
     pub relocate_on_read: usize,
     /// Keep this much of the image file ahead of its end reserved and in the page cache
-    /// (a background thread), so appended writes copy into cached pages. 0 turns it off.
-    #[arg(long, default_value = "64M", value_parser = parse_size, value_name = "SIZE")]
+    /// (a background thread), so appended writes copy into cached pages. 0 (the default)
+    /// turns it off: the prepared pages are small folios, which halves the speed of later
+    /// large reads of that data (docs/perf-notes.md).
+    #[arg(long, default_value = "0", value_parser = parse_size, value_name = "SIZE")]
     pub preallocate: u64,
     /// Record every completed request to this log.
     #[arg(long, conflicts_with = "replay")]
