@@ -4,15 +4,53 @@
 //! caller's segments (guest memory, for the daemon), so no data is copied here. The engine's
 //! range, alignment and read-only errors are turned into the matching [`BlockError`] variants;
 //! everything else is passed through as [`BlockError::Image`].
+//!
+//! With [`ImageDevice::with_relocation`], a read that found its data spread over many physical
+//! runs hands those extents to a background thread, which relocates them into one contiguous
+//! run ([`Image::relocate_extents`]) while the guest's read has long completed: the read itself
+//! costs nothing more, and the next read of that range is one system call.
 
-use crate::image::{Image, ImageError};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::image::{Extent, Image, ImageError};
 use crate::iobuf::IoSeg;
+use crate::units::Lba;
 
 use super::{BlockDevice, BlockError, RequestCtx};
 
+/// Relocation requests waiting for the background thread; more are dropped (a later read of
+/// the same range asks again).
+const RELOCATION_QUEUE: usize = 64;
+
+/// The background relocation thread and its queue.
+struct Relocator {
+    min_runs: usize,
+    tx: Option<SyncSender<(Lba, Vec<Extent>)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relocator {
+    fn stop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Relocator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A block device serving an open image.
 pub struct ImageDevice {
-    image: Image,
+    // Dropped first: the thread holds a reference to the image.
+    reloc: Option<Relocator>,
+    image: Arc<Image>,
 }
 
 impl std::fmt::Debug for ImageDevice {
@@ -21,6 +59,10 @@ impl std::fmt::Debug for ImageDevice {
             .field("size", &self.image.size())
             .field("block_size", &self.image.block_size())
             .field("read_only", &self.image.is_read_only())
+            .field(
+                "relocate_min_runs",
+                &self.reloc.as_ref().map(|r| r.min_runs),
+            )
             .finish()
     }
 }
@@ -28,7 +70,39 @@ impl std::fmt::Debug for ImageDevice {
 impl ImageDevice {
     /// Wraps an open image.
     pub fn new(image: Image) -> Self {
-        ImageDevice { image }
+        ImageDevice {
+            reloc: None,
+            image: Arc::new(image),
+        }
+    }
+
+    /// Wraps an open image and relocates, in a background thread, every range a read found
+    /// spread over at least `min_runs` (>= 2) physical runs of data blocks. Read-only images,
+    /// and `min_runs` below 2, get no relocation.
+    pub fn with_relocation(image: Image, min_runs: usize) -> std::io::Result<Self> {
+        let mut dev = Self::new(image);
+        if min_runs < 2 || dev.image.is_read_only() {
+            return Ok(dev);
+        }
+        let (tx, rx) = sync_channel::<(Lba, Vec<Extent>)>(RELOCATION_QUEUE);
+        let image = Arc::clone(&dev.image);
+        let thread = std::thread::Builder::new()
+            .name("rr-row-relocate".into())
+            .spawn(move || {
+                for (lba, ex) in rx {
+                    match image.relocate_extents(lba, &ex) {
+                        Ok(true) => log::trace!("relocated {} runs at LBA {}", ex.len(), lba.0),
+                        Ok(false) => {}
+                        Err(e) => log::debug!("relocation at LBA {} failed: {e}", lba.0),
+                    }
+                }
+            })?;
+        dev.reloc = Some(Relocator {
+            min_runs,
+            tx: Some(tx),
+            thread: Some(thread),
+        });
+        Ok(dev)
     }
 
     /// The image, for callers that need more than the block interface.
@@ -36,9 +110,13 @@ impl ImageDevice {
         &self.image
     }
 
-    /// Unwraps the image (e.g. to [`Image::close`] it).
-    pub fn into_image(self) -> Image {
-        self.image
+    /// Stops the relocation thread and unwraps the image (e.g. to [`Image::close`] it); gives
+    /// the shared image back if something else still holds it.
+    pub fn into_image(mut self) -> Result<Image, Arc<Image>> {
+        if let Some(mut r) = self.reloc.take() {
+            r.stop();
+        }
+        Arc::try_unwrap(self.image)
     }
 }
 
@@ -69,10 +147,27 @@ impl BlockDevice for ImageDevice {
     }
 
     fn read(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
+        let Some(r) = self.reloc.as_ref() else {
+            return self
+                .image
+                .read_vectored(offset, segs, None)
+                .map(|_| ())
+                .map_err(map_err);
+        };
+        let mut trace = Vec::new();
         self.image
-            .read_vectored(offset, segs, None)
-            .map(|_| ())
-            .map_err(map_err)
+            .read_vectored(offset, segs, Some(&mut trace))
+            .map_err(map_err)?;
+        if trace.len() >= r.min_runs && trace.iter().all(|e| matches!(e, Extent::Mapped { .. })) {
+            let lba = Lba(offset / self.image.block_size().bytes_u64());
+            if let Some(tx) = &r.tx {
+                match tx.try_send((lba, trace)) {
+                    Ok(()) | Err(TrySendError::Full(_)) => {}
+                    Err(TrySendError::Disconnected(_)) => log::debug!("relocation thread gone"),
+                }
+            }
+        }
+        Ok(())
     }
 
     fn write(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
@@ -91,6 +186,14 @@ impl BlockDevice for ImageDevice {
 
     fn discard(&self, _ctx: &RequestCtx, offset: u64, len: u64) -> Result<(), BlockError> {
         self.image.discard(offset, len).map(|_| ()).map_err(map_err)
+    }
+
+    fn end_of_batch(&self) {
+        // Completed writes then live in the page cache, journal included: a killed daemon
+        // keeps them (a power cut still needs a flush).
+        if let Err(e) = self.image.write_out_journal() {
+            log::warn!("cannot write out the journal: {e}");
+        }
     }
 
     fn write_zeroes(
@@ -173,7 +276,10 @@ mod tests {
             dev.read(&ctx, 100, &[IoSeg::from_mut_slice(&mut buf)]),
             Err(BlockError::Unaligned { .. })
         ));
-        dev.into_image().close().unwrap();
+        let Ok(image) = dev.into_image() else {
+            panic!("the device held the only reference")
+        };
+        image.close().unwrap();
 
         let ro = ImageDevice::new(Image::open(&path, OpenMode::ReadOnly).unwrap());
         assert!(ro.is_read_only());

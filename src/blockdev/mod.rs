@@ -136,4 +136,8 @@ pub trait BlockDevice: Send + Sync {
     ) -> Result<(), BlockError>;
     /// Called for every request completed without reaching the device. Default: nothing.
     fn rejected(&self, _ctx: &RequestCtx, _req: &RejectedRequest) {}
+    /// Called once a queue worker has executed a batch of requests, before it completes them
+    /// to the guest: a device that buffers metadata in memory can hand it to the host kernel
+    /// here, so that completed requests survive the process being killed. Default: nothing.
+    fn end_of_batch(&self) {}
 }

@@ -170,6 +170,18 @@ pub struct ServeArgs {
     /// Socket file mode, octal.
     #[arg(long, default_value = "600")]
     pub socket_mode: String,
+    /// Relocate on read: a read whose data blocks are spread over at least this many
+    /// physically separate runs has them rewritten, by a background thread, as one contiguous
+    /// run (content, seq and old block ids are kept; see docs/format.md). 0 turns it off.
+    /// Plain serving only (not with --record or --replay).
+    #[arg(long, default_value_t = 4, value_name = "RUNS")]
+    pub relocate_on_read: usize,
+    /// Keep this much of the image file ahead of its end reserved and in the page cache
+    /// (a background thread), so appended writes copy into cached pages. 0 (the default)
+    /// turns it off: the prepared pages are small folios, which halves the speed of later
+    /// large reads of that data (docs/perf-notes.md).
+    #[arg(long, default_value = "0", value_parser = parse_size, value_name = "SIZE")]
+    pub preallocate: u64,
     /// Record every completed request to this log.
     #[arg(long, conflicts_with = "replay")]
     pub record: Option<PathBuf>,

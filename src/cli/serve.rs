@@ -117,6 +117,11 @@ pub fn serve(a: &ServeArgs) -> CliResult {
     init_logging();
     let cfg = daemon_config(a)?;
     let image = open_image(a)?;
+    if a.replay.is_none() {
+        if let Err(e) = image.set_preallocate(a.preallocate) {
+            warn!("{e}; writes work without it, more slowly");
+        }
+    }
     info!(
         "image opened: {} ({} bytes, block size {}, seq {}, {})",
         a.image.display(),
@@ -172,13 +177,19 @@ pub fn serve(a: &ServeArgs) -> CliResult {
         result.map_err(|e| CliError(e.to_string()))?;
         return Ok(if clean { 0 } else { 2 });
     }
-    let dev = Arc::new(ImageDevice::new(image));
+    let dev = Arc::new(
+        ImageDevice::with_relocation(image, a.relocate_on_read)
+            .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?,
+    );
 
     let result = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
 
     // Every connection's workers are joined by now, so this is the last reference.
     let closed = match Arc::try_unwrap(dev) {
-        Ok(dev) => dev.into_image().close(),
+        Ok(dev) => match dev.into_image() {
+            Ok(image) => image.close(),
+            Err(image) => image.flush(),
+        },
         Err(dev) => dev.image().flush(),
     };
     match (&result, closed) {

@@ -181,7 +181,7 @@ fn verify(img: &Image, rep: &mut CheckReport) {
     let mut verified = 0u64;
     let res = img.walk_all(|r, _| {
         records += 1;
-        if r.kind.changes_state() {
+        if r.kind.maps() {
             apply(&mut map, r, zero);
         }
         for p in &r.pieces {

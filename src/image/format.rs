@@ -357,6 +357,9 @@ pub enum RecKind {
     Link,
     /// A read-write open started appending here (a random nonce re-seeds the chain).
     Epoch,
+    /// Content-preserving relocation: LBAs that already held this content are re-pointed at
+    /// a new, physically contiguous copy. Takes no seq (the disk's content is unchanged).
+    Relocate,
 }
 
 impl RecKind {
@@ -368,6 +371,7 @@ impl RecKind {
             RecKind::Flush => 4,
             RecKind::Link => 5,
             RecKind::Epoch => 6,
+            RecKind::Relocate => 7,
         }
     }
 
@@ -379,6 +383,7 @@ impl RecKind {
             4 => RecKind::Flush,
             5 => RecKind::Link,
             6 => RecKind::Epoch,
+            7 => RecKind::Relocate,
             _ => return None,
         })
     }
@@ -389,6 +394,11 @@ impl RecKind {
             self,
             RecKind::Write | RecKind::Discard | RecKind::WriteZeroes
         )
+    }
+
+    /// True for kinds whose pieces change the map: the state-changing kinds and relocations.
+    pub fn maps(self) -> bool {
+        self.changes_state() || self == RecKind::Relocate
     }
 }
 
@@ -423,7 +433,7 @@ pub struct Record {
 /// Encodes a record with the chain seed `prev_crc`; returns the bytes and the record's crc.
 pub fn encode_record(rec: &Record, prev_crc: u32) -> (Vec<u8>, u32) {
     let payload = match rec.kind {
-        RecKind::Write | RecKind::Discard | RecKind::WriteZeroes => {
+        RecKind::Write | RecKind::Discard | RecKind::WriteZeroes | RecKind::Relocate => {
             8 + PIECE_LEN * rec.pieces.len()
         }
         RecKind::Link | RecKind::Epoch => 16,
@@ -435,7 +445,7 @@ pub fn encode_record(rec: &Record, prev_crc: u32) -> (Vec<u8>, u32) {
     b.extend_from_slice(&[rec.kind.code(), 0, 0, 0]);
     b.extend_from_slice(&rec.seq.to_le_bytes());
     match rec.kind {
-        RecKind::Write | RecKind::Discard | RecKind::WriteZeroes => {
+        RecKind::Write | RecKind::Discard | RecKind::WriteZeroes | RecKind::Relocate => {
             b.extend_from_slice(&(rec.pieces.len() as u32).to_le_bytes());
             b.extend_from_slice(&0u32.to_le_bytes());
             for p in &rec.pieces {
@@ -522,7 +532,7 @@ pub fn decode_record(b: &[u8], prev_crc: u32) -> Result<Decoded, String> {
         nonce: None,
     };
     match kind {
-        RecKind::Write | RecKind::Discard | RecKind::WriteZeroes => {
+        RecKind::Write | RecKind::Discard | RecKind::WriteZeroes | RecKind::Relocate => {
             let n = rd_u32(payload, 0).ok_or("record too short for its piece count")? as usize;
             if payload.len() != 8 + n.saturating_mul(PIECE_LEN) || n == 0 {
                 return Err(format!("record with {n} pieces has the wrong length {len}"));

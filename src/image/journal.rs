@@ -146,7 +146,8 @@ impl<'a> Walker<'a> {
                 RecKind::Write | RecKind::Discard | RecKind::WriteZeroes => rec.seq == self.seq + 1,
                 // A flush marker vouches for a seq reached before it was appended.
                 RecKind::Flush => rec.seq <= self.seq,
-                RecKind::Link | RecKind::Epoch => rec.seq == self.seq,
+                // Links, epochs and relocations follow the state they were appended in.
+                RecKind::Link | RecKind::Epoch | RecKind::Relocate => rec.seq == self.seq,
             };
             let want = if rec.kind.changes_state() {
                 self.seq + 1
@@ -175,8 +176,8 @@ impl<'a> Walker<'a> {
                 {
                     return Err(format!("journal record names impossible block id {pba}"));
                 }
-            } else if rec.kind == RecKind::Write {
-                return Err("write record with a zero piece".into());
+            } else if matches!(rec.kind, RecKind::Write | RecKind::Relocate) {
+                return Err(format!("{:?} record with a zero piece", rec.kind).to_lowercase());
             }
         }
         if let Some((slot, idx)) = rec.link {

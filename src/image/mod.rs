@@ -40,6 +40,7 @@ pub mod format;
 mod io;
 mod journal;
 mod map;
+mod prealloc;
 mod shared;
 
 use std::fs::{File, OpenOptions};
@@ -233,6 +234,8 @@ pub struct Image {
     ckpt_threshold: AtomicU64,
     unsynced_limit: AtomicU64,
     sync_due: std::sync::atomic::AtomicBool,
+    relocate_min_extents: AtomicU64,
+    prealloc: Mutex<Option<prealloc::Preallocator>>,
     notes: OpenNotes,
     path: PathBuf,
     closed: bool,
@@ -489,6 +492,7 @@ impl Image {
             seg_slots: u64::from(hdr.seg_slots),
             next_slot: AtomicU64::new(hdr.next_free_slot),
             meta: RwLock::new(vec![(hdr.first_seg_slot, u64::from(hdr.seg_slots))]),
+            prealloc: Arc::default(),
         };
         let zero = zero_value(&sh);
         let mut map = Map::new(sh.blocks);
@@ -575,7 +579,14 @@ impl Image {
             .fold(start_seq, |d, (r, _)| d.max(r.seq));
         let mut keep = recs.len();
         'verify: for (i, (r, _)) in recs.iter().enumerate() {
-            if !r.kind.changes_state() || r.seq <= durable {
+            // A relocation appended in state R is covered by a flush marker only when that
+            // marker vouches for a later state (a marker for R itself may have been synced
+            // before the relocation was appended).
+            let trusted = match r.kind {
+                RecKind::Relocate => r.seq < durable,
+                k => !k.changes_state() || r.seq <= durable,
+            };
+            if trusted {
                 continue;
             }
             for p in &r.pieces {
@@ -608,8 +619,10 @@ impl Image {
             .filter(|&&(_, c)| c == sh.seg_slots)
             .count() as u64;
         for (r, _) in recs.iter().take(keep) {
-            if r.kind.changes_state() {
+            if r.kind.maps() {
                 apply(&mut map, r, zero);
+            }
+            if r.kind.changes_state() {
                 seq = r.seq;
             }
             for p in &r.pieces {
@@ -699,6 +712,8 @@ impl Image {
             ckpt_threshold: AtomicU64::new(DEFAULT_CHECKPOINT_THRESHOLD),
             unsynced_limit: AtomicU64::new(DEFAULT_UNSYNCED_LIMIT),
             sync_due: std::sync::atomic::AtomicBool::new(false),
+            relocate_min_extents: AtomicU64::new(0),
+            prealloc: Mutex::new(None),
             notes,
             path: path.to_path_buf(),
             closed: false,
@@ -746,6 +761,44 @@ impl Image {
         self.unsynced_limit.store(bytes, Ordering::SeqCst);
     }
 
+    /// Turns relocation on read on (`Some(n)`, n >= 2) or off (`None`, the default).
+    ///
+    /// When on, a read whose blocks are all data blocks spread over at least `n` physically
+    /// separate runs is served from a private copy, and that copy is appended as one
+    /// contiguous run and committed as a relocation record (docs/format.md): the map then
+    /// points those LBAs at the new run, so the next read of the range is one system call.
+    /// Content, seq and every old block id stay as they were (record logs and `state_at`
+    /// remain valid). Read-only images never relocate.
+    pub fn set_relocate_on_read(&self, min_extents: Option<usize>) {
+        let v = min_extents.map_or(0, |n| n.max(2) as u64);
+        self.relocate_min_extents.store(v, Ordering::Relaxed);
+    }
+
+    /// Keeps about `bytes` of the file just ahead of the allocation counter reserved and in
+    /// the page cache, from a background thread (0, the default, turns it off). Writes then
+    /// copy into cached pages instead of fresh ones; the file is up to `bytes` longer than
+    /// its allocated slots (read as zeros, reused by the next open). Read-only images ignore
+    /// it.
+    pub fn set_preallocate(&self, bytes: u64) -> Result<(), ImageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.sh.prealloc.window.store(bytes, Ordering::Relaxed);
+        let mut p = lock(&self.prealloc);
+        if bytes > 0 && p.is_none() {
+            *p = Some(
+                prealloc::Preallocator::start(Arc::clone(&self.sh))
+                    .map_err(|e| ImageError::io("cannot start the preallocation thread", e))?,
+            );
+        }
+        // Wakes the thread to act on the new window.
+        self.sh.prealloc.note_alloc(
+            self.sh.next_slot.load(Ordering::SeqCst),
+            self.sh.bs.bytes_u64(),
+        );
+        Ok(())
+    }
+
     /// Journal bytes the last open replayed (after the checkpoint).
     pub fn replayed_bytes(&self) -> u64 {
         self.notes.replayed_bytes
@@ -783,7 +836,16 @@ impl Image {
             live.map.extents(first, n, self.sh.base.is_some(), &mut ex);
             live.seq
         };
-        self.sh.read_extents(&ex, offset % bs, segs)?;
+        let min = self.relocate_min_extents.load(Ordering::Relaxed);
+        if min != 0
+            && !self.read_only
+            && ex.len() as u64 >= min
+            && ex.iter().all(|e| matches!(e, Extent::Mapped { .. }))
+        {
+            self.read_relocating(first, &ex, offset % bs, segs)?;
+        } else {
+            self.sh.read_extents(&ex, offset % bs, segs)?;
+        }
         if let Some(t) = trace {
             t.extend_from_slice(&ex);
         }
@@ -885,6 +947,113 @@ impl Image {
             first_pba: Pba(first),
             blocks: n,
         })
+    }
+
+    /// Serves a fragmented read from a private copy of its whole blocks, then relocates that
+    /// copy (a failed relocation is logged and ignored: the read itself succeeded).
+    fn read_relocating(
+        &self,
+        lba: u64,
+        ex: &[Extent],
+        head: u64,
+        segs: &[IoSeg<'_>],
+    ) -> Result<(), ImageError> {
+        let bs = self.sh.bs.bytes_u64();
+        let blocks: u64 = ex.iter().map(Extent::blocks).sum();
+        let mut buf = vec![0u8; (blocks * bs) as usize];
+        self.sh
+            .read_extents(ex, 0, &[IoSeg::from_mut_slice(&mut buf)])?;
+        let mut pos = head as usize;
+        for s in segs {
+            let src = buf.get(pos..pos + s.len()).ok_or(ImageError::BadBuffer {
+                expected: blocks * bs,
+                got: (pos + s.len()) as u64,
+            })?;
+            s.copy_from(0, src);
+            pos += s.len();
+        }
+        match self.relocate(lba, ex, &buf) {
+            Ok(true) => log::trace!("relocated blocks {lba}+{blocks} ({} runs)", ex.len()),
+            Ok(false) => log::trace!("relocation of {lba}+{blocks} lost a race; skipped"),
+            Err(e) => log::debug!("relocation of blocks {lba}+{blocks} failed: {e}"),
+        }
+        Ok(())
+    }
+
+    /// Relocates LBAs `lba ..` (as many blocks as `expected` covers), which a read found
+    /// backed by the data-block extents `expected`, into one new contiguous run, if the map
+    /// still holds exactly those extents (see [`Image::set_relocate_on_read`] for what a
+    /// relocation keeps). Reads the old blocks itself (they are immutable), so it can run
+    /// later and on another thread than the read. Returns whether it committed; `false`
+    /// when the map changed meanwhile or `expected` is not all data blocks.
+    pub fn relocate_extents(&self, lba: Lba, expected: &[Extent]) -> Result<bool, ImageError> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        let blocks: u64 = expected.iter().map(Extent::blocks).sum();
+        if blocks == 0 || !expected.iter().all(|e| matches!(e, Extent::Mapped { .. })) {
+            return Ok(false);
+        }
+        // Cheap early exit for a stale request (relocate() checks again under the lock).
+        if self.resolve(lba, blocks)? != expected {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; (blocks * self.sh.bs.bytes_u64()) as usize];
+        self.sh
+            .read_extents(expected, 0, &[IoSeg::from_mut_slice(&mut buf)])?;
+        self.relocate(lba.0, expected, &buf)
+    }
+
+    /// Appends `data` (the current content of LBAs `lba..`, backed by `expected`) as one new
+    /// run and points the map at it, if the map still holds `expected`. Returns whether it
+    /// committed. Takes no seq: the disk's content does not change.
+    fn relocate(&self, lba: u64, expected: &[Extent], data: &[u8]) -> Result<bool, ImageError> {
+        let bs = self.sh.bs.bytes_u64();
+        let n = data.len() as u64 / bs;
+        if n == 0 {
+            return Ok(false);
+        }
+        let first = self.sh.alloc(n)?;
+        let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
+        self.sh
+            .pwrite(data, off)
+            .map_err(|e| ImageError::io("cannot write relocated blocks", e))?;
+        let crc = crc32c::crc32c(data);
+        let mut j = lock(&self.journal);
+        if j.failed {
+            return Err(ImageError::Failed);
+        }
+        // Every map change happens under the journal mutex: checking here and applying below
+        // cannot interleave with a write, discard or another relocation.
+        let mut now = Vec::with_capacity(expected.len());
+        rlock(&self.live)
+            .map
+            .extents(lba, n, self.sh.base.is_some(), &mut now);
+        if now != expected {
+            return Ok(false);
+        }
+        let rec = Record {
+            kind: RecKind::Relocate,
+            seq: j.seq,
+            pieces: vec![Piece {
+                lba,
+                blocks: n,
+                pba: Some(first),
+                data_crc: crc,
+            }],
+            link: None,
+            nonce: None,
+        };
+        j.append(&self.sh, &rec)?;
+        apply(&mut wlock(&self.live).map, &rec, zero_value(&self.sh));
+        j.unsynced = j.unsynced.saturating_add(n * bs);
+        if j.unsynced >= self.unsynced_limit.load(Ordering::SeqCst) {
+            j.unsynced = 0;
+            self.sync_due.store(true, Ordering::SeqCst);
+        }
+        drop(j);
+        self.background_sync();
+        Ok(true)
     }
 
     /// Reads whole block `lba` of the current state into `buf` (one block).
@@ -1048,6 +1217,20 @@ impl Image {
                 log::warn!("periodic sync failed: {e}");
             }
         }
+    }
+
+    /// Writes buffered journal records to the file (no sync): completed operations then
+    /// survive the process being killed, though not a power cut (that takes [`Image::flush`]).
+    /// Cheap when nothing is buffered.
+    pub fn write_out_journal(&self) -> Result<(), ImageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut j = lock(&self.journal);
+        if j.failed {
+            return Err(ImageError::Failed);
+        }
+        j.write_out(&self.sh)
     }
 
     /// Makes every completed operation durable (write out the journal, fdatasync, then append
@@ -1286,10 +1469,11 @@ impl Image {
         let zero = zero_value(&self.sh);
         let mut map = Map::new(self.sh.blocks);
         self.walk_all(|r, _| {
-            if r.kind.changes_state() {
+            if r.kind.maps() {
                 if r.seq > seq.0 {
                     return Ok(false);
                 }
+                // Relocations preserve content: applying them only picks other block ids.
                 apply(&mut map, r, zero);
             }
             Ok(true)

@@ -4,9 +4,10 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use super::io::preadv_full;
+use super::prealloc::PreallocState;
 use super::{Extent, ImageError};
 use crate::iobuf::{slice_segs, total_len, IoSeg};
 use crate::units::{BlockSize, Pba};
@@ -41,6 +42,8 @@ pub struct Shared {
     pub next_slot: AtomicU64,
     /// Sorted (first slot, count) runs that hold metadata, not data.
     pub meta: RwLock<Vec<(u64, u64)>>,
+    /// The window prepared ahead of the allocator (see [`super::prealloc`]).
+    pub prealloc: Arc<PreallocState>,
 }
 
 impl Shared {
@@ -65,7 +68,10 @@ impl Shared {
     pub fn alloc(&self, n: u64) -> Result<u64, ImageError> {
         let first = self.next_slot.fetch_add(n, Ordering::SeqCst);
         match first.checked_add(n) {
-            Some(end) if end <= self.slot_limit() => Ok(first),
+            Some(end) if end <= self.slot_limit() => {
+                self.prealloc.note_alloc(end, self.bs.bytes_u64());
+                Ok(first)
+            }
             _ => Err(ImageError::Full),
         }
     }

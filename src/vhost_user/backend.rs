@@ -6,7 +6,8 @@
 //! once-per-kind warning state start fresh with each connection, while the device is shared.
 //!
 //! Each queue has its own worker thread (`queues_per_thread`). On a kick the worker takes every
-//! available chain, executes them in order, adds them all to the used ring and signals the
+//! available chain, executes them in order, lets the device write out what it buffered
+//! ([`BlockDevice::end_of_batch`]), adds them all to the used ring and signals the
 //! guest once per batch (when `needs_notification` says so). With VIRTIO_RING_F_EVENT_IDX it
 //! keeps draining until `enable_notification()` reports that no new chain arrived meanwhile, so
 //! no kick is lost.
@@ -259,6 +260,9 @@ impl BlkBackend {
             }
             completions.push(c);
         }
+        // The batch's journal records reach the kernel in one write before the guest sees any
+        // of them complete, so a killed daemon keeps every completed request.
+        self.dev.end_of_batch();
         {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();

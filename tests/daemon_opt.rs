@@ -1,0 +1,114 @@
+//! The daemon's performance features, end to end through a blkio frontend: completed writes
+//! survive SIGKILL without a flush (the journal is written out at the end of every batch), and
+//! fragmented data read back through the daemon is relocated without changing what it reads.
+
+mod common;
+
+use std::time::Duration;
+
+use common::blk::{Client, ClientOpts};
+use common::daemon::{start_rr_row, ServeOpts};
+use common::with_watchdog;
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use rr_row::image::{Extent, Image, OpenMode};
+use rr_row::units::Lba;
+
+const SIZE: u64 = 16 << 20;
+const CHUNK: usize = 256 << 10;
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn sigkill_keeps_every_completed_write_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("k.rrow");
+    let d = start_rr_row(dir.path(), &ServeOpts::new(&image, SIZE));
+    let socket = d.socket().to_owned();
+    // Written and completed, never flushed; the connection stays open until the kill, so the
+    // daemon has no disconnect on which it would flush.
+    let (data, client) = with_watchdog("unflushed writes", LIMIT, move || {
+        let mut c = Client::open(&socket, ClientOpts::default());
+        let mut q = c.queue(0);
+        let mut data = vec![0u8; 4 << 20];
+        StdRng::seed_from_u64(1).fill_bytes(&mut data);
+        for (i, chunk) in data.chunks(CHUNK).enumerate() {
+            q.write_ok((i * CHUNK) as u64, 0, chunk);
+        }
+        // And sub-block writes, which take the read-modify-write path.
+        for i in 0..64u64 {
+            let off = i * 8192 + 512;
+            let v = vec![i as u8 + 1; 1024];
+            q.write_ok(off, 0, &v);
+            data[off as usize..off as usize + 1024].copy_from_slice(&v);
+        }
+        (data, c)
+    });
+    let status = d.signal_and_wait(libc::SIGKILL, Duration::from_secs(20));
+    assert!(!status.success());
+    drop(client);
+
+    let img = Image::open(&image, OpenMode::ReadOnly).unwrap();
+    let mut got = vec![0u8; data.len()];
+    img.read_at(0, &mut got).unwrap();
+    assert!(got == data, "a completed write was lost to SIGKILL");
+    drop(img);
+    let rep = Image::check(&image, false).unwrap();
+    assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+}
+
+#[test]
+fn fragmented_reads_through_the_daemon_are_relocated_and_read_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("f.rrow");
+    let d = start_rr_row(dir.path(), &ServeOpts::new(&image, SIZE));
+    let socket = d.socket().to_owned();
+    let (model, first, second) = with_watchdog("fragment and read", LIMIT, move || {
+        let mut c = Client::open(&socket, ClientOpts::default());
+        let mut q = c.queue(0);
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut model = vec![0u8; 4 << 20];
+        rng.fill_bytes(&mut model);
+        for (i, chunk) in model.chunks(CHUNK).enumerate() {
+            q.write_ok((i * CHUNK) as u64, 0, chunk);
+        }
+        for _ in 0..1024 {
+            let b = rng.gen_range(0..model.len() / 4096);
+            let blk = &mut model[b * 4096..(b + 1) * 4096];
+            rng.fill_bytes(blk);
+            q.write_ok((b * 4096) as u64, 0, blk);
+        }
+        q.flush_ok();
+        let read_all = |q: &mut common::blk::Queue<'_>| {
+            let mut out = Vec::new();
+            for i in 0..model.len() / CHUNK {
+                out.extend(q.read_ok((i * CHUNK) as u64, 0, CHUNK));
+            }
+            out
+        };
+        let first = read_all(&mut q);
+        let second = read_all(&mut q);
+        (model, first, second)
+    });
+    assert!(first == model, "first (relocating) pass read wrong data");
+    assert!(second == model, "second pass read wrong data");
+    let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(20));
+    assert!(status.success(), "SIGTERM: flush, close, exit 0");
+
+    let img = Image::open(&image, OpenMode::ReadOnly).unwrap();
+    let runs = img
+        .resolve(Lba(0), (model.len() / 4096) as u64)
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, Extent::Mapped { .. }))
+        .count();
+    assert!(
+        runs <= model.len() / CHUNK + 1,
+        "{runs} physical runs remain after reading everything"
+    );
+    let mut got = vec![0u8; model.len()];
+    img.read_at(0, &mut got).unwrap();
+    assert!(got == model);
+    drop(img);
+    let rep = Image::check(&image, false).unwrap();
+    assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+}
