@@ -14,7 +14,7 @@ use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::image::{Extent, Image, ImageError};
+use crate::image::{Extent, Image};
 use crate::iobuf::IoSeg;
 use crate::units::Lba;
 
@@ -120,19 +120,6 @@ impl ImageDevice {
     }
 }
 
-fn map_err(e: ImageError) -> BlockError {
-    match e {
-        ImageError::OutOfRange { offset, len, size } => BlockError::OutOfRange {
-            offset,
-            len,
-            capacity: size,
-        },
-        ImageError::Unaligned { offset, len } => BlockError::Unaligned { offset, len },
-        ImageError::ReadOnly => BlockError::ReadOnly,
-        other => BlockError::Image(other),
-    }
-}
-
 impl BlockDevice for ImageDevice {
     fn capacity(&self) -> u64 {
         self.image.size()
@@ -152,12 +139,12 @@ impl BlockDevice for ImageDevice {
                 .image
                 .read_vectored(offset, segs, None)
                 .map(|_| ())
-                .map_err(map_err);
+                .map_err(BlockError::from);
         };
         let mut trace = Vec::new();
         self.image
             .read_vectored(offset, segs, Some(&mut trace))
-            .map_err(map_err)?;
+            .map_err(BlockError::from)?;
         if trace.len() >= r.min_runs && trace.iter().all(|e| matches!(e, Extent::Mapped { .. })) {
             let lba = Lba(offset / self.image.block_size().bytes_u64());
             if let Some(tx) = &r.tx {
@@ -174,18 +161,21 @@ impl BlockDevice for ImageDevice {
         self.image
             .write_vectored(offset, segs)
             .map(|_| ())
-            .map_err(map_err)
+            .map_err(BlockError::from)
     }
 
     fn flush(&self, _ctx: &RequestCtx) -> Result<(), BlockError> {
         if self.image.is_read_only() {
             return Ok(());
         }
-        self.image.flush().map_err(map_err)
+        self.image.flush().map_err(BlockError::from)
     }
 
     fn discard(&self, _ctx: &RequestCtx, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.image.discard(offset, len).map(|_| ()).map_err(map_err)
+        self.image
+            .discard(offset, len)
+            .map(|_| ())
+            .map_err(BlockError::from)
     }
 
     fn end_of_batch(&self) {
@@ -208,7 +198,7 @@ impl BlockDevice for ImageDevice {
         self.image
             .write_zeroes(offset, len)
             .map(|_| ())
-            .map_err(map_err)
+            .map_err(BlockError::from)
     }
 }
 

@@ -103,10 +103,28 @@ pub enum BlockError {
     Diverged(String),
     /// The image engine failed.
     #[error(transparent)]
-    Image(#[from] crate::image::ImageError),
+    Image(crate::image::ImageError),
     /// A host I/O error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<crate::image::ImageError> for BlockError {
+    /// Range, alignment and read-only failures of the engine become the device-level variants
+    /// (so the virtio layer maps them like any device's); everything else is wrapped.
+    fn from(e: crate::image::ImageError) -> Self {
+        use crate::image::ImageError;
+        match e {
+            ImageError::OutOfRange { offset, len, size } => BlockError::OutOfRange {
+                offset,
+                len,
+                capacity: size,
+            },
+            ImageError::Unaligned { offset, len } => BlockError::Unaligned { offset, len },
+            ImageError::ReadOnly => BlockError::ReadOnly,
+            other => BlockError::Image(other),
+        }
+    }
 }
 
 /// A virtual block device as the virtio-blk layer sees it. Implementations are shared by all

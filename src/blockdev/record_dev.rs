@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use log::{error, info};
+use log::{error, info, warn};
 
-use crate::image::{Image, ImageError};
+use crate::image::Image;
 use crate::iobuf::{total_len, IoSeg};
 use crate::record::format::{hash_segs, LogHeader, WriteHash, MAX_READ_DATA, VERSION};
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
@@ -43,21 +43,6 @@ pub fn status_of<T>(r: &Result<T, BlockError>) -> u8 {
         Ok(_) => STATUS_OK,
         Err(BlockError::Unsupported) => STATUS_UNSUPP,
         Err(_) => STATUS_IOERR,
-    }
-}
-
-/// Turns an engine error into the matching [`BlockError`] (as `ImageDevice` does), so that a
-/// recorded or replayed device fails exactly like the plain one.
-pub(crate) fn block_error(e: ImageError) -> BlockError {
-    match e {
-        ImageError::OutOfRange { offset, len, size } => BlockError::OutOfRange {
-            offset,
-            len,
-            capacity: size,
-        },
-        ImageError::Unaligned { offset, len } => BlockError::Unaligned { offset, len },
-        ImageError::ReadOnly => BlockError::ReadOnly,
-        other => BlockError::Image(other),
     }
 }
 
@@ -201,7 +186,7 @@ impl RecordingDevice {
         let seq = self
             .image
             .read_vectored(offset, &[IoSeg::from_mut_slice(&mut buf)], None)
-            .map_err(block_error)?;
+            .map_err(BlockError::from)?;
         let mut pos = 0usize;
         for s in segs {
             let part = buf.get(pos..pos + s.len()).unwrap_or_default();
@@ -213,6 +198,14 @@ impl RecordingDevice {
 }
 
 impl BlockDevice for RecordingDevice {
+    fn end_of_batch(&self) {
+        // As for a plain image: completed writes reach the page cache with their journal
+        // records, so a killed recorder keeps them (the log itself is synced every second).
+        if let Err(e) = self.image.write_out_journal() {
+            warn!("cannot write out the journal: {e}");
+        }
+    }
+
     fn capacity(&self) -> u64 {
         self.image.size()
     }
@@ -233,7 +226,7 @@ impl BlockDevice for RecordingDevice {
                 let r = self
                     .image
                     .read_vectored(offset, segs, Some(&mut trace))
-                    .map_err(block_error);
+                    .map_err(BlockError::from);
                 let extents = match r {
                     Ok(_) => trace.iter().map(LogExtent::from).collect(),
                     Err(_) => Vec::new(),
@@ -271,7 +264,10 @@ impl BlockDevice for RecordingDevice {
 
     fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
         let hash = hash_segs(self.log.header().write_hash, segs);
-        let res = self.image.write_vectored(offset, segs).map_err(block_error);
+        let res = self
+            .image
+            .write_vectored(offset, segs)
+            .map_err(BlockError::from);
         let (seq, first_pba, blocks) = match &res {
             Ok(o) => (o.seq, o.first_pba, o.blocks),
             Err(_) => (self.image.seq(), Default::default(), 0),
@@ -296,7 +292,7 @@ impl BlockDevice for RecordingDevice {
         let res = if self.image.is_read_only() {
             Ok(())
         } else {
-            self.image.flush().map_err(block_error)
+            self.image.flush().map_err(BlockError::from)
         };
         if !ctx.is_internal() {
             let seq = self.image.seq();
@@ -312,7 +308,7 @@ impl BlockDevice for RecordingDevice {
     }
 
     fn discard(&self, ctx: &RequestCtx, offset: u64, len: u64) -> Result<(), BlockError> {
-        let res = self.image.discard(offset, len).map_err(block_error);
+        let res = self.image.discard(offset, len).map_err(BlockError::from);
         let seq = res.as_ref().map_or_else(|_| self.image.seq(), |s| *s);
         self.record(ctx, offset, len, status_of(&res), seq, RecordBody::Discard);
         res.map(|_| ())
@@ -325,7 +321,10 @@ impl BlockDevice for RecordingDevice {
         len: u64,
         unmap: bool,
     ) -> Result<(), BlockError> {
-        let res = self.image.write_zeroes(offset, len).map_err(block_error);
+        let res = self
+            .image
+            .write_zeroes(offset, len)
+            .map_err(BlockError::from);
         let seq = res.as_ref().map_or_else(|_| self.image.seq(), |s| *s);
         self.record(
             ctx,

@@ -35,7 +35,7 @@ use crate::record::{
 };
 use crate::units::{Pba, Seq, SECTOR_SIZE};
 
-use super::record_dev::{block_error, request_type_code};
+use super::record_dev::request_type_code;
 use super::{BlockDevice, BlockError, RejectedRequest, RequestCtx};
 
 /// At most this many divergences are kept for the summary (all are counted and logged).
@@ -431,7 +431,7 @@ impl ReplayingDevice {
                 return Ok(Arc::clone(snap));
             }
         }
-        let snap = Arc::new(self.image.state_at(seq).map_err(block_error)?);
+        let snap = Arc::new(self.image.state_at(seq).map_err(BlockError::from)?);
         *g = Some((seq, Arc::clone(&snap)));
         Ok(snap)
     }
@@ -444,7 +444,8 @@ impl ReplayingDevice {
         while done < total {
             let n = (total - done).min(buf.len() as u64);
             let chunk = buf.get_mut(..n as usize).unwrap_or_default();
-            snap.read_at(offset + done, chunk).map_err(block_error)?;
+            snap.read_at(offset + done, chunk)
+                .map_err(BlockError::from)?;
             let dst = slice_segs(segs, done, n).ok_or(BlockError::OutOfRange {
                 offset,
                 len: total,
@@ -588,7 +589,7 @@ impl BlockDevice for ReplayingDevice {
                 let skip = offset % self.image.block_size().bytes_u64();
                 self.image
                     .read_extents(&extents, skip, segs)
-                    .map_err(block_error)?;
+                    .map_err(BlockError::from)?;
                 Ok(())
             }
             Outcome::Continue => self.read_from_snapshot(offset, segs),
