@@ -272,7 +272,8 @@ def machine_info(opts: argparse.Namespace) -> dict:
                 break
     except OSError:
         pass
-    fs = cmd_out(["stat", "-f", "-c", "%T", str(opts.workdir)])
+    # `stat -f` names every ext filesystem "ext2/ext3"; findmnt gives the real type (ext4...).
+    fs = cmd_out(["findmnt", "-n", "-o", "FSTYPE", "--target", str(opts.workdir)])
     return {
         "kernel": platform.release(),
         "cpu": cpu,
