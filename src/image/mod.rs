@@ -258,6 +258,22 @@ fn wlock<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Describes LBAs `lba .. lba + blocks` of `map` as extents (shared by the live image and
+/// its snapshots).
+fn resolve_in(sh: &Shared, map: &Map, lba: Lba, blocks: u64) -> Result<Vec<Extent>, ImageError> {
+    let bs = sh.bs.bytes_u64();
+    if lba.0.checked_add(blocks).map_or(true, |e| e > sh.blocks) {
+        return Err(ImageError::OutOfRange {
+            offset: lba.0.saturating_mul(bs),
+            len: blocks.saturating_mul(bs),
+            size: sh.size,
+        });
+    }
+    let mut ex = Vec::new();
+    map.extents(lba.0, blocks, sh.base.is_some(), &mut ex);
+    Ok(ex)
+}
+
 fn check_range(size: u64, offset: u64, len: u64) -> Result<(), ImageError> {
     if offset % 512 != 0 || len % 512 != 0 {
         return Err(ImageError::Unaligned { offset, len });
@@ -1366,23 +1382,7 @@ impl Image {
 
     /// Describes LBAs `lba .. lba + blocks` of the current state as extents.
     pub fn resolve(&self, lba: Lba, blocks: u64) -> Result<Vec<Extent>, ImageError> {
-        let bs = self.sh.bs.bytes_u64();
-        if lba
-            .0
-            .checked_add(blocks)
-            .map_or(true, |e| e > self.sh.blocks)
-        {
-            return Err(ImageError::OutOfRange {
-                offset: lba.0.saturating_mul(bs),
-                len: blocks.saturating_mul(bs),
-                size: self.sh.size,
-            });
-        }
-        let mut ex = Vec::new();
-        rlock(&self.live)
-            .map
-            .extents(lba.0, blocks, self.sh.base.is_some(), &mut ex);
-        Ok(ex)
+        resolve_in(&self.sh, &rlock(&self.live).map, lba, blocks)
     }
 
     /// Reads one data block by id; `buf` must be one block long.
@@ -1632,22 +1632,7 @@ impl Snapshot {
 
     /// Describes LBAs `lba .. lba + blocks` as of this view's seq.
     pub fn resolve(&self, lba: Lba, blocks: u64) -> Result<Vec<Extent>, ImageError> {
-        let bs = self.sh.bs.bytes_u64();
-        if lba
-            .0
-            .checked_add(blocks)
-            .map_or(true, |e| e > self.sh.blocks)
-        {
-            return Err(ImageError::OutOfRange {
-                offset: lba.0.saturating_mul(bs),
-                len: blocks.saturating_mul(bs),
-                size: self.sh.size,
-            });
-        }
-        let mut ex = Vec::new();
-        self.map
-            .extents(lba.0, blocks, self.sh.base.is_some(), &mut ex);
-        Ok(ex)
+        resolve_in(&self.sh, &self.map, lba, blocks)
     }
 }
 
