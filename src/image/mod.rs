@@ -307,6 +307,19 @@ fn resolve_base_path(image: &Path, stored: &str) -> PathBuf {
     }
 }
 
+/// Opens the base image `stored` (as recorded for `image`) read-only: its resolved path, the
+/// file and its size.
+fn open_base(image: &Path, stored: &str) -> Result<(PathBuf, File, u64), ImageError> {
+    let resolved = resolve_base_path(image, stored);
+    let unavailable = |e| ImageError::BaseUnavailable {
+        path: resolved.clone(),
+        source: e,
+    };
+    let f = File::open(&resolved).map_err(unavailable)?;
+    let size = f.metadata().map_err(unavailable)?.len();
+    Ok((resolved, f, size))
+}
+
 impl Image {
     /// Creates a new image; refuses an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Image, ImageError> {
@@ -334,18 +347,7 @@ impl Image {
                         "base path is longer than 1024 bytes".into(),
                     ));
                 }
-                let resolved = resolve_base_path(path, s);
-                let f = File::open(&resolved).map_err(|e| ImageError::BaseUnavailable {
-                    path: resolved.clone(),
-                    source: e,
-                })?;
-                let size = f
-                    .metadata()
-                    .map_err(|e| ImageError::BaseUnavailable {
-                        path: resolved.clone(),
-                        source: e,
-                    })?
-                    .len();
+                let (_, _, size) = open_base(path, s)?;
                 (Some(s.to_string()), size)
             }
         };
@@ -454,18 +456,7 @@ impl Image {
         let base = match &hdr.base_path {
             None => None,
             Some(p) => {
-                let resolved = resolve_base_path(path, p);
-                let f = File::open(&resolved).map_err(|e| ImageError::BaseUnavailable {
-                    path: resolved.clone(),
-                    source: e,
-                })?;
-                let size = f
-                    .metadata()
-                    .map_err(|e| ImageError::BaseUnavailable {
-                        path: resolved.clone(),
-                        source: e,
-                    })?
-                    .len();
+                let (resolved, f, size) = open_base(path, p)?;
                 if size != hdr.base_size {
                     return Err(ImageError::BaseSizeChanged {
                         path: resolved,
