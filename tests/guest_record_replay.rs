@@ -50,7 +50,7 @@ use std::time::Duration;
 
 use common::daemon::{start_rr_row, Daemon, ServeOpts};
 use common::guest::{boot, build_initramfs, Assets, GuestOpts, GuestRun};
-use common::{arg, rr_row, tempdir};
+use common::{arg, export, image_seq, log_info, rr_row, tempdir};
 use rand::{RngCore, SeedableRng};
 
 const DISK_SIZE: u64 = 64 << 20;
@@ -118,40 +118,6 @@ fn stop(daemon: Daemon, dir: &Path, code: i32) -> String {
         "rr-row serve exited with {status}; its log:\n{log}"
     );
     log
-}
-
-fn json_of(args: &[&std::ffi::OsStr]) -> serde_json::Value {
-    let (code, out, err) = rr_row(args);
-    assert_eq!(code, 0, "rr-row {args:?} failed: {out}{err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("rr-row {args:?}: bad JSON ({e}): {out}"))
-}
-
-fn log_info(log: &Path) -> serde_json::Value {
-    json_of(&[
-        "log".as_ref(),
-        "info".as_ref(),
-        arg(log),
-        "--output".as_ref(),
-        "json".as_ref(),
-    ])
-}
-
-fn image_seq(image: &Path) -> u64 {
-    json_of(&[
-        "info".as_ref(),
-        arg(image),
-        "--output".as_ref(),
-        "json".as_ref(),
-    ])["seq"]
-        .as_u64()
-        .expect("seq")
-}
-
-fn export(image: &Path, out: &Path) -> Vec<u8> {
-    let _ = std::fs::remove_file(out);
-    let (code, o, e) = rr_row(&["export".as_ref(), arg(image), arg(out), "--quiet".as_ref()]);
-    assert_eq!(code, 0, "rr-row export: {o}{e}");
-    std::fs::read(out).expect("cannot read the export")
 }
 
 fn create_image(image: &Path, base: Option<&Path>) {

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use common::blk::{Client, ClientOpts, Queue, Req, EIO};
 use common::daemon::{start_rr_row, Daemon, ServeOpts};
-use common::{arg, rr_row, tempdir, with_watchdog};
+use common::{arg, export, image_seq, log_info, rr_row, tempdir, with_watchdog};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -293,22 +293,6 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("temporary paths are UTF-8")
 }
 
-fn json_of(args: &[&std::ffi::OsStr]) -> serde_json::Value {
-    let (code, out, err) = rr_row(args);
-    assert_eq!(code, 0, "rr-row {args:?} failed: {out}{err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("rr-row {args:?}: bad JSON ({e}): {out}"))
-}
-
-fn log_info(log: &Path) -> serde_json::Value {
-    json_of(&[
-        "log".as_ref(),
-        "info".as_ref(),
-        arg(log),
-        "--output".as_ref(),
-        "json".as_ref(),
-    ])
-}
-
 /// The records of `log`, one JSON object each.
 fn log_dump(log: &Path) -> Vec<serde_json::Value> {
     let (code, out, err) = rr_row(&[
@@ -332,24 +316,6 @@ fn records_per_queue(info: &serde_json::Value) -> BTreeMap<u64, u64> {
         .iter()
         .map(|q| (q["queue"].as_u64().unwrap(), q["records"].as_u64().unwrap()))
         .collect()
-}
-
-fn image_seq(image: &Path) -> u64 {
-    json_of(&[
-        "info".as_ref(),
-        arg(image),
-        "--output".as_ref(),
-        "json".as_ref(),
-    ])["seq"]
-        .as_u64()
-        .expect("seq in rr-row info")
-}
-
-fn export(image: &Path, out: &Path) -> Vec<u8> {
-    let _ = std::fs::remove_file(out);
-    let (code, o, e) = rr_row(&["export".as_ref(), arg(image), arg(out), "--quiet".as_ref()]);
-    assert_eq!(code, 0, "rr-row export failed: {o}{e}");
-    std::fs::read(out).expect("cannot read the export")
 }
 
 fn assert_same(recorded: &[Vec<Seen>], replayed: &[Vec<Seen>]) {

@@ -125,6 +125,45 @@ pub fn arg(path: &Path) -> &std::ffi::OsStr {
     path.as_os_str()
 }
 
+/// Runs `rr-row ARGS` (which must print JSON) and parses its output; fails the test on a
+/// non-zero exit or bad JSON.
+pub fn json_of(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let (code, out, err) = rr_row(args);
+    assert_eq!(code, 0, "rr-row {args:?} failed: {out}{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("rr-row {args:?}: bad JSON ({e}): {out}"))
+}
+
+/// `rr-row log info LOG --output json`.
+pub fn log_info(log: &Path) -> serde_json::Value {
+    json_of(&[
+        "log".as_ref(),
+        "info".as_ref(),
+        arg(log),
+        "--output".as_ref(),
+        "json".as_ref(),
+    ])
+}
+
+/// The image's current seq, from `rr-row info --output json`.
+pub fn image_seq(image: &Path) -> u64 {
+    json_of(&[
+        "info".as_ref(),
+        arg(image),
+        "--output".as_ref(),
+        "json".as_ref(),
+    ])["seq"]
+        .as_u64()
+        .expect("seq in rr-row info")
+}
+
+/// `rr-row export IMAGE OUT --quiet`, returning the exported bytes.
+pub fn export(image: &Path, out: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(out);
+    let (code, o, e) = rr_row(&["export".as_ref(), arg(image), arg(out), "--quiet".as_ref()]);
+    assert_eq!(code, 0, "rr-row export failed: {o}{e}");
+    std::fs::read(out).expect("cannot read the export")
+}
+
 /// Aborts the whole test binary if it is still alive `secs` seconds after creation (dropping
 /// it disarms it).
 ///
