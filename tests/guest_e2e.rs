@@ -59,16 +59,6 @@ fn guest_opts(dir: &Path, socket: &Path, initramfs: &Path, phase: &str) -> Guest
     }
 }
 
-/// Asserts the guest finished its phase without reporting a failure.
-fn assert_phase_done(run: &GuestRun, phase: &str) {
-    assert!(
-        run.reports("FAIL").is_empty(),
-        "the guest reported a failure in phase {phase}; console:\n{}",
-        run.console
-    );
-    assert_eq!(run.report("done"), phase, "console:\n{}", run.console);
-}
-
 /// Parses the guest's `sum <sha256>  ./path` lines into sorted (path, sum) pairs.
 fn file_sums(run: &GuestRun) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = run
@@ -144,7 +134,7 @@ fn two_boots(backend: Peer) {
         &assets,
         &guest_opts(dir.path(), daemon.socket(), &initramfs, "write"),
     );
-    assert_phase_done(&run1, "write");
+    run1.assert_phase_done("write");
     assert_eq!(run1.report("disk-bytes"), DISK_SIZE.to_string());
     assert_eq!(
         run1.report("queues"),
@@ -195,7 +185,7 @@ fn two_boots(backend: Peer) {
         &assets,
         &guest_opts(dir.path(), daemon.socket(), &initramfs, "verify"),
     );
-    assert_phase_done(&run2, "verify");
+    run2.assert_phase_done("verify");
     assert_eq!(run2.report("pattern-read"), pattern_sum);
     assert_eq!(
         run2.report("fsck-rc"),

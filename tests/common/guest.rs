@@ -238,6 +238,16 @@ impl GuestRun {
         );
         v.into_iter().next().expect("one value")
     }
+
+    /// Asserts the guest finished `phase` (its `done` report) without reporting a failure.
+    pub fn assert_phase_done(&self, phase: &str) {
+        assert!(
+            self.reports("FAIL").is_empty(),
+            "the guest reported a failure in phase {phase}; console:\n{}",
+            self.console
+        );
+        assert_eq!(self.report("done"), phase, "console:\n{}", self.console);
+    }
 }
 
 /// Boots QEMU (TCG, q35, memfd-shared RAM, vhost-user-blk-pci disk, PVH vmlinux) until the
