@@ -1,6 +1,7 @@
 //! The engine's performance features keep every guarantee: relocation on read (content, seq,
 //! history, old block ids, `state_at`, crash recovery and `check` unchanged) and preallocation
-//! ahead of the allocation counter (content and recovery unchanged).
+//! ahead of the allocation counter (content and recovery unchanged), and dropping superseded
+//! versions from the page cache (they leave the cache; content and history unchanged).
 
 use rand::{Rng, SeedableRng};
 use rr_row::image::{CreateOptions, Extent, Image, OpenMode};
@@ -247,4 +248,113 @@ fn preallocation_extends_the_file_and_changes_nothing_else() {
     img.close().unwrap();
     let rep = Image::check(&p, false).unwrap();
     assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+}
+
+/// How many of the file's pages in `[off, off + len)` are in the page cache (mincore over a
+/// read-only shared mapping).
+fn resident_pages(path: &std::path::Path, off: u64, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: sysconf has no memory arguments.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    assert_eq!(off as usize % page, 0);
+    // SAFETY: a fresh read-only shared mapping of an open file; it is unmapped below and never
+    // read through (mincore only asks the kernel about residency).
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            off as libc::off_t,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED);
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: addr/len is the mapping made above; vec has one byte per page of it.
+    let r = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, len) };
+    assert_eq!(r, 0);
+    vec.iter().filter(|b| *b & 1 != 0).count()
+}
+
+#[test]
+fn superseded_versions_leave_the_page_cache_and_keep_their_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.rrow");
+    let img = create(&p);
+    img.set_drop_superseded(true).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut v1 = vec![0u8; BLOCKS * BS];
+    rng.fill(&mut v1[..]);
+    let w1 = img.write_at(0, &v1).unwrap();
+    img.flush().unwrap();
+    let old_off = rr_row::image::format::DATA_OFFSET + w1.first_pba.0 * BS as u64;
+    assert_eq!(
+        resident_pages(&p, old_off, v1.len()),
+        BLOCKS,
+        "a buffered write leaves its pages cached"
+    );
+    // Overwrite everything (in 4 writes of 256 KiB: runs large enough to be dropped), sync.
+    let mut v2 = vec![0u8; BLOCKS * BS];
+    rng.fill(&mut v2[..]);
+    for (i, c) in v2.chunks(BLOCKS * BS / 4).enumerate() {
+        img.write_at((i * c.len()) as u64, c).unwrap();
+    }
+    img.flush().unwrap();
+    // The dropping thread runs on its own schedule (at most 200 ms after a sync).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while img.dropped_from_cache().1 < BLOCKS as u64 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        img.dropped_from_cache().1,
+        BLOCKS as u64,
+        "every superseded block dropped"
+    );
+    assert_eq!(
+        resident_pages(&p, old_off, v1.len()),
+        0,
+        "superseded versions still cached"
+    );
+    // Nothing changed: the live data, the old versions by block id, and the past state.
+    let mut got = vec![0u8; v2.len()];
+    img.read_at(0, &mut got).unwrap();
+    assert!(got == v2);
+    let mut blk = vec![0u8; BS];
+    for b in [0usize, 17, BLOCKS - 1] {
+        img.read_block(Pba(w1.first_pba.0 + b as u64), &mut blk)
+            .unwrap();
+        assert!(
+            blk[..] == v1[b * BS..(b + 1) * BS],
+            "old version of block {b}"
+        );
+    }
+    let snap = img.state_at(w1.seq).unwrap();
+    snap.read_at(0, &mut got).unwrap();
+    assert!(got == v1);
+    drop(snap);
+    img.close().unwrap();
+    let rep = Image::check(&p, false).unwrap();
+    assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+}
+
+#[test]
+fn small_scattered_superseded_versions_are_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.rrow");
+    let img = create(&p);
+    img.set_drop_superseded(true).unwrap();
+    let model = fragment(&img, 9);
+    img.flush().unwrap();
+    // A single 4 KiB overwrite supersedes one block: below the size worth a system call.
+    img.write_at(0, &[1u8; BS]).unwrap();
+    img.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut got = vec![0u8; model.len()];
+    img.read_at(0, &mut got).unwrap();
+    assert!(got[..BS].iter().all(|&b| b == 1) && got[BS..] == model[BS..]);
+    assert_eq!(img.dropped_from_cache(), (0, 0));
 }

@@ -187,6 +187,12 @@ pub struct ServeArgs {
     /// large reads of that data (docs/perf-notes.md).
     #[arg(long, default_value = "0", value_parser = parse_size, value_name = "SIZE")]
     pub preallocate: u64,
+    /// Leave superseded block versions (overwritten, discarded or relocated data) in the
+    /// host page cache. By default a background thread drops them once a sync has made them
+    /// clean, so their pages serve new writes (docs/perf-notes.md); history reads of them
+    /// then come from the disk.
+    #[arg(long)]
+    pub keep_superseded_cached: bool,
     /// Record every completed request to this log.
     #[arg(long, conflicts_with = "replay")]
     pub record: Option<PathBuf>,

@@ -147,6 +147,9 @@ pub fn serve(a: &ServeArgs) -> CliResult {
         if let Err(e) = image.set_preallocate(a.preallocate) {
             warn!("{e}; writes work without it, more slowly");
         }
+        if let Err(e) = image.set_drop_superseded(!a.keep_superseded_cached) {
+            warn!("{e}; superseded versions stay in the page cache");
+        }
     }
     info!(
         "image opened: {} ({} bytes, block size {}, seq {}, {})",

@@ -34,6 +34,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod cache;
 mod check;
 mod error;
 pub mod format;
@@ -236,6 +237,7 @@ pub struct Image {
     sync_due: std::sync::atomic::AtomicBool,
     relocate_min_extents: AtomicU64,
     prealloc: Mutex<Option<prealloc::Preallocator>>,
+    dropper: Mutex<Option<cache::CacheDropper>>,
     notes: OpenNotes,
     path: PathBuf,
     closed: bool,
@@ -500,6 +502,7 @@ impl Image {
             next_slot: AtomicU64::new(hdr.next_free_slot),
             meta: RwLock::new(vec![(hdr.first_seg_slot, u64::from(hdr.seg_slots))]),
             prealloc: Arc::default(),
+            drop_state: Arc::default(),
         };
         let zero = zero_value(&sh);
         let mut map = Map::new(sh.blocks);
@@ -710,6 +713,9 @@ impl Image {
             seq,
             replayed
         );
+        // What a previous process wrote is at least as old as this open: treat it as synced
+        // for dropping superseded versions from the page cache (a dirty page is skipped anyway).
+        sh.drop_state.synced(sh.next_slot.load(Ordering::SeqCst));
         Ok(Image {
             sh: Arc::new(sh),
             live: RwLock::new(Live { map, seq }),
@@ -721,6 +727,7 @@ impl Image {
             sync_due: std::sync::atomic::AtomicBool::new(false),
             relocate_min_extents: AtomicU64::new(0),
             prealloc: Mutex::new(None),
+            dropper: Mutex::new(None),
             notes,
             path: path.to_path_buf(),
             closed: false,
@@ -804,6 +811,35 @@ impl Image {
             self.sh.bs.bytes_u64(),
         );
         Ok(())
+    }
+
+    /// Drops block versions that no LBA maps any more (overwritten, discarded or relocated)
+    /// from the host page cache once a sync has made them clean, from a background thread
+    /// (see `cache.rs`): their pages are reused by later writes instead of crowding out live
+    /// data. Changes no byte of the image; history reads of dropped versions come from the
+    /// disk. Read-only images ignore it.
+    pub fn set_drop_superseded(&self, on: bool) -> Result<(), ImageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut d = lock(&self.dropper);
+        if on && d.is_none() {
+            *d = Some(
+                cache::CacheDropper::start(Arc::clone(&self.sh))
+                    .map_err(|e| ImageError::io("cannot start the cache-dropping thread", e))?,
+            );
+        }
+        self.sh.drop_state.enabled.store(on, Ordering::Relaxed);
+        if !on {
+            *d = None;
+        }
+        Ok(())
+    }
+
+    /// `(runs, blocks)` of superseded versions handed to the kernel to drop from the page
+    /// cache since the image was opened.
+    pub fn dropped_from_cache(&self) -> (u64, u64) {
+        self.sh.drop_state.dropped()
     }
 
     /// Journal bytes the last open replayed (after the checkpoint).
@@ -1052,7 +1088,13 @@ impl Image {
             nonce: None,
         };
         j.append(&self.sh, &rec)?;
-        apply(&mut wlock(&self.live).map, &rec, zero_value(&self.sh));
+        let old = {
+            let mut live = wlock(&self.live);
+            let old = self.superseded(&live.map, &rec);
+            apply(&mut live.map, &rec, zero_value(&self.sh));
+            old
+        };
+        self.sh.drop_state.superseded(&old, self.sh.bs.bytes_u64());
         j.unsynced = j.unsynced.saturating_add(n * bs);
         if j.unsynced >= self.unsynced_limit.load(Ordering::SeqCst) {
             j.unsynced = 0;
@@ -1070,6 +1112,24 @@ impl Image {
             .map
             .extents(lba, 1, self.sh.base.is_some(), &mut ex);
         self.sh.read_extents(&ex, 0, &[IoSeg::from_mut_slice(buf)])
+    }
+
+    /// The data-block runs that `rec` takes out of the live map (empty when superseded
+    /// versions are not being dropped from the page cache).
+    fn superseded(&self, map: &Map, rec: &Record) -> Vec<(u64, u64)> {
+        if !self.sh.drop_state.enabled.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let mut ex = Vec::new();
+        for p in &rec.pieces {
+            map.extents(p.lba, p.blocks, self.sh.base.is_some(), &mut ex);
+        }
+        ex.iter()
+            .filter_map(|e| match e {
+                Extent::Mapped { pba, blocks } => Some((pba.0, *blocks)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Appends the record and applies it to the map (journal mutex held).
@@ -1093,11 +1153,14 @@ impl Image {
         j.append(&self.sh, &rec)?;
         j.seq = seq;
         let zero = zero_value(&self.sh);
-        {
+        let old = {
             let mut live = wlock(&self.live);
+            let old = self.superseded(&live.map, &rec);
             apply(&mut live.map, &rec, zero);
             live.seq = seq;
-        }
+            old
+        };
+        self.sh.drop_state.superseded(&old, self.sh.bs.bytes_u64());
         self.seq.store(seq, Ordering::SeqCst);
         // A guest that never flushes still gets its data synced now and then (so recovery
         // never has to verify more than the unsynced limit of data) and checkpoints (so that
@@ -1260,10 +1323,12 @@ impl Image {
         // Sync without holding the journal mutex: other operations keep committing meanwhile.
         // Every record up to `target` (and every record before them in the chain) is in the
         // file, and their data blocks were written before they were committed.
+        let mark = self.sh.next_slot.load(Ordering::SeqCst);
         if let Err(e) = self.sh.file.sync_data() {
             lock(&self.journal).failed = true;
             return Err(ImageError::io("cannot sync the image", e));
         }
+        self.sh.drop_state.synced(mark);
         let mut j = lock(&self.journal);
         j.unsynced = 0;
         if target > j.durable_seq {

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use super::cache::DropState;
 use super::io::preadv_full;
 use super::prealloc::PreallocState;
 use super::{Extent, ImageError};
@@ -44,6 +45,8 @@ pub struct Shared {
     pub meta: RwLock<Vec<(u64, u64)>>,
     /// The window prepared ahead of the allocator (see [`super::prealloc`]).
     pub prealloc: Arc<PreallocState>,
+    /// Superseded runs waiting to leave the page cache (see [`super::cache`]).
+    pub drop_state: Arc<DropState>,
 }
 
 impl Shared {
