@@ -73,11 +73,6 @@ impl DirectFile {
                 return Err(unsupported(io::Error::from_raw_os_error(libc::EINVAL)));
             }
         };
-        log::info!(
-            "{}: data blocks use direct I/O (memory alignment {mem_align}, offset and length \
-             alignment {off_align})",
-            path.display()
-        );
         Ok(DirectFile {
             file,
             mem_align,
@@ -298,7 +293,7 @@ fn dio_align(file: &File) -> DioAlign {
     DioAlign::Reported { mem, offset }
 }
 
-/// Checks that an image's layout suits direct I/O: data blocks must start on aligned offsets
+/// Checks that an image's layout suits direct I/O (and logs that direct I/O is on): data blocks must start on aligned offsets
 /// and fill whole pages (a block smaller than a page would share its page with buffered
 /// journal or checkpoint writes, and the kernel cannot keep a page that is written both ways
 /// at once coherent).
@@ -320,6 +315,12 @@ pub fn check_layout(
             ),
         });
     }
+    log::info!(
+        "{}: data blocks use direct I/O (memory alignment {}, offset and length alignment {})",
+        path.display(),
+        d.mem_align,
+        d.off_align
+    );
     Ok(())
 }
 
