@@ -235,7 +235,7 @@ fn with_bounce<R>(align: usize, f: impl FnOnce(&mut [u8]) -> io::Result<R>) -> i
     }
     BOUNCE.with(|b| match b.try_borrow_mut() {
         Ok(mut slot) => {
-            if slot.as_ref().is_none_or(|s| s.align < align) {
+            if !matches!(slot.as_ref(), Some(s) if s.align >= align) {
                 *slot = Some(AlignedBuf::new(align)?);
             }
             match slot.as_mut() {
