@@ -1,12 +1,13 @@
 //! The daemon's performance features, end to end through a blkio frontend: completed writes
-//! survive SIGKILL without a flush (the journal is written out at the end of every batch), and
-//! fragmented data read back through the daemon is relocated without changing what it reads.
+//! survive SIGKILL without a flush (the journal is written out at the end of every batch),
+//! fragmented data read back through the daemon is relocated without changing what it reads,
+//! and batches run on several request threads per queue (`--io-threads`) match a model.
 
 mod common;
 
 use std::time::Duration;
 
-use common::blk::{Client, ClientOpts};
+use common::blk::{Client, ClientOpts, Req};
 use common::daemon::{start_rr_row, ServeOpts};
 use common::with_watchdog;
 use rand::rngs::StdRng;
@@ -108,6 +109,76 @@ fn fragmented_reads_through_the_daemon_are_relocated_and_read_the_same() {
     let mut got = vec![0u8; model.len()];
     img.read_at(0, &mut got).unwrap();
     assert!(got == model);
+    drop(img);
+    let rep = Image::check(&image, false).unwrap();
+    assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+}
+
+#[test]
+fn batches_run_on_eight_request_threads_match_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("p.rrow");
+    let mut opts = ServeOpts::new(&image, SIZE);
+    opts.extra = vec!["--io-threads".into(), "8".into()];
+    let d = start_rr_row(dir.path(), &opts);
+    let socket = d.socket().to_owned();
+    let model = with_watchdog("parallel batches", LIMIT, move || {
+        let mut c = Client::open(&socket, ClientOpts::default());
+        let mut q = c.queue(0);
+        let mem = q.mem();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut model = vec![0u8; SIZE as usize];
+        // Each round: 32 requests in flight at once, writes (whole and sub-block) to distinct
+        // 64 KiB slots and reads of other slots, so no two requests of a batch overlap and the
+        // result is defined whatever order the threads run them in.
+        const SLOT: usize = 64 << 10;
+        for round in 0..40 {
+            let mut slots: Vec<usize> = (0..SIZE as usize / SLOT).collect();
+            for i in (1..slots.len()).rev() {
+                slots.swap(i, rng.gen_range(0..=i));
+            }
+            let mut reqs = Vec::new();
+            let mut writes = Vec::new();
+            let mut reads = Vec::new();
+            for (i, &slot) in slots.iter().take(32).enumerate() {
+                let buf = i * SLOT;
+                let sub = rng.gen_range(0..8u64) * 512;
+                let len = (rng.gen_range(1..=16usize) * 4096).min(SLOT - sub as usize);
+                let offset = (slot * SLOT) as u64 + sub;
+                if (i + round) % 2 == 0 {
+                    let mut data = vec![0u8; len];
+                    rng.fill_bytes(&mut data);
+                    mem.fill(buf, &data);
+                    writes.push((offset as usize, data));
+                    reqs.push(Req::Write { offset, buf, len });
+                } else {
+                    reads.push((offset as usize, buf, len));
+                    reqs.push(Req::Read { offset, buf, len });
+                }
+            }
+            assert!(
+                q.submit(&reqs).iter().all(|&r| r == 0),
+                "round {round} failed"
+            );
+            for (offset, buf, len) in reads {
+                assert!(
+                    mem.read(buf, len) == model[offset..offset + len],
+                    "round {round}: a read returned other data"
+                );
+            }
+            for (offset, data) in writes {
+                model[offset..offset + data.len()].copy_from_slice(&data);
+            }
+        }
+        q.flush_ok();
+        model
+    });
+    let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(20));
+    assert!(status.success(), "SIGTERM: flush, close, exit 0");
+    let img = Image::open(&image, OpenMode::ReadOnly).unwrap();
+    let mut got = vec![0u8; model.len()];
+    img.read_at(0, &mut got).unwrap();
+    assert!(got == model, "the image differs from the model");
     drop(img);
     let rep = Image::check(&image, false).unwrap();
     assert_eq!(rep.status, "clean", "{:?}", rep.problems);

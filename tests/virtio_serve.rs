@@ -176,6 +176,13 @@ fn bad_arguments_fail_with_a_clear_message() {
     assert!(serve_fails(d, &["--size", "1M", "--record-mode", "full"]).contains("--record"));
     assert!(serve_fails(d, &["--size", "1M", "--queues", "0"]).contains("--queues"));
     assert!(serve_fails(d, &["--size", "1M", "--queue-size", "100"]).contains("--queue-size"));
+    assert!(serve_fails(d, &["--size", "1M", "--io-threads", "0"]).contains("--io-threads 0"));
+    assert!(serve_fails(d, &["--size", "1M", "--io-threads", "65"]).contains("out of range"));
+    assert!(serve_fails(
+        d,
+        &["--size", "1M", "--record", "l.log", "--io-threads", "2"]
+    )
+    .contains("one after the other"));
     assert!(
         serve_fails(d, &["--size", "1M", "--serial", "012345678901234567890"]).contains("--serial")
     );

@@ -6,7 +6,9 @@
 //! once-per-kind warning state start fresh with each connection, while the device is shared.
 //!
 //! Each queue has its own worker thread (`queues_per_thread`). On a kick the worker takes every
-//! available chain, executes them in order, lets the device write out what it buffered
+//! available chain and executes them, sharing them with the queue's [`BatchPool`] helpers when
+//! `io_threads > 1` (so one queue has several requests in flight), lets the device write out
+//! what it buffered
 //! ([`BlockDevice::end_of_batch`]), adds them all to the used ring and signals the
 //! guest once per batch (when `needs_notification` says so). With VIRTIO_RING_F_EVENT_IDX it
 //! keeps draining until `enable_notification()` reports that no new chain arrived meanwhile, so
@@ -28,15 +30,18 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::pool::BatchPool;
 use crate::blockdev::{BlockDevice, BlockError, RequestCtx};
-use crate::virtio_blk::execute::{ChainError, ExecuteError, ExecuteParams, EXECUTE_ERROR_KINDS};
+use crate::virtio_blk::execute::{
+    ChainError, Completion, ExecuteError, ExecuteParams, EXECUTE_ERROR_KINDS,
+};
 use crate::virtio_blk::request::{Limits, REQUEST_ERROR_KINDS};
 use crate::virtio_blk::{process_chain, BlkConfig, ConfigParams, ID_BYTES};
 
@@ -61,6 +66,9 @@ pub struct BackendConfig {
     pub max_dwz_segments: u32,
     /// Maximum sectors per discard / write-zeroes segment.
     pub max_dwz_sectors: u32,
+    /// Threads that execute one queue's requests (its worker plus `io_threads - 1` helpers);
+    /// 1 runs a queue's requests one after the other.
+    pub io_threads: u16,
 }
 
 impl BackendConfig {
@@ -73,6 +81,7 @@ impl BackendConfig {
             logical_block_size: 512,
             max_dwz_segments: 32,
             max_dwz_sectors: 1 << 22,
+            io_threads: 1,
         }
     }
 }
@@ -86,7 +95,16 @@ pub enum BackendError {
     /// The queue size is not a power of two in 2..=32768.
     #[error("queue size {0} is not a power of two between 2 and 32768")]
     QueueSize(u16),
+    /// The per-queue thread count is out of range.
+    #[error("I/O threads per queue {0} is not in 1..={MAX_IO_THREADS}")]
+    IoThreads(u16),
+    /// A request thread could not be started.
+    #[error("cannot start a request thread: {0}")]
+    Thread(#[source] io::Error),
 }
+
+/// The most threads that may execute one queue's requests.
+pub const MAX_IO_THREADS: u16 = 64;
 
 /// Bit of the once-per-kind warning mask for an error.
 fn warn_bit(e: &ChainError) -> u32 {
@@ -96,7 +114,70 @@ fn warn_bit(e: &ChainError) -> u32 {
     }
 }
 
-const _: () = assert!(REQUEST_ERROR_KINDS + EXECUTE_ERROR_KINDS <= 64);
+const _: () = assert!(REQUEST_ERROR_KINDS + EXECUTE_ERROR_KINDS <= WARN_BROKEN);
+
+/// Once-per-kind warning state of one connection, shared with the request threads.
+#[derive(Default)]
+struct Warnings(AtomicU64);
+
+impl Warnings {
+    /// True the first time `bit` is raised on this connection.
+    fn first(&self, bit: u32) -> bool {
+        let b = 1u64 << bit;
+        self.0.fetch_or(b, Ordering::AcqRel) & b == 0
+    }
+
+    /// Logs a failed chain: at warn the first time its kind is seen on this connection, at
+    /// debug afterwards.
+    fn report(&self, queue: u16, index: u64, e: &ChainError, dropped: bool) {
+        let first = self.first(warn_bit(e));
+        let what = if dropped {
+            "dropped (no status byte)"
+        } else {
+            "failed"
+        };
+        if first {
+            let device_failure = matches!(
+                e,
+                ChainError::Execute(ExecuteError::Device(
+                    BlockError::Io(_) | BlockError::Image(_)
+                ))
+            );
+            if device_failure {
+                error!("queue {queue} request #{index} {what}: {e} (repeats are logged at debug)");
+            } else {
+                warn!("queue {queue} request #{index} {what}: {e} (repeats are logged at debug)");
+            }
+        } else {
+            debug!("queue {queue} request #{index} {what}: {e}");
+        }
+    }
+}
+
+/// Warning bits past the request error kinds.
+const WARN_BROKEN: u32 = 61;
+const WARN_ADD_USED: u32 = 62;
+const WARN_AVAIL: u32 = 63;
+
+/// What a request thread needs to execute one chain of a batch (on the queue's worker or one
+/// of its pool's helpers).
+struct Executor {
+    dev: Arc<dyn BlockDevice>,
+    warnings: Arc<Warnings>,
+    params: ExecuteParams,
+    queue: u16,
+}
+
+impl Executor {
+    fn run(&self, ctx: RequestCtx, chain: Chain) -> Completion {
+        let c = process_chain(chain, &*self.dev, &ctx, &self.params);
+        if let Some(e) = &c.error {
+            self.warnings
+                .report(self.queue, ctx.index, e, c.status.is_none());
+        }
+        c
+    }
+}
 
 /// A vhost-user-blk backend over a [`BlockDevice`], for one frontend connection.
 pub struct BlkBackend {
@@ -109,8 +190,12 @@ pub struct BlkBackend {
     write_through: AtomicBool,
     acked_features: AtomicU64,
     next_index: Vec<AtomicU64>,
-    warned: AtomicU64,
+    warnings: Arc<Warnings>,
+    pools: Vec<BatchPool>,
 }
+
+/// A chain as popped from a queue, with the guest memory it refers to.
+type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
 
 impl BlkBackend {
     /// A backend serving `dev` with guest memory `mem` (the same object given to the
@@ -126,6 +211,13 @@ impl BlkBackend {
         if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 2 {
             return Err(BackendError::QueueSize(cfg.queue_size));
         }
+        if cfg.io_threads == 0 || cfg.io_threads > MAX_IO_THREADS {
+            return Err(BackendError::IoThreads(cfg.io_threads));
+        }
+        let pools = (0..cfg.num_queues)
+            .map(|q| BatchPool::new(&format!("q{q}-io"), usize::from(cfg.io_threads - 1)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(BackendError::Thread)?;
         let seg_max = u32::from(cfg.queue_size) - 2;
         let limits = Limits {
             seg_max,
@@ -154,7 +246,8 @@ impl BlkBackend {
             write_through: AtomicBool::new(true),
             acked_features: AtomicU64::new(0),
             next_index,
-            warned: AtomicU64::new(0),
+            warnings: Arc::default(),
+            pools,
         })
     }
 
@@ -190,33 +283,6 @@ impl BlkBackend {
         }
     }
 
-    /// Logs a failed chain: at warn the first time its kind is seen on this connection, at
-    /// debug afterwards.
-    fn report(&self, queue: u16, index: u64, e: &ChainError, dropped: bool) {
-        let bit = 1u64 << warn_bit(e);
-        let first = self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0;
-        let what = if dropped {
-            "dropped (no status byte)"
-        } else {
-            "failed"
-        };
-        if first {
-            let device_failure = matches!(
-                e,
-                ChainError::Execute(ExecuteError::Device(
-                    BlockError::Io(_) | BlockError::Image(_)
-                ))
-            );
-            if device_failure {
-                error!("queue {queue} request #{index} {what}: {e} (repeats are logged at debug)");
-            } else {
-                warn!("queue {queue} request #{index} {what}: {e} (repeats are logged at debug)");
-            }
-        } else {
-            debug!("queue {queue} request #{index} {what}: {e}");
-        }
-    }
-
     /// Executes every available chain of one queue, completes them, and signals the guest once.
     /// Returns false when the available ring is unusable (the guest corrupted it): the queue is
     /// then left alone, and draining must stop.
@@ -232,8 +298,7 @@ impl BlkBackend {
                 Ok(iter) => iter.collect(),
                 Err(e) => {
                     // A corrupt available ring: the guest broke the queue; leave it stalled.
-                    let bit = 1u64 << 63;
-                    if self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                    if self.warnings.first(WARN_AVAIL) {
                         warn!("queue {queue}: cannot read the available ring: {e}");
                     }
                     return Ok(false);
@@ -248,28 +313,42 @@ impl BlkBackend {
             .next_index
             .get(usize::from(queue))
             .ok_or_else(|| io::Error::other("queue index out of range"))?;
-        let mut completions = Vec::with_capacity(chains.len());
-        for chain in chains {
-            let ctx = RequestCtx {
-                queue,
-                index: counter.fetch_add(1, Ordering::Relaxed),
-            };
-            let c = process_chain(chain, &*self.dev, &ctx, &params);
-            if let Some(e) = &c.error {
-                self.report(queue, ctx.index, e, c.status.is_none());
-            }
-            completions.push(c);
-        }
+        let pool = self
+            .pools
+            .get(usize::from(queue))
+            .ok_or_else(|| io::Error::other("queue index out of range"))?;
+        let items: Vec<(RequestCtx, Chain)> = chains
+            .into_iter()
+            .map(|chain| {
+                let ctx = RequestCtx {
+                    queue,
+                    index: counter.fetch_add(1, Ordering::Relaxed),
+                };
+                (ctx, chain)
+            })
+            .collect();
+        let exec = Arc::new(Executor {
+            dev: Arc::clone(&self.dev),
+            warnings: Arc::clone(&self.warnings),
+            params,
+            queue,
+        });
+        // Requests of one batch run in parallel on the queue's pool; they are all completed
+        // together below, with one signal.
+        let completions = pool.run(
+            items,
+            Arc::new(move |(ctx, chain): (RequestCtx, Chain)| exec.run(ctx, chain)),
+        );
         // The batch's journal records reach the kernel in one write before the guest sees any
         // of them complete, so a killed daemon keeps every completed request.
         self.dev.end_of_batch();
         {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
-            for c in &completions {
+            // A chain whose handler panicked (a bug, logged by the pool) is not completed.
+            for c in completions.iter().flatten() {
                 if let Err(e) = q.add_used(&*mem, c.head_index, c.used_len) {
-                    let bit = 1u64 << 62;
-                    if self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                    if self.warnings.first(WARN_ADD_USED) {
                         warn!("queue {queue}: cannot complete chain {}: {e}", c.head_index);
                     }
                 }
@@ -438,8 +517,7 @@ impl VhostUserBackend for BlkBackend {
         if let Err(e) = self.drain(vring, queue) {
             // The guest broke its rings (e.g. an unmapped used ring). Keep the worker alive, so
             // the queue works again if the driver resets it, and say so once.
-            let bit = 1u64 << 61;
-            if self.warned.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+            if self.warnings.first(WARN_BROKEN) {
                 warn!("queue {queue}: {e}");
             }
         }

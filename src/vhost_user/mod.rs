@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod daemon;
+pub mod pool;
 
 pub use backend::{BackendConfig, BlkBackend, GuestMem};
 
