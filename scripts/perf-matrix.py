@@ -2,7 +2,9 @@
 """Side-by-side performance matrix: rr-row serve vs qemu-storage-daemon (raw, qcow2).
 
 Every backend serves a fresh image of the same virtual size, on the same filesystem, with the
-same cache mode (buffered: the host page cache is used by all of them). Each repetition:
+same cache mode: buffered by default (the host page cache is used by all of them), or, with
+--direct, O_DIRECT for all of them (rr-row `serve --direct`, qemu-storage-daemon
+`cache.direct=on`, same aio mode). Each repetition:
 
   1. create a fresh image per backend, start every daemon, prefill each disk sequentially
      (1 MiB writes, QD8) so reads hit allocated, sequentially laid out data;
@@ -22,6 +24,7 @@ Python 3 standard library only. Typical use, from the repository root:
   scripts/perf-matrix.py --quick              # ~2 minutes: short runs, one repetition
   scripts/perf-matrix.py                      # default: 5 s runs, 3 repetitions
   scripts/perf-matrix.py --full --record      # 10 s runs, 5 repetitions, plus rr-row --record
+  scripts/perf-matrix.py --direct --quick     # every backend with the page cache out of the way
 """
 
 from __future__ import annotations
@@ -110,12 +113,14 @@ class Backend:
             run_checked(["qemu-img", "create", "-q", "-f", self.fmt, str(self.image), size])
             cmd = [
                 "qemu-storage-daemon",
-                "--blockdev", f"driver=file,node-name=file0,filename={self.image},cache.direct=off,aio={opts.aio}",
+                "--blockdev", f"driver=file,node-name=file0,filename={self.image},cache.direct={'on' if opts.direct else 'off'},aio={opts.aio}",
                 "--blockdev", f"driver={self.fmt},node-name=fmt0,file=file0",
                 "--export", f"type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,addr.path={self.socket},writable=on,num-queues=2",
             ]
         else:
             cmd = [str(opts.rr_row), "serve", "--socket", str(self.socket), "--image", str(self.image), "--size", size, "--queues", "2"]
+            if opts.direct:
+                cmd += ["--direct"]
             if self.record:
                 rec = workdir / f"{self.name}.rrlog"
                 rec.unlink(missing_ok=True)
@@ -214,13 +219,13 @@ def run_perf(opts: argparse.Namespace, backend: Backend, args: tuple[str, ...], 
         return None
 
 
-def rr_row_serve_works(rr_row: Path, workdir: Path, record: bool = False) -> str | None:
-    """Returns None when `rr-row serve` (with `--record` if asked) starts and listens, else the
-    reason it cannot be used."""
+def rr_row_serve_works(rr_row: Path, workdir: Path, record: bool = False, direct: bool = False) -> str | None:
+    """Returns None when `rr-row serve` (with `--record` and `--direct` if asked) starts and
+    listens, else the reason it cannot be used."""
     if not rr_row.exists():
         return f"{rr_row} not built"
     probe = Backend("rr-row-probe", "rr-row", "rrimg", record=record)
-    ns = argparse.Namespace(size_bytes=64 << 20, rr_row=rr_row, aio="io_uring")
+    ns = argparse.Namespace(size_bytes=64 << 20, rr_row=rr_row, aio="io_uring", direct=direct)
     try:
         probe.start(ns, workdir, 0)
         return None
@@ -312,7 +317,7 @@ def spread(vals: list[float]) -> float | None:
     return (max(vals) - min(vals)) / m if m else None
 
 
-def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Path, baseline: str) -> None:
+def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Path, baseline: str, cache: str = "buffered") -> None:
     """Grouped bar chart of throughput relative to `baseline` (1.0 = as fast as it), by hand."""
     colors = {"rr-row": "#d62728", "rr-row-record": "#ff9896", "raw": "#1f77b4", "qcow2": "#2ca02c"}
     rows = []
@@ -332,7 +337,7 @@ def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Pa
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="15">Throughput relative to qemu-storage-daemon {baseline} (median of interleaved runs; 1.0 = equal)</text>',
+        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="15">Throughput relative to qemu-storage-daemon {baseline} ({cache}; median of interleaved runs; 1.0 = equal)</text>',
     ]
 
     def xpos(v: float) -> float:
@@ -371,16 +376,23 @@ def esc(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def cache_mode(opts: argparse.Namespace) -> str:
+    """The cache mode of a run, as the report states it."""
+    if opts.direct:
+        return (f"O_DIRECT for every backend (rr-row `serve --direct`: data blocks bypass the page cache, "
+                f"journal buffered + fdatasync; qemu-storage-daemon: `cache.direct=on,aio={opts.aio}`)")
+    return f"buffered I/O for every backend (qemu-storage-daemon: `cache.direct=off,aio={opts.aio}`)"
+
+
 def render_markdown(opts, info, workloads, backends, med, spreads, results, elapsed, loads, backend_objs) -> str:
     has_rr = "rr-row" in backends
     lines = [
         BEGIN_MARK,
-        f"### Matrix run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (generated by `scripts/perf-matrix.py`)",
+        f"### Matrix run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {'O_DIRECT' if opts.direct else 'buffered'} (generated by `scripts/perf-matrix.py`)",
         "",
         f"- Command: `{opts.cmdline}`",
         f"- {opts.reps} repetition(s), runtime {opts.runtime} s after {opts.ramp} s ramp per run, "
-        f"virtual disk {opts.size} on {info['filesystem']} ({info['workdir']}), buffered I/O for every backend "
-        f"(qemu-storage-daemon: `cache.direct=off,aio={opts.aio}`), backends interleaved per workload (order rotated per workload and repetition){', sync(2) before each run' if opts.settle else ''}; wall time {elapsed / 60:.1f} min.",
+        f"virtual disk {opts.size} on {info['filesystem']} ({info['workdir']}), cache mode: {cache_mode(opts)}, backends interleaved per workload (order rotated per workload and repetition){', sync(2) before each run' if opts.settle else ''}; wall time {elapsed / 60:.1f} min.",
         f"- Machine: {info['cpu']}, {info['cpus']} CPUs, kernel {info['kernel']}, {info['qemu_storage_daemon']}.",
         f"- Load average (1 min) before / after: {loads[0]} / {loads[1]} (other jobs share these CPUs; see the spread column).",
         "",
@@ -481,6 +493,7 @@ def main() -> int:
     ap.add_argument("--record", action="store_true", help="also run rr-row with --record (backend rr-row-record)")
     ap.add_argument("--only", help="comma list of workload keys to run (default all)")
     ap.add_argument("--aio", default="io_uring", choices=["io_uring", "threads"], help="qemu-storage-daemon aio mode")
+    ap.add_argument("--direct", action="store_true", help="O_DIRECT for every backend: rr-row serve --direct, qemu-storage-daemon cache.direct=on (default: buffered for all)")
     ap.add_argument("--no-settle", dest="settle", action="store_false", help="do not sync(2) before each measured run")
     ap.add_argument("--seed", type=int, default=1, help="seed passed to perf")
     ap.add_argument("--workdir", type=Path, default=ROOT / "target" / "perf-matrix", help="where images live (one filesystem for all)")
@@ -516,14 +529,14 @@ def main() -> int:
     wanted = [b.strip() for b in opts.backends.split(",") if b.strip()]
     opts.rr_row_reason = ""
     if "rr-row" in wanted:
-        reason = rr_row_serve_works(opts.rr_row, opts.workdir)
+        reason = rr_row_serve_works(opts.rr_row, opts.workdir, direct=opts.direct)
         if reason:
             print(f"note: rr-row skipped: {reason}", file=sys.stderr)
             opts.rr_row_reason = reason
             wanted.remove("rr-row")
     opts.record_reason = ""
     if opts.record and "rr-row" in wanted:
-        reason = rr_row_serve_works(opts.rr_row, opts.workdir, record=True)
+        reason = rr_row_serve_works(opts.rr_row, opts.workdir, record=True, direct=opts.direct)
         if reason:
             print(f"note: rr-row --record skipped: {reason}", file=sys.stderr)
             opts.record_reason = reason
@@ -549,7 +562,7 @@ def main() -> int:
         workloads = [w for w in workloads if w.key in keep]
 
     total_runs = opts.reps * len(workloads) * len(backends)
-    print(f"perf-matrix: backends {', '.join(names)}; {len(workloads)} workloads x {opts.reps} reps = {total_runs} runs of {opts.ramp}+{opts.runtime} s; disk {opts.size}")
+    print(f"perf-matrix: backends {', '.join(names)}; {len(workloads)} workloads x {opts.reps} reps = {total_runs} runs of {opts.ramp}+{opts.runtime} s; disk {opts.size}; {'O_DIRECT' if opts.direct else 'buffered'}")
     load_before = Path("/proc/loadavg").read_text().split()[0]
     t_start = time.monotonic()
     results: dict[tuple[str, str], list[dict | None]] = {}
@@ -638,7 +651,7 @@ def main() -> int:
         info = machine_info(opts)
         opts.doc.parent.mkdir(parents=True, exist_ok=True)
         baseline = "raw" if "raw" in names else names[0]
-        svg_plot(workloads, names, med, opts.svg, baseline)
+        svg_plot(workloads, names, med, opts.svg, baseline, "O_DIRECT" if opts.direct else "buffered")
         raw_dump = {
             "command": opts.cmdline,
             "machine": info,
@@ -646,6 +659,7 @@ def main() -> int:
             "ramp_s": opts.ramp,
             "reps": opts.reps,
             "size": opts.size_bytes,
+            "cache": "direct" if opts.direct else "buffered",
             "runs": [{"workload": wk, "backend": bn, "rep": i + 1, "report": r} for (wk, bn), reps in results.items() for i, r in enumerate(reps)],
         }
         opts.json_out.write_text(json.dumps(raw_dump, indent=1) + "\n")

@@ -208,6 +208,10 @@ pub struct ServeArgs {
     /// Exit after the first frontend disconnects instead of waiting for the next one.
     #[arg(long)]
     pub once: bool,
+    /// Read and write data blocks with O_DIRECT, keeping them out of the host page cache
+    /// (the journal stays buffered and is synced as usual; see docs/usage.md).
+    #[arg(long)]
+    pub direct: bool,
 }
 
 /// `rr-row log` subcommands.

@@ -11,7 +11,7 @@ use crate::blockdev::image_dev::ImageDevice;
 use crate::blockdev::record_dev::RecordingDevice;
 use crate::blockdev::replay_dev::{DivergencePolicy, ReplayingDevice};
 use crate::blockdev::BlockDevice;
-use crate::image::{CreateOptions, Image, OpenMode};
+use crate::image::{CreateOptions, Image, OpenMode, OpenOptions};
 use crate::units::BlockSize;
 use crate::vhost_user::backend::{MAX_IO_THREADS, MAX_QUEUES};
 use crate::vhost_user::{run, stop_on_signals, BackendConfig, DaemonConfig, StopHandle};
@@ -117,14 +117,16 @@ fn open_image(a: &ServeArgs) -> Result<Image, CliError> {
             base: None,
         };
         let image = Image::create(path, &opts).map_err(|e| CliError::ctx(path.display(), e))?;
-        if mode == OpenMode::ReadWrite {
+        if mode == OpenMode::ReadWrite && !a.direct {
             return Ok(image);
         }
         image
             .close()
             .map_err(|e| CliError::ctx(path.display(), e))?;
     }
-    let image = Image::open(path, mode).map_err(|e| CliError::ctx(path.display(), e))?;
+    let opts = OpenOptions { direct: a.direct };
+    let image = Image::open_with_options(path, mode, &opts)
+        .map_err(|e| CliError::ctx(path.display(), e))?;
     if let Some(size) = a.size {
         if size != image.size() {
             warn!(
@@ -147,7 +149,8 @@ pub fn serve(a: &ServeArgs) -> CliResult {
         if let Err(e) = image.set_preallocate(a.preallocate) {
             warn!("{e}; writes work without it, more slowly");
         }
-        if let Err(e) = image.set_drop_superseded(!a.keep_superseded_cached) {
+        // With --direct no data block is in the page cache: nothing to drop.
+        if let Err(e) = image.set_drop_superseded(!a.keep_superseded_cached && !a.direct) {
             warn!("{e}; superseded versions stay in the page cache");
         }
     }

@@ -134,6 +134,27 @@ pub enum ImageError {
     /// The data area has no block ids left.
     #[error("the image is full: no block ids are left")]
     Full,
+    /// The filesystem holding the image refuses `O_DIRECT`.
+    #[error(
+        "{}: the filesystem does not support direct I/O (O_DIRECT): {source}; drop --direct to \
+         use the page cache",
+        path.display()
+    )]
+    DirectUnsupported {
+        /// The image path.
+        path: PathBuf,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Direct I/O cannot be used with this image's layout.
+    #[error("{}: {reason}; drop --direct to use the page cache", path.display())]
+    DirectUnsuitable {
+        /// The image path.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
     /// An earlier journal write failed; the image refuses further changes until reopened.
     #[error("the image's journal failed earlier; reopen the image")]
     Failed,

@@ -36,6 +36,7 @@
 
 mod cache;
 mod check;
+mod direct;
 mod error;
 pub mod format;
 mod io;
@@ -44,7 +45,7 @@ mod map;
 mod prealloc;
 mod shared;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -77,6 +78,18 @@ pub struct CreateOptions {
     pub block_size: BlockSize,
     /// Read-only raw base image; unwritten blocks read from it (zeros past its end).
     pub base: Option<PathBuf>,
+}
+
+/// Options of [`Image::open_with_options`] beyond the [`OpenMode`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Read and write data blocks with `O_DIRECT` through a second descriptor of the file,
+    /// keeping them out of the host page cache (the journal, headers and checkpoints stay
+    /// buffered; the base image too). Buffers that are not aligned for `O_DIRECT` are copied
+    /// through an aligned bounce buffer. Needs a filesystem that supports `O_DIRECT`
+    /// ([`ImageError::DirectUnsupported`] otherwise) and a block size that is a multiple of
+    /// the page size ([`ImageError::DirectUnsuitable`] otherwise).
+    pub direct: bool,
 }
 
 /// How to open an image.
@@ -377,7 +390,7 @@ impl Image {
             base_size,
             base_path,
         };
-        let file = OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
@@ -434,13 +447,36 @@ impl Image {
         Self::open_with(path, mode, OpenFlags::default())
     }
 
+    /// Opens an image like [`Image::open`], with [`OpenOptions`].
+    pub fn open_with_options(
+        path: &Path,
+        mode: OpenMode,
+        opts: &OpenOptions,
+    ) -> Result<Image, ImageError> {
+        Self::open_inner(path, mode, OpenFlags::default(), opts)
+    }
+
+    /// True when data blocks are read and written with `O_DIRECT` ([`OpenOptions::direct`]).
+    pub fn is_direct(&self) -> bool {
+        self.sh.direct.is_some()
+    }
+
     pub(crate) fn open_with(
         path: &Path,
         mode: OpenMode,
         fl: OpenFlags,
     ) -> Result<Image, ImageError> {
+        Self::open_inner(path, mode, fl, &OpenOptions::default())
+    }
+
+    fn open_inner(
+        path: &Path,
+        mode: OpenMode,
+        fl: OpenFlags,
+        opts: &OpenOptions,
+    ) -> Result<Image, ImageError> {
         let rw = mode == OpenMode::ReadWrite;
-        let file = OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(rw)
             .open(path)
@@ -450,7 +486,14 @@ impl Image {
         {
             return Err(ImageError::Locked);
         }
+        let direct = match opts.direct {
+            true => Some(direct::DirectFile::open(path, rw)?),
+            false => None,
+        };
         let (hdr, hdr_copy, damaged) = read_header(&file)?;
+        if let Some(d) = &direct {
+            direct::check_layout(path, d, hdr.block_size.bytes_u64(), hdr.data_offset)?;
+        }
         let mut notes = OpenNotes {
             damaged_header: damaged,
             ..OpenNotes::default()
@@ -492,6 +535,7 @@ impl Image {
         }
         let sh = Shared {
             file,
+            direct,
             base,
             bs: hdr.block_size,
             size: hdr.size,
@@ -797,6 +841,10 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
+        if bytes > 0 && self.is_direct() {
+            log::info!("preallocation is off with direct I/O (it prepares page-cache pages)");
+            return Ok(());
+        }
         self.sh.prealloc.window.store(bytes, Ordering::Relaxed);
         let mut p = lock(&self.prealloc);
         if bytes > 0 && p.is_none() {
@@ -921,7 +969,8 @@ impl Image {
             let first = self.sh.alloc(n)?;
             let crc = io::crc_segs(segs);
             let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
-            io::pwritev_all(&self.sh.file, segs, off)
+            self.sh
+                .write_data(segs, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
             let seq = self.commit(
                 &mut lock(&self.journal),
@@ -971,7 +1020,7 @@ impl Image {
         let first = self.sh.alloc(n)?;
         let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
         self.sh
-            .pwrite(&buf, off)
+            .write_data_buf(&buf, off)
             .map_err(|e| ImageError::io("cannot write data blocks", e))?;
         let seq = self.commit(
             &mut j,
@@ -1059,7 +1108,7 @@ impl Image {
         let first = self.sh.alloc(n)?;
         let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
         self.sh
-            .pwrite(data, off)
+            .write_data_buf(data, off)
             .map_err(|e| ImageError::io("cannot write relocated blocks", e))?;
         let crc = crc32c::crc32c(data);
         let mut j = lock(&self.journal);
@@ -1252,7 +1301,7 @@ impl Image {
             let slot = self.sh.alloc(1)?;
             let off = self.sh.slot_off(slot).ok_or(ImageError::Full)?;
             self.sh
-                .pwrite(&buf, off)
+                .write_data_buf(&buf, off)
                 .map_err(|e| ImageError::io("cannot write data blocks", e))?;
             rmw_pieces.push(Piece {
                 lba: l,

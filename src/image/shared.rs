@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::cache::DropState;
-use super::io::preadv_full;
+use super::direct::DirectFile;
+use super::io::{preadv_full, pwritev_all};
 use super::prealloc::PreallocState;
 use super::{Extent, ImageError};
 use crate::iobuf::{slice_segs, total_len, IoSeg};
@@ -23,8 +24,11 @@ pub struct Base {
 
 /// State shared by an image and its snapshots.
 pub struct Shared {
-    /// The image file.
+    /// The image file (buffered: journal, headers, checkpoints; and data unless `direct`).
     pub file: File,
+    /// A second, `O_DIRECT` descriptor of the image file; when present, every data-block
+    /// transfer goes through it (see [`super::direct`]).
+    pub direct: Option<DirectFile>,
     /// The base image, if any.
     pub base: Option<Base>,
     /// Block size.
@@ -114,6 +118,32 @@ impl Shared {
     /// Writes `buf` at `off` in the image file.
     pub fn pwrite(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         self.file.write_all_at(buf, off)
+    }
+
+    /// Writes data blocks from `segs` at `off` (through the direct descriptor when there is
+    /// one).
+    pub fn write_data(&self, segs: &[IoSeg<'_>], off: u64) -> std::io::Result<()> {
+        match &self.direct {
+            Some(d) => d.write(segs, off),
+            None => pwritev_all(&self.file, segs, off),
+        }
+    }
+
+    /// Writes data blocks from `buf` at `off` (through the direct descriptor when there is
+    /// one).
+    pub fn write_data_buf(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        match &self.direct {
+            Some(d) => d.write_buf(buf, off),
+            None => self.pwrite(buf, off),
+        }
+    }
+
+    /// Reads data blocks into `segs` from `off`; returns the bytes read before end of file.
+    fn read_data(&self, segs: &[IoSeg<'_>], off: u64) -> std::io::Result<u64> {
+        match &self.direct {
+            Some(d) => d.read(segs, off),
+            None => preadv_full(&self.file, segs, off),
+        }
     }
 
     /// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
@@ -207,7 +237,8 @@ impl Shared {
                         .slot_off(pba.0)
                         .and_then(|o| o.checked_add(skip))
                         .ok_or(ImageError::UnknownPba(pba))?;
-                    let got = preadv_full(&self.file, &sub, off)
+                    let got = self
+                        .read_data(&sub, off)
                         .map_err(|e| ImageError::io("cannot read the image", e))?;
                     if got < take {
                         return Err(ImageError::Truncated {
