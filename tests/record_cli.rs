@@ -57,6 +57,7 @@ fn info_reports_counts_bytes_and_the_full_mode_cost() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["header"]["mode"], "block-id");
+    assert_eq!(v["header"]["request_indices"], "continuous");
     assert_eq!(v["records"], 351);
     assert_eq!(v["kinds"]["read"]["count"], 300);
     assert_eq!(v["kinds"]["write"]["count"], 50);
@@ -155,6 +156,7 @@ fn info_on_a_log_damaged_in_the_middle_reports_the_readable_part_and_fails() {
             image_size: 1 << 20,
             created_unix_ns: 0,
             write_hash: rr_row::record::format::WriteHash::default(),
+            indices: rr_row::record::IndexKeying::default(),
         },
         Duration::ZERO,
     )

@@ -20,6 +20,7 @@ fn header(mode: RecordMode) -> LogHeader {
         image_size: 64 << 20,
         created_unix_ns: 1,
         write_hash: rr_row::record::format::WriteHash::default(),
+        indices: rr_row::record::IndexKeying::default(),
     }
 }
 
@@ -336,7 +337,7 @@ fn the_periodic_sync_writes_out_a_partial_frame() {
 }
 
 #[test]
-fn repeated_indexes_and_reconnections_get_distinct_keys() {
+fn per_connection_logs_key_repeated_indexes_and_reconnections_apart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("e.log");
     let mk = |index: u64, sector: u64| Record {
@@ -348,10 +349,18 @@ fn repeated_indexes_and_reconnections_get_distinct_keys() {
         seq: Seq(0),
         body: RecordBody::Flush,
     };
-    // First connection: indexes 0..3, index 1 calling the device twice; the second
-    // connection starts again at 0.
+    // A log of the first format (feature bit 0 clear). First connection: indexes 0..3, index
+    // 1 calling the device twice; the second connection starts again at 0.
     let recs = vec![mk(0, 1), mk(1, 2), mk(1, 9), mk(2, 3), mk(0, 4), mk(1, 5)];
-    write_log(&path, RecordMode::BlockId, &recs, 0);
+    let h = LogHeader {
+        indices: rr_row::record::IndexKeying::PerConnection,
+        ..header(RecordMode::BlockId)
+    };
+    let w = LogWriter::create(&path, &h, Duration::ZERO).unwrap();
+    for r in &recs {
+        w.append(r).unwrap();
+    }
+    w.finish().unwrap();
     let idx = ReplayIndex::open(&path).unwrap();
     assert_eq!(idx.get(0, (0, 1, 0)).unwrap().1.sector, 2);
     assert_eq!(idx.get(0, (0, 1, 1)).unwrap().1.sector, 9);
@@ -360,6 +369,38 @@ fn repeated_indexes_and_reconnections_get_distinct_keys() {
     assert_eq!(idx.get(0, (1, 1, 0)).unwrap().1.sector, 5);
     assert!(idx.get(0, (1, 2, 0)).is_none());
     assert!(idx.get(1, (0, 0, 0)).is_none());
+}
+
+#[test]
+fn continuous_logs_find_requests_recorded_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.log");
+    let mk = |index: u64, sector: u64| Record {
+        queue: 0,
+        index,
+        sector,
+        len: 0,
+        status: 0,
+        seq: Seq(0),
+        body: RecordBody::Flush,
+    };
+    // Requests of one batch ran in parallel: logged out of index order, and request 3's two
+    // calls interleaved with request 2's.
+    let recs = vec![mk(1, 1), mk(0, 2), mk(3, 3), mk(2, 4), mk(3, 5), mk(4, 6)];
+    write_log(&path, RecordMode::BlockId, &recs, 0);
+    let idx = ReplayIndex::open(&path).unwrap();
+    for (key, sector) in [
+        ((0, 0, 0), 2),
+        ((0, 1, 0), 1),
+        ((0, 2, 0), 4),
+        ((0, 3, 0), 3),
+        ((0, 3, 1), 5),
+        ((0, 4, 0), 6),
+    ] {
+        assert_eq!(idx.get(0, key).unwrap().1.sector, sector, "{key:?}");
+    }
+    assert!(idx.get(0, (1, 0, 0)).is_none());
+    assert_eq!(idx.queue_len(0), 6);
 }
 
 mod props {

@@ -457,6 +457,7 @@ fn crafted_log(path: &Path, img: &Image, start_seq: Seq, recs: &[Record]) {
             image_size: img.size(),
             created_unix_ns: 0,
             write_hash: rr_row::record::format::WriteHash::default(),
+            indices: rr_row::record::IndexKeying::default(),
         },
         Duration::ZERO,
     )

@@ -20,7 +20,7 @@ use log::{error, info, warn};
 
 use crate::image::Image;
 use crate::iobuf::{total_len, IoSeg};
-use crate::record::format::{hash_segs, LogHeader, WriteHash, MAX_READ_DATA, VERSION};
+use crate::record::format::{hash_segs, IndexKeying, LogHeader, WriteHash, MAX_READ_DATA, VERSION};
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 use crate::record::{
     LogExtent, LogWriter, ReadBody, Record, RecordBody, RecordError, RecordMode, WriterStats,
@@ -95,6 +95,8 @@ impl RecordingDevice {
             image_size: image.size(),
             created_unix_ns,
             write_hash: WriteHash::default(),
+            // The daemon numbers requests on across reconnections (vhost_user::RequestCounters).
+            indices: IndexKeying::Continuous,
         };
         let log = LogWriter::create(log_path, &header, sync_interval)?;
         info!(

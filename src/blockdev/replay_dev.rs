@@ -345,7 +345,7 @@ impl ReplayingDevice {
         let mut e = lock(&self.epochs);
         let q = usize::from(ctx.queue);
         if e.len() <= q {
-            e.resize(q + 1, QueueEpoch::default());
+            e.resize(q + 1, QueueEpoch::new(self.index.header().indices));
         }
         e.get_mut(q)
             .map_or((0, ctx.index, 0), |qe| qe.key(ctx.index))

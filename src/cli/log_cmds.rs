@@ -152,6 +152,7 @@ fn header_json(h: &LogHeader) -> Value {
         "start_seq": h.start_seq.get(),
         "block_size": h.block_size.bytes(),
         "write_hash": h.write_hash.name(),
+        "request_indices": indices_name(h.indices),
         "image_size": h.image_size,
         "created_unix_ns": h.created_unix_ns,
         "created": utc_time(h.created_unix_ns),
@@ -262,6 +263,7 @@ pub fn info(log: &Path, output: OutputFormat) -> CliResult {
             println!("start seq:      {}", header.start_seq);
             println!("block size:     {}", header.block_size);
             println!("write hash:     {}", header.write_hash.name());
+            println!("indices:        {}", indices_name(header.indices));
             println!(
                 "image size:     {} ({} bytes)",
                 human_bytes(header.image_size),
@@ -443,6 +445,14 @@ pub fn dump(log: &Path, output: OutputFormat) -> CliResult {
         );
     }
     Ok(0)
+}
+
+/// How `log info` names the way a log numbers requests (docs/record-log.md).
+fn indices_name(k: crate::record::IndexKeying) -> &'static str {
+    match k {
+        crate::record::IndexKeying::Continuous => "continuous",
+        crate::record::IndexKeying::PerConnection => "per-connection",
+    }
 }
 
 #[cfg(test)]

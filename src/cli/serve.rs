@@ -24,8 +24,8 @@ fn init_logging() {
     let _ = env_logger::Builder::from_env(env).try_init();
 }
 
-/// Request threads per queue when `--io-threads` is not given (and no log is recorded or
-/// replayed): the queue's worker and one helper, which on the 2-CPU machine of
+/// Request threads per queue when `--io-threads` is not given:
+/// the queue's worker and one helper, which on the 2-CPU machine of
 /// docs/perf-notes.md lifted 128 KiB sequential reads from 0.7x to 1.0x qemu-storage-daemon.
 const DEFAULT_IO_THREADS: u16 = 2;
 
@@ -48,21 +48,12 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
             a.queue_size
         )));
     }
-    let logged = a.record.is_some() || a.replay.is_some();
     let io_threads = match a.io_threads {
-        None if logged => 1,
         None if a.direct => DIRECT_IO_THREADS,
         None => DEFAULT_IO_THREADS,
         Some(n) if n == 0 || n > MAX_IO_THREADS => {
             return Err(CliError(format!(
                 "--io-threads {n} is out of range (1..={MAX_IO_THREADS})"
-            )))
-        }
-        Some(n) if n > 1 && logged => {
-            return Err(CliError(format!(
-                "--io-threads {n} cannot be used with --record or --replay: a record log \
-                 identifies requests by their order within a queue, so each queue must run \
-                 its requests one after the other (--io-threads 1)"
             )))
         }
         Some(n) => n,

@@ -112,6 +112,26 @@ pub struct LogHeader {
     pub created_unix_ns: u64,
     /// The hash kept for the data of every write.
     pub write_hash: WriteHash,
+    /// How requests are numbered (incompatible feature bit 0).
+    pub indices: IndexKeying,
+}
+
+/// Incompatible feature bit 0: [`IndexKeying::Continuous`].
+pub const FEATURE_CONTINUOUS_INDICES: u32 = 1;
+
+/// How the requests of a log are numbered, which decides how a replay finds the record of a
+/// request (see docs/record-log.md, "Identifying requests").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IndexKeying {
+    /// Indices restart at 0 when a frontend reconnects and a queue's records are in index
+    /// order; a smaller index than the previous one starts a new epoch (the first logs;
+    /// feature bit 0 clear).
+    PerConnection,
+    /// Per-queue indices count on across reconnections for the whole recording, so queue and
+    /// index name one request; a queue's records may be out of index order, because the
+    /// requests of one queue run in parallel (feature bit 0 set; what the recorder writes).
+    #[default]
+    Continuous,
 }
 
 /// The hash function whose first [`HASH_LEN`] bytes a write record keeps (header byte 17).
@@ -160,7 +180,11 @@ impl LogHeader {
         h[0..8].copy_from_slice(&MAGIC);
         h[8..10].copy_from_slice(&self.version.to_le_bytes());
         h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
-        // 12..16: incompatible feature flags, none defined.
+        let features = match self.indices {
+            IndexKeying::PerConnection => 0,
+            IndexKeying::Continuous => FEATURE_CONTINUOUS_INDICES,
+        };
+        h[12..16].copy_from_slice(&features.to_le_bytes());
         h[16] = self.mode.code();
         h[17] = self.write_hash.code();
         // 18..20: reserved, zero.
@@ -216,9 +240,16 @@ impl LogHeader {
             )));
         }
         let features = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-        if features != 0 {
-            return Err(RecordError::UnknownFeatures(features));
+        if features & !FEATURE_CONTINUOUS_INDICES != 0 {
+            return Err(RecordError::UnknownFeatures(
+                features & !FEATURE_CONTINUOUS_INDICES,
+            ));
         }
+        let indices = if features & FEATURE_CONTINUOUS_INDICES != 0 {
+            IndexKeying::Continuous
+        } else {
+            IndexKeying::PerConnection
+        };
         let mode = RecordMode::from_code(h[16])
             .ok_or_else(|| RecordError::BadHeader(format!("unknown record mode {}", h[16])))?;
         let write_hash = WriteHash::from_code(h[17])
@@ -242,6 +273,7 @@ impl LogHeader {
             image_size: u64_at(48),
             created_unix_ns: u64_at(56),
             write_hash,
+            indices,
         })
     }
 }
@@ -894,6 +926,7 @@ mod tests {
             image_size: 1 << 30,
             created_unix_ns: 1_700_000_000_000_000_000,
             write_hash: WriteHash::default(),
+            indices: IndexKeying::default(),
         }
     }
 
@@ -952,13 +985,32 @@ mod tests {
             Err(RecordError::BadHeader(_))
         ));
         let mut b = header().encode();
-        b[12] = 1;
+        b[12] |= 2;
         let crc = crc32c::crc32c(&b[..76]);
         b[76..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             LogHeader::decode(&b),
-            Err(RecordError::UnknownFeatures(1))
+            Err(RecordError::UnknownFeatures(2))
         ));
+    }
+
+    #[test]
+    fn feature_bit_0_says_how_requests_are_numbered() {
+        let h = header();
+        assert_eq!(h.indices, IndexKeying::Continuous);
+        let b = h.encode();
+        assert_eq!(b[12], 1);
+        assert_eq!(LogHeader::decode(&b).unwrap(), h);
+        let old = LogHeader {
+            indices: IndexKeying::PerConnection,
+            ..h
+        };
+        let b = old.encode();
+        assert_eq!(b[12..16], [0, 0, 0, 0]);
+        assert_eq!(
+            LogHeader::decode(&b).unwrap().indices,
+            IndexKeying::PerConnection
+        );
     }
 
     #[test]

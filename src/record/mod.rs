@@ -19,6 +19,6 @@ pub mod reader;
 pub mod writer;
 
 pub use error::RecordError;
-pub use format::{LogExtent, LogHeader, ReadBody, Record, RecordBody, RecordMode};
+pub use format::{IndexKeying, LogExtent, LogHeader, ReadBody, Record, RecordBody, RecordMode};
 pub use reader::{CallKey, LogReader, QueueEpoch, ReplayIndex, TornTail};
 pub use writer::{LogWriter, WriterStats};

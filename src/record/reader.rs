@@ -10,12 +10,14 @@
 //! looks exactly like an incomplete last frame, and is reported as a torn tail (with the number
 //! of bytes dropped, so a large number stands out).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
 use super::format::{
-    frame_crc_ok, Codec, LogHeader, Record, FRAME_HEADER_LEN, HEADER_LEN, MAX_FRAME_PAYLOAD,
+    frame_crc_ok, Codec, IndexKeying, LogHeader, Record, FRAME_HEADER_LEN, HEADER_LEN,
+    MAX_FRAME_PAYLOAD,
 };
 use super::RecordError;
 
@@ -210,25 +212,67 @@ impl<R: Read> Iterator for LogReader<R> {
     }
 }
 
-/// Turns the per-queue request index into a unique key. The virtio layer may call the device
-/// more than once for one request (a discard with several ranges, a write followed by the
-/// flush of a write-through cache), all with the same index: the calls get sub-numbers 0, 1, ...
-/// And the index restarts at 0 when a frontend reconnects: a smaller index than the previous
-/// one starts a new epoch. A device call is identified by `(queue, epoch, index, sub)`; the
-/// recorder and the replayer apply the same rule to the same stream of calls.
-#[derive(Debug, Clone, Copy, Default)]
+/// Turns the per-queue request index into a unique key, the same way for the recorded stream
+/// of calls (in log order) and the replayed one (in call order).
+///
+/// The virtio layer may call the device more than once for one request (a discard with several
+/// ranges, a write followed by the flush of a write-through cache), all with the same index:
+/// those calls get sub-numbers 0, 1, ... A device call is identified by
+/// `(queue, epoch, index, sub)`.
+///
+/// With [`IndexKeying::Continuous`] (what the recorder writes) indices never repeat within a
+/// log, the epoch is always 0, and sub-numbers are counted per index, so the calls of
+/// different requests may interleave (requests of one queue run in parallel). With
+/// [`IndexKeying::PerConnection`] (the first logs) the index restarts at 0 when a frontend
+/// reconnects: a smaller index than the previous one starts a new epoch, and `sub` counts
+/// calls in a row with the same index.
+#[derive(Debug, Clone, Default)]
 pub struct QueueEpoch {
+    keying: IndexKeying,
     last: Option<u64>,
     epoch: u32,
     sub: u32,
+    /// Continuous keying: calls seen so far per recent index.
+    subs: HashMap<u64, u32>,
+    max_index: u64,
 }
 
 /// The key of one device call within its queue: `(epoch, index, sub)`.
 pub type CallKey = (u32, u64, u32);
 
+/// Indices further than this below the highest one seen can no longer get calls: the requests
+/// in flight on a queue are at most a queue's size (32768) apart.
+const SUB_WINDOW: u64 = 1 << 16;
+
 impl QueueEpoch {
+    /// Keys calls numbered as `keying` says.
+    pub fn new(keying: IndexKeying) -> Self {
+        QueueEpoch {
+            keying,
+            ..QueueEpoch::default()
+        }
+    }
+
     /// The key of the next call with this index, given the calls seen before on this queue.
     pub fn key(&mut self, index: u64) -> CallKey {
+        if self.keying == IndexKeying::Continuous {
+            let sub = match self.subs.get_mut(&index) {
+                Some(s) => {
+                    *s = s.saturating_add(1);
+                    *s
+                }
+                None => {
+                    self.subs.insert(index, 0);
+                    0
+                }
+            };
+            self.max_index = self.max_index.max(index);
+            if self.subs.len() as u64 > 2 * SUB_WINDOW {
+                let floor = self.max_index.saturating_sub(SUB_WINDOW);
+                self.subs.retain(|&i, _| i >= floor);
+            }
+            return (0, index, sub);
+        }
         match self.last {
             Some(l) if index == l => self.sub = self.sub.saturating_add(1),
             Some(l) if index < l => {
@@ -242,7 +286,8 @@ impl QueueEpoch {
     }
 }
 
-/// The records of one queue, each encoded on its own, in log order.
+/// The records of one queue, each encoded on its own, sorted by key (log order for
+/// per-connection logs; index order otherwise).
 #[derive(Debug, Default)]
 struct QueueRecords {
     keys: Vec<CallKey>,
@@ -270,7 +315,10 @@ impl ReplayIndex {
         while let Some(r) = reader.next_record()? {
             let q = usize::from(r.queue);
             if queues.len() <= q {
-                queues.resize_with(q + 1, QueueRecords::default);
+                queues.resize_with(q + 1, || QueueRecords {
+                    epochs: QueueEpoch::new(header.indices),
+                    ..QueueRecords::default()
+                });
             }
             let Some(qr) = queues.get_mut(q) else {
                 continue;
@@ -281,6 +329,21 @@ impl ReplayIndex {
             codec.reset();
             codec.encode(&r, &mut qr.bytes)?;
             records += 1;
+        }
+        // Requests of one queue ran in parallel: put each queue's records in key order, so
+        // lookups can binary-search (a stable sort keeps repeated keys of a damaged log in log
+        // order).
+        for q in &mut queues {
+            if q.keys.windows(2).any(|w| w.first() > w.last()) {
+                let mut both: Vec<(CallKey, usize)> = q
+                    .keys
+                    .iter()
+                    .copied()
+                    .zip(q.offsets.iter().copied())
+                    .collect();
+                both.sort_by_key(|&(k, _)| k);
+                (q.keys, q.offsets) = both.into_iter().unzip();
+            }
         }
         Ok(Self {
             header,
@@ -362,5 +425,58 @@ impl ReplayIndex {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(keying: IndexKeying, calls: &[u64]) -> Vec<CallKey> {
+        let mut e = QueueEpoch::new(keying);
+        calls.iter().map(|&i| e.key(i)).collect()
+    }
+
+    #[test]
+    fn continuous_keys_count_calls_per_index_whatever_the_order() {
+        // Request 5 makes two calls, interleaved with requests 6 and 4 running in parallel.
+        assert_eq!(
+            keys(IndexKeying::Continuous, &[5, 6, 5, 4, 7, 6]),
+            vec![
+                (0, 5, 0),
+                (0, 6, 0),
+                (0, 5, 1),
+                (0, 4, 0),
+                (0, 7, 0),
+                (0, 6, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn per_connection_keys_start_an_epoch_when_the_index_goes_back() {
+        assert_eq!(
+            keys(IndexKeying::PerConnection, &[0, 1, 1, 2, 0, 0, 1]),
+            vec![
+                (0, 0, 0),
+                (0, 1, 0),
+                (0, 1, 1),
+                (0, 2, 0),
+                (1, 0, 0),
+                (1, 0, 1),
+                (1, 1, 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn continuous_keys_forget_indices_far_behind_and_stay_bounded() {
+        let mut e = QueueEpoch::new(IndexKeying::Continuous);
+        for i in 0..(5 * SUB_WINDOW) {
+            assert_eq!(e.key(i), (0, i, 0));
+        }
+        assert!(e.subs.len() as u64 <= 2 * SUB_WINDOW + 1);
+        // A second call of a recent index is still numbered 1.
+        assert_eq!(e.key(5 * SUB_WINDOW - 3), (0, 5 * SUB_WINDOW - 3, 1));
     }
 }

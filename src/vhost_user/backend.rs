@@ -189,9 +189,33 @@ pub struct BlkBackend {
     event_idx: AtomicBool,
     write_through: AtomicBool,
     acked_features: AtomicU64,
-    next_index: Vec<AtomicU64>,
+    next_index: RequestCounters,
     warnings: Arc<Warnings>,
     pools: Vec<BatchPool>,
+}
+
+/// Per-queue request counters ([`RequestCtx::index`]). The daemon keeps one set for its whole
+/// run, so indices count on across frontend reconnections and a queue and an index name one
+/// request of the run (what a record log relies on, docs/record-log.md).
+#[derive(Debug, Clone)]
+pub struct RequestCounters(Arc<Vec<AtomicU64>>);
+
+impl RequestCounters {
+    /// Counters for `queues` queues, all at 0.
+    pub fn new(queues: u16) -> Self {
+        RequestCounters(Arc::new((0..queues).map(|_| AtomicU64::new(0)).collect()))
+    }
+
+    /// The next index of `queue`, or None for a queue it has no counter for.
+    fn next(&self, queue: u16) -> Option<u64> {
+        self.0
+            .get(usize::from(queue))
+            .map(|c| c.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// A chain as popped from a queue, with the guest memory it refers to.
@@ -199,11 +223,23 @@ type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
 
 impl BlkBackend {
     /// A backend serving `dev` with guest memory `mem` (the same object given to the
-    /// `VhostUserDaemon`).
+    /// `VhostUserDaemon`), numbering requests from 0.
     pub fn new(
         dev: Arc<dyn BlockDevice>,
         cfg: BackendConfig,
         mem: GuestMem,
+    ) -> Result<Self, BackendError> {
+        let counters = RequestCounters::new(cfg.num_queues);
+        Self::with_counters(dev, cfg, mem, counters)
+    }
+
+    /// As [`new`](Self::new), numbering requests on from `counters` (which must have one
+    /// counter per queue).
+    pub fn with_counters(
+        dev: Arc<dyn BlockDevice>,
+        cfg: BackendConfig,
+        mem: GuestMem,
+        counters: RequestCounters,
     ) -> Result<Self, BackendError> {
         if cfg.num_queues == 0 || cfg.num_queues > MAX_QUEUES {
             return Err(BackendError::QueueCount(cfg.num_queues));
@@ -234,7 +270,9 @@ impl BlkBackend {
             max_dwz_sectors: cfg.max_dwz_sectors,
             max_dwz_segments: cfg.max_dwz_segments,
         });
-        let next_index = (0..cfg.num_queues).map(|_| AtomicU64::new(0)).collect();
+        if counters.len() != usize::from(cfg.num_queues) {
+            return Err(BackendError::QueueCount(cfg.num_queues));
+        }
         Ok(BlkBackend {
             dev,
             cfg,
@@ -245,7 +283,7 @@ impl BlkBackend {
             // Until FLUSH is negotiated the device must write through (virtio 1.2, 5.2.6.2).
             write_through: AtomicBool::new(true),
             acked_features: AtomicU64::new(0),
-            next_index,
+            next_index: counters,
             warnings: Arc::default(),
             pools,
         })
@@ -309,24 +347,18 @@ impl BlkBackend {
             return Ok(true);
         }
         let params = self.exec_params();
-        let counter = self
-            .next_index
-            .get(usize::from(queue))
-            .ok_or_else(|| io::Error::other("queue index out of range"))?;
         let pool = self
             .pools
             .get(usize::from(queue))
             .ok_or_else(|| io::Error::other("queue index out of range"))?;
-        let items: Vec<(RequestCtx, Chain)> = chains
-            .into_iter()
-            .map(|chain| {
-                let ctx = RequestCtx {
-                    queue,
-                    index: counter.fetch_add(1, Ordering::Relaxed),
-                };
-                (ctx, chain)
-            })
-            .collect();
+        let mut items: Vec<(RequestCtx, Chain)> = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let index = self
+                .next_index
+                .next(queue)
+                .ok_or_else(|| io::Error::other("queue index out of range"))?;
+            items.push((RequestCtx { queue, index }, chain));
+        }
         let exec = Arc::new(Executor {
             dev: Arc::clone(&self.dev),
             warnings: Arc::clone(&self.warnings),

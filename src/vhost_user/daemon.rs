@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blockdev::BlockDevice;
 
-use super::backend::{BackendConfig, BackendError, BlkBackend};
+use super::backend::{BackendConfig, BackendError, BlkBackend, RequestCounters};
 
 /// Settings of the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,12 +253,15 @@ pub fn run(
         cfg.backend.queue_size,
         cfg.socket_mode
     );
+    // One set of request counters for the whole run: indices count on across reconnections.
+    let counters = RequestCounters::new(cfg.backend.num_queues);
     while wait_for_connection(&listener, stop)? {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(BlkBackend::new(
+        let backend = Arc::new(BlkBackend::with_counters(
             dev.clone(),
             cfg.backend.clone(),
             mem.clone(),
+            counters.clone(),
         )?);
         let mut daemon = VhostUserDaemon::new("rr-row".into(), backend, mem)
             .map_err(|e| DaemonError::VhostUser(e.to_string()))?;

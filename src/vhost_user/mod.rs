@@ -6,7 +6,7 @@ pub mod backend;
 pub mod daemon;
 pub mod pool;
 
-pub use backend::{BackendConfig, BlkBackend, GuestMem};
+pub use backend::{BackendConfig, BlkBackend, GuestMem, RequestCounters};
 
 use crate::blockdev::RequestCtx;
 

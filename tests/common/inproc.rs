@@ -27,6 +27,15 @@ impl InProcDaemon {
     /// Starts `run` over `dev` with `queues` queues of 256, socket mode 0600, the given `once`
     /// and serial, and waits until its socket exists. `run` failing fails the test on `stop`.
     pub fn start(dev: Arc<dyn BlockDevice>, queues: u16, once: bool, serial: &str) -> Self {
+        Self::start_with(
+            dev,
+            BackendConfig::new(queues, 256, serial_bytes(serial)),
+            once,
+        )
+    }
+
+    /// As [`start`](Self::start), with a backend configuration of the test's own.
+    pub fn start_with(dev: Arc<dyn BlockDevice>, backend: BackendConfig, once: bool) -> Self {
         let _ = env_logger::builder().is_test(true).try_init();
         let dir = tempdir();
         let socket = dir.path().join("blk.sock");
@@ -34,7 +43,7 @@ impl InProcDaemon {
             socket: socket.clone(),
             socket_mode: 0o600,
             once,
-            backend: BackendConfig::new(queues, 256, serial_bytes(serial)),
+            backend,
         };
         let stop = StopHandle::new().expect("cannot create a stop handle");
         let s = stop.clone();
