@@ -165,6 +165,8 @@ fn serve_fails(dir: &Path, extra: &[&str]) -> String {
 
 #[test]
 fn bad_arguments_fail_with_a_clear_message() {
+    // An argument that is wrongly accepted starts a daemon that never exits.
+    let _w = common::Watchdog::new(120);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert!(serve_fails(d, &[]).contains("no such image"));
@@ -178,11 +180,6 @@ fn bad_arguments_fail_with_a_clear_message() {
     assert!(serve_fails(d, &["--size", "1M", "--queue-size", "100"]).contains("--queue-size"));
     assert!(serve_fails(d, &["--size", "1M", "--io-threads", "0"]).contains("--io-threads 0"));
     assert!(serve_fails(d, &["--size", "1M", "--io-threads", "65"]).contains("out of range"));
-    assert!(serve_fails(
-        d,
-        &["--size", "1M", "--record", "l.log", "--io-threads", "2"]
-    )
-    .contains("one after the other"));
     assert!(
         serve_fails(d, &["--size", "1M", "--serial", "012345678901234567890"]).contains("--serial")
     );
