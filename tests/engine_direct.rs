@@ -333,9 +333,10 @@ fn direct_io_is_refused_where_it_cannot_work() {
     let small = d.path().join("s.rrow");
     create_image(&small, 64 * 512, 512).close().unwrap();
     match Image::open_with_options(&small, OpenMode::ReadWrite, &DIRECT) {
-        Err(e @ ImageError::DirectUnsuitable { .. }) => {
+        Err(ref e @ ImageError::DirectUnsuitable { ref path, .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("s.rrow") && msg.contains("--direct"), "{msg}");
+            assert_eq!(path, &small);
+            assert!(msg.contains("--direct"), "{msg}");
         }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("a 512-byte block image opened with direct I/O"),
@@ -347,17 +348,17 @@ fn direct_io_is_refused_where_it_cannot_work() {
         .unwrap();
 }
 
-/// A filesystem that refuses O_DIRECT fails the open with a message that names the file and
-/// says to drop `--direct`. tmpfs accepts O_DIRECT since Linux 6.6 (so /dev/shm no longer
+/// A filesystem that refuses O_DIRECT fails the open with an error that names the file (the
+/// CLI prints it before the message) and says to drop `--direct`. tmpfs accepts O_DIRECT since Linux 6.6 (so /dev/shm no longer
 /// serves), procfs refuses it on every kernel: its files are not images, but the direct
 /// descriptor is opened before the header is read, so the refusal is what the open reports.
 #[test]
 fn a_filesystem_without_o_direct_fails_the_open_cleanly() {
     let path = std::path::Path::new("/proc/version");
     match Image::open_with_options(path, OpenMode::ReadOnly, &DIRECT) {
-        Err(e @ ImageError::DirectUnsupported { .. }) => {
+        Err(ref e @ ImageError::DirectUnsupported { ref path, .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("/proc/version"), "{msg}");
+            assert_eq!(path, std::path::Path::new("/proc/version"));
             assert!(
                 msg.contains("O_DIRECT") && msg.contains("drop --direct"),
                 "{msg}"

@@ -135,10 +135,11 @@ pub enum ImageError {
     #[error("the image is full: no block ids are left")]
     Full,
     /// The filesystem holding the image refuses `O_DIRECT`.
+    // The path is a field for library users; the message leaves it to the caller's context
+    // (the CLI prefixes every image error with the path).
     #[error(
-        "{}: the filesystem does not support direct I/O (O_DIRECT): {source}; drop --direct to \
-         use the page cache",
-        path.display()
+        "the filesystem does not support direct I/O (O_DIRECT): {source}; drop --direct to use \
+         the page cache"
     )]
     DirectUnsupported {
         /// The image path.
@@ -148,7 +149,7 @@ pub enum ImageError {
         source: std::io::Error,
     },
     /// Direct I/O cannot be used with this image's layout.
-    #[error("{}: {reason}; drop --direct to use the page cache", path.display())]
+    #[error("{reason}; drop --direct to use the page cache")]
     DirectUnsuitable {
         /// The image path.
         path: PathBuf,
