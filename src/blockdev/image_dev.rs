@@ -6,45 +6,15 @@
 //! everything else is passed through as [`BlockError::Image`].
 //!
 //! With [`ImageDevice::with_relocation`], a read that found its data spread over many physical
-//! runs hands those extents to a background thread, which relocates them into one contiguous
-//! run ([`Image::relocate_extents`]) while the guest's read has long completed: the read itself
-//! costs nothing more, and the next read of that range is one system call.
+//! runs hands those extents to a background [`Relocator`].
 
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use crate::image::{Extent, Image};
+use crate::image::Image;
 use crate::iobuf::IoSeg;
-use crate::units::Lba;
 
+use super::relocator::Relocator;
 use super::{BlockDevice, BlockError, RequestCtx};
-
-/// Relocation requests waiting for the background thread; more are dropped (a later read of
-/// the same range asks again).
-const RELOCATION_QUEUE: usize = 64;
-
-/// The background relocation thread and its queue.
-struct Relocator {
-    min_runs: usize,
-    tx: Option<SyncSender<(Lba, Vec<Extent>)>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Relocator {
-    fn stop(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Relocator {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// A block device serving an open image.
 pub struct ImageDevice {
@@ -61,7 +31,7 @@ impl std::fmt::Debug for ImageDevice {
             .field("read_only", &self.image.is_read_only())
             .field(
                 "relocate_min_runs",
-                &self.reloc.as_ref().map(|r| r.min_runs),
+                &self.reloc.as_ref().map(Relocator::min_runs),
             )
             .finish()
     }
@@ -81,27 +51,7 @@ impl ImageDevice {
     /// and `min_runs` below 2, get no relocation.
     pub fn with_relocation(image: Image, min_runs: usize) -> std::io::Result<Self> {
         let mut dev = Self::new(image);
-        if min_runs < 2 || dev.image.is_read_only() {
-            return Ok(dev);
-        }
-        let (tx, rx) = sync_channel::<(Lba, Vec<Extent>)>(RELOCATION_QUEUE);
-        let image = Arc::clone(&dev.image);
-        let thread = std::thread::Builder::new()
-            .name("rr-row-relocate".into())
-            .spawn(move || {
-                for (lba, ex) in rx {
-                    match image.relocate_extents(lba, &ex) {
-                        Ok(true) => log::trace!("relocated {} runs at LBA {}", ex.len(), lba.0),
-                        Ok(false) => {}
-                        Err(e) => log::debug!("relocation at LBA {} failed: {e}", lba.0),
-                    }
-                }
-            })?;
-        dev.reloc = Some(Relocator {
-            min_runs,
-            tx: Some(tx),
-            thread: Some(thread),
-        });
+        dev.reloc = Relocator::start(&dev.image, min_runs)?;
         Ok(dev)
     }
 
@@ -145,15 +95,7 @@ impl BlockDevice for ImageDevice {
         self.image
             .read_vectored(offset, segs, Some(&mut trace))
             .map_err(BlockError::from)?;
-        if trace.len() >= r.min_runs && trace.iter().all(|e| matches!(e, Extent::Mapped { .. })) {
-            let lba = Lba(offset / self.image.block_size().bytes_u64());
-            if let Some(tx) = &r.tx {
-                match tx.try_send((lba, trace)) {
-                    Ok(()) | Err(TrySendError::Full(_)) => {}
-                    Err(TrySendError::Disconnected(_)) => log::debug!("relocation thread gone"),
-                }
-            }
-        }
+        r.offer(offset, &trace);
         Ok(())
     }
 

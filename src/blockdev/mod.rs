@@ -8,6 +8,7 @@
 
 pub mod image_dev;
 pub mod record_dev;
+pub mod relocator;
 pub mod replay_dev;
 
 use crate::iobuf::IoSeg;

@@ -22,6 +22,8 @@ use crate::image::Image;
 use crate::iobuf::{total_len, IoSeg};
 use crate::record::format::{hash_segs, IndexKeying, LogHeader, WriteHash, MAX_READ_DATA, VERSION};
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
+
+use super::relocator::Relocator;
 use crate::record::{
     LogExtent, LogWriter, ReadBody, Record, RecordBody, RecordError, RecordMode, WriterStats,
 };
@@ -61,6 +63,8 @@ pub fn request_type_code(kind: RequestKind) -> u32 {
 
 /// A block device that executes requests on an image and records each one.
 pub struct RecordingDevice {
+    // Dropped first: its thread holds a reference to the image.
+    reloc: Option<Relocator>,
     image: Arc<Image>,
     log: LogWriter,
     mode: RecordMode,
@@ -106,11 +110,22 @@ impl RecordingDevice {
             header.start_seq
         );
         Ok(Self {
+            reloc: None,
             image,
             log,
             mode,
             append_failed: AtomicBool::new(false),
         })
+    }
+
+    /// Also relocates, in the background, every range a read found spread over at least
+    /// `min_runs` physical runs (block-id mode; see [`Relocator`]). The log is unaffected: it
+    /// names the blocks each read used, and a relocation never frees or changes those.
+    pub fn with_relocation(mut self, min_runs: usize) -> std::io::Result<Self> {
+        if self.mode == RecordMode::BlockId {
+            self.reloc = Relocator::start(&self.image, min_runs)?;
+        }
+        Ok(self)
     }
 
     /// The image being recorded.
@@ -233,6 +248,9 @@ impl BlockDevice for RecordingDevice {
                     Ok(_) => trace.iter().map(LogExtent::from).collect(),
                     Err(_) => Vec::new(),
                 };
+                if let (Ok(_), Some(rel)) = (&r, &self.reloc) {
+                    rel.offer(offset, &trace);
+                }
                 (
                     r,
                     ReadBody {

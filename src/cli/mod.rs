@@ -177,7 +177,8 @@ pub struct ServeArgs {
     /// Relocate on read: a read whose data blocks are spread over at least this many
     /// physically separate runs has them rewritten, by a background thread, as one contiguous
     /// run (content, seq and old block ids are kept; see docs/format.md). 0 turns it off.
-    /// Plain serving only (not with --record or --replay).
+    /// Plain serving and --record in block-id mode (the log names the blocks each read used,
+    /// which a relocation never frees); not with --replay (read-only).
     #[arg(long, default_value_t = 4, value_name = "RUNS")]
     pub relocate_on_read: usize,
     /// Keep this much of the image file ahead of its end reserved and in the page cache

@@ -175,7 +175,9 @@ pub fn serve(a: &ServeArgs) -> CliResult {
             };
             let dev = Arc::new(
                 RecordingDevice::new(Arc::clone(&image), log, mode)
-                    .map_err(|e| CliError::ctx(log.display(), e))?,
+                    .map_err(|e| CliError::ctx(log.display(), e))?
+                    .with_relocation(a.relocate_on_read)
+                    .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?,
             );
             let r = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
             if let Ok(dev) = Arc::try_unwrap(dev) {
