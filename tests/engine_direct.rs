@@ -609,3 +609,45 @@ fn data_blocks_stay_out_of_the_page_cache() {
         cached[1]
     );
 }
+
+/// With direct I/O, preallocation only reserves: the file grows ahead of the allocation
+/// counter (so appends are writes inside the file, which ext4 runs in parallel), nothing of the
+/// reserved range enters the page cache, and the content, a reopen after a crash and `check`
+/// are unchanged.
+#[test]
+fn preallocation_with_direct_io_reserves_without_caching() {
+    let d = tmpdir();
+    let mb = 1usize << 20;
+    let path = d.path().join("pre.rrow");
+    create_image(&path, 32 << 20, BS as u32).close().unwrap();
+    let img = Image::open_with_options(&path, OpenMode::ReadWrite, &DIRECT).unwrap();
+    img.set_preallocate(16 << 20).unwrap();
+    for i in 0..4u64 {
+        write_split(&img, i * mb as u64, &pattern(i, mb), 0, &[]);
+    }
+    let start = std::time::Instant::now();
+    while std::fs::metadata(&path).unwrap().len() < 16 << 20 {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "preallocation never happened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    img.flush().unwrap();
+    assert!(
+        cached_bytes(&path) < 3 * mb as u64,
+        "{} bytes cached: the reserved range was read into the page cache",
+        cached_bytes(&path)
+    );
+    let seq = img.seq();
+    drop(img); // a crash: no close
+    let img = Image::open_with_options(&path, OpenMode::ReadWrite, &DIRECT).unwrap();
+    assert_eq!(img.seq(), seq);
+    let got = read_split(&img, 0, 4 * mb, 0, &[]);
+    for i in 0..4usize {
+        assert_eq!(&got[i * mb..(i + 1) * mb], &pattern(i as u64, mb)[..]);
+    }
+    img.close().unwrap();
+    let rep = Image::check(&path, false).unwrap();
+    assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+}

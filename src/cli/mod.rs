@@ -182,11 +182,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4, value_name = "RUNS")]
     pub relocate_on_read: usize,
     /// Keep this much of the image file ahead of its end reserved and in the page cache
-    /// (a background thread), so appended writes copy into cached pages. 0 (the default)
-    /// turns it off: the prepared pages are small folios, which halves the speed of later
-    /// large reads of that data (docs/perf-notes.md).
-    #[arg(long, default_value = "0", value_parser = parse_size, value_name = "SIZE")]
-    pub preallocate: u64,
+    /// (a background thread), so appended writes copy into cached pages. 0 turns it off: the
+    /// default for buffered I/O, since the prepared pages are small folios, which halves the
+    /// speed of later large reads of that data (docs/perf-notes.md). With --direct only
+    /// reserved (not cached), 64M by default: appends inside the file run in parallel.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub preallocate: Option<u64>,
     /// Leave superseded block versions (overwritten, discarded or relocated data) in the
     /// host page cache. By default a background thread drops them once a sync has made them
     /// clean, so their pages serve new writes (docs/perf-notes.md); history reads of them

@@ -841,10 +841,12 @@ impl Image {
         if self.read_only {
             return Ok(());
         }
-        if bytes > 0 && self.is_direct() {
-            log::info!("preallocation is off with direct I/O (it prepares page-cache pages)");
-            return Ok(());
-        }
+        // With direct I/O only reserve: appends then land inside the file, and ext4 runs
+        // aligned O_DIRECT writes inside the file in parallel (extending ones one at a time).
+        self.sh
+            .prealloc
+            .reserve_only
+            .store(self.is_direct(), Ordering::Relaxed);
         self.sh.prealloc.window.store(bytes, Ordering::Relaxed);
         let mut p = lock(&self.prealloc);
         if bytes > 0 && p.is_none() {

@@ -30,6 +30,10 @@ pub struct PreallocState {
     pub window: AtomicU64,
     /// Slots below this are prepared (or were taken before the thread got there).
     pub prepared: AtomicU64,
+    /// Only reserve (`fallocate`), without reading the range into the page cache: what an
+    /// image with direct data I/O wants (its appends then land inside the file, which lets
+    /// ext4 run them in parallel).
+    pub reserve_only: AtomicBool,
     stop: AtomicBool,
     wake: Mutex<()>,
     cv: Condvar,
@@ -117,7 +121,12 @@ fn run(sh: &Shared, st: &PreallocState) {
         let (Some(off), Some(off_end)) = (sh.slot_off(start), sh.slot_off(end)) else {
             return;
         };
-        if let Err(e) = prepare(sh, off, off_end - off) {
+        if let Err(e) = prepare(
+            sh,
+            off,
+            off_end - off,
+            !st.reserve_only.load(Ordering::Relaxed),
+        ) {
             // Not an error for the image: writes work without it, only slower.
             log::warn!("preallocation ahead of the image's end stopped: {e}");
             st.window.store(0, Ordering::Relaxed);
@@ -127,9 +136,9 @@ fn run(sh: &Shared, st: &PreallocState) {
     }
 }
 
-/// Reserves `[off, off + len)` in the file (extending it if needed, never shrinking it) and
-/// reads it into the page cache.
-fn prepare(sh: &Shared, off: u64, len: u64) -> std::io::Result<()> {
+/// Reserves `[off, off + len)` in the file (extending it if needed, never shrinking it) and,
+/// with `cache`, reads it into the page cache.
+fn prepare(sh: &Shared, off: u64, len: u64, cache: bool) -> std::io::Result<()> {
     let fd = sh.file.as_raw_fd();
     let o = libc::off_t::try_from(off).map_err(std::io::Error::other)?;
     let l = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
@@ -137,6 +146,9 @@ fn prepare(sh: &Shared, off: u64, len: u64) -> std::io::Result<()> {
     let r = unsafe { libc::fallocate(fd, 0, o, l) };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    if !cache {
+        return Ok(());
     }
     // SAFETY: as above.
     let r = unsafe { libc::readahead(fd, o, len as usize) };
