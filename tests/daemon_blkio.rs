@@ -121,48 +121,13 @@ fn random_io(
     base: usize,
     ops: usize,
 ) {
-    let mem = q.mem();
     for op in 0..ops {
         let (offset, len) = random_range(rng, lo, hi, MAX_REQ);
         let segs = random_segs(rng, base, len);
-        let o = offset as usize;
         if rng.gen_bool(0.5) {
-            let mut data = vec![0u8; len];
-            rng.fill_bytes(&mut data);
-            let mut pos = 0;
-            for &(b, l) in &segs {
-                mem.fill(b, &data[pos..pos + l]);
-                pos += l;
-            }
-            let r = q.one(Req::Writev {
-                offset,
-                segs: segs.clone(),
-            });
-            assert_eq!(
-                r, 0,
-                "op {op}: write {len} at {offset} in segments {segs:?} failed"
-            );
-            model[o..o + len].copy_from_slice(&data);
+            q.writev_random(rng, model, offset, &segs, op);
         } else {
-            for &(b, l) in &segs {
-                mem.fill(b, &vec![0xa5; l]);
-            }
-            let r = q.one(Req::Readv {
-                offset,
-                segs: segs.clone(),
-            });
-            assert_eq!(
-                r, 0,
-                "op {op}: read {len} at {offset} in segments {segs:?} failed"
-            );
-            let mut got = Vec::with_capacity(len);
-            for &(b, l) in &segs {
-                got.extend(mem.read(b, l));
-            }
-            assert!(
-                got == model[o..o + len],
-                "op {op}: read {len} at {offset} (segments {segs:?}) differs from what was written"
-            );
+            q.readv_check(model, offset, &segs, op);
         }
     }
 }

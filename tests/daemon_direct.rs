@@ -9,11 +9,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::blk::{Client, ClientOpts, Queue, Req};
+use common::blk::{Client, ClientOpts, Queue};
 use common::daemon::{start_rr_row, Daemon, ServeOpts};
 use common::with_watchdog;
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 
 /// Virtual disk size.
 const SIZE: u64 = 32 << 20;
@@ -60,7 +60,6 @@ fn segments(rng: &mut StdRng, len: usize) -> Vec<(usize, usize)> {
 
 /// Random 4 KiB and 128 KiB writes (some sub-block) and reads, checked against `model`.
 fn random_io(q: &mut Queue<'_>, model: &mut [u8], rng: &mut StdRng, ops: usize) {
-    let mem = q.mem();
     for op in 0..ops {
         let len = match rng.gen_range(0..10) {
             0..=4 => 4096,
@@ -74,38 +73,10 @@ fn random_io(q: &mut Queue<'_>, model: &mut [u8], rng: &mut StdRng, ops: usize) 
         };
         let offset = rng.gen_range(0..(SIZE - len as u64) / align) * align;
         let segs = segments(rng, len);
-        let o = offset as usize;
         if rng.gen_bool(0.6) {
-            let mut data = vec![0u8; len];
-            rng.fill_bytes(&mut data);
-            let mut pos = 0;
-            for &(b, l) in &segs {
-                mem.fill(b, &data[pos..pos + l]);
-                pos += l;
-            }
-            let r = q.one(Req::Writev {
-                offset,
-                segs: segs.clone(),
-            });
-            assert_eq!(r, 0, "op {op}: write {len} at {offset} in {segs:?} failed");
-            model[o..o + len].copy_from_slice(&data);
+            q.writev_random(rng, model, offset, &segs, op);
         } else {
-            for &(b, l) in &segs {
-                mem.fill(b, &vec![0xa5; l]);
-            }
-            let r = q.one(Req::Readv {
-                offset,
-                segs: segs.clone(),
-            });
-            assert_eq!(r, 0, "op {op}: read {len} at {offset} in {segs:?} failed");
-            let mut got = Vec::with_capacity(len);
-            for &(b, l) in &segs {
-                got.extend(mem.read(b, l));
-            }
-            assert!(
-                got == model[o..o + len],
-                "op {op}: read {len} at {offset} ({segs:?}) differs from what was written"
-            );
+            q.readv_check(model, offset, &segs, op);
         }
     }
 }

@@ -142,8 +142,13 @@ fn session(
     seen
 }
 
-/// Records `n` requests on each of `queues` queues; returns what the client saw per queue.
-fn record(img: &Arc<Image>, log: &Path, queues: usize, n: usize) -> Vec<Vec<Seen>> {
+/// Records, in block-id mode into `log`, whatever `drive` does with the recording device;
+/// returns what `drive` returns once the log is finished.
+fn record_with<T>(
+    img: &Arc<Image>,
+    log: &Path,
+    drive: impl FnOnce(Arc<dyn BlockDevice>) -> T,
+) -> T {
     let dev = Arc::new(
         RecordingDevice::with_sync_interval(
             Arc::clone(img),
@@ -153,13 +158,18 @@ fn record(img: &Arc<Image>, log: &Path, queues: usize, n: usize) -> Vec<Vec<Seen
         )
         .unwrap(),
     );
-    let seen = session(dev.clone(), queues, n, None);
+    let seen = drive(dev.clone());
     Arc::try_unwrap(dev)
         .ok()
         .expect("the daemon dropped its reference")
         .finish()
         .unwrap();
     seen
+}
+
+/// Records `n` requests on each of `queues` queues; returns what the client saw per queue.
+fn record(img: &Arc<Image>, log: &Path, queues: usize, n: usize) -> Vec<Vec<Seen>> {
+    record_with(img, log, |dev| session(dev, queues, n, None))
 }
 
 #[test]
@@ -281,21 +291,7 @@ fn a_recording_made_on_parallel_request_threads_replays_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let img = new_image(dir.path());
     let log = dir.path().join("par.log");
-    let dev = Arc::new(
-        RecordingDevice::with_sync_interval(
-            Arc::clone(&img),
-            &log,
-            RecordMode::BlockId,
-            Duration::from_millis(100),
-        )
-        .unwrap(),
-    );
-    let recorded = parallel_session(dev.clone());
-    Arc::try_unwrap(dev)
-        .ok()
-        .expect("the daemon dropped its reference")
-        .finish()
-        .unwrap();
+    let recorded = record_with(&img, &log, parallel_session);
     assert!(recorded.iter().all(|(r, _)| *r == 0));
     // The requests of a batch were recorded in whatever order the threads ran them.
     let index = rr_row::record::ReplayIndex::open(&log).unwrap();

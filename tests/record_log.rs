@@ -336,11 +336,9 @@ fn the_periodic_sync_writes_out_a_partial_frame() {
     assert_eq!(dropped, None);
 }
 
-#[test]
-fn per_connection_logs_key_repeated_indexes_and_reconnections_apart() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("e.log");
-    let mk = |index: u64, sector: u64| Record {
+/// A flush record of queue 0 (the sector only tells records apart).
+fn flush_rec(index: u64, sector: u64) -> Record {
+    Record {
         queue: 0,
         index,
         sector,
@@ -348,7 +346,14 @@ fn per_connection_logs_key_repeated_indexes_and_reconnections_apart() {
         status: 0,
         seq: Seq(0),
         body: RecordBody::Flush,
-    };
+    }
+}
+
+#[test]
+fn per_connection_logs_key_repeated_indexes_and_reconnections_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.log");
+    let mk = flush_rec;
     // A log of the first format (feature bit 0 clear). First connection: indexes 0..3, index
     // 1 calling the device twice; the second connection starts again at 0.
     let recs = vec![mk(0, 1), mk(1, 2), mk(1, 9), mk(2, 3), mk(0, 4), mk(1, 5)];
@@ -375,15 +380,7 @@ fn per_connection_logs_key_repeated_indexes_and_reconnections_apart() {
 fn continuous_logs_find_requests_recorded_out_of_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.log");
-    let mk = |index: u64, sector: u64| Record {
-        queue: 0,
-        index,
-        sector,
-        len: 0,
-        status: 0,
-        seq: Seq(0),
-        body: RecordBody::Flush,
-    };
+    let mk = flush_rec;
     // Requests of one batch ran in parallel: logged out of index order, and request 3's two
     // calls interleaved with request 2's.
     let recs = vec![mk(1, 1), mk(0, 2), mk(3, 3), mk(2, 4), mk(3, 5), mk(4, 6)];

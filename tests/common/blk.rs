@@ -370,6 +370,63 @@ impl Queue<'_> {
         self.submit(std::slice::from_ref(&req))[0]
     }
 
+    /// Writes random bytes at disk `offset` from the buffer segments `segs` (region offset,
+    /// length), asserts success and records the bytes in `model` (the whole disk). `op` names
+    /// the operation in failure messages.
+    pub fn writev_random(
+        &mut self,
+        rng: &mut impl rand::RngCore,
+        model: &mut [u8],
+        offset: u64,
+        segs: &[(usize, usize)],
+        op: usize,
+    ) {
+        let len: usize = segs.iter().map(|s| s.1).sum();
+        let mut data = vec![0u8; len];
+        rng.fill_bytes(&mut data);
+        let mut pos = 0;
+        for &(b, l) in segs {
+            self.mem.fill(b, &data[pos..pos + l]);
+            pos += l;
+        }
+        let r = self.one(Req::Writev {
+            offset,
+            segs: segs.to_vec(),
+        });
+        assert_eq!(
+            r, 0,
+            "op {op}: write {len} at {offset} in segments {segs:?} failed"
+        );
+        let o = offset as usize;
+        model[o..o + len].copy_from_slice(&data);
+    }
+
+    /// Reads disk `offset` into the buffer segments `segs` (poisoned first), asserts success
+    /// and that the bytes equal `model` (the whole disk).
+    pub fn readv_check(&mut self, model: &[u8], offset: u64, segs: &[(usize, usize)], op: usize) {
+        let len: usize = segs.iter().map(|s| s.1).sum();
+        for &(b, l) in segs {
+            self.mem.fill(b, &vec![0xa5; l]);
+        }
+        let r = self.one(Req::Readv {
+            offset,
+            segs: segs.to_vec(),
+        });
+        assert_eq!(
+            r, 0,
+            "op {op}: read {len} at {offset} in segments {segs:?} failed"
+        );
+        let mut got = Vec::with_capacity(len);
+        for &(b, l) in segs {
+            got.extend(self.mem.read(b, l));
+        }
+        let o = offset as usize;
+        assert!(
+            got == model[o..o + len],
+            "op {op}: read {len} at {offset} (segments {segs:?}) differs from what was written"
+        );
+    }
+
     /// Writes `data` at disk `offset` through the region at `buf`; asserts success.
     pub fn write_ok(&mut self, offset: u64, buf: usize, data: &[u8]) {
         self.mem.fill(buf, data);
