@@ -162,7 +162,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     pub queue_size: u16,
     /// Threads that execute one queue's requests in parallel (the queue's worker plus
-    /// helpers); 1 runs them one after the other. Default 2, 8 with --direct.
+    /// helpers); 1 runs them one after the other. Default 4, 8 with --direct.
     #[arg(long)]
     pub io_threads: Option<u16>,
     /// Serve the disk read-only (VIRTIO_BLK_F_RO; writes fail).

@@ -24,10 +24,11 @@ fn init_logging() {
     let _ = env_logger::Builder::from_env(env).try_init();
 }
 
-/// Request threads per queue when `--io-threads` is not given:
-/// the queue's worker and one helper, which on the 2-CPU machine of
-/// docs/perf-notes.md lifted 128 KiB sequential reads from 0.7x to 1.0x qemu-storage-daemon.
-const DEFAULT_IO_THREADS: u16 = 2;
+/// Request threads per queue when `--io-threads` is not given: the queue's worker and three
+/// helpers. On the 2-CPU machine of docs/perf-notes.md (section 6) 2 threads lifted 128 KiB
+/// sequential reads from 0.7x to 0.83-1.0x qemu-storage-daemon, and 4 did better again
+/// (0.91x) without costing writes or 2-queue runs anything.
+const DEFAULT_IO_THREADS: u16 = 4;
 
 /// `--preallocate` with `--direct` when not given: reserved ahead of the allocation counter so
 /// appends are writes inside the file, which ext4 runs in parallel.
