@@ -169,7 +169,8 @@ impl Cpio {
     }
 }
 
-/// Builds the test initramfs: the prepared guest root, `/init`, and extra files.
+/// Builds the test initramfs: the prepared guest root, `/init`, `/rrrow-boot.sh` (the start
+/// every /init sources, tests/guest/boot.sh), and extra files.
 pub fn build_initramfs(assets: &Assets, init: &str, extra: &[(&str, &[u8])], out: &Path) {
     let mut c = Cpio::new();
     for d in [
@@ -181,6 +182,12 @@ pub fn build_initramfs(assets: &Assets, init: &str, extra: &[(&str, &[u8])], out
     c.char_dev("dev/null", 1, 3);
     c.tree(&assets.guest_root(), "");
     c.file("init", 0o755, init.as_bytes());
+    // The start every /init shares (they source it).
+    c.file(
+        "rrrow-boot.sh",
+        0o644,
+        include_bytes!("../guest/boot.sh").as_slice(),
+    );
     for (name, data) in extra {
         c.file(name, 0o644, data);
     }

@@ -8,34 +8,8 @@
 # Disk layout (/dev/vda, at least 112 MiB): an ext4 filesystem on the first 96 MiB, a raw
 # pattern (/pattern.bin from the initramfs, 8 MiB) written with dd at 100 MiB, in two halves by
 # two concurrent writers.
-/bin/busybox --install -s
-export PATH=/sbin:/bin
-
-say() { echo "RRROW: $*"; }
-fail() {
-    say "FAIL $*"
-    sync
-    poweroff -f
-}
-
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev 2>/dev/null
-
-for m in $(cat /lib/modules/load-order); do
-    insmod "/lib/modules/$m.ko" || fail "insmod $m"
-done
-i=0
-while [ ! -b /dev/vda ]; do
-    i=$((i + 1))
-    [ "$i" -gt 100 ] && fail "no /dev/vda after 10 s"
-    usleep 100000
-done
-
-phase=$(sed -n 's/.*rrrow\.phase=\([a-z]*\).*/\1/p' /proc/cmdline)
-say "phase $phase"
+. /rrrow-boot.sh
 say "disk-bytes $(blockdev --getsize64 /dev/vda)"
-say "queues $(ls /sys/block/vda/mq | wc -l)"
 say "serial $(cat /sys/block/vda/serial 2>/dev/null)"
 say "write-cache $(cat /sys/block/vda/queue/write_cache | tr ' ' '-')"
 

@@ -9,32 +9,7 @@
 # one vCPU and one virtqueue, no I/O scheduler, every data request O_DIRECT from a single
 # process (no page cache, no readahead, no writeback), no filesystem mounted on the disk, and
 # deterministic data (the pattern file of the initramfs, never /dev/urandom).
-/bin/busybox --install -s
-export PATH=/sbin:/bin
-
-say() { echo "RRROW: $*"; }
-fail() {
-    say "FAIL $*"
-    poweroff -f
-}
-
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev 2>/dev/null
-
-for m in $(cat /lib/modules/load-order); do
-    insmod "/lib/modules/$m.ko" || fail "insmod $m"
-done
-i=0
-while [ ! -b /dev/vda ]; do
-    i=$((i + 1))
-    [ "$i" -gt 100 ] && fail "no /dev/vda after 10 s"
-    usleep 100000
-done
-
-phase=$(sed -n 's/.*rrrow\.phase=\([a-z]*\).*/\1/p' /proc/cmdline)
-say "phase $phase"
-say "queues $(ls /sys/block/vda/mq | wc -l)"
+. /rrrow-boot.sh
 # Requests go to the device in the order the process issues them.
 echo none >/sys/block/vda/queue/scheduler || fail "scheduler"
 
