@@ -358,3 +358,84 @@ fn small_scattered_superseded_versions_are_left_alone() {
     assert!(got[..BS].iter().all(|&b| b == 1) && got[BS..] == model[BS..]);
     assert_eq!(img.dropped_from_cache(), (0, 0));
 }
+
+/// Writes `n` 64 KiB chunks of distinct bytes from the start of the disk.
+fn write_chunks(img: &Image, n: usize, tag: u8) {
+    for i in 0..n {
+        let chunk = vec![tag.wrapping_add(i as u8); 16 * BS];
+        img.write_at((i * 16 * BS) as u64, &chunk).unwrap();
+    }
+}
+
+#[test]
+fn the_periodic_sync_runs_inline_unless_deferred() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(&dir.path().join("a.img"));
+    img.set_unsynced_limit(256 * 1024);
+    // Inline (the default): the write that crosses 256 KiB syncs before it returns.
+    write_chunks(&img, 4, 1);
+    assert_eq!(img.durable_seq(), Seq(4), "the 4th 64 KiB write synced");
+    // Nobody is waiting for due syncs: wait_sync_due returns at once and runs nothing.
+    assert!(!img
+        .wait_sync_due(std::time::Duration::from_secs(60))
+        .unwrap());
+
+    // Deferred: crossing the limit only asks ...
+    img.set_deferred_sync(true);
+    write_chunks(&img, 5, 2);
+    assert_eq!(img.durable_seq(), Seq(4), "no write synced by itself");
+    // ... and the background caller runs it.
+    assert!(img.wait_sync_due(std::time::Duration::ZERO).unwrap());
+    assert_eq!(img.durable_seq(), Seq(9));
+    assert!(
+        !img.wait_sync_due(std::time::Duration::ZERO).unwrap(),
+        "one request, one sync"
+    );
+
+    // A background caller that falls behind: at twice the limit the write syncs itself.
+    write_chunks(&img, 7, 3);
+    assert_eq!(img.durable_seq(), Seq(9), "below twice the limit");
+    write_chunks(&img, 1, 4);
+    assert_eq!(
+        img.durable_seq(),
+        Seq(17),
+        "the write reaching twice the limit synced"
+    );
+    img.close().unwrap();
+}
+
+#[test]
+fn a_background_syncer_keeps_the_data_durable_and_the_image_reopens_intact() {
+    use rr_row::blockdev::image_dev::ImageDevice;
+    use rr_row::blockdev::BlockDevice;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.img");
+    let img = create(&path);
+    img.set_unsynced_limit(128 * 1024);
+    let dev = ImageDevice::new(img).with_background_sync().unwrap();
+    write_chunks(dev.image(), 16, 7);
+    // The syncer runs on its own thread: wait (generously) for it to catch up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while dev.image().durable_seq() < Seq(15) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        dev.image().durable_seq() >= Seq(15),
+        "the syncer made the writes durable"
+    );
+    assert!(dev.capacity() > 0);
+    let img = dev
+        .into_image()
+        .ok()
+        .expect("the syncer let go of the image");
+    img.close().unwrap();
+    let img = Image::open(&path, OpenMode::ReadOnly).unwrap();
+    let mut got = vec![0u8; 16 * 16 * BS];
+    img.read_at(0, &mut got).unwrap();
+    for (i, c) in got.chunks(16 * BS).enumerate() {
+        assert!(
+            c.iter().all(|&b| b == 7u8.wrapping_add(i as u8)),
+            "chunk {i}"
+        );
+    }
+}

@@ -6,7 +6,9 @@
 //! everything else is passed through as [`BlockError::Image`].
 //!
 //! With [`ImageDevice::with_relocation`], a read that found its data spread over many physical
-//! runs hands those extents to a background [`Relocator`].
+//! runs hands those extents to a background [`Relocator`]; with
+//! [`ImageDevice::with_background_sync`] the engine's periodic sync runs on a [`Syncer`]
+//! thread.
 
 use std::sync::Arc;
 
@@ -14,12 +16,14 @@ use crate::image::Image;
 use crate::iobuf::IoSeg;
 
 use super::relocator::Relocator;
+use super::syncer::Syncer;
 use super::{BlockDevice, BlockError, RequestCtx};
 
 /// A block device serving an open image.
 pub struct ImageDevice {
-    // Dropped first: the thread holds a reference to the image.
+    // Dropped first: the threads hold a reference to the image.
     reloc: Option<Relocator>,
+    syncer: Option<Syncer>,
     image: Arc<Image>,
 }
 
@@ -42,6 +46,7 @@ impl ImageDevice {
     pub fn new(image: Image) -> Self {
         ImageDevice {
             reloc: None,
+            syncer: None,
             image: Arc::new(image),
         }
     }
@@ -55,17 +60,25 @@ impl ImageDevice {
         Ok(dev)
     }
 
+    /// Also runs the engine's periodic sync on a background thread instead of in the request
+    /// that crosses the unsynced limit (see [`Syncer`]). Nothing for read-only images.
+    pub fn with_background_sync(mut self) -> std::io::Result<Self> {
+        self.syncer = Syncer::start(&self.image)?;
+        Ok(self)
+    }
+
     /// The image, for callers that need more than the block interface.
     pub fn image(&self) -> &Image {
         &self.image
     }
 
-    /// Stops the relocation thread and unwraps the image (e.g. to [`Image::close`] it); gives
+    /// Stops the background threads and unwraps the image (e.g. to [`Image::close`] it); gives
     /// the shared image back if something else still holds it.
     pub fn into_image(mut self) -> Result<Image, Arc<Image>> {
         if let Some(mut r) = self.reloc.take() {
             r.stop();
         }
+        drop(self.syncer.take());
         Arc::try_unwrap(self.image)
     }
 }

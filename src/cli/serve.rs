@@ -3,13 +3,15 @@
 //! until the first frontend leaves), then closes the image so it is flushed and checkpointed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{info, warn};
 
-use super::{CliError, CliResult, ServeArgs};
+use super::{CliError, CliResult, ServeArgs, MAX_POLL_US};
 use crate::blockdev::image_dev::ImageDevice;
 use crate::blockdev::record_dev::RecordingDevice;
 use crate::blockdev::replay_dev::{DivergencePolicy, ReplayingDevice};
+use crate::blockdev::syncer::Syncer;
 use crate::blockdev::BlockDevice;
 use crate::image::{CreateOptions, Image, OpenMode, OpenOptions};
 use crate::units::BlockSize;
@@ -63,6 +65,12 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
         }
         Some(n) => n,
     };
+    if a.poll_us > MAX_POLL_US {
+        return Err(CliError(format!(
+            "--poll-us {} is out of range (0..={MAX_POLL_US})",
+            a.poll_us
+        )));
+    }
     let serial = a.serial.as_deref().unwrap_or("");
     if serial.len() > ID_BYTES {
         return Err(CliError(format!(
@@ -84,6 +92,7 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
         once: a.once,
         backend: BackendConfig {
             io_threads,
+            poll_max: Duration::from_micros(a.poll_us),
             ..BackendConfig::new(a.queues, a.queue_size, serial_bytes(serial))
         },
     })
@@ -187,7 +196,10 @@ pub fn serve(a: &ServeArgs) -> CliResult {
                     .with_relocation(a.relocate_on_read)
                     .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?,
             );
+            let syncer = Syncer::start(&image)
+                .map_err(|e| CliError::ctx("cannot start the sync thread", e))?;
             let r = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
+            drop(syncer);
             if let Ok(dev) = Arc::try_unwrap(dev) {
                 dev.finish().map_err(|e| CliError::ctx(log.display(), e))?;
             }
@@ -218,7 +230,9 @@ pub fn serve(a: &ServeArgs) -> CliResult {
     }
     let dev = Arc::new(
         ImageDevice::with_relocation(image, a.relocate_on_read)
-            .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?,
+            .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?
+            .with_background_sync()
+            .map_err(|e| CliError::ctx("cannot start the sync thread", e))?,
     );
 
     let result = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);

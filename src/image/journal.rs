@@ -228,6 +228,8 @@ pub struct Journal {
     pub durable_seq: u64,
     /// Data bytes committed since the last sync.
     pub unsynced: u64,
+    /// A background sync was requested for the current `unsynced` and has not completed.
+    pub sync_requested: bool,
     /// Journal bytes since the last checkpoint.
     pub since_ckpt: u64,
     /// A write-out failed: acknowledged records may be lost; refuse further changes.

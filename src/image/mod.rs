@@ -248,6 +248,11 @@ pub struct Image {
     ckpt_threshold: AtomicU64,
     unsynced_limit: AtomicU64,
     sync_due: std::sync::atomic::AtomicBool,
+    /// Periodic syncs are left to a background caller of [`Image::wait_sync_due`].
+    deferred_sync: std::sync::atomic::AtomicBool,
+    /// Set when a periodic sync is due and [`Image::wait_sync_due`] should run it.
+    sync_request: Mutex<bool>,
+    sync_wake: std::sync::Condvar,
     relocate_min_extents: AtomicU64,
     prealloc: Mutex<Option<prealloc::Preallocator>>,
     dropper: Mutex<Option<cache::CacheDropper>>,
@@ -733,6 +738,7 @@ impl Image {
             seq,
             durable_seq: seq,
             unsynced: 0,
+            sync_requested: false,
             since_ckpt,
             failed: false,
             hdr,
@@ -769,6 +775,9 @@ impl Image {
             ckpt_threshold: AtomicU64::new(DEFAULT_CHECKPOINT_THRESHOLD),
             unsynced_limit: AtomicU64::new(DEFAULT_UNSYNCED_LIMIT),
             sync_due: std::sync::atomic::AtomicBool::new(false),
+            deferred_sync: std::sync::atomic::AtomicBool::new(false),
+            sync_request: Mutex::new(false),
+            sync_wake: std::sync::Condvar::new(),
             relocate_min_extents: AtomicU64::new(0),
             prealloc: Mutex::new(None),
             dropper: Mutex::new(None),
@@ -817,6 +826,69 @@ impl Image {
     /// own (bounding the work of recovery after a crash).
     pub fn set_unsynced_limit(&self, bytes: u64) {
         self.unsynced_limit.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Leaves the periodic sync to a background thread (`true`) or runs it in the operation
+    /// that crosses the unsynced limit (`false`, the default).
+    ///
+    /// When deferred, an operation that takes the unsynced data past the limit only asks for
+    /// a sync, which the thread looping on [`Image::wait_sync_due`] then runs while requests
+    /// go on; an operation that takes it past twice the limit (the thread has fallen behind)
+    /// still syncs itself, so recovery never has more than that to verify.
+    pub fn set_deferred_sync(&self, on: bool) {
+        self.deferred_sync.store(on, Ordering::SeqCst);
+        if !on {
+            // A request nobody will serve any more: the next crossing syncs inline.
+            *lock(&self.sync_request) = false;
+            self.sync_wake.notify_all();
+        }
+    }
+
+    /// Waits up to `timeout` for a periodic sync to fall due (see
+    /// [`Image::set_deferred_sync`]) and runs it; says whether it ran one. Returns at once
+    /// when syncs are not deferred (or stop being deferred meanwhile). Errors are those of
+    /// [`Image::flush`].
+    pub fn wait_sync_due(&self, timeout: std::time::Duration) -> Result<bool, ImageError> {
+        let due = {
+            let g = lock(&self.sync_request);
+            let (mut g, _) = self
+                .sync_wake
+                .wait_timeout_while(g, timeout, |due| {
+                    !*due && self.deferred_sync.load(Ordering::SeqCst)
+                })
+                .unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut *g)
+        };
+        if due {
+            self.flush()?;
+        }
+        Ok(due)
+    }
+
+    /// The seq that the last completed flush made durable: a crash now loses nothing up to it.
+    pub fn durable_seq(&self) -> Seq {
+        Seq(lock(&self.journal).durable_seq)
+    }
+
+    /// Books `bytes` of newly committed data against the unsynced limit (journal mutex held);
+    /// sets `sync_due` when the caller must sync once it has released the mutex, or asks the
+    /// background syncer.
+    fn count_unsynced(&self, j: &mut Journal, bytes: u64) {
+        j.unsynced = j.unsynced.saturating_add(bytes);
+        let limit = self.unsynced_limit.load(Ordering::SeqCst);
+        if j.unsynced < limit {
+            return;
+        }
+        if self.deferred_sync.load(Ordering::SeqCst) && j.unsynced < limit.saturating_mul(2) {
+            if !j.sync_requested {
+                j.sync_requested = true;
+                *lock(&self.sync_request) = true;
+                self.sync_wake.notify_one();
+            }
+            return;
+        }
+        j.unsynced = 0;
+        self.sync_due.store(true, Ordering::SeqCst);
     }
 
     /// Turns relocation on read on (`Some(n)`, n >= 2) or off (`None`, the default).
@@ -1146,11 +1218,7 @@ impl Image {
             old
         };
         self.sh.drop_state.superseded(&old, self.sh.bs.bytes_u64());
-        j.unsynced = j.unsynced.saturating_add(n * bs);
-        if j.unsynced >= self.unsynced_limit.load(Ordering::SeqCst) {
-            j.unsynced = 0;
-            self.sync_due.store(true, Ordering::SeqCst);
-        }
+        self.count_unsynced(&mut j, n * bs);
         drop(j);
         self.background_sync();
         Ok(true)
@@ -1216,17 +1284,14 @@ impl Image {
         // A guest that never flushes still gets its data synced now and then (so recovery
         // never has to verify more than the unsynced limit of data) and checkpoints (so that
         // opening stays bounded).
-        j.unsynced += rec
+        // The caller syncs once it has released the journal mutex, when this says so.
+        let data = rec
             .pieces
             .iter()
             .filter(|p| p.pba.is_some())
             .map(|p| p.blocks.saturating_mul(self.sh.bs.bytes_u64()))
             .sum::<u64>();
-        if j.unsynced >= self.unsynced_limit.load(Ordering::SeqCst) {
-            // The caller syncs once it has released the journal mutex.
-            j.unsynced = 0;
-            self.sync_due.store(true, Ordering::SeqCst);
-        }
+        self.count_unsynced(j, data);
         let limit = self.ckpt_threshold.load(Ordering::SeqCst).saturating_mul(2);
         if j.since_ckpt >= limit {
             if let Err(e) = self.checkpoint_locked(j) {
@@ -1366,11 +1431,16 @@ impl Image {
                 return Err(ImageError::Failed);
             }
             if j.seq <= j.durable_seq {
+                // Nothing that takes a seq is unflushed (relocated copies are checked by
+                // their crc on recovery instead): nothing to count any more.
+                j.unsynced = 0;
+                j.sync_requested = false;
                 return Ok(());
             }
             j.write_out(&self.sh)?;
-            j.seq
+            (j.seq, j.unsynced)
         };
+        let (target, covered) = target;
         // Sync without holding the journal mutex: other operations keep committing meanwhile.
         // Every record up to `target` (and every record before them in the chain) is in the
         // file, and their data blocks were written before they were committed.
@@ -1381,7 +1451,9 @@ impl Image {
         }
         self.sh.drop_state.synced(mark);
         let mut j = lock(&self.journal);
-        j.unsynced = 0;
+        // Data committed while the sync ran is not covered by it.
+        j.unsynced = j.unsynced.saturating_sub(covered);
+        j.sync_requested = false;
         if target > j.durable_seq {
             let marker = Record {
                 kind: RecKind::Flush,
@@ -1458,6 +1530,7 @@ impl Image {
         j.since_ckpt = 0;
         j.durable_seq = j.seq;
         j.unsynced = 0;
+        j.sync_requested = false;
         log::debug!("checkpoint at seq {} ({} bytes)", j.seq, bytes.len());
         Ok(())
     }

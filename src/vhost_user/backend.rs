@@ -17,6 +17,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -37,6 +38,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::poll::PollWindow;
 use super::pool::BatchPool;
 use crate::blockdev::{BlockDevice, BlockError, RequestCtx};
 use crate::virtio_blk::execute::{
@@ -69,6 +71,10 @@ pub struct BackendConfig {
     /// Threads that execute one queue's requests (its worker plus `io_threads - 1` helpers);
     /// 1 runs a queue's requests one after the other.
     pub io_threads: u16,
+    /// Longest time a queue's worker polls the available ring after a batch before it
+    /// sleeps until the next kick (adaptive, see [`super::poll`]); zero never polls. Only
+    /// with VIRTIO_RING_F_EVENT_IDX.
+    pub poll_max: Duration,
 }
 
 impl BackendConfig {
@@ -82,6 +88,7 @@ impl BackendConfig {
             max_dwz_segments: 32,
             max_dwz_sectors: 1 << 22,
             io_threads: 1,
+            poll_max: Duration::ZERO,
         }
     }
 }
@@ -192,6 +199,8 @@ pub struct BlkBackend {
     next_index: RequestCounters,
     warnings: Arc<Warnings>,
     pools: Vec<BatchPool>,
+    /// Per queue: its polling window and when it last went idle (only its worker locks it).
+    polls: Vec<Mutex<QueuePoll>>,
 }
 
 /// Per-queue request counters ([`RequestCtx::index`]). The daemon keeps one set for its whole
@@ -273,6 +282,14 @@ impl BlkBackend {
         if counters.len() != usize::from(cfg.num_queues) {
             return Err(BackendError::QueueCount(cfg.num_queues));
         }
+        let polls = (0..cfg.num_queues)
+            .map(|_| {
+                Mutex::new(QueuePoll {
+                    window: PollWindow::new(cfg.poll_max),
+                    idle_since: None,
+                })
+            })
+            .collect();
         Ok(BlkBackend {
             dev,
             cfg,
@@ -286,6 +303,7 @@ impl BlkBackend {
             next_index: counters,
             warnings: Arc::default(),
             pools,
+            polls,
         })
     }
 
@@ -393,22 +411,76 @@ impl BlkBackend {
     }
 
     /// Processes a queue after a kick; with EVENT_IDX keeps draining until
-    /// `enable_notification()` says nothing arrived meanwhile, so no kick is lost.
+    /// `enable_notification()` says nothing arrived meanwhile, so no kick is lost. After each
+    /// batch the worker first polls the available ring for the queue's adaptive window
+    /// ([`super::poll`]), without publishing a new `avail_event`, so a driver that submits
+    /// within the window does not kick.
     fn drain(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<()> {
         if !self.event_idx.load(Ordering::Acquire) {
             self.process_queue(vring, queue)?;
             return Ok(());
+        }
+        let poll = self
+            .polls
+            .get(usize::from(queue))
+            .ok_or_else(|| io::Error::other("queue index out of range"))?;
+        // Only this queue's worker takes the lock; a panic while holding it left plain data.
+        let mut poll = poll.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(since) = poll.idle_since.take() {
+            poll.window.observe(since.elapsed());
         }
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             if !self.process_queue(vring, queue)? {
                 return Ok(());
             }
+            let idle_from = Instant::now();
+            let window = poll.window.current();
+            if !window.is_zero() && self.poll_avail(vring, idle_from, window) {
+                poll.window.observe(idle_from.elapsed());
+                continue;
+            }
             if !vring.enable_notification().map_err(io::Error::other)? {
+                poll.idle_since = Some(idle_from);
                 return Ok(());
             }
+            poll.window.observe(idle_from.elapsed());
         }
     }
+
+    /// Spins until the available ring holds a chain the queue has not taken yet, or until
+    /// `window` has passed since `from`; says whether one arrived. A ring it cannot read
+    /// counts as empty (the next `enable_notification` reports the error).
+    fn poll_avail(&self, vring: &VringRwLock<GuestMem>, from: Instant, window: Duration) -> bool {
+        let Ok(mem) = self.mem.read().map(|m| m.memory()) else {
+            return false;
+        };
+        loop {
+            let pending = {
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                match q.avail_idx(&*mem, Ordering::Acquire) {
+                    Ok(idx) => idx.0 != q.next_avail(),
+                    Err(_) => return false,
+                }
+            };
+            if pending {
+                return true;
+            }
+            if from.elapsed() >= window {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// The polling state of one queue.
+#[derive(Debug)]
+struct QueuePoll {
+    window: PollWindow,
+    /// When the queue's worker last went to sleep waiting for a kick.
+    idle_since: Option<Instant>,
 }
 
 impl VhostUserBackend for BlkBackend {

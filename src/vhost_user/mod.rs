@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod daemon;
+pub mod poll;
 pub mod pool;
 
 pub use backend::{BackendConfig, BlkBackend, GuestMem, RequestCounters};
