@@ -18,6 +18,46 @@ use crate::units::Lba;
 /// the same range asks again).
 const RELOCATION_QUEUE: usize = 64;
 
+/// The most blocks one merged relocation covers (2 MiB of 4 KiB blocks).
+const MAX_MERGED_BLOCKS: u64 = 512;
+
+/// Sorts relocation requests by LBA and joins those whose ranges follow each other (up to
+/// `max_blocks` blocks per result), so that one relocation writes one longer run with one
+/// journal record. A joined request's extents are the concatenation of its parts', with
+/// physically contiguous runs at the seams merged, as the map itself would report them
+/// (the relocation only commits if the map still resolves to exactly these extents).
+/// Exact repeats are dropped; overlapping requests are kept apart (the later one then finds
+/// the map changed and does nothing).
+fn merge_adjacent(mut reqs: Vec<(Lba, Vec<Extent>)>, max_blocks: u64) -> Vec<(Lba, Vec<Extent>)> {
+    reqs.sort_by_key(|(lba, _)| lba.0);
+    // The same range read twice before the thread got to it.
+    reqs.dedup();
+    let mut out: Vec<(Lba, Vec<Extent>, u64)> = Vec::with_capacity(reqs.len());
+    for (lba, ex) in reqs {
+        let blocks: u64 = ex.iter().map(Extent::blocks).sum();
+        if let Some((start, cur, n)) = out.last_mut() {
+            if start.0.checked_add(*n) == Some(lba.0) && *n + blocks <= max_blocks {
+                for e in ex {
+                    match (cur.last_mut(), e) {
+                        (
+                            Some(Extent::Mapped { pba, blocks: b }),
+                            Extent::Mapped {
+                                pba: next,
+                                blocks: nb,
+                            },
+                        ) if pba.0.checked_add(*b) == Some(next.0) => *b += nb,
+                        _ => cur.push(e),
+                    }
+                }
+                *n += blocks;
+                continue;
+            }
+        }
+        out.push((lba, ex, blocks));
+    }
+    out.into_iter().map(|(lba, ex, _)| (lba, ex)).collect()
+}
+
 /// The background relocation thread and its queue; stopped and joined on drop.
 pub struct Relocator {
     min_runs: usize,
@@ -39,11 +79,24 @@ impl Relocator {
         let thread = std::thread::Builder::new()
             .name("rr-row-relocate".into())
             .spawn(move || {
-                for (lba, ex) in rx {
-                    match img.relocate_extents(lba, &ex) {
-                        Ok(true) => log::trace!("relocated {} runs at LBA {}", ex.len(), lba.0),
-                        Ok(false) => {}
-                        Err(e) => log::debug!("relocation at LBA {} failed: {e}", lba.0),
+                while let Ok(first) = rx.recv() {
+                    // Take every request already waiting, so that the ranges a sequential
+                    // reader asked for one after the other become one relocation.
+                    let mut batch = vec![first];
+                    while batch.len() < RELOCATION_QUEUE {
+                        match rx.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    for (lba, ex) in merge_adjacent(batch, MAX_MERGED_BLOCKS) {
+                        match img.relocate_extents(lba, &ex) {
+                            Ok(true) => {
+                                log::trace!("relocated {} runs at LBA {}", ex.len(), lba.0)
+                            }
+                            Ok(false) => {}
+                            Err(e) => log::debug!("relocation at LBA {} failed: {e}", lba.0),
+                        }
                     }
                 }
             })?;
@@ -88,5 +141,57 @@ impl Relocator {
 impl Drop for Relocator {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::Pba;
+
+    fn m(pba: u64, blocks: u64) -> Extent {
+        Extent::Mapped {
+            pba: Pba(pba),
+            blocks,
+        }
+    }
+
+    #[test]
+    fn adjacent_ranges_merge_in_lba_order_and_seams_coalesce() {
+        let reqs = vec![
+            (Lba(8), vec![m(100, 4), m(7, 4)]),
+            (Lba(0), vec![m(50, 2), m(90, 6)]),
+            (Lba(16), vec![m(11, 8)]),
+        ];
+        let got = merge_adjacent(reqs, 512);
+        assert_eq!(
+            got,
+            vec![(Lba(0), vec![m(50, 2), m(90, 6), m(100, 4), m(7, 12)])],
+            "0..8 then 8..16 then 16..24; 96..100 and 100.. and 7..11 and 11.. are contiguous"
+        );
+    }
+
+    #[test]
+    fn gaps_overlaps_and_the_size_limit_keep_requests_apart() {
+        let reqs = vec![
+            (Lba(0), vec![m(10, 8)]),
+            (Lba(9), vec![m(30, 8)]),  // gap at 8
+            (Lba(9), vec![m(30, 8)]),  // repeated: dropped
+            (Lba(12), vec![m(40, 2)]), // overlaps 9..17
+            (Lba(17), vec![m(60, 8)]), // does not follow 12..14: a new start
+            (Lba(25), vec![m(80, 8)]), // follows 17..25
+            (Lba(33), vec![m(90, 8)]), // would take 17.. past 16 blocks
+        ];
+        let got = merge_adjacent(reqs, 16);
+        assert_eq!(
+            got,
+            vec![
+                (Lba(0), vec![m(10, 8)]),
+                (Lba(9), vec![m(30, 8)]),
+                (Lba(12), vec![m(40, 2)]),
+                (Lba(17), vec![m(60, 8), m(80, 8)]),
+                (Lba(33), vec![m(90, 8)]),
+            ]
+        );
     }
 }
