@@ -155,6 +155,16 @@ class Backend:
             except OSError:
                 pass
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time the daemon (all its threads) has used so far."""
+        if not self.proc or self.proc.poll() is not None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+
     def sample_files(self) -> None:
         """Records the image's allocated size and the record log's size (after stop, so that
         everything the daemon buffered is on disk)."""
@@ -465,6 +475,20 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
                 mark = (" ✓" if r <= 1.2 else " ✗") if "qd1" in w.key else ""
                 row.append(f"{r:.2f}{mark}")
         lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Daemon CPU (median over repetitions; user + system time of the daemon process, all threads, over the whole run: CPUs busy, and microseconds of CPU per request at that run's rate). The load generator's own CPU is not included:",
+        "",
+    ]
+    head = ["Workload"] + [f"{b} CPUs / us per req" for b in backends]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    for w in workloads:
+        row = [w.title]
+        for b in backends:
+            c, u = med.get((w.key, b, "daemon_cpus")), med.get((w.key, b, "daemon_cpu_us_per_io"))
+            row.append("n/a" if c is None or u is None else f"{c:.2f} / {u:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Daemon peak RSS (VmHWM) and allocated image size at the end of each repetition:", ""]
     lines.append("| Backend | peak RSS MiB (max) | image allocated GiB (max) | record log MiB (max) |")
     lines.append("|---|---:|---:|---:|")
@@ -615,7 +639,15 @@ def main() -> int:
                 for b in backends[shift:] + backends[:shift]:
                     if opts.settle:
                         settle()
+                    cpu0, wall0 = b.cpu_seconds(), time.monotonic()
                     rep_res = run_perf(opts, b, w.args, measured=True) if prepared[b.name] else None
+                    cpu1, wall = b.cpu_seconds(), time.monotonic() - wall0
+                    if rep_res is not None and cpu0 is not None and cpu1 is not None and wall > 0:
+                        # The daemon's CPU over the whole run (ramp and connection included),
+                        # as CPUs busy and as CPU time per request at the run's rate.
+                        rep_res["daemon_cpus"] = (cpu1 - cpu0) / wall
+                        iops = rep_res["total"]["iops"]
+                        rep_res["daemon_cpu_us_per_io"] = (cpu1 - cpu0) / wall / iops * 1e6 if iops else None
                     results.setdefault((w.key, b.name), []).append(rep_res)
                     done += 1
                     el = time.monotonic() - t_start
@@ -650,6 +682,8 @@ def main() -> int:
     for (wk, bn), reps in results.items():
         for m in ("iops", "mib_s", "p50", "p99"):
             med[(wk, bn, m)] = median([metric(r, m) for r in reps])
+        for m in ("daemon_cpus", "daemon_cpu_us_per_io"):
+            med[(wk, bn, m)] = median([r[m] for r in reps if r and r.get(m) is not None])
         spreads[(wk, bn)] = spread([metric(r, "iops") for r in reps])
 
     # Console summary.
