@@ -402,6 +402,11 @@ def cache_mode(opts: argparse.Namespace) -> str:
     return f"buffered I/O for every backend (qemu-storage-daemon: `cache.direct=off,aio={opts.aio}`)"
 
 
+def md_head(head: list[str]) -> list[str]:
+    """A markdown table's header and alignment lines (first column left, the rest right)."""
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+
+
 def render_markdown(opts, info, workloads, backends, med, spreads, results, elapsed, loads, backend_objs) -> str:
     has_rr = "rr-row" in backends
     lines = [
@@ -426,8 +431,7 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
         if "rr-row-record" in backends:
             head += ["record/rr-row"]
     head += ["max spread"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    lines += md_head(head)
     for w in workloads:
         row = [w.title]
         for b in backends:
@@ -458,8 +462,7 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
     head = ["Workload"] + [f"{b} p50 / p99" for b in backends]
     if has_rr and "raw" in backends:
         head.append("rr-row/raw p99")
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    lines += md_head(head)
     for w in workloads:
         row = [w.title]
         for b in backends:
@@ -481,8 +484,7 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
         "",
     ]
     head = ["Workload"] + [f"{b} CPUs / us per req" for b in backends]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    lines += md_head(head)
     for w in workloads:
         row = [w.title]
         for b in backends:
@@ -490,8 +492,7 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
             row.append("n/a" if c is None or u is None else f"{c:.2f} / {u:.1f}")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Daemon peak RSS (VmHWM) and allocated image size at the end of each repetition:", ""]
-    lines.append("| Backend | peak RSS MiB (max) | image allocated GiB (max) | record log MiB (max) |")
-    lines.append("|---|---:|---:|---:|")
+    lines += md_head(["Backend", "peak RSS MiB (max)", "image allocated GiB (max)", "record log MiB (max)"])
     for b in backend_objs:
         rss = max(b.peak_rss_kib) / 1024 if b.peak_rss_kib else None
         img = max(b.image_bytes) / (1 << 30) if b.image_bytes else None
