@@ -118,7 +118,6 @@ pub struct LogHeader {
 
 /// Incompatible feature bit 0: [`IndexKeying::Continuous`].
 pub const FEATURE_CONTINUOUS_INDICES: u32 = 1;
-
 /// How the requests of a log are numbered, which decides how a replay finds the record of a
 /// request (see docs/record-log.md, "Identifying requests").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -409,6 +408,133 @@ impl Record {
     }
 }
 
+/// The extents of a read, borrowed: as a record holds them, or as the image engine traced them
+/// (so that recording a read converts and copies nothing).
+#[derive(Debug, Clone, Copy)]
+pub enum ExtentsRef<'a> {
+    /// Log extents, e.g. those of a decoded [`Record`].
+    Log(&'a [LogExtent]),
+    /// Extents traced by [`Image::read_vectored`](crate::image::Image::read_vectored).
+    Image(&'a [Extent]),
+}
+
+impl ExtentsRef<'_> {
+    /// Number of extents.
+    pub fn len(&self) -> usize {
+        match self {
+            ExtentsRef::Log(e) => e.len(),
+            ExtentsRef::Image(e) => e.len(),
+        }
+    }
+
+    /// True when there is no extent.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The extents, in order, as the log stores them.
+    pub fn iter(&self) -> impl Iterator<Item = LogExtent> + '_ {
+        let (log, image) = match *self {
+            ExtentsRef::Log(e) => (e, &[][..]),
+            ExtentsRef::Image(e) => (&[][..], e),
+        };
+        log.iter().copied().chain(image.iter().map(LogExtent::from))
+    }
+}
+
+/// The kind-specific part of a [`RecordRef`]: [`RecordBody`] with its variable-size parts
+/// borrowed.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyRef<'a> {
+    /// A read: the extents that supplied the data (block-id mode), or the data (full mode).
+    Read {
+        /// The extents, empty in full mode or when the read failed.
+        extents: ExtentsRef<'a>,
+        /// The data, exactly `len` bytes (full mode, successful reads only).
+        data: Option<&'a [u8]>,
+    },
+    /// A write, as [`RecordBody::Write`].
+    Write {
+        /// First PBA allocated (meaningless when `blocks` is 0).
+        first_pba: Pba,
+        /// Number of consecutive PBAs allocated; 0 when the write failed.
+        blocks: u64,
+        /// The hash of the written data.
+        hash: [u8; HASH_LEN],
+    },
+    /// A flush.
+    Flush,
+    /// A discard.
+    Discard,
+    /// A write-zeroes, as [`RecordBody::WriteZeroes`].
+    WriteZeroes {
+        /// VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.
+        unmap: bool,
+    },
+    /// A rejected request, as [`RecordBody::Rejected`].
+    Rejected {
+        /// The virtio-blk request type code.
+        req_type: u32,
+    },
+}
+
+/// A record to encode, borrowing its extents and data: what the recorder appends, so that
+/// recording a request allocates nothing. Encodes to the same bytes as the [`Record`] with the
+/// same content.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    /// Virtqueue index.
+    pub queue: u16,
+    /// Per-queue request index.
+    pub index: u64,
+    /// First 512-byte sector of the request.
+    pub sector: u64,
+    /// Data length in bytes (for discard and write-zeroes: the range length).
+    pub len: u64,
+    /// The virtio-blk status byte the request completed with.
+    pub status: u8,
+    /// The image seq the request saw.
+    pub seq: Seq,
+    /// Kind-specific content.
+    pub body: BodyRef<'a>,
+}
+
+impl Record {
+    /// This record as a [`RecordRef`] borrowing from it.
+    pub fn view(&self) -> RecordRef<'_> {
+        let body = match &self.body {
+            RecordBody::Read(b) => BodyRef::Read {
+                extents: ExtentsRef::Log(&b.extents),
+                data: b.data.as_deref(),
+            },
+            RecordBody::Write {
+                first_pba,
+                blocks,
+                hash,
+            } => BodyRef::Write {
+                first_pba: *first_pba,
+                blocks: *blocks,
+                hash: *hash,
+            },
+            RecordBody::Flush => BodyRef::Flush,
+            RecordBody::Discard => BodyRef::Discard,
+            RecordBody::WriteZeroes { unmap } => BodyRef::WriteZeroes { unmap: *unmap },
+            RecordBody::Rejected { req_type } => BodyRef::Rejected {
+                req_type: *req_type,
+            },
+        };
+        RecordRef {
+            queue: self.queue,
+            index: self.index,
+            sector: self.sector,
+            len: self.len,
+            status: self.status,
+            seq: self.seq,
+            body,
+        }
+    }
+}
+
 impl std::fmt::Display for LogExtent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
@@ -592,13 +718,18 @@ impl Codec {
     /// Appends the encoding of `r` to `out`, advancing the delta state. On error (a value that
     /// cannot be encoded) nothing is appended and the state is unchanged.
     pub fn encode(&mut self, r: &Record, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.encode_ref(&r.view(), out)
+    }
+
+    /// [`encode`](Self::encode) for a borrowed record.
+    pub fn encode_ref(&mut self, r: &RecordRef<'_>, out: &mut Vec<u8>) -> Result<(), RecordError> {
         let (kind, flags) = match &r.body {
-            RecordBody::Read(b) => {
+            BodyRef::Read { extents, data } => {
                 let mut f = 0;
-                if !b.extents.is_empty() {
+                if !extents.is_empty() {
                     f |= TAG_FLAG_A;
                 }
-                if let Some(d) = &b.data {
+                if let Some(d) = data {
                     if d.len() as u64 != r.len {
                         return Err(RecordError::Encode("read data length differs from len"));
                     }
@@ -609,20 +740,20 @@ impl Codec {
                 }
                 // Every check happens before anything is written or the delta state moves, so
                 // an error leaves both as they were.
-                if b.extents.iter().any(|e| e.blocks() > u64::MAX >> 2) {
+                if extents.iter().any(|e| e.blocks() > u64::MAX >> 2) {
                     return Err(RecordError::Encode("extent block count too large"));
                 }
                 (kind::READ, f)
             }
-            RecordBody::Write { blocks, .. } => {
+            BodyRef::Write { blocks, .. } => {
                 (kind::WRITE, if *blocks > 0 { TAG_FLAG_A } else { 0 })
             }
-            RecordBody::Flush => (kind::FLUSH, 0),
-            RecordBody::Discard => (kind::DISCARD, 0),
-            RecordBody::WriteZeroes { unmap } => {
+            BodyRef::Flush => (kind::FLUSH, 0),
+            BodyRef::Discard => (kind::DISCARD, 0),
+            BodyRef::WriteZeroes { unmap } => {
                 (kind::WRITE_ZEROES, if *unmap { TAG_FLAG_A } else { 0 })
             }
-            RecordBody::Rejected { .. } => (kind::REJECTED, 0),
+            BodyRef::Rejected { .. } => (kind::REJECTED, 0),
         };
         let status_class = if r.status < STATUS_EXPLICIT {
             r.status
@@ -647,13 +778,13 @@ impl Codec {
         put_varint(out, zigzag(r.seq.get().wrapping_sub(self.seq) as i64));
         self.seq = r.seq.get();
         match &r.body {
-            RecordBody::Read(b) => {
-                if !b.extents.is_empty() {
-                    put_varint(out, b.extents.len() as u64);
+            BodyRef::Read { extents, data } => {
+                if !extents.is_empty() {
+                    put_varint(out, extents.len() as u64);
                     let mut expected_lba = self.lba_of(r.sector);
-                    for e in &b.extents {
+                    for e in extents.iter() {
                         let blocks = e.blocks();
-                        match *e {
+                        match e {
                             LogExtent::Mapped { pba, blocks } => {
                                 put_varint(out, (blocks << 2) | EXT_MAPPED);
                                 let d = pba.get().wrapping_sub(self.next_pba) as i64;
@@ -672,11 +803,11 @@ impl Codec {
                         expected_lba = expected_lba.wrapping_add(blocks);
                     }
                 }
-                if let Some(d) = &b.data {
+                if let Some(d) = data {
                     out.extend_from_slice(d);
                 }
             }
-            RecordBody::Write {
+            BodyRef::Write {
                 first_pba,
                 blocks,
                 hash,
@@ -691,8 +822,8 @@ impl Codec {
                 }
                 out.extend_from_slice(hash);
             }
-            RecordBody::Rejected { req_type } => put_varint(out, u64::from(*req_type)),
-            RecordBody::Flush | RecordBody::Discard | RecordBody::WriteZeroes { .. } => {}
+            BodyRef::Rejected { req_type } => put_varint(out, u64::from(*req_type)),
+            BodyRef::Flush | BodyRef::Discard | BodyRef::WriteZeroes { .. } => {}
         }
         self.after_range(r.sector, r.len);
         Ok(())
@@ -1011,6 +1142,55 @@ mod tests {
             LogHeader::decode(&b).unwrap().indices,
             IndexKeying::PerConnection
         );
+    }
+
+    #[test]
+    fn borrowed_records_encode_like_owned_ones() {
+        let image = [
+            Extent::Mapped {
+                pba: Pba(70),
+                blocks: 2,
+            },
+            Extent::Zero { blocks: 1 },
+            Extent::Base {
+                lba: Lba(12),
+                blocks: 1,
+            },
+        ];
+        let owned = Record {
+            queue: 1,
+            index: 9,
+            sector: 96,
+            len: 4 * 4096,
+            status: 0,
+            seq: Seq(5),
+            body: RecordBody::Read(ReadBody {
+                extents: image.iter().map(LogExtent::from).collect(),
+                data: None,
+            }),
+        };
+        let borrowed = RecordRef {
+            body: BodyRef::Read {
+                extents: ExtentsRef::Image(&image),
+                data: None,
+            },
+            ..owned.view()
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut ca, mut cb) = (
+            Codec::new(BlockSize::DEFAULT),
+            Codec::new(BlockSize::DEFAULT),
+        );
+        for _ in 0..2 {
+            ca.encode(&owned, &mut a).unwrap();
+            cb.encode_ref(&borrowed, &mut b).unwrap();
+        }
+        assert_eq!(a, b);
+        let mut pos = 0;
+        let mut d = Codec::new(BlockSize::DEFAULT);
+        assert_eq!(d.decode(&b, &mut pos).unwrap(), owned);
+        assert_eq!(d.decode(&b, &mut pos).unwrap(), owned);
+        assert_eq!(pos, b.len());
     }
 
     #[test]

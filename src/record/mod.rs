@@ -19,6 +19,9 @@ pub mod reader;
 pub mod writer;
 
 pub use error::RecordError;
-pub use format::{IndexKeying, LogExtent, LogHeader, ReadBody, Record, RecordBody, RecordMode};
+pub use format::{
+    BodyRef, ExtentsRef, IndexKeying, LogExtent, LogHeader, ReadBody, Record, RecordBody,
+    RecordMode, RecordRef,
+};
 pub use reader::{CallKey, LogReader, QueueEpoch, ReplayIndex, TornTail};
 pub use writer::{LogWriter, WriterStats};

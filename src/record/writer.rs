@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use log::{debug, error, warn};
 
-use super::format::{frame_header, Codec, LogHeader, Record, FRAME_HEADER_LEN, HEADER_LEN};
+use super::format::{
+    frame_header, Codec, LogHeader, Record, RecordRef, FRAME_HEADER_LEN, HEADER_LEN,
+};
 use super::RecordError;
 
 /// Payload size at which a frame is written out.
@@ -203,13 +205,19 @@ impl LogWriter {
     /// Appends one record. The frame goes to the file when it is full; durability comes with
     /// the next [`sync`](Self::sync) or periodic sync.
     pub fn append(&self, rec: &Record) -> Result<(), RecordError> {
+        self.append_ref(&rec.view())
+    }
+
+    /// [`append`](Self::append) for a borrowed record (what the recorder uses: nothing is
+    /// allocated per record).
+    pub fn append_ref(&self, rec: &RecordRef<'_>) -> Result<(), RecordError> {
         let mut st = lock(&self.shared.state);
         if let Some(e) = &st.failed {
             return Err(RecordError::Stopped(e.clone()));
         }
         let State { codec, frame, .. } = &mut *st;
         // On error the codec appends nothing and keeps its state.
-        codec.encode(rec, frame)?;
+        codec.encode_ref(rec, frame)?;
         st.stats.records += 1;
         if st.frame.len() >= FRAME_TARGET + FRAME_HEADER_LEN {
             self.shared.emit(&mut st)?;
