@@ -22,8 +22,8 @@ use log::{error, info, warn};
 use crate::image::{Extent, Image};
 use crate::iobuf::{total_len, IoSeg};
 use crate::record::format::{
-    hash_segs, BodyRef, ExtentsRef, IndexKeying, LogHeader, RecordRef, WriteHash, MAX_READ_DATA,
-    VERSION,
+    hash_segs, BodyRef, ExtentsRef, IndexKeying, LogHeader, LogStreams, RecordRef, WriteHash,
+    MAX_READ_DATA, VERSION,
 };
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 
@@ -112,6 +112,8 @@ impl RecordingDevice {
             write_hash: WriteHash::default(),
             // The daemon numbers requests on across reconnections (vhost_user::RequestCounters).
             indices: IndexKeying::Continuous,
+            // Each request thread appends to a stream of its own (no shared lock per record).
+            streams: LogStreams::PerThread,
         };
         let log = LogWriter::create(log_path, &header, sync_interval)?;
         info!(

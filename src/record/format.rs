@@ -114,10 +114,35 @@ pub struct LogHeader {
     pub write_hash: WriteHash,
     /// How requests are numbered (incompatible feature bit 0).
     pub indices: IndexKeying,
+    /// How many streams of frames the writer interleaves (incompatible feature bit 1).
+    pub streams: LogStreams,
 }
 
 /// Incompatible feature bit 0: [`IndexKeying::Continuous`].
 pub const FEATURE_CONTINUOUS_INDICES: u32 = 1;
+/// Incompatible feature bit 1: [`LogStreams::PerThread`].
+pub const FEATURE_THREAD_STREAMS: u32 = 2;
+/// Every incompatible feature bit this build knows.
+const KNOWN_FEATURES: u32 = FEATURE_CONTINUOUS_INDICES | FEATURE_THREAD_STREAMS;
+
+/// Whether the frames of a log come from one stream of records or from several interleaved
+/// ones (see docs/record-log.md, "Streams"). Records are encoded the same way either way; what
+/// differs is how far apart in the file the records of neighbouring requests can be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogStreams {
+    /// One stream: records are appended to one frame in the order the requests ran, so the
+    /// records of a queue are at most the requests in flight (a queue's size) out of index
+    /// order (feature bit 1 clear; the first logs).
+    Single,
+    /// One stream per recording thread: each frame holds the records of one thread, in the
+    /// order that thread ran them, and the frames of different threads interleave in the file
+    /// in the order they were written. The records of a queue can be any distance out of
+    /// index order; the calls of one request are still in order, since one thread makes them
+    /// (feature bit 1 set; what the recorder writes).
+    #[default]
+    PerThread,
+}
+
 /// How the requests of a log are numbered, which decides how a replay finds the record of a
 /// request (see docs/record-log.md, "Identifying requests").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -179,10 +204,13 @@ impl LogHeader {
         h[0..8].copy_from_slice(&MAGIC);
         h[8..10].copy_from_slice(&self.version.to_le_bytes());
         h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
-        let features = match self.indices {
+        let mut features = match self.indices {
             IndexKeying::PerConnection => 0,
             IndexKeying::Continuous => FEATURE_CONTINUOUS_INDICES,
         };
+        if self.streams == LogStreams::PerThread {
+            features |= FEATURE_THREAD_STREAMS;
+        }
         h[12..16].copy_from_slice(&features.to_le_bytes());
         h[16] = self.mode.code();
         h[17] = self.write_hash.code();
@@ -239,15 +267,24 @@ impl LogHeader {
             )));
         }
         let features = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-        if features & !FEATURE_CONTINUOUS_INDICES != 0 {
-            return Err(RecordError::UnknownFeatures(
-                features & !FEATURE_CONTINUOUS_INDICES,
-            ));
+        if features & !KNOWN_FEATURES != 0 {
+            return Err(RecordError::UnknownFeatures(features & !KNOWN_FEATURES));
         }
         let indices = if features & FEATURE_CONTINUOUS_INDICES != 0 {
             IndexKeying::Continuous
         } else {
             IndexKeying::PerConnection
+        };
+        let streams = if features & FEATURE_THREAD_STREAMS != 0 {
+            if indices != IndexKeying::Continuous {
+                // Per-connection keying needs the records of a queue in order.
+                return Err(RecordError::BadHeader(
+                    "per-thread streams (feature bit 1) without continuous indices (bit 0)".into(),
+                ));
+            }
+            LogStreams::PerThread
+        } else {
+            LogStreams::Single
         };
         let mode = RecordMode::from_code(h[16])
             .ok_or_else(|| RecordError::BadHeader(format!("unknown record mode {}", h[16])))?;
@@ -273,6 +310,7 @@ impl LogHeader {
             created_unix_ns: u64_at(56),
             write_hash,
             indices,
+            streams,
         })
     }
 }
@@ -1058,6 +1096,7 @@ mod tests {
             created_unix_ns: 1_700_000_000_000_000_000,
             write_hash: WriteHash::default(),
             indices: IndexKeying::default(),
+            streams: LogStreams::default(),
         }
     }
 
@@ -1116,12 +1155,12 @@ mod tests {
             Err(RecordError::BadHeader(_))
         ));
         let mut b = header().encode();
-        b[12] |= 2;
+        b[12] |= 4;
         let crc = crc32c::crc32c(&b[..76]);
         b[76..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             LogHeader::decode(&b),
-            Err(RecordError::UnknownFeatures(2))
+            Err(RecordError::UnknownFeatures(4))
         ));
     }
 
@@ -1130,10 +1169,11 @@ mod tests {
         let h = header();
         assert_eq!(h.indices, IndexKeying::Continuous);
         let b = h.encode();
-        assert_eq!(b[12], 1);
+        assert_eq!(b[12] & 1, 1);
         assert_eq!(LogHeader::decode(&b).unwrap(), h);
         let old = LogHeader {
             indices: IndexKeying::PerConnection,
+            streams: LogStreams::Single,
             ..h
         };
         let b = old.encode();
@@ -1142,6 +1182,30 @@ mod tests {
             LogHeader::decode(&b).unwrap().indices,
             IndexKeying::PerConnection
         );
+    }
+
+    #[test]
+    fn feature_bit_1_says_the_frames_come_from_per_thread_streams() {
+        let h = header();
+        assert_eq!(h.streams, LogStreams::PerThread);
+        let b = h.encode();
+        assert_eq!(b[12..16], [3, 0, 0, 0]);
+        assert_eq!(LogHeader::decode(&b).unwrap(), h);
+        // The logs written before per-thread streams: one stream, bit 1 clear.
+        let single = LogHeader {
+            streams: LogStreams::Single,
+            ..h
+        };
+        let b = single.encode();
+        assert_eq!(b[12..16], [1, 0, 0, 0]);
+        assert_eq!(LogHeader::decode(&b).unwrap(), single);
+        // Per-connection indices need one ordered stream: bit 1 without bit 0 is refused.
+        let mut b = h.encode();
+        b[12] = 2;
+        let crc = crc32c::crc32c(&b[..76]);
+        b[76..].copy_from_slice(&crc.to_le_bytes());
+        let e = LogHeader::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("per-thread streams"), "{e}");
     }
 
     #[test]
