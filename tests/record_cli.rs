@@ -157,6 +157,7 @@ fn info_on_a_log_damaged_in_the_middle_reports_the_readable_part_and_fails() {
             created_unix_ns: 0,
             write_hash: rr_row::record::format::WriteHash::default(),
             indices: rr_row::record::IndexKeying::default(),
+            streams: rr_row::record::LogStreams::default(),
         },
         Duration::ZERO,
     )

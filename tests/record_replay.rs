@@ -458,6 +458,7 @@ fn crafted_log(path: &Path, img: &Image, start_seq: Seq, recs: &[Record]) {
             created_unix_ns: 0,
             write_hash: rr_row::record::format::WriteHash::default(),
             indices: rr_row::record::IndexKeying::default(),
+            streams: rr_row::record::LogStreams::default(),
         },
         Duration::ZERO,
     )

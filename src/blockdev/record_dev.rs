@@ -11,6 +11,7 @@
 //! If the log cannot be written (disk full, I/O error), the VM keeps running: the error is
 //! logged once and the log ends at its last complete frame, a valid prefix.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,15 +19,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 
-use crate::image::Image;
+use crate::image::{Extent, Image};
 use crate::iobuf::{total_len, IoSeg};
-use crate::record::format::{hash_segs, IndexKeying, LogHeader, WriteHash, MAX_READ_DATA, VERSION};
+use crate::record::format::{
+    hash_segs, BodyRef, ExtentsRef, IndexKeying, LogHeader, LogStreams, RecordRef, WriteHash,
+    MAX_READ_DATA, VERSION,
+};
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 
 use super::relocator::Relocator;
-use crate::record::{
-    LogExtent, LogWriter, ReadBody, Record, RecordBody, RecordError, RecordMode, WriterStats,
-};
+use crate::record::{LogWriter, RecordError, RecordMode, WriterStats};
 use crate::units::{Seq, SECTOR_SIZE};
 
 use super::{BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind};
@@ -59,6 +61,15 @@ pub fn request_type_code(kind: RequestKind) -> u32 {
         RequestKind::WriteZeroes => 13,
         RequestKind::Other(c) => c,
     }
+}
+
+/// Extents a thread's trace buffer keeps room for between reads (a 1 MiB read over 4 KiB
+/// blocks needs 256 at most).
+const TRACE_KEEP: usize = 1024;
+
+thread_local! {
+    /// The extents of the read being recorded on this thread.
+    static TRACE: RefCell<Vec<Extent>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A block device that executes requests on an image and records each one.
@@ -101,6 +112,8 @@ impl RecordingDevice {
             write_hash: WriteHash::default(),
             // The daemon numbers requests on across reconnections (vhost_user::RequestCounters).
             indices: IndexKeying::Continuous,
+            // Each request thread appends to a stream of its own (no shared lock per record).
+            streams: LogStreams::PerThread,
         };
         let log = LogWriter::create(log_path, &header, sync_interval)?;
         info!(
@@ -154,8 +167,8 @@ impl RecordingDevice {
         Ok(stats)
     }
 
-    fn append(&self, rec: &Record) {
-        if let Err(e) = self.log.append(rec) {
+    fn append(&self, rec: &RecordRef<'_>) {
+        if let Err(e) = self.log.append_ref(rec) {
             if !self.append_failed.swap(true, Ordering::Relaxed) {
                 error!(
                     "record log: cannot record q{} #{}: {e}; later records are lost",
@@ -172,9 +185,9 @@ impl RecordingDevice {
         len: u64,
         status: u8,
         seq: Seq,
-        body: RecordBody,
+        body: BodyRef<'_>,
     ) {
-        self.append(&Record {
+        self.append(&RecordRef {
             queue: ctx.queue,
             index: ctx.index,
             sector: offset / SECTOR_SIZE,
@@ -237,49 +250,53 @@ impl BlockDevice for RecordingDevice {
 
     fn read(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
         let len = total_len(segs);
-        let (res, body) = match self.mode {
-            RecordMode::BlockId => {
-                let mut trace = Vec::new();
+        match self.mode {
+            RecordMode::BlockId => TRACE.with(|t| {
+                // The trace buffer is this thread's, reused from read to read: recording a read
+                // allocates nothing. (A nested borrow cannot happen: nothing below calls back.)
+                let mut fallback = Vec::new();
+                let mut guard = t.try_borrow_mut();
+                let trace = match guard.as_deref_mut() {
+                    Ok(v) => v,
+                    Err(_) => &mut fallback,
+                };
+                trace.clear();
                 let r = self
                     .image
-                    .read_vectored(offset, segs, Some(&mut trace))
+                    .read_vectored(offset, segs, Some(&mut *trace))
                     .map_err(BlockError::from);
-                let extents = match r {
-                    Ok(_) => trace.iter().map(LogExtent::from).collect(),
-                    Err(_) => Vec::new(),
+                let (seq, extents) = match &r {
+                    Ok(seq) => (*seq, &trace[..]),
+                    Err(_) => (self.image.seq(), &[][..]),
                 };
                 if let (Ok(_), Some(rel)) = (&r, &self.reloc) {
-                    rel.offer(offset, &trace);
+                    rel.offer(offset, extents);
                 }
-                (
-                    r,
-                    ReadBody {
-                        extents,
-                        data: None,
-                    },
-                )
+                let body = BodyRef::Read {
+                    extents: ExtentsRef::Image(extents),
+                    data: None,
+                };
+                self.record(ctx, offset, len, status_of(&r), seq, body);
+                if trace.capacity() > TRACE_KEEP {
+                    // A very fragmented read: do not keep its buffer for good.
+                    *trace = Vec::new();
+                }
+                r.map(|_| ())
+            }),
+            RecordMode::Full => {
+                let r = self.read_full(offset, segs);
+                let (seq, data) = match &r {
+                    Ok((seq, data)) => (*seq, Some(&data[..])),
+                    Err(_) => (self.image.seq(), None),
+                };
+                let body = BodyRef::Read {
+                    extents: ExtentsRef::Image(&[]),
+                    data,
+                };
+                self.record(ctx, offset, len, status_of(&r), seq, body);
+                r.map(|_| ())
             }
-            RecordMode::Full => match self.read_full(offset, segs) {
-                Ok((seq, data)) => (
-                    Ok(seq),
-                    ReadBody {
-                        extents: Vec::new(),
-                        data: Some(data),
-                    },
-                ),
-                Err(e) => (Err(e), ReadBody::default()),
-            },
-        };
-        let seq = res.as_ref().map_or_else(|_| self.image.seq(), |s| *s);
-        self.record(
-            ctx,
-            offset,
-            len,
-            status_of(&res),
-            seq,
-            RecordBody::Read(body),
-        );
-        res.map(|_| ())
+        }
     }
 
     fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
@@ -298,7 +315,7 @@ impl BlockDevice for RecordingDevice {
             total_len(segs),
             status_of(&res),
             seq,
-            RecordBody::Write {
+            BodyRef::Write {
                 first_pba,
                 blocks,
                 hash,
@@ -316,7 +333,7 @@ impl BlockDevice for RecordingDevice {
         };
         if !ctx.is_internal() {
             let seq = self.image.seq();
-            self.record(ctx, 0, 0, status_of(&res), seq, RecordBody::Flush);
+            self.record(ctx, 0, 0, status_of(&res), seq, BodyRef::Flush);
         }
         // The guest's flush covers the log: a run survives a crash up to its last flush.
         if let Err(e) = self.log.sync() {
@@ -330,7 +347,7 @@ impl BlockDevice for RecordingDevice {
     fn discard(&self, ctx: &RequestCtx, offset: u64, len: u64) -> Result<(), BlockError> {
         let res = self.image.discard(offset, len).map_err(BlockError::from);
         let seq = res.as_ref().map_or_else(|_| self.image.seq(), |s| *s);
-        self.record(ctx, offset, len, status_of(&res), seq, RecordBody::Discard);
+        self.record(ctx, offset, len, status_of(&res), seq, BodyRef::Discard);
         res.map(|_| ())
     }
 
@@ -352,20 +369,20 @@ impl BlockDevice for RecordingDevice {
             len,
             status_of(&res),
             seq,
-            RecordBody::WriteZeroes { unmap },
+            BodyRef::WriteZeroes { unmap },
         );
         res.map(|_| ())
     }
 
     fn rejected(&self, ctx: &RequestCtx, req: &RejectedRequest) {
-        self.append(&Record {
+        self.append(&RecordRef {
             queue: ctx.queue,
             index: ctx.index,
             sector: req.sector,
             len: req.len,
             status: req.status,
             seq: self.image.seq(),
-            body: RecordBody::Rejected {
+            body: BodyRef::Rejected {
                 req_type: request_type_code(req.kind),
             },
         });

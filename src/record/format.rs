@@ -114,10 +114,34 @@ pub struct LogHeader {
     pub write_hash: WriteHash,
     /// How requests are numbered (incompatible feature bit 0).
     pub indices: IndexKeying,
+    /// How many streams of frames the writer interleaves (incompatible feature bit 1).
+    pub streams: LogStreams,
 }
 
 /// Incompatible feature bit 0: [`IndexKeying::Continuous`].
 pub const FEATURE_CONTINUOUS_INDICES: u32 = 1;
+/// Incompatible feature bit 1: [`LogStreams::PerThread`].
+pub const FEATURE_THREAD_STREAMS: u32 = 2;
+/// Every incompatible feature bit this build knows.
+const KNOWN_FEATURES: u32 = FEATURE_CONTINUOUS_INDICES | FEATURE_THREAD_STREAMS;
+
+/// Whether the frames of a log come from one stream of records or from several interleaved
+/// ones (see docs/record-log.md, "Streams"). Records are encoded the same way either way; what
+/// differs is how far apart in the file the records of neighbouring requests can be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogStreams {
+    /// One stream: records are appended to one frame in the order the requests ran, so the
+    /// records of a queue are at most the requests in flight (a queue's size) out of index
+    /// order (feature bit 1 clear; the first logs).
+    Single,
+    /// One stream per recording thread: each frame holds the records of one thread, in the
+    /// order that thread ran them, and the frames of different threads interleave in the file
+    /// in the order they were written. The records of a queue can be any distance out of
+    /// index order; the calls of one request are still in order, since one thread makes them
+    /// (feature bit 1 set; what the recorder writes).
+    #[default]
+    PerThread,
+}
 
 /// How the requests of a log are numbered, which decides how a replay finds the record of a
 /// request (see docs/record-log.md, "Identifying requests").
@@ -180,10 +204,13 @@ impl LogHeader {
         h[0..8].copy_from_slice(&MAGIC);
         h[8..10].copy_from_slice(&self.version.to_le_bytes());
         h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
-        let features = match self.indices {
+        let mut features = match self.indices {
             IndexKeying::PerConnection => 0,
             IndexKeying::Continuous => FEATURE_CONTINUOUS_INDICES,
         };
+        if self.streams == LogStreams::PerThread {
+            features |= FEATURE_THREAD_STREAMS;
+        }
         h[12..16].copy_from_slice(&features.to_le_bytes());
         h[16] = self.mode.code();
         h[17] = self.write_hash.code();
@@ -240,15 +267,24 @@ impl LogHeader {
             )));
         }
         let features = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-        if features & !FEATURE_CONTINUOUS_INDICES != 0 {
-            return Err(RecordError::UnknownFeatures(
-                features & !FEATURE_CONTINUOUS_INDICES,
-            ));
+        if features & !KNOWN_FEATURES != 0 {
+            return Err(RecordError::UnknownFeatures(features & !KNOWN_FEATURES));
         }
         let indices = if features & FEATURE_CONTINUOUS_INDICES != 0 {
             IndexKeying::Continuous
         } else {
             IndexKeying::PerConnection
+        };
+        let streams = if features & FEATURE_THREAD_STREAMS != 0 {
+            if indices != IndexKeying::Continuous {
+                // Per-connection keying needs the records of a queue in order.
+                return Err(RecordError::BadHeader(
+                    "per-thread streams (feature bit 1) without continuous indices (bit 0)".into(),
+                ));
+            }
+            LogStreams::PerThread
+        } else {
+            LogStreams::Single
         };
         let mode = RecordMode::from_code(h[16])
             .ok_or_else(|| RecordError::BadHeader(format!("unknown record mode {}", h[16])))?;
@@ -274,6 +310,7 @@ impl LogHeader {
             created_unix_ns: u64_at(56),
             write_hash,
             indices,
+            streams,
         })
     }
 }
@@ -405,6 +442,133 @@ impl Record {
             RecordBody::Discard => "discard",
             RecordBody::WriteZeroes { .. } => "write-zeroes",
             RecordBody::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// The extents of a read, borrowed: as a record holds them, or as the image engine traced them
+/// (so that recording a read converts and copies nothing).
+#[derive(Debug, Clone, Copy)]
+pub enum ExtentsRef<'a> {
+    /// Log extents, e.g. those of a decoded [`Record`].
+    Log(&'a [LogExtent]),
+    /// Extents traced by [`Image::read_vectored`](crate::image::Image::read_vectored).
+    Image(&'a [Extent]),
+}
+
+impl ExtentsRef<'_> {
+    /// Number of extents.
+    pub fn len(&self) -> usize {
+        match self {
+            ExtentsRef::Log(e) => e.len(),
+            ExtentsRef::Image(e) => e.len(),
+        }
+    }
+
+    /// True when there is no extent.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The extents, in order, as the log stores them.
+    pub fn iter(&self) -> impl Iterator<Item = LogExtent> + '_ {
+        let (log, image) = match *self {
+            ExtentsRef::Log(e) => (e, &[][..]),
+            ExtentsRef::Image(e) => (&[][..], e),
+        };
+        log.iter().copied().chain(image.iter().map(LogExtent::from))
+    }
+}
+
+/// The kind-specific part of a [`RecordRef`]: [`RecordBody`] with its variable-size parts
+/// borrowed.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyRef<'a> {
+    /// A read: the extents that supplied the data (block-id mode), or the data (full mode).
+    Read {
+        /// The extents, empty in full mode or when the read failed.
+        extents: ExtentsRef<'a>,
+        /// The data, exactly `len` bytes (full mode, successful reads only).
+        data: Option<&'a [u8]>,
+    },
+    /// A write, as [`RecordBody::Write`].
+    Write {
+        /// First PBA allocated (meaningless when `blocks` is 0).
+        first_pba: Pba,
+        /// Number of consecutive PBAs allocated; 0 when the write failed.
+        blocks: u64,
+        /// The hash of the written data.
+        hash: [u8; HASH_LEN],
+    },
+    /// A flush.
+    Flush,
+    /// A discard.
+    Discard,
+    /// A write-zeroes, as [`RecordBody::WriteZeroes`].
+    WriteZeroes {
+        /// VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.
+        unmap: bool,
+    },
+    /// A rejected request, as [`RecordBody::Rejected`].
+    Rejected {
+        /// The virtio-blk request type code.
+        req_type: u32,
+    },
+}
+
+/// A record to encode, borrowing its extents and data: what the recorder appends, so that
+/// recording a request allocates nothing. Encodes to the same bytes as the [`Record`] with the
+/// same content.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    /// Virtqueue index.
+    pub queue: u16,
+    /// Per-queue request index.
+    pub index: u64,
+    /// First 512-byte sector of the request.
+    pub sector: u64,
+    /// Data length in bytes (for discard and write-zeroes: the range length).
+    pub len: u64,
+    /// The virtio-blk status byte the request completed with.
+    pub status: u8,
+    /// The image seq the request saw.
+    pub seq: Seq,
+    /// Kind-specific content.
+    pub body: BodyRef<'a>,
+}
+
+impl Record {
+    /// This record as a [`RecordRef`] borrowing from it.
+    pub fn view(&self) -> RecordRef<'_> {
+        let body = match &self.body {
+            RecordBody::Read(b) => BodyRef::Read {
+                extents: ExtentsRef::Log(&b.extents),
+                data: b.data.as_deref(),
+            },
+            RecordBody::Write {
+                first_pba,
+                blocks,
+                hash,
+            } => BodyRef::Write {
+                first_pba: *first_pba,
+                blocks: *blocks,
+                hash: *hash,
+            },
+            RecordBody::Flush => BodyRef::Flush,
+            RecordBody::Discard => BodyRef::Discard,
+            RecordBody::WriteZeroes { unmap } => BodyRef::WriteZeroes { unmap: *unmap },
+            RecordBody::Rejected { req_type } => BodyRef::Rejected {
+                req_type: *req_type,
+            },
+        };
+        RecordRef {
+            queue: self.queue,
+            index: self.index,
+            sector: self.sector,
+            len: self.len,
+            status: self.status,
+            seq: self.seq,
+            body,
         }
     }
 }
@@ -592,13 +756,18 @@ impl Codec {
     /// Appends the encoding of `r` to `out`, advancing the delta state. On error (a value that
     /// cannot be encoded) nothing is appended and the state is unchanged.
     pub fn encode(&mut self, r: &Record, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.encode_ref(&r.view(), out)
+    }
+
+    /// [`encode`](Self::encode) for a borrowed record.
+    pub fn encode_ref(&mut self, r: &RecordRef<'_>, out: &mut Vec<u8>) -> Result<(), RecordError> {
         let (kind, flags) = match &r.body {
-            RecordBody::Read(b) => {
+            BodyRef::Read { extents, data } => {
                 let mut f = 0;
-                if !b.extents.is_empty() {
+                if !extents.is_empty() {
                     f |= TAG_FLAG_A;
                 }
-                if let Some(d) = &b.data {
+                if let Some(d) = data {
                     if d.len() as u64 != r.len {
                         return Err(RecordError::Encode("read data length differs from len"));
                     }
@@ -609,20 +778,20 @@ impl Codec {
                 }
                 // Every check happens before anything is written or the delta state moves, so
                 // an error leaves both as they were.
-                if b.extents.iter().any(|e| e.blocks() > u64::MAX >> 2) {
+                if extents.iter().any(|e| e.blocks() > u64::MAX >> 2) {
                     return Err(RecordError::Encode("extent block count too large"));
                 }
                 (kind::READ, f)
             }
-            RecordBody::Write { blocks, .. } => {
+            BodyRef::Write { blocks, .. } => {
                 (kind::WRITE, if *blocks > 0 { TAG_FLAG_A } else { 0 })
             }
-            RecordBody::Flush => (kind::FLUSH, 0),
-            RecordBody::Discard => (kind::DISCARD, 0),
-            RecordBody::WriteZeroes { unmap } => {
+            BodyRef::Flush => (kind::FLUSH, 0),
+            BodyRef::Discard => (kind::DISCARD, 0),
+            BodyRef::WriteZeroes { unmap } => {
                 (kind::WRITE_ZEROES, if *unmap { TAG_FLAG_A } else { 0 })
             }
-            RecordBody::Rejected { .. } => (kind::REJECTED, 0),
+            BodyRef::Rejected { .. } => (kind::REJECTED, 0),
         };
         let status_class = if r.status < STATUS_EXPLICIT {
             r.status
@@ -647,13 +816,13 @@ impl Codec {
         put_varint(out, zigzag(r.seq.get().wrapping_sub(self.seq) as i64));
         self.seq = r.seq.get();
         match &r.body {
-            RecordBody::Read(b) => {
-                if !b.extents.is_empty() {
-                    put_varint(out, b.extents.len() as u64);
+            BodyRef::Read { extents, data } => {
+                if !extents.is_empty() {
+                    put_varint(out, extents.len() as u64);
                     let mut expected_lba = self.lba_of(r.sector);
-                    for e in &b.extents {
+                    for e in extents.iter() {
                         let blocks = e.blocks();
-                        match *e {
+                        match e {
                             LogExtent::Mapped { pba, blocks } => {
                                 put_varint(out, (blocks << 2) | EXT_MAPPED);
                                 let d = pba.get().wrapping_sub(self.next_pba) as i64;
@@ -672,11 +841,11 @@ impl Codec {
                         expected_lba = expected_lba.wrapping_add(blocks);
                     }
                 }
-                if let Some(d) = &b.data {
+                if let Some(d) = data {
                     out.extend_from_slice(d);
                 }
             }
-            RecordBody::Write {
+            BodyRef::Write {
                 first_pba,
                 blocks,
                 hash,
@@ -691,8 +860,8 @@ impl Codec {
                 }
                 out.extend_from_slice(hash);
             }
-            RecordBody::Rejected { req_type } => put_varint(out, u64::from(*req_type)),
-            RecordBody::Flush | RecordBody::Discard | RecordBody::WriteZeroes { .. } => {}
+            BodyRef::Rejected { req_type } => put_varint(out, u64::from(*req_type)),
+            BodyRef::Flush | BodyRef::Discard | BodyRef::WriteZeroes { .. } => {}
         }
         self.after_range(r.sector, r.len);
         Ok(())
@@ -870,21 +1039,47 @@ pub fn truncate_hash(h: &blake3::Hash) -> [u8; HASH_LEN] {
 
 /// The hash kept for the data of a write, computed over its scatter-gather segments (copied
 /// out in chunks: guest memory is never borrowed as a Rust slice). The bounce buffer is per
-/// thread, so it is not zeroed again for every request.
+/// thread, so it is not zeroed again for every request; data that fits in it (every 4 KiB
+/// write) is gathered there and hashed in one call, which for XXH3 costs about half of feeding
+/// a streaming hasher (and needs no hasher state).
 pub fn hash_segs(alg: WriteHash, segs: &[IoSeg<'_>]) -> [u8; HASH_LEN] {
+    const BOUNCE_LEN: usize = 16 * 1024;
     thread_local! {
-        static BOUNCE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 16 * 1024]);
+        static BOUNCE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; BOUNCE_LEN]);
     }
     enum Hasher {
         Blake3(Box<blake3::Hasher>),
         Xxh3(Box<xxhash_rust::xxh3::Xxh3>),
     }
-    let mut h = match alg {
-        WriteHash::Blake3 => Hasher::Blake3(Box::default()),
-        WriteHash::Xxh3_128 => Hasher::Xxh3(Box::default()),
-    };
     BOUNCE.with(|b| {
-        let mut buf = b.borrow_mut();
+        let mut fallback = Vec::new();
+        let mut guard = b.try_borrow_mut();
+        let buf = match guard.as_deref_mut() {
+            Ok(v) => v,
+            // Not reachable (nothing in here hashes again); a fresh buffer keeps it correct.
+            Err(_) => {
+                fallback.resize(BOUNCE_LEN, 0);
+                &mut fallback
+            }
+        };
+        if alg == WriteHash::Xxh3_128 && crate::iobuf::total_len(segs) <= buf.len() as u64 {
+            let mut pos = 0;
+            for s in segs {
+                let Some(dst) = buf.get_mut(pos..pos + s.len()) else {
+                    break;
+                };
+                if !s.copy_to(0, dst) {
+                    break;
+                }
+                pos += s.len();
+            }
+            let data = buf.get(..pos).unwrap_or_default();
+            return xxhash_rust::xxh3::xxh3_128(data).to_le_bytes();
+        }
+        let mut h = match alg {
+            WriteHash::Blake3 => Hasher::Blake3(Box::default()),
+            WriteHash::Xxh3_128 => Hasher::Xxh3(Box::default()),
+        };
         for s in segs {
             let mut off = 0;
             while off < s.len() {
@@ -904,11 +1099,11 @@ pub fn hash_segs(alg: WriteHash, segs: &[IoSeg<'_>]) -> [u8; HASH_LEN] {
                 off += n;
             }
         }
-    });
-    match h {
-        Hasher::Blake3(h) => truncate_hash(&h.finalize()),
-        Hasher::Xxh3(h) => h.digest128().to_le_bytes(),
-    }
+        match h {
+            Hasher::Blake3(h) => truncate_hash(&h.finalize()),
+            Hasher::Xxh3(h) => h.digest128().to_le_bytes(),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -927,6 +1122,7 @@ mod tests {
             created_unix_ns: 1_700_000_000_000_000_000,
             write_hash: WriteHash::default(),
             indices: IndexKeying::default(),
+            streams: LogStreams::default(),
         }
     }
 
@@ -985,12 +1181,12 @@ mod tests {
             Err(RecordError::BadHeader(_))
         ));
         let mut b = header().encode();
-        b[12] |= 2;
+        b[12] |= 4;
         let crc = crc32c::crc32c(&b[..76]);
         b[76..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             LogHeader::decode(&b),
-            Err(RecordError::UnknownFeatures(2))
+            Err(RecordError::UnknownFeatures(4))
         ));
     }
 
@@ -999,10 +1195,11 @@ mod tests {
         let h = header();
         assert_eq!(h.indices, IndexKeying::Continuous);
         let b = h.encode();
-        assert_eq!(b[12], 1);
+        assert_eq!(b[12] & 1, 1);
         assert_eq!(LogHeader::decode(&b).unwrap(), h);
         let old = LogHeader {
             indices: IndexKeying::PerConnection,
+            streams: LogStreams::Single,
             ..h
         };
         let b = old.encode();
@@ -1011,6 +1208,79 @@ mod tests {
             LogHeader::decode(&b).unwrap().indices,
             IndexKeying::PerConnection
         );
+    }
+
+    #[test]
+    fn feature_bit_1_says_the_frames_come_from_per_thread_streams() {
+        let h = header();
+        assert_eq!(h.streams, LogStreams::PerThread);
+        let b = h.encode();
+        assert_eq!(b[12..16], [3, 0, 0, 0]);
+        assert_eq!(LogHeader::decode(&b).unwrap(), h);
+        // The logs written before per-thread streams: one stream, bit 1 clear.
+        let single = LogHeader {
+            streams: LogStreams::Single,
+            ..h
+        };
+        let b = single.encode();
+        assert_eq!(b[12..16], [1, 0, 0, 0]);
+        assert_eq!(LogHeader::decode(&b).unwrap(), single);
+        // Per-connection indices need one ordered stream: bit 1 without bit 0 is refused.
+        let mut b = h.encode();
+        b[12] = 2;
+        let crc = crc32c::crc32c(&b[..76]);
+        b[76..].copy_from_slice(&crc.to_le_bytes());
+        let e = LogHeader::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("per-thread streams"), "{e}");
+    }
+
+    #[test]
+    fn borrowed_records_encode_like_owned_ones() {
+        let image = [
+            Extent::Mapped {
+                pba: Pba(70),
+                blocks: 2,
+            },
+            Extent::Zero { blocks: 1 },
+            Extent::Base {
+                lba: Lba(12),
+                blocks: 1,
+            },
+        ];
+        let owned = Record {
+            queue: 1,
+            index: 9,
+            sector: 96,
+            len: 4 * 4096,
+            status: 0,
+            seq: Seq(5),
+            body: RecordBody::Read(ReadBody {
+                extents: image.iter().map(LogExtent::from).collect(),
+                data: None,
+            }),
+        };
+        let borrowed = RecordRef {
+            body: BodyRef::Read {
+                extents: ExtentsRef::Image(&image),
+                data: None,
+            },
+            ..owned.view()
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut ca, mut cb) = (
+            Codec::new(BlockSize::DEFAULT),
+            Codec::new(BlockSize::DEFAULT),
+        );
+        for _ in 0..2 {
+            ca.encode(&owned, &mut a).unwrap();
+            cb.encode_ref(&borrowed, &mut b).unwrap();
+        }
+        assert_eq!(a, b);
+        let mut pos = 0;
+        let mut d = Codec::new(BlockSize::DEFAULT);
+        assert_eq!(d.decode(&b, &mut pos).unwrap(), owned);
+        assert_eq!(d.decode(&b, &mut pos).unwrap(), owned);
+        assert_eq!(pos, b.len());
     }
 
     #[test]
@@ -1025,6 +1295,22 @@ mod tests {
         assert_eq!(hash_segs(WriteHash::Xxh3_128, &segs), xxh);
         assert_ne!(hash_segs(WriteHash::Xxh3_128, &segs[..1]), xxh);
         assert_ne!(xxh, whole);
+        // Data that fits in the bounce buffer is hashed in one call: the same hash.
+        for len in [0usize, 1, 4096, 16 * 1024, 16 * 1024 + 1] {
+            let data = &data[..len];
+            let (a, b) = data.split_at(len / 3);
+            let segs = [IoSeg::from_slice(a), IoSeg::from_slice(b)];
+            assert_eq!(
+                hash_segs(WriteHash::Xxh3_128, &segs),
+                xxhash_rust::xxh3::xxh3_128(data).to_le_bytes(),
+                "{len} bytes"
+            );
+            assert_eq!(
+                hash_segs(WriteHash::Blake3, &segs),
+                truncate_hash(&blake3::hash(data)),
+                "{len} bytes"
+            );
+        }
     }
 
     #[test]

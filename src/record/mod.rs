@@ -7,7 +7,8 @@
 //! the image's retained history. The byte-exact format is specified in `docs/record-log.md`.
 //!
 //! - [`format`](mod@format): header, frames and the record encoding (varints, delta-encoded PBAs).
-//! - [`writer`]: [`LogWriter`], shared by all queue threads, bounded memory, periodic sync.
+//! - [`writer`]: [`LogWriter`], shared by all queue threads (each appends to a stream of its
+//!   own), bounded memory, periodic sync.
 //! - [`reader`]: [`LogReader`], an iterator over records that stops cleanly at a torn tail, and
 //!   [`ReplayIndex`], the records grouped per queue in index order for replay.
 //!
@@ -19,6 +20,9 @@ pub mod reader;
 pub mod writer;
 
 pub use error::RecordError;
-pub use format::{IndexKeying, LogExtent, LogHeader, ReadBody, Record, RecordBody, RecordMode};
+pub use format::{
+    BodyRef, ExtentsRef, IndexKeying, LogExtent, LogHeader, LogStreams, ReadBody, Record,
+    RecordBody, RecordMode, RecordRef,
+};
 pub use reader::{CallKey, LogReader, QueueEpoch, ReplayIndex, TornTail};
 pub use writer::{LogWriter, WriterStats};

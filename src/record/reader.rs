@@ -296,6 +296,40 @@ struct QueueRecords {
     epochs: QueueEpoch,
 }
 
+impl QueueRecords {
+    /// Sorts the records by key; records with equal keys stay in log order.
+    fn sort(&mut self) {
+        let mut both: Vec<(CallKey, usize)> = self
+            .keys
+            .iter()
+            .copied()
+            .zip(self.offsets.iter().copied())
+            .collect();
+        // Offsets grow in log order, so sorting by (key, offset) is a stable sort by key.
+        both.sort_unstable();
+        (self.keys, self.offsets) = both.into_iter().unzip();
+    }
+
+    /// Continuous indices: puts the records in index order and numbers the calls of each
+    /// index 0, 1, ... in log order. Unlike [`QueueEpoch`], this needs no bound on how far
+    /// apart in the log the calls of one request are (with per-thread streams they can be a
+    /// whole frame of another thread apart, any number of requests).
+    fn number_calls(&mut self) {
+        if self.keys.windows(2).any(|w| w.first() > w.last()) {
+            self.sort();
+        }
+        let mut prev: Option<(u64, u32)> = None;
+        for k in &mut self.keys {
+            let sub = match prev {
+                Some((i, s)) if i == k.1 => s.saturating_add(1),
+                _ => 0,
+            };
+            k.2 = sub;
+            prev = Some((k.1, sub));
+        }
+    }
+}
+
 /// A log's records grouped per queue in index order, for replay. Records are kept encoded
 /// (a few bytes each in block-id mode) and decoded on lookup.
 pub struct ReplayIndex {
@@ -323,26 +357,24 @@ impl ReplayIndex {
             let Some(qr) = queues.get_mut(q) else {
                 continue;
             };
-            let key = qr.epochs.key(r.index);
+            // Continuous keys get their sub-numbers below, once every record is in.
+            let key = match header.indices {
+                IndexKeying::Continuous => (0, r.index, 0),
+                IndexKeying::PerConnection => qr.epochs.key(r.index),
+            };
             qr.keys.push(key);
             qr.offsets.push(qr.bytes.len());
             codec.reset();
             codec.encode(&r, &mut qr.bytes)?;
             records += 1;
         }
-        // Requests of one queue ran in parallel: put each queue's records in key order, so
-        // lookups can binary-search (a stable sort keeps repeated keys of a damaged log in log
-        // order).
         for q in &mut queues {
-            if q.keys.windows(2).any(|w| w.first() > w.last()) {
-                let mut both: Vec<(CallKey, usize)> = q
-                    .keys
-                    .iter()
-                    .copied()
-                    .zip(q.offsets.iter().copied())
-                    .collect();
-                both.sort_by_key(|&(k, _)| k);
-                (q.keys, q.offsets) = both.into_iter().unzip();
+            if header.indices == IndexKeying::Continuous {
+                q.number_calls();
+            } else if q.keys.windows(2).any(|w| w.first() > w.last()) {
+                // Per-connection logs are in key order already, but for a damaged log (a stable
+                // sort keeps its repeated keys in log order).
+                q.sort();
             }
         }
         Ok(Self {
