@@ -58,6 +58,7 @@ fn info_reports_counts_bytes_and_the_full_mode_cost() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["header"]["mode"], "block-id");
     assert_eq!(v["header"]["request_indices"], "continuous");
+    assert_eq!(v["header"]["streams"], "per-thread");
     assert_eq!(v["records"], 351);
     assert_eq!(v["kinds"]["read"]["count"], 300);
     assert_eq!(v["kinds"]["write"]["count"], 50);

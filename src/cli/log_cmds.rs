@@ -153,6 +153,7 @@ fn header_json(h: &LogHeader) -> Value {
         "block_size": h.block_size.bytes(),
         "write_hash": h.write_hash.name(),
         "request_indices": indices_name(h.indices),
+        "streams": streams_name(h.streams),
         "image_size": h.image_size,
         "created_unix_ns": h.created_unix_ns,
         "created": utc_time(h.created_unix_ns),
@@ -264,6 +265,7 @@ pub fn info(log: &Path, output: OutputFormat) -> CliResult {
             println!("block size:     {}", header.block_size);
             println!("write hash:     {}", header.write_hash.name());
             println!("indices:        {}", indices_name(header.indices));
+            println!("streams:        {}", streams_name(header.streams));
             println!(
                 "image size:     {} ({} bytes)",
                 human_bytes(header.image_size),
@@ -452,6 +454,14 @@ fn indices_name(k: crate::record::IndexKeying) -> &'static str {
     match k {
         crate::record::IndexKeying::Continuous => "continuous",
         crate::record::IndexKeying::PerConnection => "per-connection",
+    }
+}
+
+/// How `log info` names the way a log's frames are organised (docs/record-log.md).
+fn streams_name(s: crate::record::LogStreams) -> &'static str {
+    match s {
+        crate::record::LogStreams::Single => "single",
+        crate::record::LogStreams::PerThread => "per-thread",
     }
 }
 
