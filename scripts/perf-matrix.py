@@ -561,12 +561,13 @@ def main() -> int:
         return 2
     opts.workdir.mkdir(parents=True, exist_ok=True)
     # A redirect-on-write image never reclaims (no retention policy yet): every write of a
-    # repetition appends. Measured peak: about 7x the disk size per rr-row image in one
-    # repetition of the default matrix (2 GiB disk: 13-14 GiB each), so ask for 10x per rr-row
-    # backend plus 2x for each qemu-storage-daemon image. A full disk makes every later run fail.
+    # repetition appends, and the faster rr-row writes, the more it appends. Measured peak:
+    # about 14x the disk size per rr-row image in one repetition of the default matrix (2 GiB
+    # disk: 25-28 GiB each, 2026-11-26), so ask for 16x per rr-row backend plus 2x for each
+    # qemu-storage-daemon image. A full disk makes every later run fail.
     n_rr = sum(1 for b in opts.backends.split(",") if b.strip() == "rr-row") * (2 if opts.record else 1)
     n_qsd = sum(1 for b in opts.backends.split(",") if b.strip() in ("raw", "qcow2"))
-    need = opts.size_bytes * (10 * n_rr + 2 * n_qsd)
+    need = opts.size_bytes * (16 * n_rr + 2 * n_qsd)
     free = shutil.disk_usage(opts.workdir).free
     if free < need:
         print(f"error: {opts.workdir} has {free / 2**30:.1f} GiB free; this matrix needs about {need / 2**30:.0f} GiB "

@@ -27,7 +27,8 @@ pub const MAX_FRAME_PAYLOAD: u32 = 1 << 30;
 /// Largest read a full-mode record carries (64 MiB), so that a frame stays far below
 /// [`MAX_FRAME_PAYLOAD`] and a hostile guest cannot make the recorder allocate without bound.
 pub const MAX_READ_DATA: u64 = 64 << 20;
-/// Bytes of the BLAKE3 hash kept for a written request's data (BLAKE3 truncated to 128 bits).
+/// Bytes of the hash kept for a written request's data (128 bits; which hash the log header's
+/// [`WriteHash`] says).
 pub const HASH_LEN: usize = 16;
 
 /// Record kind codes (the low four bits of a record's tag byte).
@@ -392,7 +393,7 @@ pub enum RecordBody {
         first_pba: Pba,
         /// Number of consecutive PBAs allocated; 0 when the write failed.
         blocks: u64,
-        /// BLAKE3 of the written data, truncated to [`HASH_LEN`] bytes.
+        /// The hash of the written data ([`WriteHash`] of the log), [`HASH_LEN`] bytes.
         hash: [u8; HASH_LEN],
     },
     /// VIRTIO_BLK_T_FLUSH.
@@ -1030,7 +1031,8 @@ pub fn frame_crc_ok(len_bytes: [u8; 4], crc: u32, payload: &[u8]) -> bool {
     crc32c::crc32c_append(crc32c::crc32c(&len_bytes), payload) == crc
 }
 
-/// The BLAKE3 hash kept for written data, truncated to [`HASH_LEN`] bytes.
+/// A BLAKE3 hash as kept for written data in [`WriteHash::Blake3`] logs: truncated to
+/// [`HASH_LEN`] bytes.
 pub fn truncate_hash(h: &blake3::Hash) -> [u8; HASH_LEN] {
     let mut out = [0u8; HASH_LEN];
     out.copy_from_slice(&h.as_bytes()[..HASH_LEN]);
