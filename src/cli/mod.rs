@@ -21,7 +21,7 @@ pub struct Cli {
 }
 
 /// Default of `serve --poll-us`.
-pub const DEFAULT_POLL_US: u64 = 32;
+pub const DEFAULT_POLL_US: u64 = 64;
 
 /// Largest `serve --poll-us`.
 pub const MAX_POLL_US: u64 = 10_000;
