@@ -170,11 +170,14 @@ fn bad_arguments_fail_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert!(serve_fails(d, &[]).contains("no such image"));
-    assert!(serve_fails(
-        d,
-        &["--size", "1M", "--record", "l.log", "--replay", "l.log"]
-    )
-    .contains("cannot be used with"));
+    // Inside the temporary directory, so a wrongly accepted run cannot leave a log behind
+    // in the working directory.
+    let log = d.join("l.log");
+    let log = log.to_str().unwrap();
+    assert!(
+        serve_fails(d, &["--size", "1M", "--record", log, "--replay", log])
+            .contains("cannot be used with")
+    );
     assert!(serve_fails(d, &["--size", "1M", "--record-mode", "full"]).contains("--record"));
     assert!(serve_fails(d, &["--size", "1M", "--queues", "0"]).contains("--queues"));
     assert!(serve_fails(d, &["--size", "1M", "--queue-size", "100"]).contains("--queue-size"));
