@@ -28,6 +28,7 @@ use crate::record::format::{
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 
 use super::relocator::Relocator;
+use super::syncer::Syncer;
 use crate::record::{LogWriter, RecordError, RecordMode, WriterStats};
 use crate::units::{Seq, SECTOR_SIZE};
 
@@ -74,8 +75,9 @@ thread_local! {
 
 /// A block device that executes requests on an image and records each one.
 pub struct RecordingDevice {
-    // Dropped first: its thread holds a reference to the image.
+    // Dropped first: their threads hold a reference to the image.
     reloc: Option<Relocator>,
+    syncer: Option<Syncer>,
     image: Arc<Image>,
     log: LogWriter,
     mode: RecordMode,
@@ -124,6 +126,7 @@ impl RecordingDevice {
         );
         Ok(Self {
             reloc: None,
+            syncer: None,
             image,
             log,
             mode,
@@ -138,6 +141,12 @@ impl RecordingDevice {
         if self.mode == RecordMode::BlockId {
             self.reloc = Relocator::start(&self.image, min_runs)?;
         }
+        Ok(self)
+    }
+
+    /// Also runs the engine's periodic sync on a background thread (see [`Syncer`]).
+    pub fn with_background_sync(mut self) -> std::io::Result<Self> {
+        self.syncer = Syncer::start(&self.image)?;
         Ok(self)
     }
 

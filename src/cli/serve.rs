@@ -11,7 +11,6 @@ use super::{CliError, CliResult, ServeArgs, MAX_POLL_US};
 use crate::blockdev::image_dev::ImageDevice;
 use crate::blockdev::record_dev::RecordingDevice;
 use crate::blockdev::replay_dev::{DivergencePolicy, ReplayingDevice};
-use crate::blockdev::syncer::Syncer;
 use crate::blockdev::BlockDevice;
 use crate::image::{CreateOptions, Image, OpenMode, OpenOptions};
 use crate::units::BlockSize;
@@ -194,12 +193,11 @@ pub fn serve(a: &ServeArgs) -> CliResult {
                 RecordingDevice::new(Arc::clone(&image), log, mode)
                     .map_err(|e| CliError::ctx(log.display(), e))?
                     .with_relocation(a.relocate_on_read)
-                    .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?,
+                    .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?
+                    .with_background_sync()
+                    .map_err(|e| CliError::ctx("cannot start the sync thread", e))?,
             );
-            let syncer = Syncer::start(&image)
-                .map_err(|e| CliError::ctx("cannot start the sync thread", e))?;
             let r = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
-            drop(syncer);
             if let Ok(dev) = Arc::try_unwrap(dev) {
                 dev.finish().map_err(|e| CliError::ctx(log.display(), e))?;
             }
