@@ -625,14 +625,12 @@ fn preallocation_with_direct_io_reserves_without_caching() {
     for i in 0..4u64 {
         write_split(&img, i * mb as u64, &pattern(i, mb), 0, &[]);
     }
-    let start = std::time::Instant::now();
-    while std::fs::metadata(&path).unwrap().len() < 16 << 20 {
-        assert!(
-            start.elapsed().as_secs() < 30,
-            "preallocation never happened"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(30), || {
+            std::fs::metadata(&path).unwrap().len() >= 16 << 20
+        }),
+        "preallocation never happened"
+    );
     img.flush().unwrap();
     assert!(
         cached_bytes(&path) < 3 * mb as u64,

@@ -3,6 +3,11 @@
 //! ahead of the allocation counter (content and recovery unchanged), and dropping superseded
 //! versions from the page cache (they leave the cache; content and history unchanged).
 
+mod common;
+
+use std::time::Duration;
+
+use common::wait_until;
 use rand::{Rng, SeedableRng};
 use rr_row::image::{CreateOptions, Extent, Image, OpenMode};
 use rr_row::units::{BlockSize, Lba, Pba, Seq};
@@ -224,16 +229,15 @@ fn preallocation_extends_the_file_and_changes_nothing_else() {
     let img = create(&p);
     img.set_preallocate(8 << 20).unwrap();
     let model = fragment(&img, 5);
-    let start = std::time::Instant::now();
     // The thread works in the background: wait (bounded) until it has extended the file.
     // Without it the file ends near 3 MiB (1 MiB journal segment, 2 MiB of data blocks).
-    while std::fs::metadata(&p).unwrap().len() < 8 << 20 {
-        assert!(
-            start.elapsed().as_secs() < 30,
-            "preallocation never happened"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    assert!(
+        wait_until(Duration::from_secs(30), || std::fs::metadata(&p)
+            .unwrap()
+            .len()
+            >= 8 << 20),
+        "preallocation never happened"
+    );
     let seq = img.seq();
     let mut all = vec![0u8; BLOCKS * BS];
     img.read_at(0, &mut all).unwrap();
@@ -305,10 +309,9 @@ fn superseded_versions_leave_the_page_cache_and_keep_their_content() {
     }
     img.flush().unwrap();
     // The dropping thread runs on its own schedule (at most 200 ms after a sync).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while img.dropped_from_cache().1 < BLOCKS as u64 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(10), || {
+        img.dropped_from_cache().1 >= BLOCKS as u64
+    });
     assert_eq!(
         img.dropped_from_cache().1,
         BLOCKS as u64,
@@ -352,7 +355,7 @@ fn small_scattered_superseded_versions_are_left_alone() {
     // A single 4 KiB overwrite supersedes one block: below the size worth a system call.
     img.write_at(0, &[1u8; BS]).unwrap();
     img.flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500));
     let mut got = vec![0u8; model.len()];
     img.read_at(0, &mut got).unwrap();
     assert!(got[..BS].iter().all(|&b| b == 1) && got[BS..] == model[BS..]);
@@ -376,19 +379,17 @@ fn the_periodic_sync_runs_inline_unless_deferred() {
     write_chunks(&img, 4, 1);
     assert_eq!(img.durable_seq(), Seq(4), "the 4th 64 KiB write synced");
     // Nobody is waiting for due syncs: wait_sync_due returns at once and runs nothing.
-    assert!(!img
-        .wait_sync_due(std::time::Duration::from_secs(60))
-        .unwrap());
+    assert!(!img.wait_sync_due(Duration::from_secs(60)).unwrap());
 
     // Deferred: crossing the limit only asks ...
     img.set_deferred_sync(true);
     write_chunks(&img, 5, 2);
     assert_eq!(img.durable_seq(), Seq(4), "no write synced by itself");
     // ... and the background caller runs it.
-    assert!(img.wait_sync_due(std::time::Duration::ZERO).unwrap());
+    assert!(img.wait_sync_due(Duration::ZERO).unwrap());
     assert_eq!(img.durable_seq(), Seq(9));
     assert!(
-        !img.wait_sync_due(std::time::Duration::ZERO).unwrap(),
+        !img.wait_sync_due(Duration::ZERO).unwrap(),
         "one request, one sync"
     );
 
@@ -415,12 +416,9 @@ fn a_background_syncer_keeps_the_data_durable_and_the_image_reopens_intact() {
     let dev = ImageDevice::new(img).with_background_sync().unwrap();
     write_chunks(dev.image(), 16, 7);
     // The syncer runs on its own thread: wait (generously) for it to catch up.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while dev.image().durable_seq() < Seq(15) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
     assert!(
-        dev.image().durable_seq() >= Seq(15),
+        wait_until(Duration::from_secs(60), || dev.image().durable_seq()
+            >= Seq(15)),
         "the syncer made the writes durable"
     );
     assert!(dev.capacity() > 0);
