@@ -17,7 +17,7 @@ use crate::iobuf::IoSeg;
 
 use super::relocator::Relocator;
 use super::syncer::Syncer;
-use super::{BlockDevice, BlockError, RequestCtx};
+use super::{with_trace, BlockDevice, BlockError, RequestCtx};
 
 /// A block device serving an open image.
 pub struct ImageDevice {
@@ -104,12 +104,13 @@ impl BlockDevice for ImageDevice {
                 .map(|_| ())
                 .map_err(BlockError::from);
         };
-        let mut trace = Vec::new();
-        self.image
-            .read_vectored(offset, segs, Some(&mut trace))
-            .map_err(BlockError::from)?;
-        r.offer(offset, &trace);
-        Ok(())
+        with_trace(|trace| {
+            self.image
+                .read_vectored(offset, segs, Some(&mut *trace))
+                .map_err(BlockError::from)?;
+            r.offer(offset, trace);
+            Ok(())
+        })
     }
 
     fn write(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {

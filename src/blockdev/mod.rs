@@ -12,7 +12,41 @@ pub mod relocator;
 pub mod replay_dev;
 pub mod syncer;
 
+use std::cell::RefCell;
+
+use crate::image::Extent;
 use crate::iobuf::IoSeg;
+
+/// Extents a thread's trace buffer keeps room for between reads (a 1 MiB read over 4 KiB
+/// blocks needs 256 at most).
+const TRACE_KEEP: usize = 1024;
+
+thread_local! {
+    /// The extents of the read being traced on this thread.
+    static TRACE: RefCell<Vec<Extent>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's read-trace buffer, emptied: tracing a read (for the record log
+/// or for relocation) then allocates nothing, since the buffer is reused from read to read.
+/// A buffer that grew past [`TRACE_KEEP`] entries (a very fragmented read) is not kept.
+pub(crate) fn with_trace<R>(f: impl FnOnce(&mut Vec<Extent>) -> R) -> R {
+    TRACE.with(|t| {
+        // A nested call cannot happen (nothing under a read calls back), but if it did it
+        // gets a buffer of its own rather than a panic.
+        let mut fallback = Vec::new();
+        let mut guard = t.try_borrow_mut();
+        let trace = match guard.as_deref_mut() {
+            Ok(v) => v,
+            Err(_) => &mut fallback,
+        };
+        trace.clear();
+        let r = f(trace);
+        if trace.capacity() > TRACE_KEEP {
+            *trace = Vec::new();
+        }
+        r
+    })
+}
 
 /// Identifies a request for devices that log or match requests (record/replay).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -11,7 +11,6 @@
 //! If the log cannot be written (disk full, I/O error), the VM keeps running: the error is
 //! logged once and the log ends at its last complete frame, a valid prefix.
 
-use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 
-use crate::image::{Extent, Image};
+use crate::image::Image;
 use crate::iobuf::{total_len, IoSeg};
 use crate::record::format::{
     hash_segs, BodyRef, ExtentsRef, IndexKeying, LogHeader, LogStreams, RecordRef, WriteHash,
@@ -32,7 +31,7 @@ use super::syncer::Syncer;
 use crate::record::{LogWriter, RecordError, RecordMode, WriterStats};
 use crate::units::{Seq, SECTOR_SIZE};
 
-use super::{BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind};
+use super::{with_trace, BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind};
 
 /// VIRTIO_BLK_S_OK.
 const STATUS_OK: u8 = 0;
@@ -62,15 +61,6 @@ pub fn request_type_code(kind: RequestKind) -> u32 {
         RequestKind::WriteZeroes => 13,
         RequestKind::Other(c) => c,
     }
-}
-
-/// Extents a thread's trace buffer keeps room for between reads (a 1 MiB read over 4 KiB
-/// blocks needs 256 at most).
-const TRACE_KEEP: usize = 1024;
-
-thread_local! {
-    /// The extents of the read being recorded on this thread.
-    static TRACE: RefCell<Vec<Extent>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A block device that executes requests on an image and records each one.
@@ -260,16 +250,7 @@ impl BlockDevice for RecordingDevice {
     fn read(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
         let len = total_len(segs);
         match self.mode {
-            RecordMode::BlockId => TRACE.with(|t| {
-                // The trace buffer is this thread's, reused from read to read: recording a read
-                // allocates nothing. (A nested borrow cannot happen: nothing below calls back.)
-                let mut fallback = Vec::new();
-                let mut guard = t.try_borrow_mut();
-                let trace = match guard.as_deref_mut() {
-                    Ok(v) => v,
-                    Err(_) => &mut fallback,
-                };
-                trace.clear();
+            RecordMode::BlockId => with_trace(|trace| {
                 let r = self
                     .image
                     .read_vectored(offset, segs, Some(&mut *trace))
@@ -286,10 +267,6 @@ impl BlockDevice for RecordingDevice {
                     data: None,
                 };
                 self.record(ctx, offset, len, status_of(&r), seq, body);
-                if trace.capacity() > TRACE_KEEP {
-                    // A very fragmented read: do not keep its buffer for good.
-                    *trace = Vec::new();
-                }
                 r.map(|_| ())
             }),
             RecordMode::Full => {
