@@ -330,6 +330,7 @@ fn two_writes_then_marker(marker_seq: u64) -> (tempfile::TempDir, std::path::Pat
             pieces: Vec::new(),
             link: None,
             nonce: None,
+            reclaim: None,
         },
         prev,
     );

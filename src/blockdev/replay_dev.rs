@@ -513,6 +513,21 @@ fn check_history(image: &Image, index: &ReplayIndex) -> Result<(), ReplayError> 
             if blocks == 0 {
                 continue;
             }
+            // The whole run must still be there (a reclaim may have taken part of it) ...
+            if let Err(source) = image.check_blocks(Pba(pba.get()), blocks) {
+                let p = match source {
+                    ImageError::Reclaimed { pba, .. } => pba.0,
+                    _ => pba.get(),
+                };
+                first_err = Some(ReplayError::MissingHistory {
+                    pba: p,
+                    queue: r.queue,
+                    index: r.index,
+                    source,
+                });
+                return;
+            }
+            // ... and its ends must read (the file must not have been truncated).
             for p in [pba.get(), pba.get().saturating_add(blocks - 1)] {
                 if !checked.insert(p) {
                     continue;

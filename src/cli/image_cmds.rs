@@ -52,6 +52,14 @@ fn print_info(path: &std::path::Path, i: &ImageInfo, out: OutputFormat) -> Resul
     println!("seq: {}", i.seq);
     println!("live blocks: {}", i.live_blocks);
     println!("retained blocks: {}", i.retained_blocks);
+    if i.history_horizon > 0 {
+        println!(
+            "history: states from seq {} on ({} blocks of older versions reclaimed)",
+            i.history_horizon, i.reclaimed_blocks
+        );
+    } else {
+        println!("history: every state since creation");
+    }
     println!(
         "journal: {} in {} segment(s), {} since the last checkpoint",
         human_size(i.journal_bytes),
@@ -138,12 +146,17 @@ pub fn check(a: &CheckArgs) -> CliResult {
             println!("REPAIRED: {f}");
         }
         println!(
-            "{}: {} at seq {}; {} journal records and {} data blocks verified",
+            "{}: {} at seq {}; {} journal records and {} data blocks verified{}",
             a.image.display(),
             r.status,
             r.seq,
             r.records,
-            r.verified_blocks
+            r.verified_blocks,
+            if r.reclaimed_blocks > 0 {
+                format!(" ({} reclaimed blocks skipped)", r.reclaimed_blocks)
+            } else {
+                String::new()
+            }
         );
         if !r.problems.is_empty() && !a.repair {
             println!("run `rr-row check --repair` to repair what can be repaired");
@@ -259,6 +272,7 @@ pub fn history(a: &HistoryArgs) -> CliResult {
                     "seq": e.seq.0,
                     "kind": kind(e.kind),
                     "pba": e.pba.map(|p| p.0),
+                    "reclaimed": e.reclaimed,
                 })
             })
             .collect();
@@ -281,7 +295,11 @@ pub fn history(a: &HistoryArgs) -> CliResult {
             "{:>10}  {:<12}  {}",
             e.seq.0,
             kind(e.kind),
-            e.pba.map_or("zeros".to_string(), |p| p.0.to_string())
+            match (e.pba, e.reclaimed) {
+                (None, _) => "zeros".to_string(),
+                (Some(p), false) => p.0.to_string(),
+                (Some(p), true) => format!("{} (reclaimed)", p.0),
+            }
         );
     }
     Ok(0)

@@ -3,6 +3,7 @@
 
 pub mod image_cmds;
 pub mod log_cmds;
+pub mod reclaim;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -69,6 +70,8 @@ pub enum Command {
     Export(ExportArgs),
     /// List every version a logical block ever had.
     History(HistoryArgs),
+    /// Give history nobody needs any more back to the file system (retention).
+    Reclaim(ReclaimArgs),
     /// Serve an image over vhost-user-blk.
     Serve(ServeArgs),
     /// Inspect record logs.
@@ -141,6 +144,50 @@ pub struct HistoryArgs {
     /// Logical block address (in image blocks).
     #[arg(long)]
     pub lba: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+/// Which states `rr-row reclaim` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepFrom {
+    /// Only the current state.
+    Latest,
+    /// Every state from this seq on.
+    Seq(u64),
+}
+
+fn parse_keep_from(s: &str) -> Result<KeepFrom, String> {
+    if s == "latest" {
+        return Ok(KeepFrom::Latest);
+    }
+    s.parse::<u64>()
+        .map(KeepFrom::Seq)
+        .map_err(|_| format!("'{s}' is neither a sequence number nor 'latest'"))
+}
+
+/// Arguments of `rr-row reclaim`.
+#[derive(Debug, clap::Args)]
+pub struct ReclaimArgs {
+    /// The image. It must not be served meanwhile (reclaim opens it read-write, which takes
+    /// its lock), except with --dry-run.
+    pub image: PathBuf,
+    /// Keep every state from this sequence number on ('latest': only the current state).
+    /// Versions only older states need are given back: `export --at`, `history` content and
+    /// replay of logs recorded before it no longer work, except for --keep-log logs.
+    #[arg(long, value_parser = parse_keep_from, value_name = "SEQ|latest")]
+    pub keep_from: KeepFrom,
+    /// A record log that must stay replayable: every block its reads returned is kept,
+    /// however old. Repeatable.
+    #[arg(long = "keep-log", value_name = "LOG")]
+    pub keep_logs: Vec<PathBuf>,
+    /// Show what would be given back, change nothing (opens the image read-only).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not show a progress bar.
+    #[arg(long)]
+    pub quiet: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
@@ -257,6 +304,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Check(a) => image_cmds::check(&a),
         Command::Export(a) => image_cmds::export(&a),
         Command::History(a) => image_cmds::history(&a),
+        Command::Reclaim(a) => reclaim::reclaim(&a),
         Command::Serve(a) => serve::serve(&a),
         Command::Log(LogCommand::Info { log, output }) => log_cmds::info(&log, output),
         Command::Log(LogCommand::Dump { log, output }) => log_cmds::dump(&log, output),

@@ -18,6 +18,9 @@ pub struct CheckReport {
     pub records: u64,
     /// Data blocks whose checksum was verified.
     pub verified_blocks: u64,
+    /// Data blocks named by the journal whose versions were reclaimed (not verified: their
+    /// content is gone).
+    pub reclaimed_blocks: u64,
     /// Damage found (and not repaired).
     pub problems: Vec<String>,
     /// Things worth knowing that are not damage (e.g. a torn tail after a crash).
@@ -179,6 +182,7 @@ fn verify(img: &Image, rep: &mut CheckReport) {
     let mut problems = Vec::new();
     let mut records = 0u64;
     let mut verified = 0u64;
+    let mut reclaimed = 0u64;
     let res = img.walk_all(|r, _| {
         records += 1;
         if r.kind.maps() {
@@ -191,6 +195,18 @@ fn verify(img: &Image, rep: &mut CheckReport) {
                 continue;
             }
             refs.push((pba, p.blocks));
+            if let Some(first) = sh.first_reclaimed(pba, p.blocks) {
+                // A reclaimed version's content is gone (a hole, or data a crash left before
+                // the hole was punched): nothing to verify. A piece is reclaimed whole or not.
+                if first != pba || sh.first_reclaimed(pba + p.blocks - 1, 1).is_none() {
+                    problems.push(format!(
+                        "seq {}: data blocks {pba}+{} are only partly reclaimed",
+                        r.seq, p.blocks
+                    ));
+                }
+                reclaimed += p.blocks;
+                continue;
+            }
             match sh.data_crc(pba, p.blocks) {
                 Ok(Some(c)) if c == p.data_crc => verified += p.blocks,
                 Ok(_) => problems.push(format!(
@@ -227,8 +243,22 @@ fn verify(img: &Image, rep: &mut CheckReport) {
                 "the checkpointed map disagrees with the map rebuilt from the journal".into(),
             );
         }
+        // The current state must never map a reclaimed block.
+        for (lba, count, e) in live.map.runs() {
+            if e < 2 {
+                continue;
+            }
+            if let Some(p) = sh.first_reclaimed(e - 2, count) {
+                problems.push(format!(
+                    "block {p}, mapped by LBA {} of the current state, is reclaimed",
+                    lba + (p - (e - 2))
+                ));
+                break;
+            }
+        }
     }
     rep.records = records;
     rep.verified_blocks = verified;
+    rep.reclaimed_blocks = reclaimed;
     rep.problems.extend(problems);
 }

@@ -84,6 +84,22 @@ pub enum ImageError {
         /// The image's seq.
         current: Seq,
     },
+    /// A state before the image's history horizon (its history was reclaimed).
+    #[error("the history before seq {horizon} was reclaimed (rr-row reclaim): the disk as of seq {requested} can no longer be rebuilt")]
+    HistoryReclaimed {
+        /// The requested seq.
+        requested: Seq,
+        /// The image's history horizon.
+        horizon: Seq,
+    },
+    /// A data block whose content was given back to the file system by a reclaim.
+    #[error("block id {pba} held a version that was reclaimed (rr-row reclaim, history before seq {horizon}): its content is gone")]
+    Reclaimed {
+        /// The first reclaimed block asked for.
+        pba: Pba,
+        /// The image's history horizon.
+        horizon: Seq,
+    },
     /// Bad creation parameters.
     #[error("invalid image parameters: {0}")]
     InvalidOptions(String),

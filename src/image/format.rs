@@ -14,8 +14,12 @@ pub const SEG_MAGIC: [u8; 8] = *b"RRROWSEG";
 pub const CKPT_MAGIC: [u8; 8] = *b"RRROWCKP";
 /// The format version this build writes and reads.
 pub const VERSION: u32 = 1;
-/// Incompatible feature bits this build understands (none defined yet).
-pub const KNOWN_INCOMPAT: u64 = 0;
+/// Incompatible feature bit 0: history before a horizon may have been reclaimed. The journal
+/// may hold reclaim records (kind 8) and every checkpoint carries a reclaimed section. A reader
+/// that does not know it would take the holes of reclaimed blocks for damaged data.
+pub const INCOMPAT_RECLAIM: u64 = 1;
+/// Incompatible feature bits this build understands.
+pub const KNOWN_INCOMPAT: u64 = INCOMPAT_RECLAIM;
 /// Size of one header copy.
 pub const HEADER_SIZE: usize = 4096;
 /// Offset of header copy B.
@@ -34,6 +38,8 @@ pub const REC_MIN: usize = REC_HEAD + 4;
 pub const LINK_LEN: usize = REC_HEAD + 16 + 4;
 /// Size of one piece in a write/discard/write-zeroes record.
 pub const PIECE_LEN: usize = 32;
+/// Size of one slot run in a reclaim record or a checkpoint's reclaimed section.
+pub const RUN_LEN: usize = 16;
 /// Marker in a piece's `pba` field for "reads as zeros".
 pub const PIECE_ZERO: u64 = u64::MAX;
 /// Bytes of a checkpoint before its runs.
@@ -360,6 +366,9 @@ pub enum RecKind {
     /// Content-preserving relocation: LBAs that already held this content are re-pointed at
     /// a new, physically contiguous copy. Takes no seq (the disk's content is unchanged).
     Relocate,
+    /// Data blocks whose versions no retained state needs were given back to the file system
+    /// (holes punched); states before the record's horizon can no longer be rebuilt.
+    Reclaim,
 }
 
 impl RecKind {
@@ -372,6 +381,7 @@ impl RecKind {
             RecKind::Link => 5,
             RecKind::Epoch => 6,
             RecKind::Relocate => 7,
+            RecKind::Reclaim => 8,
         }
     }
 
@@ -384,6 +394,7 @@ impl RecKind {
             5 => RecKind::Link,
             6 => RecKind::Epoch,
             7 => RecKind::Relocate,
+            8 => RecKind::Reclaim,
             _ => return None,
         })
     }
@@ -428,6 +439,17 @@ pub struct Record {
     pub link: Option<(u64, u64)>,
     /// Epoch nonce.
     pub nonce: Option<[u8; 16]>,
+    /// Reclaim: the horizon and the slot runs given back.
+    pub reclaim: Option<Reclaimed>,
+}
+
+/// What a reclaim record (or a checkpoint's reclaimed section) holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reclaimed {
+    /// The history horizon: states before this seq can no longer be rebuilt (0 = none).
+    pub horizon: u64,
+    /// (first slot, count) runs of data blocks whose content is gone.
+    pub runs: Vec<(u64, u64)>,
 }
 
 /// Encodes a record with the chain seed `prev_crc`; returns the bytes and the record's crc.
@@ -438,6 +460,7 @@ pub fn encode_record(rec: &Record, prev_crc: u32) -> (Vec<u8>, u32) {
         }
         RecKind::Link | RecKind::Epoch => 16,
         RecKind::Flush => 0,
+        RecKind::Reclaim => 16 + RUN_LEN * rec.reclaim.as_ref().map_or(0, |r| r.runs.len()),
     };
     let len = REC_HEAD + payload + 4;
     let mut b = Vec::with_capacity(len);
@@ -463,6 +486,16 @@ pub fn encode_record(rec: &Record, prev_crc: u32) -> (Vec<u8>, u32) {
         }
         RecKind::Epoch => b.extend_from_slice(&rec.nonce.unwrap_or_default()),
         RecKind::Flush => {}
+        RecKind::Reclaim => {
+            let r = rec.reclaim.clone().unwrap_or_default();
+            b.extend_from_slice(&r.horizon.to_le_bytes());
+            b.extend_from_slice(&(r.runs.len() as u32).to_le_bytes());
+            b.extend_from_slice(&0u32.to_le_bytes());
+            for (s, c) in r.runs {
+                b.extend_from_slice(&s.to_le_bytes());
+                b.extend_from_slice(&c.to_le_bytes());
+            }
+        }
     }
     let crc = crc32c::crc32c_append(prev_crc, &b);
     b.extend_from_slice(&crc.to_le_bytes());
@@ -530,6 +563,7 @@ pub fn decode_record(b: &[u8], prev_crc: u32) -> Result<Decoded, String> {
         pieces: Vec::new(),
         link: None,
         nonce: None,
+        reclaim: None,
     };
     match kind {
         RecKind::Write | RecKind::Discard | RecKind::WriteZeroes | RecKind::Relocate => {
@@ -569,8 +603,45 @@ pub fn decode_record(b: &[u8], prev_crc: u32) -> Result<Decoded, String> {
                 return Err("flush record has a payload".into());
             }
         }
+        RecKind::Reclaim => {
+            let horizon = rd_u64(payload, 0).ok_or("reclaim record too short")?;
+            let n = rd_u32(payload, 8).ok_or("reclaim record too short")? as usize;
+            if payload.len() != 16 + n.saturating_mul(RUN_LEN) || n == 0 {
+                return Err(format!(
+                    "reclaim record with {n} runs has the wrong length {len}"
+                ));
+            }
+            if horizon > seq {
+                return Err(format!(
+                    "reclaim record at seq {seq} names the later horizon {horizon}"
+                ));
+            }
+            let runs = decode_runs(payload.get(16..).unwrap_or_default(), n)?;
+            rec.reclaim = Some(Reclaimed { horizon, runs });
+        }
     }
     Ok(Decoded::Valid { rec, len, crc })
+}
+
+/// Decodes `n` slot runs; each must be non-empty, not overflow, and start after the end of
+/// the previous one (sorted, disjoint).
+fn decode_runs(b: &[u8], n: usize) -> Result<Vec<(u64, u64)>, String> {
+    let mut runs = Vec::with_capacity(n);
+    let mut prev_end = 0u64;
+    for i in 0..n {
+        let s = rd_u64(b, i * RUN_LEN).ok_or("reclaimed runs are truncated")?;
+        let c = rd_u64(b, i * RUN_LEN + 8).ok_or("reclaimed runs are truncated")?;
+        let end = s
+            .checked_add(c)
+            .filter(|_| c > 0)
+            .ok_or_else(|| format!("reclaimed run {s}+{c} is impossible"))?;
+        if i > 0 && s < prev_end {
+            return Err(format!("reclaimed run {s}+{c} is out of order"));
+        }
+        prev_end = end;
+        runs.push((s, c));
+    }
+    Ok(runs)
 }
 
 /// A checkpoint: the map as runs plus the metadata slot runs.
@@ -582,17 +653,28 @@ pub struct Checkpoint {
     pub runs: Vec<(u64, u64, u64)>,
     /// (first slot, count) of every metadata run (journal segments, checkpoints).
     pub meta: Vec<(u64, u64)>,
+    /// The reclaimed section: present exactly when the header has [`INCOMPAT_RECLAIM`].
+    pub reclaimed: Option<Reclaimed>,
 }
 
 impl Checkpoint {
-    /// Encoded length for `runs` and `meta` counts.
-    pub fn encoded_len(runs: usize, meta: usize) -> usize {
-        CKPT_HEAD + runs * CKPT_RUN + meta * CKPT_META + 4
+    /// Encoded length for `runs` and `meta` counts, and `reclaimed` runs when the reclaimed
+    /// section is present.
+    pub fn encoded_len(runs: usize, meta: usize, reclaimed: Option<usize>) -> usize {
+        CKPT_HEAD
+            + runs * CKPT_RUN
+            + meta * CKPT_META
+            + reclaimed.map_or(0, |n| 16 + n * RUN_LEN)
+            + 4
     }
 
     /// Encodes; returns the bytes and their crc (the trailing field).
     pub fn encode(&self, uuid: &[u8; 16]) -> (Vec<u8>, u32) {
-        let mut b = Vec::with_capacity(Self::encoded_len(self.runs.len(), self.meta.len()));
+        let mut b = Vec::with_capacity(Self::encoded_len(
+            self.runs.len(),
+            self.meta.len(),
+            self.reclaimed.as_ref().map(|r| r.runs.len()),
+        ));
         b.extend_from_slice(&CKPT_MAGIC);
         b.extend_from_slice(uuid);
         b.extend_from_slice(&self.seq.to_le_bytes());
@@ -607,13 +689,22 @@ impl Checkpoint {
             b.extend_from_slice(&s.to_le_bytes());
             b.extend_from_slice(&c.to_le_bytes());
         }
+        if let Some(r) = &self.reclaimed {
+            b.extend_from_slice(&r.horizon.to_le_bytes());
+            b.extend_from_slice(&(r.runs.len() as u64).to_le_bytes());
+            for &(s, c) in &r.runs {
+                b.extend_from_slice(&s.to_le_bytes());
+                b.extend_from_slice(&c.to_le_bytes());
+            }
+        }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         (b, crc)
     }
 
-    /// Decodes and validates the structure (not the values against the image).
-    pub fn decode(b: &[u8], uuid: &[u8; 16]) -> Result<Checkpoint, String> {
+    /// Decodes and validates the structure (not the values against the image). `reclaim`:
+    /// the header has [`INCOMPAT_RECLAIM`], so the reclaimed section follows the metadata runs.
+    pub fn decode(b: &[u8], uuid: &[u8; 16], reclaim: bool) -> Result<Checkpoint, String> {
         if b.len() < CKPT_HEAD + 4 {
             return Err("checkpoint too short".into());
         }
@@ -631,9 +722,19 @@ impl Checkpoint {
         let seq = rd_u64(b, 24).unwrap_or(0);
         let nr = rd_u64(b, 32).unwrap_or(0);
         let nm = rd_u64(b, 40).unwrap_or(0);
-        let want = (nr as u128) * CKPT_RUN as u128
+        let fixed = (nr as u128) * CKPT_RUN as u128
             + (nm as u128) * CKPT_META as u128
             + (CKPT_HEAD + 4) as u128;
+        let mut want = fixed;
+        let mut nrec = 0u64;
+        if reclaim {
+            let at = usize::try_from(fixed - 4)
+                .ok()
+                .filter(|&a| a + 16 <= body.len())
+                .ok_or("checkpoint too short for its reclaimed section")?;
+            nrec = rd_u64(b, at + 8).unwrap_or(0);
+            want += 16 + (nrec as u128) * RUN_LEN as u128;
+        }
         if want != b.len() as u128 {
             return Err(format!(
                 "checkpoint of {} bytes cannot hold {nr} runs and {nm} metadata runs",
@@ -644,6 +745,7 @@ impl Checkpoint {
             seq,
             runs: Vec::with_capacity(nr as usize),
             meta: Vec::with_capacity(nm as usize),
+            reclaimed: None,
         };
         let mut o = CKPT_HEAD;
         for _ in 0..nr {
@@ -655,6 +757,16 @@ impl Checkpoint {
             let g = |d| rd_u64(b, o + d).unwrap_or(0);
             c.meta.push((g(0), g(8)));
             o += CKPT_META;
+        }
+        if reclaim {
+            let horizon = rd_u64(b, o).unwrap_or(0);
+            if horizon > seq {
+                return Err(format!(
+                    "checkpoint of seq {seq} names the later history horizon {horizon}"
+                ));
+            }
+            let runs = decode_runs(b.get(o + 16..).unwrap_or_default(), nrec as usize)?;
+            c.reclaimed = Some(Reclaimed { horizon, runs });
         }
         Ok(c)
     }
@@ -724,6 +836,7 @@ mod tests {
             }],
             link: None,
             nonce: None,
+            reclaim: None,
         };
         let (b, crc) = encode_record(&r, 11);
         match decode_record(&b, 11).unwrap() {
@@ -747,11 +860,73 @@ mod tests {
             seq: 5,
             runs: vec![(0, 10, 2), (20, 3, 1)],
             meta: vec![(0, 256)],
+            reclaimed: None,
         };
         let (b, _) = c.encode(&[1; 16]);
-        assert_eq!(Checkpoint::decode(&b, &[1; 16]).unwrap(), c);
+        assert_eq!(Checkpoint::decode(&b, &[1; 16], false).unwrap(), c);
+        // A reader expecting the reclaimed section finds none.
+        assert!(Checkpoint::decode(&b, &[1; 16], true).is_err());
         let mut bad = b.clone();
         bad[30] ^= 4;
-        assert!(Checkpoint::decode(&bad, &[1; 16]).is_err());
+        assert!(Checkpoint::decode(&bad, &[1; 16], false).is_err());
+    }
+
+    #[test]
+    fn checkpoint_with_a_reclaimed_section_round_trips() {
+        let c = Checkpoint {
+            seq: 9,
+            runs: vec![(0, 10, 2)],
+            meta: vec![(0, 256)],
+            reclaimed: Some(Reclaimed {
+                horizon: 7,
+                runs: vec![(300, 4), (310, 1)],
+            }),
+        };
+        let (b, _) = c.encode(&[1; 16]);
+        assert_eq!(b.len(), Checkpoint::encoded_len(1, 1, Some(2)));
+        assert_eq!(Checkpoint::decode(&b, &[1; 16], true).unwrap(), c);
+        assert!(Checkpoint::decode(&b, &[1; 16], false).is_err());
+        // A horizon beyond the checkpoint's own state is impossible.
+        let mut later = c.clone();
+        later.reclaimed = Some(Reclaimed {
+            horizon: 10,
+            runs: vec![(300, 4)],
+        });
+        let (b, _) = later.encode(&[1; 16]);
+        assert!(Checkpoint::decode(&b, &[1; 16], true).is_err());
+    }
+
+    #[test]
+    fn reclaim_records_round_trip_and_reject_impossible_runs() {
+        let r = Record {
+            kind: RecKind::Reclaim,
+            seq: 12,
+            pieces: Vec::new(),
+            link: None,
+            nonce: None,
+            reclaim: Some(Reclaimed {
+                horizon: 10,
+                runs: vec![(256, 8), (300, 2)],
+            }),
+        };
+        let (b, _) = encode_record(&r, 5);
+        match decode_record(&b, 5).unwrap() {
+            Decoded::Valid { rec, .. } => assert_eq!(rec, r),
+            other => panic!("unexpected {other:?}"),
+        }
+        for (horizon, runs) in [
+            (13, vec![(256, 8)]),           // horizon after the record's own state
+            (10, vec![(300, 2), (256, 8)]), // out of order
+            (10, vec![(256, 8), (260, 1)]), // overlapping
+            (10, vec![(256, 0)]),           // empty run
+            (10, vec![(u64::MAX - 1, 4)]),  // overflowing run
+        ] {
+            let bad = Record {
+                reclaim: Some(Reclaimed { horizon, runs }),
+                ..r.clone()
+            };
+            let (b, _) = encode_record(&bad, 5);
+            assert!(decode_record(&b, 5).is_err(), "{bad:?} decoded");
+        }
     }
 }

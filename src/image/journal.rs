@@ -146,8 +146,10 @@ impl<'a> Walker<'a> {
                 RecKind::Write | RecKind::Discard | RecKind::WriteZeroes => rec.seq == self.seq + 1,
                 // A flush marker vouches for a seq reached before it was appended.
                 RecKind::Flush => rec.seq <= self.seq,
-                // Links, epochs and relocations follow the state they were appended in.
-                RecKind::Link | RecKind::Epoch | RecKind::Relocate => rec.seq == self.seq,
+                // Links, epochs, relocations and reclaims follow the state they were appended in.
+                RecKind::Link | RecKind::Epoch | RecKind::Relocate | RecKind::Reclaim => {
+                    rec.seq == self.seq
+                }
             };
             let want = if rec.kind.changes_state() {
                 self.seq + 1
@@ -311,6 +313,7 @@ impl Journal {
             pieces: Vec::new(),
             link: Some((slot, idx)),
             nonce: None,
+            reclaim: None,
         };
         let (bytes, crc) = encode_record(&link, self.pos.crc);
         self.buf.extend_from_slice(&bytes);

@@ -43,6 +43,7 @@ mod io;
 mod journal;
 mod map;
 mod prealloc;
+mod reclaim;
 mod shared;
 
 use std::fs::File;
@@ -59,6 +60,7 @@ use format::{
 };
 use journal::{Journal, Step, Stop, Walker};
 use map::Map;
+pub use reclaim::{ReclaimPlan, ReclaimReport};
 use shared::{Base, Shared};
 
 use crate::iobuf::{total_len, IoSeg};
@@ -168,6 +170,8 @@ pub struct HistoryEntry {
     pub kind: HistoryKind,
     /// The block id holding this version, or None when it reads as zeros.
     pub pba: Option<Pba>,
+    /// The version's data block was reclaimed: its content is gone.
+    pub reclaimed: bool,
 }
 
 /// Image metadata, as shown by `rr-row info`.
@@ -209,6 +213,10 @@ pub struct ImageInfo {
     pub map_memory_bytes: u64,
     /// Whether the image is open read-only.
     pub read_only: bool,
+    /// States before this seq can no longer be rebuilt (0: no history was reclaimed).
+    pub history_horizon: u64,
+    /// Data blocks whose versions were reclaimed (holes in the file).
+    pub reclaimed_blocks: u64,
 }
 
 struct Live {
@@ -552,6 +560,7 @@ impl Image {
             meta: RwLock::new(vec![(hdr.first_seg_slot, u64::from(hdr.seg_slots))]),
             prealloc: Arc::default(),
             drop_state: Arc::default(),
+            reclaimed: RwLock::default(),
         };
         let zero = zero_value(&sh);
         let mut map = Map::new(sh.blocks);
@@ -579,6 +588,11 @@ impl Image {
                 let mut meta = ck.meta.clone();
                 meta.sort_unstable();
                 *wlock(&sh.meta) = meta;
+                if let Some(r) = &ck.reclaimed {
+                    reclaim::validate(&sh, r, next_slot)
+                        .map_err(|w| ImageError::corrupt(sh.slot_off(c.slot).unwrap_or(0), w))?;
+                    sh.add_reclaimed(r);
+                }
                 (hdr.jpos, hdr.ckpt_seq)
             }
             Some(_) => (
@@ -677,9 +691,24 @@ impl Image {
             .iter()
             .filter(|&&(_, c)| c == sh.seg_slots)
             .count() as u64;
-        for (r, _) in recs.iter().take(keep) {
+        for (r, at) in recs.iter().take(keep) {
             if r.kind.maps() {
                 apply(&mut map, r, zero);
+            }
+            if let Some(rc) = &r.reclaim {
+                let bad = if hdr.incompat & format::INCOMPAT_RECLAIM == 0 {
+                    Err("a reclaim record in an image without the reclaim feature".to_string())
+                } else {
+                    reclaim::validate(&sh, rc, next_slot)
+                };
+                bad.map_err(|w| {
+                    let off = sh.slot_off(at.seg_slot).unwrap_or(0) + at.offset;
+                    ImageError::corrupt(
+                        off,
+                        format!("journal record before byte offset {off}: {w}"),
+                    )
+                })?;
+                sh.add_reclaimed(rc);
             }
             if r.kind.changes_state() {
                 seq = r.seq;
@@ -753,6 +782,7 @@ impl Image {
                 pieces: Vec::new(),
                 link: None,
                 nonce: Some(*uuid::Uuid::new_v4().as_bytes()),
+                reclaim: None,
             };
             journal.append(&sh, &epoch)?;
         }
@@ -1209,6 +1239,7 @@ impl Image {
             }],
             link: None,
             nonce: None,
+            reclaim: None,
         };
         j.append(&self.sh, &rec)?;
         let old = {
@@ -1268,6 +1299,7 @@ impl Image {
             pieces,
             link: None,
             nonce: None,
+            reclaim: None,
         };
         j.append(&self.sh, &rec)?;
         j.seq = seq;
@@ -1461,6 +1493,7 @@ impl Image {
                 pieces: Vec::new(),
                 link: None,
                 nonce: None,
+                reclaim: None,
             };
             j.append(&self.sh, &marker)?;
             j.durable_seq = target;
@@ -1494,7 +1527,18 @@ impl Image {
         sync(j)?;
         let runs = rlock(&self.live).map.runs();
         let mut meta = self.sh.meta_runs();
-        let len = Checkpoint::encoded_len(runs.len(), meta.len() + 1) as u64;
+        let reclaimed = (j.hdr.incompat & format::INCOMPAT_RECLAIM != 0).then(|| {
+            self.sh
+                .reclaimed
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        });
+        let len = Checkpoint::encoded_len(
+            runs.len(),
+            meta.len() + 1,
+            reclaimed.as_ref().map(|r| r.runs.len()),
+        ) as u64;
         let slots = len.div_ceil(self.sh.bs.bytes_u64());
         let slot = self.sh.alloc(slots)?;
         meta.push((slot, slots));
@@ -1503,6 +1547,7 @@ impl Image {
             seq: j.seq,
             runs,
             meta,
+            reclaimed,
         };
         let (bytes, crc) = ck.encode(&self.sh.uuid);
         let off = self.sh.slot_off(slot).ok_or(ImageError::Full)?;
@@ -1573,6 +1618,7 @@ impl Image {
                 got: buf.len() as u64,
             });
         }
+        self.check_not_reclaimed(&[Extent::Mapped { pba, blocks: 1 }])?;
         self.sh.read_extents(
             &[Extent::Mapped { pba, blocks: 1 }],
             0,
@@ -1580,14 +1626,41 @@ impl Image {
         )
     }
 
+    /// Checks that blocks `pba .. pba + blocks` are data blocks of this image whose content
+    /// is still there (not reclaimed), without reading them.
+    pub fn check_blocks(&self, pba: Pba, blocks: u64) -> Result<(), ImageError> {
+        self.sh.check_data(pba.0, blocks)?;
+        self.check_not_reclaimed(&[Extent::Mapped { pba, blocks }])
+    }
+
+    /// Fails with [`ImageError::Reclaimed`] when an extent names a reclaimed block.
+    fn check_not_reclaimed(&self, extents: &[Extent]) -> Result<(), ImageError> {
+        if self.sh.horizon() == 0 {
+            return Ok(());
+        }
+        for e in extents {
+            if let Extent::Mapped { pba, blocks } = *e {
+                if let Some(p) = self.sh.first_reclaimed(pba.0, blocks) {
+                    return Err(ImageError::Reclaimed {
+                        pba: Pba(p),
+                        horizon: Seq(self.sh.horizon()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Fills `segs` with the bytes of the concatenated extents starting `skip` bytes into the
-    /// first one (what replay uses: the live map is not consulted).
+    /// first one (what replay uses: the live map is not consulted). Blocks whose version was
+    /// reclaimed fail with [`ImageError::Reclaimed`].
     pub fn read_extents(
         &self,
         extents: &[Extent],
         skip: u64,
         segs: &[IoSeg<'_>],
     ) -> Result<(), ImageError> {
+        self.check_not_reclaimed(extents)?;
         self.sh.read_extents(extents, skip, segs)
     }
 
@@ -1646,6 +1719,13 @@ impl Image {
                 current: cur,
             });
         }
+        let horizon = self.sh.horizon();
+        if seq.0 < horizon {
+            return Err(ImageError::HistoryReclaimed {
+                requested: seq,
+                horizon: Seq(horizon),
+            });
+        }
         let zero = zero_value(&self.sh);
         let mut map = Map::new(self.sh.blocks);
         self.walk_all(|r, _| {
@@ -1685,10 +1765,12 @@ impl Image {
             };
             for p in &r.pieces {
                 if lba.0 >= p.lba && lba.0 - p.lba < p.blocks {
+                    let pba = p.pba.map(|b| b + (lba.0 - p.lba));
                     out.push(HistoryEntry {
                         seq: Seq(r.seq),
                         kind,
-                        pba: p.pba.map(|b| Pba(b + (lba.0 - p.lba))),
+                        pba: pba.map(Pba),
+                        reclaimed: pba.is_some_and(|b| self.sh.first_reclaimed(b, 1).is_some()),
                     });
                 }
             }
@@ -1710,6 +1792,7 @@ impl Image {
             (j.hdr.clone(), j.since_ckpt, j.segments)
         };
         let meta_slots: u64 = self.sh.meta_runs().iter().map(|&(_, c)| c).sum();
+        let reclaimed_blocks: u64 = rlock(&self.sh.reclaimed).runs.iter().map(|&(_, c)| c).sum();
         let (live_blocks, mem, seq) = {
             let l = rlock(&self.live);
             (l.map.mapped(), l.map.memory_bytes(), l.seq)
@@ -1727,7 +1810,8 @@ impl Image {
                 .sh
                 .next_slot
                 .load(Ordering::SeqCst)
-                .saturating_sub(meta_slots),
+                .saturating_sub(meta_slots)
+                .saturating_sub(reclaimed_blocks),
             journal_segments: segments,
             journal_bytes: segments * self.sh.seg_bytes(),
             journal_bytes_since_checkpoint: since,
@@ -1737,6 +1821,8 @@ impl Image {
             base_size: hdr.base_path.as_ref().map(|_| hdr.base_size),
             map_memory_bytes: mem,
             read_only: self.read_only,
+            history_horizon: self.sh.horizon(),
+            reclaimed_blocks,
         })
     }
 
@@ -1917,7 +2003,8 @@ fn load_checkpoint(
     {
         return Err(ImageError::corrupt(off, "checkpoint checksum mismatch"));
     }
-    let ck = Checkpoint::decode(&b, &sh.uuid).map_err(|w| ImageError::corrupt(off, w))?;
+    let ck = Checkpoint::decode(&b, &sh.uuid, hdr.incompat & format::INCOMPAT_RECLAIM != 0)
+        .map_err(|w| ImageError::corrupt(off, w))?;
     if ck.seq != hdr.ckpt_seq {
         return Err(ImageError::corrupt(
             off,

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use super::cache::DropState;
 use super::direct::DirectFile;
+use super::format::Reclaimed;
 use super::io::{preadv_full, pwritev_all};
 use super::prealloc::PreallocState;
 use super::{Extent, ImageError};
@@ -51,6 +52,8 @@ pub struct Shared {
     pub prealloc: Arc<PreallocState>,
     /// Superseded runs waiting to leave the page cache (see [`super::cache`]).
     pub drop_state: Arc<DropState>,
+    /// The history horizon and the reclaimed slot runs (sorted, disjoint, merged).
+    pub reclaimed: RwLock<Reclaimed>,
 }
 
 impl Shared {
@@ -104,6 +107,34 @@ impl Shared {
         i.checked_sub(1)
             .and_then(|j| m.get(j))
             .is_some_and(|&(s, c)| s.saturating_add(c) > slot)
+    }
+
+    /// The history horizon (0: nothing reclaimed).
+    pub fn horizon(&self) -> u64 {
+        self.reclaimed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .horizon
+    }
+
+    /// The first reclaimed slot in `[pba, pba + n)`, if any.
+    pub fn first_reclaimed(&self, pba: u64, n: u64) -> Option<u64> {
+        let r = self.reclaimed.read().unwrap_or_else(|e| e.into_inner());
+        let end = pba.saturating_add(n);
+        // Runs are sorted and disjoint: the first run ending after `pba` decides.
+        let i = r.runs.partition_point(|&(s, c)| s.saturating_add(c) <= pba);
+        r.runs
+            .get(i)
+            .filter(|&&(s, _)| s < end)
+            .map(|&(s, _)| s.max(pba))
+    }
+
+    /// Adds reclaimed runs (any order; merged into the sorted set) and raises the horizon.
+    pub fn add_reclaimed(&self, add: &Reclaimed) {
+        let mut r = self.reclaimed.write().unwrap_or_else(|e| e.into_inner());
+        r.horizon = r.horizon.max(add.horizon);
+        r.runs.extend_from_slice(&add.runs);
+        r.runs = merge_runs(std::mem::take(&mut r.runs));
     }
 
     /// Checks that `[pba, pba + n)` are allocated data blocks.
@@ -294,4 +325,17 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// Sorts runs and merges the overlapping and adjacent ones.
+pub fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (s, c) in runs {
+        match out.last_mut() {
+            Some((ls, lc)) if *ls + *lc >= s => *lc = (*lc).max(s + c - *ls),
+            _ => out.push((s, c)),
+        }
+    }
+    out
 }
