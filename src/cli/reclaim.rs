@@ -25,7 +25,7 @@ struct KeptLog {
 fn pinned_by(img: &Image, log: &Path) -> Result<KeptLog, CliError> {
     let ctx = |e| CliError::ctx(format!("record log {}", log.display()), e);
     let mut r = LogReader::open(log).map_err(ctx)?;
-    let h = r.header().clone();
+    let h = *r.header();
     if h.image_uuid != img.uuid() {
         return Err(CliError(format!(
             "record log {} was made on image {}, not on this image ({})",
