@@ -109,6 +109,10 @@ class Backend:
     peak_rss_kib: list[int] = field(default_factory=list)
     image_bytes: list[int] = field(default_factory=list)
     log_bytes: list[int] = field(default_factory=list)
+    # rr-row only: allocated image bytes after `rr-row reclaim --keep-from latest` (keeping the
+    # repetition's record log with --keep-log), and how long the reclaim took.
+    reclaimed_image_bytes: list[int] = field(default_factory=list)
+    reclaim_seconds: list[float] = field(default_factory=list)
 
     def start(self, opts: argparse.Namespace, workdir: Path, rep: int) -> None:
         self.image = workdir / f"{self.name}.{self.fmt}"
@@ -174,6 +178,23 @@ class Backend:
             log = self.image.parent / f"{self.name}.rrlog"
             if log.exists():
                 self.log_bytes.append(log.stat().st_size)
+
+    def reclaim(self, rr_row: Path) -> None:
+        """rr-row only, after stop and sample_files: gives back every version but the current
+        state's (and the blocks the record log reads), and records the image's size after."""
+        if self.kind != "rr-row" or not self.image or not self.image.exists():
+            return
+        cmd = [str(rr_row), "reclaim", str(self.image), "--keep-from", "latest", "--quiet", "--output", "json"]
+        log = self.image.parent / f"{self.name}.rrlog"
+        if self.record and log.exists():
+            cmd += ["--keep-log", str(log)]
+        t = time.monotonic()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"  warning: {self.name}: rr-row reclaim failed ({r.returncode}): {r.stderr.strip()[-300:]}", file=sys.stderr)
+            return
+        self.reclaim_seconds.append(time.monotonic() - t)
+        self.reclaimed_image_bytes.append(self.image.stat().st_blocks * 512)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -492,12 +513,14 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
             row.append("n/a" if c is None or u is None else f"{c:.2f} / {u:.1f}")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Daemon peak RSS (VmHWM) and allocated image size at the end of each repetition:", ""]
-    lines += md_head(["Backend", "peak RSS MiB (max)", "image allocated GiB (max)", "record log MiB (max)"])
+    lines += md_head(["Backend", "peak RSS MiB (max)", "image allocated GiB (max)", "after `reclaim --keep-from latest` GiB (max)", "reclaim s (median)", "record log MiB (max)"])
     for b in backend_objs:
         rss = max(b.peak_rss_kib) / 1024 if b.peak_rss_kib else None
         img = max(b.image_bytes) / (1 << 30) if b.image_bytes else None
+        after = f"{max(b.reclaimed_image_bytes) / (1 << 30):.2f}" if b.reclaimed_image_bytes else "-"
+        secs = f"{statistics.median(b.reclaim_seconds):.1f}" if b.reclaim_seconds else "-"
         log = f"{max(b.log_bytes) / (1 << 20):,.1f}" if b.log_bytes else "-"
-        lines.append(f"| {b.name} | {'n/a' if rss is None else f'{rss:,.0f}'} | {'n/a' if img is None else f'{img:.2f}'} | {log} |")
+        lines.append(f"| {b.name} | {'n/a' if rss is None else f'{rss:,.0f}'} | {'n/a' if img is None else f'{img:.2f}'} | {after} | {secs} | {log} |")
     lines += ["", f"![relative throughput]({opts.svg.name})", "", f"Raw per-run results (not committed): `{opts.json_out.relative_to(ROOT) if opts.json_out.is_relative_to(ROOT) else opts.json_out}`.", marks(opts.direct)[1]]
     return "\n".join(lines)
 
@@ -560,8 +583,8 @@ def main() -> int:
         print("error: qemu-storage-daemon and qemu-img are needed (Debian: qemu-utils)", file=sys.stderr)
         return 2
     opts.workdir.mkdir(parents=True, exist_ok=True)
-    # A redirect-on-write image never reclaims (no retention policy yet): every write of a
-    # repetition appends, and the faster rr-row writes, the more it appends. Measured peak:
+    # A redirect-on-write image keeps every version while it is served (reclaim runs on a
+    # stopped image, after each repetition here): every write of a repetition appends, and the faster rr-row writes, the more it appends. Measured peak:
     # about 14x the disk size per rr-row image in one repetition of the default matrix (2 GiB
     # disk: 25-28 GiB each, 2026-11-26), so ask for 16x per rr-row backend plus 2x for each
     # qemu-storage-daemon image. A full disk makes every later run fail.
@@ -664,6 +687,7 @@ def main() -> int:
                 b.sample_rss()
                 b.stop()
                 b.sample_files()
+                b.reclaim(opts.rr_row)
                 b.cleanup()
     except KeyboardInterrupt:
         print("interrupted; reporting what ran", file=sys.stderr)
