@@ -8,7 +8,7 @@
 //! With [`ImageDevice::with_relocation`], a read that found its data spread over many physical
 //! runs hands those extents to a background [`Relocator`]; with
 //! [`ImageDevice::with_background_sync`] the engine's periodic sync runs on a [`Syncer`]
-//! thread.
+//! thread; with [`ImageDevice::with_retention`] a [`Retainer`] thread reclaims old history.
 
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use crate::image::Image;
 use crate::iobuf::IoSeg;
 
 use super::relocator::Relocator;
+use super::retainer::Retainer;
 use super::syncer::Syncer;
 use super::{with_trace, BlockDevice, BlockError, RequestCtx};
 
@@ -24,6 +25,7 @@ pub struct ImageDevice {
     // Dropped first: the threads hold a reference to the image.
     reloc: Option<Relocator>,
     syncer: Option<Syncer>,
+    retainer: Option<Retainer>,
     image: Arc<Image>,
 }
 
@@ -47,6 +49,7 @@ impl ImageDevice {
         ImageDevice {
             reloc: None,
             syncer: None,
+            retainer: None,
             image: Arc::new(image),
         }
     }
@@ -67,6 +70,15 @@ impl ImageDevice {
         Ok(self)
     }
 
+    /// Also reclaims, on a background thread, the history older than the last `keep_seqs`
+    /// operations (see [`Retainer`]). Nothing when `keep_seqs` is 0 or the image read-only.
+    pub fn with_retention(mut self, keep_seqs: u64) -> std::io::Result<Self> {
+        if keep_seqs > 0 {
+            self.retainer = Retainer::start(&self.image, keep_seqs, None)?;
+        }
+        Ok(self)
+    }
+
     /// The image, for callers that need more than the block interface.
     pub fn image(&self) -> &Image {
         &self.image
@@ -78,6 +90,7 @@ impl ImageDevice {
         if let Some(mut r) = self.reloc.take() {
             r.stop();
         }
+        drop(self.retainer.take());
         drop(self.syncer.take());
         Arc::try_unwrap(self.image)
     }

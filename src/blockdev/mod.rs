@@ -10,6 +10,7 @@ pub mod image_dev;
 pub mod record_dev;
 pub mod relocator;
 pub mod replay_dev;
+pub mod retainer;
 pub mod syncer;
 
 use std::cell::RefCell;

@@ -27,6 +27,7 @@ use crate::record::format::{
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 
 use super::relocator::Relocator;
+use super::retainer::Retainer;
 use super::syncer::Syncer;
 use crate::record::{LogWriter, RecordError, RecordMode, WriterStats};
 use crate::units::{Seq, SECTOR_SIZE};
@@ -68,6 +69,7 @@ pub struct RecordingDevice {
     // Dropped first: their threads hold a reference to the image.
     reloc: Option<Relocator>,
     syncer: Option<Syncer>,
+    retainer: Option<Retainer>,
     image: Arc<Image>,
     log: LogWriter,
     mode: RecordMode,
@@ -117,6 +119,7 @@ impl RecordingDevice {
         Ok(Self {
             reloc: None,
             syncer: None,
+            retainer: None,
             image,
             log,
             mode,
@@ -137,6 +140,17 @@ impl RecordingDevice {
     /// Also runs the engine's periodic sync on a background thread (see [`Syncer`]).
     pub fn with_background_sync(mut self) -> std::io::Result<Self> {
         self.syncer = Syncer::start(&self.image)?;
+        Ok(self)
+    }
+
+    /// Also reclaims, on a background thread, the history older than the last `keep_seqs`
+    /// operations, but never any state from the one this recording started in (see
+    /// [`Retainer`]): every block the log can name stays. Nothing when `keep_seqs` is 0.
+    pub fn with_retention(mut self, keep_seqs: u64) -> std::io::Result<Self> {
+        if keep_seqs > 0 {
+            let floor = self.log.header().start_seq;
+            self.retainer = Retainer::start(&self.image, keep_seqs, Some(floor))?;
+        }
         Ok(self)
     }
 

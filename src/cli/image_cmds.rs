@@ -153,7 +153,11 @@ pub fn check(a: &CheckArgs) -> CliResult {
             r.records,
             r.verified_blocks,
             if r.reclaimed_blocks > 0 {
-                format!(" ({} reclaimed blocks skipped)", r.reclaimed_blocks)
+                format!(
+                    " ({} reclaimed blocks skipped; {} blocks not verifiable because they were \
+                     written together with reclaimed ones)",
+                    r.reclaimed_blocks, r.unverifiable_blocks
+                )
             } else {
                 String::new()
             }

@@ -241,6 +241,14 @@ pub struct ServeArgs {
     /// which a relocation never frees); not with --replay (read-only).
     #[arg(long, default_value_t = 4, value_name = "RUNS")]
     pub relocate_on_read: usize,
+    /// Retention while serving: a background thread gives back the versions that only states
+    /// older than the last N operations need (as `rr-row reclaim --keep-from SEQ-N` would),
+    /// checking every second and reclaiming once the seq has moved on by N/4 (at least 1024).
+    /// While recording, no state from the one the recording started in is given up. Record
+    /// logs of earlier sessions stay replayable only while N reaches back to them. 0 (the
+    /// default) keeps every version.
+    #[arg(long, default_value_t = 0, value_name = "N", conflicts_with_all = ["replay", "read_only"])]
+    pub retain_seqs: u64,
     /// Keep this much of the image file ahead of its end reserved and in the page cache
     /// (a background thread), so appended writes copy into cached pages. 0 turns it off: the
     /// default for buffered I/O, since the prepared pages are small folios, which halves the

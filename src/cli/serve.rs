@@ -195,7 +195,9 @@ pub fn serve(a: &ServeArgs) -> CliResult {
                     .with_relocation(a.relocate_on_read)
                     .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?
                     .with_background_sync()
-                    .map_err(|e| CliError::ctx("cannot start the sync thread", e))?,
+                    .map_err(|e| CliError::ctx("cannot start the sync thread", e))?
+                    .with_retention(a.retain_seqs)
+                    .map_err(|e| CliError::ctx("cannot start the retention thread", e))?,
             );
             let r = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
             if let Ok(dev) = Arc::try_unwrap(dev) {
@@ -230,7 +232,9 @@ pub fn serve(a: &ServeArgs) -> CliResult {
         ImageDevice::with_relocation(image, a.relocate_on_read)
             .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?
             .with_background_sync()
-            .map_err(|e| CliError::ctx("cannot start the sync thread", e))?,
+            .map_err(|e| CliError::ctx("cannot start the sync thread", e))?
+            .with_retention(a.retain_seqs)
+            .map_err(|e| CliError::ctx("cannot start the retention thread", e))?,
     );
 
     let result = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);

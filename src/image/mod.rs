@@ -264,6 +264,8 @@ pub struct Image {
     relocate_min_extents: AtomicU64,
     prealloc: Mutex<Option<prealloc::Preallocator>>,
     dropper: Mutex<Option<cache::CacheDropper>>,
+    /// Where the last reclaim plan stopped (see `reclaim.rs`).
+    reclaim_cursor: Mutex<Option<reclaim::Cursor>>,
     notes: OpenNotes,
     path: PathBuf,
     closed: bool,
@@ -811,6 +813,7 @@ impl Image {
             relocate_min_extents: AtomicU64::new(0),
             prealloc: Mutex::new(None),
             dropper: Mutex::new(None),
+            reclaim_cursor: Mutex::new(None),
             notes,
             path: path.to_path_buf(),
             closed: false,
@@ -845,6 +848,12 @@ impl Image {
     /// Bytes of memory the live map uses.
     pub fn map_memory_bytes(&self) -> u64 {
         rlock(&self.live).map.memory_bytes()
+    }
+
+    /// The history horizon: states before this seq can no longer be rebuilt (0: no history
+    /// was reclaimed).
+    pub fn history_horizon(&self) -> Seq {
+        Seq(self.sh.horizon())
     }
 
     /// Sets the journal size after which a flush takes a checkpoint.
@@ -1676,9 +1685,8 @@ impl Image {
     /// Walks the whole journal from its first record to its current end.
     pub(crate) fn walk_all(
         &self,
-        mut f: impl FnMut(&Record, JPos) -> Result<bool, ImageError>,
+        f: impl FnMut(&Record, JPos) -> Result<bool, ImageError>,
     ) -> Result<(), ImageError> {
-        let (end, _) = self.journal_end()?;
         let hdr = lock(&self.journal).hdr.clone();
         let start = JPos {
             seg_slot: hdr.first_seg_slot,
@@ -1686,7 +1694,20 @@ impl Image {
             offset: SEG_HEADER_SIZE,
             crc: Header::chain_seed(&hdr.uuid),
         };
-        let mut w = Walker::new(&self.sh, start, 0)?;
+        self.walk_from(start, 0, f)
+    }
+
+    /// Walks the journal from `start` (a record boundary reached in state `seq`) to its
+    /// current end; `f` gets each record and the position right after it, and stops the walk
+    /// by returning false.
+    pub(crate) fn walk_from(
+        &self,
+        start: JPos,
+        seq: u64,
+        mut f: impl FnMut(&Record, JPos) -> Result<bool, ImageError>,
+    ) -> Result<(), ImageError> {
+        let (end, _) = self.journal_end()?;
+        let mut w = Walker::new(&self.sh, start, seq)?;
         while !(w.pos.seg_slot == end.seg_slot && w.pos.offset == end.offset) {
             let at = w.file_pos();
             match w.next_step()? {

@@ -26,9 +26,8 @@
 //! lost a race) are not reclaimed: a write in flight owns slots no record names yet.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 
-use super::format::{self, RecKind, Reclaimed, Record, RUN_LEN};
+use super::format::{self, JPos, RecKind, Reclaimed, Record, RUN_LEN};
 use super::map::Map;
 use super::shared::{merge_runs, Shared};
 use super::{apply, lock, rlock, zero_value, Image, ImageError};
@@ -81,73 +80,71 @@ pub(crate) fn validate(sh: &Shared, r: &Reclaimed, next_slot: u64) -> Result<(),
     Ok(())
 }
 
-/// One bit per slot.
-struct Bits(Vec<u64>);
+/// Where the previous plan stopped: the map of state `seq` and the journal position right
+/// after its last record, so the next plan of the same open image only walks what came since.
+pub(crate) struct Cursor {
+    map: Map,
+    pos: JPos,
+    seq: u64,
+    /// Blocks displaced from the map up to `seq` (merged now and then), minus nothing: a plan
+    /// subtracts what is reclaimed, pinned or metadata at its own time.
+    displaced: Vec<(u64, u64)>,
+}
 
-impl Bits {
-    fn new(slots: u64) -> Bits {
-        Bits(vec![0; slots.div_ceil(64) as usize])
-    }
-
-    fn limit(&self) -> u64 {
-        self.0.len() as u64 * 64
-    }
-
-    fn set_range(&mut self, start: u64, count: u64, on: bool) {
-        let end = start.saturating_add(count).min(self.limit());
-        let mut i = start;
-        while i < end {
-            let (w, b) = ((i / 64) as usize, i % 64);
-            let n = (64 - b).min(end - i);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << b
-            };
-            if let Some(word) = self.0.get_mut(w) {
-                if on {
-                    *word |= mask;
-                } else {
-                    *word &= !mask;
-                }
-            }
-            i += n;
+impl Cursor {
+    fn start(img: &Image) -> Cursor {
+        let hdr = lock(&img.journal).hdr.clone();
+        Cursor {
+            map: Map::new(img.sh.blocks),
+            pos: JPos {
+                seg_slot: hdr.first_seg_slot,
+                seg_index: 0,
+                offset: format::SEG_HEADER_SIZE,
+                crc: format::Header::chain_seed(&hdr.uuid),
+            },
+            seq: 0,
+            displaced: Vec::new(),
         }
     }
+}
 
-    fn count(&self, start: u64, count: u64) -> u64 {
-        let end = start.saturating_add(count).min(self.limit());
-        (start..end)
-            .filter(|&i| {
-                self.0
-                    .get((i / 64) as usize)
-                    .is_some_and(|w| w >> (i % 64) & 1 == 1)
-            })
-            .count() as u64
+/// Pushes `pba` onto sorted-by-arrival runs, extending the last run when it is adjacent.
+fn push_block(out: &mut Vec<(u64, u64)>, pba: u64) {
+    match out.last_mut() {
+        Some((s, c)) if *s + *c == pba => *c += 1,
+        _ => out.push((pba, 1)),
     }
+}
 
-    fn runs(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (wi, &w) in self.0.iter().enumerate() {
-            let mut w = w;
-            let base = wi as u64 * 64;
-            while w != 0 {
-                let start = u64::from(w.trailing_zeros());
-                let len = u64::from((!(w >> start)).trailing_zeros()).min(64 - start);
-                let s = base + start;
-                match out.last_mut() {
-                    Some((ls, lc)) if *ls + *lc == s => *lc += len,
-                    _ => out.push((s, len)),
-                }
-                w = if start + len >= 64 {
-                    0
-                } else {
-                    w & !(((1u64 << len) - 1) << start)
-                };
-            }
+/// `a` minus `b` (both sorted, disjoint, merged).
+fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::with_capacity(a.len());
+    let mut j = 0;
+    for &(s, c) in a {
+        let (mut s, e) = (s, s + c);
+        while j < b.len() && b.get(j).is_some_and(|&(bs, bc)| bs + bc <= s) {
+            j += 1;
         }
-        out
+        let mut k = j;
+        while let Some(&(bs, bc)) = b.get(k) {
+            if bs >= e {
+                break;
+            }
+            if bs > s {
+                out.push((s, bs - s));
+            }
+            s = s.max(bs + bc);
+            k += 1;
+        }
+        if s < e {
+            out.push((s, e - s));
+        }
     }
+    out
+}
+
+fn blocks_in(runs: &[(u64, u64)]) -> u64 {
+    runs.iter().map(|&(_, c)| c).sum()
 }
 
 /// Live PBA runs of a map (entries >= 2), merged.
@@ -202,49 +199,78 @@ impl Image {
                 current: seq,
             });
         }
-        let limit = self.sh.next_slot.load(Ordering::SeqCst);
-        let zero = zero_value(&self.sh);
-        let mut map_h = Map::new(self.sh.blocks);
-        let mut named = Bits::new(limit);
-        self.walk_all(|r, _| {
-            if r.kind.maps() {
-                if r.seq > keep_from.0 {
+        let mut guard = lock(&self.reclaim_cursor);
+        let cur = guard.get_or_insert_with(|| Cursor::start(self));
+        if keep_from.0 > cur.seq {
+            // Walk on from where the last plan stopped, up to and including the last record
+            // of state `keep_from` (relocations appended in that state included).
+            let zero = zero_value(&self.sh);
+            let (mut pos, mut seq) = (cur.pos, cur.seq);
+            let Cursor { map, displaced, .. } = cur;
+            self.walk_from(cur.pos, cur.seq, |r, after| {
+                if r.kind.maps() && r.seq > keep_from.0 {
                     return Ok(false);
                 }
-                apply(&mut map_h, r, zero);
-                for p in &r.pieces {
-                    if let Some(pba) = p.pba {
-                        named.set_range(pba, p.blocks, true);
+                if r.kind.maps() {
+                    for p in &r.pieces {
+                        for i in 0..p.blocks {
+                            let v = map.get(p.lba + i);
+                            if v >= 2 {
+                                push_block(displaced, v - 2);
+                            }
+                        }
                     }
+                    apply(map, r, zero);
                 }
-            }
-            Ok(true)
-        })?;
-        for (s, c) in mapped_runs(&map_h) {
-            named.set_range(s, c, false);
+                if r.kind.changes_state() {
+                    seq = r.seq;
+                }
+                pos = after;
+                Ok(true)
+            })?;
+            cur.pos = pos;
+            cur.seq = seq;
         }
-        for (s, c) in self.sh.meta_runs() {
-            named.set_range(s, c, false);
+        // Everything displaced up to the cursor's state is superseded at `keep_from` too (a
+        // block is written once: once displaced it is never mapped again).
+        cur.displaced = merge_runs(std::mem::take(&mut cur.displaced));
+        let mut gone = rlock(&self.sh.reclaimed).runs.clone();
+        gone.extend(self.sh.meta_runs());
+        cur.displaced = subtract(&cur.displaced, &merge_runs(gone));
+        if keep_from.0 < cur.seq {
+            // An older keep-from than an earlier plan of this image: recompute from scratch
+            // (rare: only a caller going backwards).
+            drop(guard);
+            let fresh = self.fresh_plan(keep_from, pinned)?;
+            return Ok(fresh);
         }
-        let already = rlock(&self.sh.reclaimed).runs.clone();
-        for &(s, c) in &already {
-            named.set_range(s, c, false);
-        }
-        let mut pinned_blocks = 0;
-        for &(s, c) in &merge_runs(pinned.to_vec()) {
-            pinned_blocks += named.count(s, c);
-            named.set_range(s, c, false);
-        }
-        let runs = named.runs();
-        let blocks: u64 = runs.iter().map(|&(_, c)| c).sum();
+        let candidates = cur.displaced.clone();
+        drop(guard);
+        let runs = subtract(&candidates, &merge_runs(pinned.to_vec()));
+        let blocks = blocks_in(&runs);
         Ok(ReclaimPlan {
             keep_from: keep_from.0,
             seq: seq.0,
+            pinned_blocks: blocks_in(&candidates) - blocks,
             runs,
             blocks,
             bytes: blocks * self.sh.bs.bytes_u64(),
-            pinned_blocks,
         })
+    }
+
+    /// A plan with a cursor of its own from the journal's start (for a keep-from older than
+    /// the image's cursor).
+    fn fresh_plan(&self, keep_from: Seq, pinned: &[(u64, u64)]) -> Result<ReclaimPlan, ImageError> {
+        let saved = lock(&self.reclaim_cursor).take();
+        let plan = self.plan_reclaim(keep_from, pinned);
+        let mut g = lock(&self.reclaim_cursor);
+        // Keep whichever cursor went further.
+        if let Some(old) = saved {
+            if g.as_ref().map_or(true, |c| c.seq < old.seq) {
+                *g = Some(old);
+            }
+        }
+        plan
     }
 
     /// Step 2 of a reclaim (see the module documentation): makes the plan's runs reclaimed,
@@ -400,17 +426,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bits_turn_into_merged_runs() {
-        let mut b = Bits::new(300);
-        b.set_range(3, 70, true);
-        b.set_range(64, 64, true);
-        b.set_range(200, 100, true);
-        b.set_range(250, 5, false);
-        assert_eq!(b.runs(), vec![(3, 125), (200, 50), (255, 45)]);
-        assert_eq!(b.count(0, 10), 7);
-        let mut full = Bits::new(128);
-        full.set_range(0, 128, true);
-        assert_eq!(full.runs(), vec![(0, 128)]);
+    fn runs_subtract() {
+        assert_eq!(
+            subtract(&[(0, 10), (20, 5), (40, 3)], &[(2, 2), (8, 14), (41, 1)]),
+            vec![(0, 2), (4, 4), (22, 3), (40, 1), (42, 1)]
+        );
+        assert_eq!(subtract(&[(5, 5)], &[]), vec![(5, 5)]);
+        assert_eq!(subtract(&[(5, 5)], &[(0, 100)]), vec![]);
+        let mut v = Vec::new();
+        for p in [7, 8, 9, 3, 4] {
+            push_block(&mut v, p);
+        }
+        assert_eq!(v, vec![(7, 3), (3, 2)]);
     }
 
     #[test]

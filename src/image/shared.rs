@@ -129,6 +129,20 @@ impl Shared {
             .map(|&(s, _)| s.max(pba))
     }
 
+    /// Number of reclaimed slots in `[pba, pba + n)`.
+    pub fn reclaimed_in(&self, pba: u64, n: u64) -> u64 {
+        let r = self.reclaimed.read().unwrap_or_else(|e| e.into_inner());
+        let end = pba.saturating_add(n);
+        let i = r.runs.partition_point(|&(s, c)| s.saturating_add(c) <= pba);
+        r.runs
+            .get(i..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|&&(s, _)| s < end)
+            .map(|&(s, c)| s.saturating_add(c).min(end) - s.max(pba))
+            .sum()
+    }
+
     /// Adds reclaimed runs (any order; merged into the sorted set) and raises the horizon.
     pub fn add_reclaimed(&self, add: &Reclaimed) {
         let mut r = self.reclaimed.write().unwrap_or_else(|e| e.into_inner());

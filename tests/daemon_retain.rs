@@ -1,0 +1,174 @@
+//! Retention while serving (`rr-row serve --retain-seqs N`), end to end through a blkio
+//! frontend: the image gives its old versions back while the guest keeps writing, every state
+//! inside the window and the current data stay exact, and a recording's own states are never
+//! given up, so its log replays.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use common::blk::{Client, ClientOpts};
+use common::daemon::{start_rr_row, ServeOpts};
+use common::image::create_image;
+use common::{wait_until, with_watchdog};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use rr_row::blockdev::replay_dev::{DivergencePolicy, ReplayingDevice};
+use rr_row::image::{Image, ImageError, OpenMode};
+use rr_row::units::Seq;
+
+const SIZE: u64 = 8 << 20;
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn allocated(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// Overwrites the whole disk `passes` times with 4 KiB writes (one seq each); returns the
+/// final content.
+fn overwrite(socket: &std::path::Path, passes: u32, seed: u64) -> Vec<u8> {
+    let mut c = Client::open(socket, ClientOpts::default());
+    let mut q = c.queue(0);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut model = vec![0u8; SIZE as usize];
+    for _ in 0..passes {
+        rng.fill_bytes(&mut model);
+        for (i, blk) in model.chunks(4096).enumerate() {
+            q.write_ok((i * 4096) as u64, 0, blk);
+        }
+    }
+    model
+}
+
+#[test]
+fn old_versions_are_given_back_while_the_guest_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("r.rrow");
+    let mut opts = ServeOpts::new(&image, SIZE);
+    // Keep the states of the last 1024 operations (a half pass over the disk).
+    opts.extra = vec!["--retain-seqs".into(), "1024".into()];
+    let d = start_rr_row(dir.path(), &opts);
+    let socket = d.socket().to_owned();
+    let blocks = SIZE / 4096;
+    let passes = 12u32;
+    let model = with_watchdog("overwrite passes", LIMIT, move || {
+        overwrite(&socket, passes, 7)
+    });
+    let written = u64::from(passes) * SIZE;
+    // The thread looks every second; once the seq has moved on it gives back everything but
+    // the last 1024 states' versions: the image ends far below what was written.
+    assert!(
+        wait_until(Duration::from_secs(60), || allocated(&image) < written / 3),
+        "the image still occupies {} bytes after {written} bytes written",
+        allocated(&image)
+    );
+    let log = d.log_path().to_owned();
+    let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+
+    let rep = Image::check(&image, false).unwrap();
+    assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+    assert!(rep.reclaimed_blocks > 0);
+    let img = Image::open(&image, OpenMode::ReadOnly).unwrap();
+    let seq = img.seq().0;
+    assert_eq!(seq, u64::from(passes) * blocks);
+    let horizon = img.history_horizon().0;
+    // How far it got depends on when the thread last looked; it never enters the window.
+    assert!(horizon > 0, "nothing was reclaimed");
+    assert!(
+        horizon <= seq - 1024,
+        "horizon {horizon} inside the window (seq {seq})"
+    );
+    let mut got = vec![0u8; SIZE as usize];
+    img.read_at(0, &mut got).unwrap();
+    assert!(got == model, "the current data changed");
+    // A state inside the window reads as the model: its first blocks from the last pass,
+    // the rest from the one before (which the window keeps too).
+    let s = img.state_at(Seq(seq - 1024)).unwrap();
+    s.read_at(0, &mut got).unwrap();
+    let last_pass_written = (blocks - 1024) as usize * 4096;
+    assert!(got[..last_pass_written] == model[..last_pass_written]);
+    assert!(matches!(
+        img.state_at(Seq(horizon - 1)),
+        Err(ImageError::HistoryReclaimed { .. })
+    ));
+}
+
+#[test]
+fn retention_while_recording_keeps_every_state_of_the_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("rec.rrow");
+    // History from before the recording: four passes.
+    let img = create_image(&image, SIZE, 4096);
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..4 {
+        for b in 0..SIZE / 4096 {
+            rng.fill_bytes(&mut buf);
+            img.write_at(b * 4096, &buf).unwrap();
+        }
+    }
+    let start = img.seq().0;
+    img.close().unwrap();
+    let log = dir.path().join("rec.rrlog");
+    let mut opts = ServeOpts::new(&image, SIZE);
+    opts.extra = vec![
+        "--retain-seqs".into(),
+        "512".into(),
+        "--record".into(),
+        log.display().to_string(),
+    ];
+    let d = start_rr_row(dir.path(), &opts);
+    let socket = d.socket().to_owned();
+    // Reads of the pre-recording data (recorded by block id), then overwrites of it.
+    let first = with_watchdog("record", LIMIT, move || {
+        let mut c = Client::open(&socket, ClientOpts::default());
+        let mut q = c.queue(0);
+        let mut first = Vec::new();
+        for off in (0..SIZE).step_by(256 << 10) {
+            first.extend(q.read_ok(off, 0, 256 << 10));
+        }
+        drop(c);
+        overwrite(&socket, 4, 9);
+        first
+    });
+    // Pre-recording history is given back; the recording's start state stays.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            Image::open(&image, OpenMode::ReadOnly)
+                .map(|i| i.history_horizon().0 == start)
+                .unwrap_or(false)
+        }),
+        "the horizon never reached the recording's start seq {start}"
+    );
+    let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+    assert!(status.success());
+    let img = Image::open(&image, OpenMode::ReadOnly).unwrap();
+    assert_eq!(
+        img.history_horizon().0,
+        start,
+        "retention passed the recording's start"
+    );
+    let mut got = vec![0u8; SIZE as usize];
+    img.state_at(Seq(start))
+        .unwrap()
+        .read_at(0, &mut got)
+        .unwrap();
+    assert!(
+        got == first,
+        "the recorded read no longer matches the state it read"
+    );
+    // Replay preparation checks every block run the log reads: none was given back.
+    let img = std::sync::Arc::new(img);
+    if let Err(e) = ReplayingDevice::open(img.clone(), &log, DivergencePolicy::Stop) {
+        panic!("the recording cannot be replayed after retention: {e}");
+    }
+    drop(img);
+    let rep = Image::check(&image, false).unwrap();
+    assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+}
