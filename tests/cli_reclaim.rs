@@ -27,6 +27,10 @@
 //!   overwritten afterwards; `--keep-log` keeps it replayable by `serve --replay` byte for
 //!   byte; on a copy of the image, the same reclaim without `--keep-log` makes `serve --replay`
 //!   refuse to start, saying the history the log needs was reclaimed.
+//! - `a_diverged_read_of_a_kept_log_before_the_horizon_fails_instead_of_lying`: a kept log
+//!   replayed with `--on-divergence continue`: the diverged read (served from a state before
+//!   the horizon) fails with EIO and the daemon says the history was reclaimed; every other
+//!   request replays exactly.
 //! - `a_log_recorded_from_the_keep_from_seq_stays_replayable_after_a_relocation` (ignored:
 //!   known bug, see its comment).
 //! - `check_is_clean_after_part_of_a_write_was_reclaimed` (ignored: known bug, see its
@@ -1115,4 +1119,59 @@ fn check_is_clean_after_part_of_a_write_was_reclaimed() {
     assert_eq!(v["reclaimed_blocks"], 1, "{v}");
     // The 15 live blocks of the first write and the second write are verified.
     assert_eq!(v["verified_blocks"], 16, "{v}");
+}
+
+/// A kept log replayed with `--on-divergence continue`: a diverged read is served from the disk
+/// as of the replay point, a state before the horizon, which is gone. It fails (EIO) and says
+/// why, instead of returning data of another state; the matched requests replay exactly.
+#[test]
+fn a_diverged_read_of_a_kept_log_before_the_horizon_fails_instead_of_lying() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (img, log, ops, recorded) = recorded_then_overwritten(d);
+    let rep = json(&[
+        "reclaim",
+        s(&img),
+        "--keep-from",
+        "latest",
+        "--keep-log",
+        s(&log),
+        "--output",
+        "json",
+    ]);
+    assert!(rep["reclaimed_blocks"].as_u64().unwrap() > 0, "{rep}");
+    // Request k, a read, asks for the next 4 KiB instead.
+    let k = ops
+        .iter()
+        .position(|op| matches!(op, Op::Read { offset, .. } if *offset + (68 << 10) <= SIZE))
+        .unwrap();
+    let mut divergent = ops.clone();
+    if let Op::Read { offset, .. } = &mut divergent[k] {
+        *offset += BS;
+    }
+    let mut o = ServeOpts::new(&img, SIZE);
+    o.extra = vec![
+        "--replay".into(),
+        s(&log).into(),
+        "--on-divergence".into(),
+        "continue".into(),
+        "--io-threads".into(),
+        "1".into(),
+    ];
+    let daemon = start_rr_row(d, &o);
+    let replayed = drive(daemon.socket(), divergent);
+    let text = daemon.log_text();
+    stop(daemon, 2);
+    for (i, (a, b)) in recorded.iter().zip(&replayed).enumerate() {
+        if i == k {
+            assert_eq!(b.0, common::blk::EIO, "the diverged read must fail");
+        } else {
+            assert!(a == b, "request {i} differs from the recording");
+        }
+    }
+    assert!(text.contains("replay diverged at"), "{text}");
+    assert!(
+        text.contains("was reclaimed"),
+        "the daemon must say why: {text}"
+    );
 }
