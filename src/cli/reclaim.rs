@@ -52,9 +52,13 @@ fn pinned_by(img: &Image, log: &Path) -> Result<KeptLog, CliError> {
         }
     }
     if let Some(t) = r.torn_tail() {
-        log::warn!(
-            "record log {}: {t:?}; the records before it are kept",
-            log.display()
+        // On stderr: only `serve` installs a logger.
+        eprintln!(
+            "rr-row: warning: record log {}: torn tail, {} bytes dropped at byte {}; the blocks \
+             the records before it read are kept",
+            log.display(),
+            t.dropped_bytes,
+            t.offset
         );
     }
     Ok(kept)
@@ -90,24 +94,35 @@ fn mib(b: u64) -> String {
 
 /// `rr-row reclaim`.
 pub fn reclaim(a: &ReclaimArgs) -> CliResult {
-    let mode = if a.dry_run {
-        OpenMode::ReadOnly
-    } else {
-        OpenMode::ReadWrite
-    };
     let ctx = |e| CliError::ctx(a.image.display(), e);
-    let img = Image::open(&a.image, mode).map_err(ctx)?;
+    // Everything the user can get wrong is checked on a read-only open first: opening the
+    // image read-write already appends to its journal, and a refused reclaim changes nothing.
+    let ro = Image::open(&a.image, OpenMode::ReadOnly).map_err(ctx)?;
+    if let KeepFrom::Seq(s) = a.keep_from {
+        if Seq(s) > ro.seq() {
+            return Err(ctx(crate::image::ImageError::SeqInFuture {
+                requested: Seq(s),
+                current: ro.seq(),
+            }));
+        }
+    }
+    let mut kept = Vec::new();
+    let mut pinned = Vec::new();
+    for log in &a.keep_logs {
+        let mut k = pinned_by(&ro, log)?;
+        pinned.append(&mut k.runs);
+        kept.push(k);
+    }
+    let img = if a.dry_run {
+        ro
+    } else {
+        drop(ro);
+        Image::open(&a.image, OpenMode::ReadWrite).map_err(ctx)?
+    };
     let keep_from = match a.keep_from {
         KeepFrom::Latest => img.seq(),
         KeepFrom::Seq(s) => Seq(s),
     };
-    let mut kept = Vec::new();
-    let mut pinned = Vec::new();
-    for log in &a.keep_logs {
-        let mut k = pinned_by(&img, log)?;
-        pinned.append(&mut k.runs);
-        kept.push(k);
-    }
     let before = img.info().map_err(ctx)?;
     let sp = spinner(a.quiet, "scanning the journal");
     let plan = img.plan_reclaim(keep_from, &pinned).map_err(ctx)?;
