@@ -20,8 +20,8 @@
 //!   warns on stderr.
 //! - `reclaim_refuses_an_image_a_daemon_serves_read_write`: the image lock; `--dry-run` still
 //!   works meanwhile.
-//! - `reclaim_refuses_an_image_a_replay_daemon_serves` (ignored: known bug, see its comment):
-//!   `serve --replay` and `serve --read-only` open the image read-only and take no lock.
+//! - `reclaim_refuses_an_image_a_replay_daemon_serves`: `serve --replay` holds a shared lock,
+//!   so reclaim cannot punch holes under a replay.
 //! - `a_kept_log_replays_exactly_and_an_unkept_one_is_refused`: a session recorded by
 //!   `serve --record` (blkio client, writes and reads, several overwrites), the whole disk
 //!   overwritten afterwards; `--keep-log` keeps it replayable by `serve --replay` byte for
@@ -31,17 +31,16 @@
 //!   replayed with `--on-divergence continue`: the diverged read (served from a state before
 //!   the horizon) fails with EIO and the daemon says the history was reclaimed; every other
 //!   request replays exactly.
-//! - `a_log_recorded_from_the_keep_from_seq_stays_replayable_after_a_relocation` (ignored:
-//!   known bug, see its comment).
-//! - `check_is_clean_after_part_of_a_write_was_reclaimed` (ignored: known bug, see its
-//!   comment).
-//! - `a_reclaim_after_a_crash_between_commit_and_punch_gives_the_space_back` (ignored: known
-//!   bug, see its comment).
+//! - `a_log_recorded_from_the_keep_from_seq_stays_replayable_after_a_relocation`: a
+//!   relocation appended in the keep-from state does not cost a log recorded from it.
+//! - `check_is_clean_after_part_of_a_write_was_reclaimed`: a write partly superseded and
+//!   reclaimed is not damage; its live blocks are counted as unverifiable.
+//! - `a_reclaim_after_a_crash_between_commit_and_punch_gives_the_space_back`: reclaim
+//!   punches every reclaimed block, not only its own plan's.
 //! - `quiet_and_json_output`: `--quiet` prints nothing on stderr; JSON and text outputs say
 //!   the same thing.
 //!
-//! The ignored tests fail today; each names the bug it shows. Run them with
-//! `cargo test --test cli_reclaim -- --include-ignored`.
+//! The last four were written as failing tests of bugs found in review, then fixed.
 
 mod common;
 
@@ -900,7 +899,7 @@ fn a_kept_log_replays_exactly_and_an_unkept_one_is_refused() {
     );
 }
 
-/// BUG (not fixed here: the fix belongs in `src/image/mod.rs`): `serve --replay` (and
+/// Regression (fixed: read-only daemons hold a shared lock): `serve --replay` (and
 /// `serve --read-only`) open the image read-only, which takes no lock at all, so
 /// `rr-row reclaim` runs while a replay daemon serves the image and punches holes under it:
 /// the daemon's process does not know the blocks are reclaimed, and the replayed reads of
@@ -909,7 +908,6 @@ fn a_kept_log_replays_exactly_and_an_unkept_one_is_refused() {
 /// Read-only opens should take a shared lock (as `check` already does), which makes
 /// reclaim's exclusive lock fail.
 #[test]
-#[ignore = "known bug: read-only opens (serve --replay/--read-only) take no image lock"]
 fn reclaim_refuses_an_image_a_replay_daemon_serves() {
     let dir = tempdir();
     let d = dir.path();
@@ -924,7 +922,7 @@ fn reclaim_refuses_an_image_a_replay_daemon_serves() {
     assert!(std::fs::read(&img).unwrap() == bytes);
 }
 
-/// BUG (not fixed here: the fix belongs in `Image::plan_reclaim`, src/image/reclaim.rs): a
+/// Regression (fixed: the plan stops before relocations of the keep-from state): a
 /// relocation takes no seq, so its record carries the seq current when it ran. A relocation
 /// that runs after a recording started but before the recorded run's first write (the
 /// recorder's reads offer relocations, `--relocate-on-read` is on by default) has the log's
@@ -938,7 +936,6 @@ fn reclaim_refuses_an_image_a_replay_daemon_serves() {
 /// Fix: in the plan, do not apply (nor count as naming blocks) relocation records whose seq
 /// equals keep-from; the pre-relocation blocks then stay mapped by the keep-from state.
 #[test]
-#[ignore = "known bug: reclaim --keep-from S loses blocks a log recorded from S read before a relocation at seq S"]
 fn a_log_recorded_from_the_keep_from_seq_stays_replayable_after_a_relocation() {
     let dir = tempdir();
     let d = dir.path();
@@ -1088,14 +1085,13 @@ fn quiet_and_json_output() {
     assert_eq!(stderr(&o), "");
 }
 
-/// BUG (not fixed here: the fix belongs in `src/image/check.rs`, or in the plan): reclaim
+/// Regression (fixed: check counts such blocks as unverifiable, not as damage): reclaim
 /// works block by block, so the blocks of a multi-block write that a later, smaller write
 /// superseded are reclaimed and the rest stays live. `check` assumes "a piece is reclaimed
 /// whole or not": it reports such an image corrupt (exit 2, "data blocks P+N are only partly
 /// reclaimed", which `--repair` cannot repair), counts all N blocks as reclaimed, and no
 /// longer verifies the live ones. Any real guest (64 KiB writes, 4 KiB overwrites) hits it.
 #[test]
-#[ignore = "known bug: check reports a partly reclaimed write as corruption"]
 fn check_is_clean_after_part_of_a_write_was_reclaimed() {
     let dir = tempdir();
     let d = dir.path();
@@ -1119,8 +1115,10 @@ fn check_is_clean_after_part_of_a_write_was_reclaimed() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(o.status.code(), Some(0), "{v}");
     assert_eq!(v["reclaimed_blocks"], 1, "{v}");
-    // The 15 live blocks of the first write and the second write are verified.
-    assert_eq!(v["verified_blocks"], 16, "{v}");
+    // The second write is verified; the 15 live blocks of the first write cannot be (their
+    // write's crc covers the reclaimed block too) and are counted as such.
+    assert_eq!(v["verified_blocks"], 1, "{v}");
+    assert_eq!(v["unverifiable_blocks"], 15, "{v}");
 }
 
 /// A kept log replayed with `--on-divergence continue`: a diverged read is served from the disk
@@ -1178,7 +1176,7 @@ fn a_diverged_read_of_a_kept_log_before_the_horizon_fails_instead_of_lying() {
     );
 }
 
-/// BUG (not fixed here: the fix belongs in `Image::plan_reclaim`, src/image/reclaim.rs): the
+/// Regression (fixed: reclaim punches every reclaimed block): the
 /// module documentation promises that blocks a crash left reclaimed but not yet punched
 /// (after step 2, commit, before step 3, punch) are punched by a later reclaim. The plan
 /// leaves out every block already reclaimed, so a later reclaim finds nothing and the space
@@ -1186,7 +1184,6 @@ fn a_diverged_read_of_a_kept_log_before_the_horizon_fails_instead_of_lying() {
 /// `FALLOC_FL_PUNCH_HOLE`). Fix: punch the already reclaimed runs again (punching a hole
 /// is idempotent), or keep a durable "punched up to" mark.
 #[test]
-#[ignore = "known bug: blocks reclaimed but not punched (crash between commit and punch) are never punched"]
 fn a_reclaim_after_a_crash_between_commit_and_punch_gives_the_space_back() {
     let dir = tempdir();
     let d = dir.path();

@@ -17,7 +17,10 @@ use rr_row::iobuf::IoSeg;
 use rr_row::units::{Lba, Seq};
 
 const BS: u64 = 4096;
-const DIRECT: OpenOptions = OpenOptions { direct: true };
+const DIRECT: OpenOptions = OpenOptions {
+    direct: true,
+    shared_lock: false,
+};
 
 /// A temporary directory next to the build (on the disk filesystem, like real images).
 fn tmpdir() -> tempfile::TempDir {

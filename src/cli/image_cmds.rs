@@ -152,12 +152,14 @@ pub fn check(a: &CheckArgs) -> CliResult {
             r.seq,
             r.records,
             r.verified_blocks,
-            if r.reclaimed_blocks > 0 {
+            if r.unverifiable_blocks > 0 {
                 format!(
                     " ({} reclaimed blocks skipped; {} blocks not verifiable because they were \
                      written together with reclaimed ones)",
                     r.reclaimed_blocks, r.unverifiable_blocks
                 )
+            } else if r.reclaimed_blocks > 0 {
+                format!(" ({} reclaimed blocks skipped)", r.reclaimed_blocks)
             } else {
                 String::new()
             }

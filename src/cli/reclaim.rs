@@ -129,9 +129,14 @@ pub fn reclaim(a: &ReclaimArgs) -> CliResult {
     sp.finish_and_clear();
     if !a.dry_run {
         img.commit_reclaim(&plan).map_err(ctx)?;
-        let bar = progress_bar(a.quiet, plan.bytes);
-        img.punch_reclaimed(&plan, &mut |done, _| bar.set_position(done))
-            .map_err(ctx)?;
+        // Every reclaimed block, not only this plan's: earlier reclaims that a crash or a
+        // failed punch left unpunched get their space back too.
+        let bar = progress_bar(a.quiet, 0);
+        img.punch_all_reclaimed(&mut |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+        .map_err(ctx)?;
         bar.finish_and_clear();
     }
     let after = img.info().map_err(ctx)?;

@@ -134,7 +134,12 @@ fn open_image(a: &ServeArgs) -> Result<Image, CliError> {
             .close()
             .map_err(|e| CliError::ctx(path.display(), e))?;
     }
-    let opts = OpenOptions { direct: a.direct };
+    // A read-only daemon (--read-only, --replay) holds a shared lock, so no reclaim (and no
+    // read-write daemon) can change the image under it.
+    let opts = OpenOptions {
+        direct: a.direct,
+        shared_lock: true,
+    };
     let image = Image::open_with_options(path, mode, &opts)
         .map_err(|e| CliError::ctx(path.display(), e))?;
     if let Some(size) = a.size {

@@ -92,6 +92,10 @@ pub struct OpenOptions {
     /// ([`ImageError::DirectUnsupported`] otherwise) and a block size that is a multiple of
     /// the page size ([`ImageError::DirectUnsuitable`] otherwise).
     pub direct: bool,
+    /// Read-only opens: hold a shared lock on the file while open (when no read-write user
+    /// holds it), so that nothing can open it read-write meanwhile - in particular no
+    /// reclaim can take blocks a replay reads. Without it a read-only open takes no lock.
+    pub shared_lock: bool,
 }
 
 /// How to open an image.
@@ -500,6 +504,16 @@ impl Image {
             && !io::lock_exclusive(&file).map_err(|e| ImageError::io("cannot lock the image", e))?
         {
             return Err(ImageError::Locked);
+        }
+        if !rw
+            && opts.shared_lock
+            && !io::lock_shared(&file).map_err(|e| ImageError::io("cannot lock the image", e))?
+        {
+            log::warn!(
+                "{} is open read-write by another process: it may change (and, with retention, \
+                 reclaim history) while this read-only user reads it",
+                path.display()
+            );
         }
         let direct = match opts.direct {
             true => Some(direct::DirectFile::open(path, rw)?),

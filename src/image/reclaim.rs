@@ -208,7 +208,11 @@ impl Image {
             let (mut pos, mut seq) = (cur.pos, cur.seq);
             let Cursor { map, displaced, .. } = cur;
             self.walk_from(cur.pos, cur.seq, |r, after| {
-                if r.kind.maps() && r.seq > keep_from.0 {
+                // Stop at the first record after the write that made state `keep_from`,
+                // relocations appended in that state included: a log recorded from
+                // `keep_from` on may have read the blocks such a relocation moved away from.
+                let in_keep_from_state = r.kind == RecKind::Relocate && r.seq == keep_from.0;
+                if r.kind.maps() && (r.seq > keep_from.0 || in_keep_from_state) {
                     return Ok(false);
                 }
                 if r.kind.maps() {
@@ -388,6 +392,26 @@ impl Image {
             .file
             .sync_data()
             .map_err(|e| ImageError::io("cannot sync the image", e))
+    }
+
+    /// Punches holes over every reclaimed block, also those of earlier reclaims (a crash
+    /// between commit and punch, or a failed punch, leaves reclaimed blocks that still take
+    /// space; punching a hole again costs little). `progress(done, total)` in bytes.
+    pub fn punch_all_reclaimed(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), ImageError> {
+        let runs = rlock(&self.sh.reclaimed).runs.clone();
+        let blocks = blocks_in(&runs);
+        let all = ReclaimPlan {
+            keep_from: self.sh.horizon(),
+            seq: self.seq().0,
+            runs,
+            blocks,
+            bytes: blocks * self.sh.bs.bytes_u64(),
+            pinned_blocks: 0,
+        };
+        self.punch_reclaimed(&all, progress)
     }
 
     /// A whole reclaim: [`plan_reclaim`](Self::plan_reclaim),
