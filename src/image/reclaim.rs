@@ -7,7 +7,9 @@
 //! other version: a data block is reclaimed when a record of a state up to `H` names it, the
 //! map of state `H` does not, and no *pinned* run (the blocks a kept record log reads) holds
 //! it. States after `H` only ever map blocks that the map of `H` maps or that later records
-//! wrote, so they lose nothing.
+//! wrote, so they lose nothing. "The map of state `H`" here leaves out the relocations
+//! appended in state `H`: a read in state `H` before one of them returned the old block ids,
+//! so both the old blocks and the copies stay.
 //!
 //! It runs in three steps, each safe to stop after:
 //!
@@ -210,6 +212,12 @@ impl Image {
             if r.kind.maps() {
                 if r.seq > keep_from.0 {
                     return Ok(false);
+                }
+                if r.kind == RecKind::Relocate && r.seq == keep_from.0 {
+                    // Reads in state H before this relocation (a log recorded from H on)
+                    // returned the blocks it re-points away from: keep the old blocks (mapped
+                    // by H without its relocations) and the copy (never marked here).
+                    return Ok(true);
                 }
                 apply(&mut map_h, r, zero);
                 for p in &r.pieces {
