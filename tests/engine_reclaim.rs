@@ -792,6 +792,99 @@ fn punching_needs_a_committed_plan_and_a_read_only_image_only_plans() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Concurrency.
+
+#[test]
+fn reclaims_concurrent_with_writes_and_relocating_reads_keep_every_later_state() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    const BLOCKS: u64 = 32;
+    let d = common::tempdir();
+    let p = d.path().join("cc.rrow");
+    let img = create_image(&p, BLOCKS * BS, BS as u32);
+    for l in 0..BLOCKS {
+        img.write_at(l * BS, &fill(0, l)).unwrap();
+    }
+    img.flush().unwrap();
+    // (seq, LBA, content) of every write; (seq, extents, data) of every read.
+    let writes = Mutex::new(Vec::new());
+    let reads = Mutex::new(Vec::new());
+    let writers_left = AtomicUsize::new(2);
+    std::thread::scope(|s| {
+        for half in 0..2u64 {
+            let (img, writes, left) = (&img, &writes, &writers_left);
+            s.spawn(move || {
+                for i in 0..300u64 {
+                    let l = half * BLOCKS / 2 + (i * 7) % (BLOCKS / 2);
+                    let data = fill(i + 1 + half * 1000, l);
+                    let w = img.write_at(l * BS, &data).unwrap();
+                    writes.lock().unwrap().push((w.seq.0, l, data));
+                }
+                left.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        let (img2, reads2, left2) = (&img, &reads, &writers_left);
+        s.spawn(move || {
+            img2.set_relocate_on_read(Some(2));
+            while left2.load(Ordering::SeqCst) > 0 {
+                let mut buf = vec![0u8; (BLOCKS * BS) as usize];
+                let mut trace = Vec::new();
+                let seq = img2
+                    .read_vectored(0, &[IoSeg::from_mut_slice(&mut buf)], Some(&mut trace))
+                    .unwrap();
+                reads2.lock().unwrap().push((seq.0, trace, buf));
+            }
+        });
+        loop {
+            img.reclaim(img.seq(), &[], &mut |_, _| {}).unwrap();
+            if writers_left.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+        }
+    });
+    img.set_relocate_on_read(None);
+    // However the threads ran, some history is given back (this one alone would).
+    img.reclaim(Seq(img.seq().0 - 50), &[], &mut |_, _| {})
+        .unwrap();
+    // The model: the initial pass, then the writes in seq order.
+    let mut writes = writes.into_inner().unwrap();
+    writes.sort_by_key(|w| w.0);
+    let mut model: Vec<u8> = (0..BLOCKS).flat_map(|l| fill(0, l)).collect();
+    let mut snaps = vec![vec![0u8; (BLOCKS * BS) as usize]; BLOCKS as usize + 1];
+    snaps[BLOCKS as usize] = model.clone();
+    for (seq, l, data) in &writes {
+        assert_eq!(*seq as usize, snaps.len());
+        model[(l * BS) as usize..((l + 1) * BS) as usize].copy_from_slice(data);
+        snaps.push(model.clone());
+    }
+    // Whatever the reads returned in states from the horizon on is still there by block id.
+    let verify = |img: &Image| {
+        let horizon = img.info().unwrap().history_horizon;
+        assert!(horizon > BLOCKS);
+        assert_states(img, &snaps, horizon);
+        let reads = reads.lock().unwrap();
+        for (seq, trace, data) in reads.iter().filter(|r| r.0 >= horizon) {
+            assert!(data == &snaps[*seq as usize], "a read at seq {seq}");
+            let mut at = 0usize;
+            for e in trace {
+                if let Extent::Mapped { pba, blocks } = *e {
+                    for k in 0..blocks {
+                        let b = rc::block(img, pba.0 + k).unwrap();
+                        let o = at + (k * BS) as usize;
+                        assert!(b[..] == data[o..o + BS as usize], "block {}", pba.0 + k);
+                    }
+                }
+                at += (e.blocks() * BS) as usize;
+            }
+        }
+    };
+    verify(&img);
+    img.close().unwrap();
+    check_clean(&p);
+    verify(&Image::open(&p, OpenMode::ReadOnly).unwrap());
+}
+
+// ---------------------------------------------------------------------------------------------
 // Model test.
 
 mod model {
@@ -803,7 +896,7 @@ mod model {
     //! one is refused; pinned blocks, blocks read in states from the horizon on and blocks
     //! written from the horizon on read their content; every reclaimed block is refused; the
     //! blocks a reclaim must give back are given back; a view taken before the reclaim reads
-    //! the model or fails, never anything else; `check` is clean.
+    //! the model or fails, never anything else; `check` is clean. Half the images have a base.
 
     use super::*;
     use proptest::prelude::*;
@@ -878,20 +971,22 @@ mod model {
         )
     }
 
-    /// The operations with one or two reclaims inserted at random places, and the checkpoint
-    /// threshold (small: flushes and commits take checkpoints on their own).
-    fn case() -> impl Strategy<Value = (Vec<Op>, u64)> {
+    /// The operations with one or two reclaims inserted at random places, the checkpoint
+    /// threshold (small: flushes and commits take checkpoints on their own), and whether the
+    /// image has a base.
+    fn case() -> impl Strategy<Value = (Vec<Op>, u64, bool)> {
         (
             prop::collection::vec(op(), 10..40),
             prop::collection::vec((any::<Index>(), reclaim_op()), 1..=2),
             prop_oneof![Just(u64::MAX), Just(2048u64)],
+            any::<bool>(),
         )
-            .prop_map(|(mut ops, reclaims, ckpt)| {
+            .prop_map(|(mut ops, reclaims, ckpt, base)| {
                 for (at, r) in reclaims {
                     let i = at.index(ops.len() + 1);
                     ops.insert(i, r);
                 }
-                (ops, ckpt)
+                (ops, ckpt, base)
             })
     }
 
@@ -955,13 +1050,27 @@ mod model {
         }
     }
 
-    fn run(ops: &[Op], ckpt: u64) {
+    fn run(ops: &[Op], ckpt: u64, base: bool) {
         let d = common::tempdir();
         let p = d.path().join("m.rrow");
-        let mut img = Some(create_image(&p, SIZE, BS as u32));
+        let mut disk0 = vec![0u8; SIZE as usize];
+        let base = base.then(|| {
+            // Shorter than the disk, and not block-aligned: its tail reads zeros.
+            let b = pattern(0x5a, (SIZE - SIZE / 3) as usize);
+            disk0[..b.len()].copy_from_slice(&b);
+            let bp = d.path().join("base.raw");
+            std::fs::write(&bp, &b).unwrap();
+            bp
+        });
+        let opts = rr_row::image::CreateOptions {
+            size: SIZE,
+            block_size: rr_row::units::BlockSize::new(BS as u32).unwrap(),
+            base,
+        };
+        let mut img = Some(Image::create(&p, &opts).unwrap());
         img.as_ref().unwrap().set_checkpoint_threshold(ckpt);
         let mut m = Model {
-            snaps: vec![vec![0u8; SIZE as usize]],
+            snaps: vec![disk0],
             ..Model::default()
         };
         for op in ops {
@@ -1136,9 +1245,9 @@ mod model {
 
         #[test]
         fn reclaim_keeps_every_state_from_the_horizon_and_gives_back_the_rest(
-            (ops, ckpt) in case()
+            (ops, ckpt, base) in case()
         ) {
-            run(&ops, ckpt);
+            run(&ops, ckpt, base);
         }
     }
 }
