@@ -791,6 +791,49 @@ fn punching_needs_a_committed_plan_and_a_read_only_image_only_plans() {
     assert_states(&ro, &snaps, 0);
 }
 
+#[test]
+fn a_reclaim_of_many_runs_is_split_over_records_that_all_replay() {
+    const N: u64 = 9000;
+    let d = common::tempdir();
+    let p = d.path().join("many.rrow");
+    let img = create_image(&p, N * 512, 512);
+    let all: Vec<u8> = (0..N * 512).map(|i| (i / 512 % 251 + 1) as u8).collect();
+    let first = img.write_at(0, &all).unwrap().first_pba.0;
+    // Every other block overwritten: the first write's piece is given back one block in two.
+    for l in (0..N).step_by(2) {
+        img.write_at(l * 512, &[0xee; 512]).unwrap();
+    }
+    let seq = img.seq();
+    let plan = img.plan_reclaim(seq, &[]).unwrap();
+    assert_eq!(plan.runs.len() as u64, N / 2);
+    assert_eq!(plan.runs[7], (first + 14, 1));
+    img.commit_reclaim(&plan).unwrap();
+    let crashed = std::fs::read(&p).unwrap();
+    drop(img);
+    let recs: Vec<_> = rc::records(&crashed)
+        .into_iter()
+        .filter(|r| r.kind == 8)
+        .collect();
+    assert!(recs.len() >= 2, "{} reclaim record(s)", recs.len());
+    let cp = d.path().join("many-crashed.rrow");
+    std::fs::write(&cp, &crashed).unwrap();
+    let img = Image::open(&cp, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.info().unwrap().reclaimed_blocks, N / 2);
+    assert_eq!(img.info().unwrap().history_horizon, seq.0);
+    // The first and the last runs (named by different records) are both reclaimed.
+    let mut b = vec![0u8; 512];
+    for l in [0, N - 2] {
+        assert!(matches!(
+            img.read_block(Pba(first + l), &mut b),
+            Err(ImageError::Reclaimed { .. })
+        ));
+    }
+    img.read_block(Pba(first + N - 1), &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == ((N - 1) % 251 + 1) as u8));
+    drop(img);
+    assert_eq!(check_clean(&cp).reclaimed_blocks, N / 2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Concurrency.
 
