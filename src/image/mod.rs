@@ -308,6 +308,24 @@ fn resolve_in(sh: &Shared, map: &Map, lba: Lba, blocks: u64) -> Result<Vec<Exten
     Ok(ex)
 }
 
+/// Fails with [`ImageError::Reclaimed`] when an extent names a reclaimed block.
+fn check_not_reclaimed(sh: &Shared, extents: &[Extent]) -> Result<(), ImageError> {
+    if sh.horizon() == 0 {
+        return Ok(());
+    }
+    for e in extents {
+        if let Extent::Mapped { pba, blocks } = *e {
+            if let Some(p) = sh.first_reclaimed(pba.0, blocks) {
+                return Err(ImageError::Reclaimed {
+                    pba: Pba(p),
+                    horizon: Seq(sh.horizon()),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_range(size: u64, offset: u64, len: u64) -> Result<(), ImageError> {
     if offset % 512 != 0 || len % 512 != 0 {
         return Err(ImageError::Unaligned { offset, len });
@@ -1658,20 +1676,7 @@ impl Image {
 
     /// Fails with [`ImageError::Reclaimed`] when an extent names a reclaimed block.
     fn check_not_reclaimed(&self, extents: &[Extent]) -> Result<(), ImageError> {
-        if self.sh.horizon() == 0 {
-            return Ok(());
-        }
-        for e in extents {
-            if let Extent::Mapped { pba, blocks } = *e {
-                if let Some(p) = self.sh.first_reclaimed(pba.0, blocks) {
-                    return Err(ImageError::Reclaimed {
-                        pba: Pba(p),
-                        horizon: Seq(self.sh.horizon()),
-                    });
-                }
-            }
-        }
-        Ok(())
+        check_not_reclaimed(&self.sh, extents)
     }
 
     /// Fills `segs` with the bytes of the concatenated extents starting `skip` bytes into the
@@ -1915,7 +1920,9 @@ impl Snapshot {
         Seq(self.seq)
     }
 
-    /// Reads `buf.len()` bytes at `offset` as of this view's seq.
+    /// Reads `buf.len()` bytes at `offset` as of this view's seq. Fails with
+    /// [`ImageError::Reclaimed`] when a reclaim since the view was taken gave back a block
+    /// the range reads.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         let len = buf.len() as u64;
         check_range(self.sh.size, offset, len)?;
@@ -1927,6 +1934,9 @@ impl Snapshot {
         let n = (offset + len - 1) / bs - first + 1;
         let mut ex = Vec::new();
         self.map.extents(first, n, self.sh.base.is_some(), &mut ex);
+        // A view taken before a reclaim may name blocks it gave back: their holes read as
+        // zeros, which must not pass for the old content.
+        check_not_reclaimed(&self.sh, &ex)?;
         self.sh
             .read_extents(&ex, offset % bs, &[IoSeg::from_mut_slice(buf)])
     }

@@ -7,7 +7,9 @@
 //! other version: a data block is reclaimed when a record of a state up to `H` names it, the
 //! map of state `H` does not, and no *pinned* run (the blocks a kept record log reads) holds
 //! it. States after `H` only ever map blocks that the map of `H` maps or that later records
-//! wrote, so they lose nothing.
+//! wrote, so they lose nothing. "The map of state `H`" here leaves out the relocations
+//! appended in state `H`: a read in state `H` before one of them returned the old block ids,
+//! so both the old blocks and the copies stay.
 //!
 //! It runs in three steps, each safe to stop after:
 //!

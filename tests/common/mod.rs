@@ -20,6 +20,7 @@ pub mod guest;
 pub mod image;
 pub mod inproc;
 pub mod mem_dev;
+pub mod reclaim;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
