@@ -114,3 +114,23 @@ fn reclaims_racing_writers_never_take_live_blocks() {
     assert!(rep.is_clean(), "{:?}", rep.problems);
     assert!(rep.reclaimed_blocks > 0);
 }
+
+#[test]
+fn a_reclaim_with_nothing_to_give_back_leaves_the_image_as_older_builds_read_it() {
+    let d = common::tempdir();
+    let p = d.path().join("noop.rrow");
+    let img = create_image(&p, SIZE, 4096);
+    // Every block written once: no version is superseded.
+    for b in 0..SIZE / 4096 {
+        img.write_at(b * 4096, &[b as u8; 4096]).unwrap();
+    }
+    let rep = img.reclaim(img.seq(), &[], &mut |_, _| {}).unwrap();
+    assert_eq!(rep.plan.blocks, 0);
+    assert_eq!(rep.horizon, 0);
+    assert_eq!(img.history_horizon(), Seq(0));
+    // Every state is still there.
+    assert!(img.state_at(Seq(1)).is_ok());
+    img.close().unwrap();
+    let hdr = common::reclaim::current_header(&std::fs::read(&p).unwrap());
+    assert_eq!(hdr.incompat, 0, "the reclaim feature bit was set for nothing");
+}

@@ -308,24 +308,6 @@ fn resolve_in(sh: &Shared, map: &Map, lba: Lba, blocks: u64) -> Result<Vec<Exten
     Ok(ex)
 }
 
-/// Fails with [`ImageError::Reclaimed`] when an extent names a reclaimed block.
-fn check_not_reclaimed(sh: &Shared, extents: &[Extent]) -> Result<(), ImageError> {
-    if sh.horizon() == 0 {
-        return Ok(());
-    }
-    for e in extents {
-        if let Extent::Mapped { pba, blocks } = *e {
-            if let Some(p) = sh.first_reclaimed(pba.0, blocks) {
-                return Err(ImageError::Reclaimed {
-                    pba: Pba(p),
-                    horizon: Seq(sh.horizon()),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
 fn check_range(size: u64, offset: u64, len: u64) -> Result<(), ImageError> {
     if offset % 512 != 0 || len % 512 != 0 {
         return Err(ImageError::Unaligned { offset, len });
@@ -595,6 +577,7 @@ impl Image {
             prealloc: Arc::default(),
             drop_state: Arc::default(),
             reclaimed: RwLock::default(),
+            reclaim_gen: AtomicU64::new(0),
         };
         let zero = zero_value(&sh);
         let mut map = Map::new(sh.blocks);
@@ -1067,21 +1050,34 @@ impl Image {
         let first = offset / bs;
         let n = (offset + len - 1) / bs - first + 1;
         let mut ex = Vec::new();
-        let seq = {
-            let live = rlock(&self.live);
-            live.map.extents(first, n, self.sh.base.is_some(), &mut ex);
-            live.seq
+        let seq = loop {
+            // A reclaim running beside this read (serve --retain-seqs) may give back and punch
+            // a block the read resolved, if the block is overwritten meanwhile: then resolve
+            // again (the read overlapped that overwrite; the new data is a right answer, zeros
+            // are not).
+            let gen = self.sh.reclaim_gen.load(Ordering::SeqCst);
+            ex.clear();
+            let seq = {
+                let live = rlock(&self.live);
+                live.map.extents(first, n, self.sh.base.is_some(), &mut ex);
+                live.seq
+            };
+            let min = self.relocate_min_extents.load(Ordering::Relaxed);
+            if min != 0
+                && !self.read_only
+                && ex.len() as u64 >= min
+                && ex.iter().all(|e| matches!(e, Extent::Mapped { .. }))
+            {
+                self.read_relocating(first, &ex, offset % bs, segs)?;
+            } else {
+                self.sh.read_extents(&ex, offset % bs, segs)?;
+            }
+            if self.sh.reclaim_gen.load(Ordering::SeqCst) == gen
+                || self.sh.check_not_reclaimed(&ex).is_ok()
+            {
+                break seq;
+            }
         };
-        let min = self.relocate_min_extents.load(Ordering::Relaxed);
-        if min != 0
-            && !self.read_only
-            && ex.len() as u64 >= min
-            && ex.iter().all(|e| matches!(e, Extent::Mapped { .. }))
-        {
-            self.read_relocating(first, &ex, offset % bs, segs)?;
-        } else {
-            self.sh.read_extents(&ex, offset % bs, segs)?;
-        }
         if let Some(t) = trace {
             t.extend_from_slice(&ex);
         }
@@ -1659,8 +1655,7 @@ impl Image {
                 got: buf.len() as u64,
             });
         }
-        self.check_not_reclaimed(&[Extent::Mapped { pba, blocks: 1 }])?;
-        self.sh.read_extents(
+        self.sh.read_extents_checked(
             &[Extent::Mapped { pba, blocks: 1 }],
             0,
             &[IoSeg::from_mut_slice(buf)],
@@ -1671,12 +1666,8 @@ impl Image {
     /// is still there (not reclaimed), without reading them.
     pub fn check_blocks(&self, pba: Pba, blocks: u64) -> Result<(), ImageError> {
         self.sh.check_data(pba.0, blocks)?;
-        self.check_not_reclaimed(&[Extent::Mapped { pba, blocks }])
-    }
-
-    /// Fails with [`ImageError::Reclaimed`] when an extent names a reclaimed block.
-    fn check_not_reclaimed(&self, extents: &[Extent]) -> Result<(), ImageError> {
-        check_not_reclaimed(&self.sh, extents)
+        self.sh
+            .check_not_reclaimed(&[Extent::Mapped { pba, blocks }])
     }
 
     /// Fills `segs` with the bytes of the concatenated extents starting `skip` bytes into the
@@ -1688,8 +1679,7 @@ impl Image {
         skip: u64,
         segs: &[IoSeg<'_>],
     ) -> Result<(), ImageError> {
-        self.check_not_reclaimed(extents)?;
-        self.sh.read_extents(extents, skip, segs)
+        self.sh.read_extents_checked(extents, skip, segs)
     }
 
     /// Writes buffered journal records to the file and returns the journal's end.
@@ -1936,9 +1926,8 @@ impl Snapshot {
         self.map.extents(first, n, self.sh.base.is_some(), &mut ex);
         // A view taken before a reclaim may name blocks it gave back: their holes read as
         // zeros, which must not pass for the old content.
-        check_not_reclaimed(&self.sh, &ex)?;
         self.sh
-            .read_extents(&ex, offset % bs, &[IoSeg::from_mut_slice(buf)])
+            .read_extents_checked(&ex, offset % bs, &[IoSeg::from_mut_slice(buf)])
     }
 
     /// Describes LBAs `lba .. lba + blocks` as of this view's seq.

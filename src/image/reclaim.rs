@@ -285,6 +285,11 @@ impl Image {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
+        if plan.runs.is_empty() {
+            // Nothing to give back: nothing is recorded, no state becomes unreadable, and the
+            // image stays readable by builds without the reclaim feature.
+            return Ok(());
+        }
         // Every record up to the keep-from state must be durable before anything that state
         // no longer maps is given up: recovery must never fall back to an older state.
         self.flush()?;
@@ -301,7 +306,11 @@ impl Image {
         if j.hdr.incompat & format::INCOMPAT_RECLAIM == 0 {
             // Older readers must refuse the image rather than take holes for damage.
             j.hdr.incompat |= format::INCOMPAT_RECLAIM;
-            self.checkpoint_locked(&mut j)?;
+            if let Err(e) = self.checkpoint_locked(&mut j) {
+                // The header on disk may still lack the bit: so must the next one written.
+                j.hdr.incompat &= !format::INCOMPAT_RECLAIM;
+                return Err(e);
+            }
         }
         // A record must fit an empty segment after its header and the link record's room.
         let room = self.sh.seg_bytes() as usize
@@ -309,7 +318,6 @@ impl Image {
             - format::LINK_LEN
             - (format::REC_HEAD + 16 + 4);
         let per_record = (room / RUN_LEN).clamp(1, 4096);
-        // Nothing to give back: nothing is recorded and no state becomes unreadable.
         let horizon = plan.keep_from.max(self.sh.horizon());
         for runs in plan.runs.chunks(per_record) {
             let body = Reclaimed {

@@ -54,6 +54,9 @@ pub struct Shared {
     pub drop_state: Arc<DropState>,
     /// The history horizon and the reclaimed slot runs (sorted, disjoint, merged).
     pub reclaimed: RwLock<Reclaimed>,
+    /// Bumped by every [`Shared::add_reclaimed`], before any hole of those runs is punched: a
+    /// read that sees it unchanged across its I/O read no block reclaimed meanwhile.
+    pub reclaim_gen: AtomicU64,
 }
 
 impl Shared {
@@ -149,6 +152,45 @@ impl Shared {
         r.horizon = r.horizon.max(add.horizon);
         r.runs.extend_from_slice(&add.runs);
         r.runs = merge_runs(std::mem::take(&mut r.runs));
+        drop(r);
+        self.reclaim_gen.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// [`Shared::read_extents`] that never passes a punched hole off as data: blocks found
+    /// reclaimed before the read fail with [`ImageError::Reclaimed`], and so do blocks
+    /// reclaimed (and perhaps punched) while it ran.
+    pub fn read_extents_checked(
+        &self,
+        extents: &[Extent],
+        skip: u64,
+        segs: &[IoSeg<'_>],
+    ) -> Result<(), ImageError> {
+        let gen = self.reclaim_gen.load(Ordering::SeqCst);
+        self.check_not_reclaimed(extents)?;
+        self.read_extents(extents, skip, segs)?;
+        if self.reclaim_gen.load(Ordering::SeqCst) != gen {
+            self.check_not_reclaimed(extents)?;
+        }
+        Ok(())
+    }
+
+    /// Fails with [`ImageError::Reclaimed`] when an extent names a reclaimed block.
+    pub fn check_not_reclaimed(&self, extents: &[Extent]) -> Result<(), ImageError> {
+        let horizon = self.horizon();
+        if horizon == 0 {
+            return Ok(());
+        }
+        for e in extents {
+            if let Extent::Mapped { pba, blocks } = *e {
+                if let Some(p) = self.first_reclaimed(pba.0, blocks) {
+                    return Err(ImageError::Reclaimed {
+                        pba: Pba(p),
+                        horizon: crate::units::Seq(horizon),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks that `[pba, pba + n)` are allocated data blocks.
