@@ -132,5 +132,8 @@ fn a_reclaim_with_nothing_to_give_back_leaves_the_image_as_older_builds_read_it(
     assert!(img.state_at(Seq(1)).is_ok());
     img.close().unwrap();
     let hdr = common::reclaim::current_header(&std::fs::read(&p).unwrap());
-    assert_eq!(hdr.incompat, 0, "the reclaim feature bit was set for nothing");
+    assert_eq!(
+        hdr.incompat, 0,
+        "the reclaim feature bit was set for nothing"
+    );
 }
