@@ -513,18 +513,19 @@ fn check_history(image: &Image, index: &ReplayIndex) -> Result<(), ReplayError> 
             if blocks == 0 {
                 continue;
             }
+            let missing = |pba: u64, source: ImageError| ReplayError::MissingHistory {
+                pba,
+                queue: r.queue,
+                index: r.index,
+                source,
+            };
             // The whole run must still be there (a reclaim may have taken part of it) ...
             if let Err(source) = image.check_blocks(Pba(pba.get()), blocks) {
                 let p = match source {
                     ImageError::Reclaimed { pba, .. } => pba.0,
                     _ => pba.get(),
                 };
-                first_err = Some(ReplayError::MissingHistory {
-                    pba: p,
-                    queue: r.queue,
-                    index: r.index,
-                    source,
-                });
+                first_err = Some(missing(p, source));
                 return;
             }
             // ... and its ends must read (the file must not have been truncated).
@@ -533,12 +534,7 @@ fn check_history(image: &Image, index: &ReplayIndex) -> Result<(), ReplayError> 
                     continue;
                 }
                 if let Err(source) = image.read_block(Pba(p), &mut block) {
-                    first_err = Some(ReplayError::MissingHistory {
-                        pba: p,
-                        queue: r.queue,
-                        index: r.index,
-                        source,
-                    });
+                    first_err = Some(missing(p, source));
                     return;
                 }
             }
