@@ -266,13 +266,14 @@ impl Shared {
         let mut batch: Vec<uring::Read<'_>> = Vec::new();
         let mut wanted: Vec<(Pba, u64)> = Vec::new();
         let mut pos = 0u64;
+        let first_skip = skip;
         let mut skip = skip;
         let mut have = 0u64;
         for e in extents {
             if pos >= need {
                 break;
             }
-            let eb = extent_blocks(e).saturating_mul(bs);
+            let eb = e.blocks().saturating_mul(bs);
             have = have.saturating_add(eb);
             if skip >= eb {
                 skip -= eb;
@@ -324,7 +325,7 @@ impl Shared {
         }
         if pos < need {
             return Err(ImageError::ExtentsTooShort {
-                have: have.saturating_sub(skip),
+                have: have.saturating_sub(first_skip),
                 need,
             });
         }
@@ -380,15 +381,6 @@ impl Shared {
     }
 }
 
-/// Blocks an extent covers.
-fn extent_blocks(e: &Extent) -> u64 {
-    match *e {
-        Extent::Mapped { blocks, .. } | Extent::Zero { blocks } | Extent::Base { blocks, .. } => {
-            blocks
-        }
-    }
-}
-
 /// How many mapped extents a read of `need` bytes from `skip` bytes into `extents` reads from.
 fn mapped_extents_read(extents: &[Extent], mut skip: u64, need: u64, bs: u64) -> usize {
     let mut pos = 0u64;
@@ -397,7 +389,7 @@ fn mapped_extents_read(extents: &[Extent], mut skip: u64, need: u64, bs: u64) ->
         if pos >= need {
             break;
         }
-        let eb = extent_blocks(e).saturating_mul(bs);
+        let eb = e.blocks().saturating_mul(bs);
         if skip >= eb {
             skip -= eb;
             continue;
