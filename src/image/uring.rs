@@ -63,6 +63,12 @@ thread_local! {
     static MIN_EXTENTS: Cell<usize> = const { Cell::new(DEFAULT_MIN_EXTENTS) };
 }
 
+#[cfg(test)]
+thread_local! {
+    /// READV requests this thread queued (tests check that a path was taken).
+    static QUEUED: Cell<u64> = const { Cell::new(0) };
+}
+
 /// Why io_uring is not used, logged once per process.
 static LOGGED: Once = Once::new();
 
@@ -262,6 +268,8 @@ fn run(ring: &mut IoUring, reads: &mut [Read<'_>]) -> (io::Result<()>, bool) {
                     break;
                 }
                 queued += 1;
+                #[cfg(test)]
+                QUEUED.with(|q| q.set(q.get() + 1));
             }
         }
         if in_flight + queued == 0 {
@@ -386,6 +394,10 @@ mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
 
+    fn queued() -> u64 {
+        QUEUED.with(Cell::get)
+    }
+
     fn file_with(data: &[u8]) -> tempfile::NamedTempFile {
         let mut t = tempfile::NamedTempFile::new().unwrap();
         t.write_all(data).unwrap();
@@ -468,8 +480,11 @@ mod tests {
         let segs: Vec<IoSeg<'_>> = buf.chunks_mut(7).map(IoSeg::from_mut_slice).collect();
         assert_eq!(segs.len(), 3000);
         let mut reads = vec![Read::new(fd, 5, segs)];
+        let before = queued();
         read_all(&mut reads).unwrap().unwrap();
         assert_eq!((reads[0].done, reads[0].eof), (21000, false));
+        // 1024 + 1024 + 952 segments.
+        assert_eq!(queued() - before, 3);
         drop(reads);
         assert_eq!(buf, data[5..21005]);
     }
@@ -495,8 +510,11 @@ mod tests {
             CURRENT_POSITION,
             vec![IoSeg::from_mut_slice(&mut a), IoSeg::from_mut_slice(&mut b)],
         )];
+        let before = queued();
         read_all(&mut reads).unwrap().unwrap();
         assert_eq!((reads[0].done, reads[0].eof), (12000, false));
+        // At least the first completion was short (3000 of 12000 bytes were there).
+        assert!(queued() - before >= 2);
         drop(reads);
         writer.join().unwrap();
         assert_eq!(a, data[..5000]);
@@ -564,5 +582,242 @@ mod tests {
         let mut reads = vec![Read::new(-1, 0, vec![]), Read::new(-1, 0, vec![])];
         read_all(&mut reads).unwrap().unwrap();
         assert!(reads.iter().all(|r| r.done == 0 && !r.eof));
+    }
+
+    // The engine's read path, through the ring and through preadv, byte for byte.
+
+    use crate::image::{CreateOptions, Extent, Image, ImageError};
+    use crate::units::{BlockSize, Lba};
+
+    const BS: usize = 4096;
+    const DISK_BLOCKS: usize = 160;
+
+    /// A small deterministic generator (no test may depend on the run).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// An image over a base, overwritten in random order in runs of 1-3 blocks (extents of
+    /// different lengths), with zeroed ranges; and the bytes it must read as.
+    fn fragmented(dir: &std::path::Path) -> (Image, Vec<u8>) {
+        // The base covers 100 blocks and ends inside one: past its end, zeros.
+        let base_len = 100 * BS - 1000;
+        let base = pattern(base_len);
+        std::fs::write(dir.join("base.raw"), &base).unwrap();
+        let img = Image::create(
+            &dir.join("img.rrimg"),
+            &CreateOptions {
+                size: (DISK_BLOCKS * BS) as u64,
+                block_size: BlockSize::DEFAULT,
+                base: Some(dir.join("base.raw")),
+            },
+        )
+        .unwrap();
+        let mut model = vec![0u8; DISK_BLOCKS * BS];
+        model[..base_len].copy_from_slice(&base);
+        let mut rng = Lcg(42);
+        let mut runs = Vec::new();
+        let mut b = 0;
+        while b < DISK_BLOCKS {
+            let n = (1 + rng.next(3) as usize).min(DISK_BLOCKS - b);
+            runs.push((b, n));
+            b += n;
+        }
+        // Shuffle, then write two thirds of the runs (the rest stays base or zero).
+        for i in (1..runs.len()).rev() {
+            runs.swap(i, rng.next(i as u64 + 1) as usize);
+        }
+        let keep = runs.len() * 2 / 3;
+        for (k, &(b, n)) in runs.iter().take(keep).enumerate() {
+            let data: Vec<u8> = (0..n * BS)
+                .map(|i| (i as u64 * 7 + k as u64 * 131) as u8)
+                .collect();
+            img.write_at((b * BS) as u64, &data).unwrap();
+            model[b * BS..(b + n) * BS].copy_from_slice(&data);
+        }
+        for &(b, n) in [(10usize, 2usize), (57, 1), (120, 3), (131, 1)].iter() {
+            img.write_zeroes((b * BS) as u64, (n * BS) as u64).unwrap();
+            model[b * BS..(b + n) * BS].fill(0);
+        }
+        (img, model)
+    }
+
+    /// Segments of odd lengths over `buf`, so that segments straddle extents.
+    fn odd_segs(buf: &mut [u8]) -> Vec<IoSeg<'_>> {
+        let lens = [1000usize, 3096, 512, 7000, 4096, 333, 12288];
+        let mut out = Vec::new();
+        let mut rest = buf;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = lens[i % lens.len()].min(rest.len());
+            let (a, b) = rest.split_at_mut(n);
+            out.push(IoSeg::from_mut_slice(a));
+            rest = b;
+            i += 1;
+        }
+        out
+    }
+
+    /// Reads `[off, off + len)` with io_uring from `min` mapped extents on (0: never).
+    fn read_with(img: &Image, min: usize, off: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xa5u8; len];
+        set_min_extents(min);
+        let r = img.read_vectored(off, &odd_segs(&mut buf), None);
+        set_min_extents(DEFAULT_MIN_EXTENTS);
+        r.unwrap();
+        buf
+    }
+
+    #[test]
+    fn engine_reads_through_the_ring_match_preadv_and_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, model) = fragmented(dir.path());
+        let disk = (DISK_BLOCKS * BS) as u64;
+        let mut cases: Vec<(u64, usize)> = vec![(0, DISK_BLOCKS * BS), (512, 128 << 10)];
+        cases.extend(
+            (0..disk)
+                .step_by(128 << 10)
+                .map(|o| (o, (128usize << 10).min((disk - o) as usize))),
+        );
+        cases.extend([
+            (3 * 512, 20 * 512),
+            (95 * 4096 + 1536, 40960),
+            (disk - 8192, 8192),
+        ]);
+        let mut ring_reads = 0;
+        for &(off, len) in &cases {
+            let ex = img
+                .resolve(
+                    Lba(off / BS as u64),
+                    ((off % BS as u64) + len as u64).div_ceil(BS as u64),
+                )
+                .unwrap();
+            let mapped = ex
+                .iter()
+                .filter(|e| matches!(e, Extent::Mapped { .. }))
+                .count();
+            let expect = &model[off as usize..off as usize + len];
+            let by_preadv = read_with(&img, 0, off, len);
+            assert!(by_preadv == expect, "preadv path at {off}+{len}");
+            let before = queued();
+            let by_ring = read_with(&img, 1, off, len);
+            assert!(by_ring == expect, "io_uring path at {off}+{len}");
+            // Every mapped extent went through the ring.
+            assert_eq!(queued() - before, mapped as u64, "at {off}+{len}");
+            let by_default = read_with(&img, DEFAULT_MIN_EXTENTS, off, len);
+            assert!(by_default == expect, "default threshold at {off}+{len}");
+            if mapped >= DEFAULT_MIN_EXTENTS {
+                ring_reads += 1;
+            }
+        }
+        // The image is fragmented enough that the default threshold takes the ring.
+        assert!(ring_reads >= 3, "{ring_reads}");
+    }
+
+    #[test]
+    fn read_extents_with_a_skip_matches_preadv() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, model) = fragmented(dir.path());
+        let ex = img.resolve(Lba(20), 40).unwrap();
+        assert!(
+            ex.iter()
+                .filter(|e| matches!(e, Extent::Mapped { .. }))
+                .count()
+                >= 8
+        );
+        // Start 5000 bytes into the extents (inside the second block), read 100,000 bytes.
+        let mut bufs = Vec::new();
+        for min in [0, 1] {
+            let mut buf = vec![0u8; 100_000];
+            set_min_extents(min);
+            let r = img.read_extents(&ex, 5000, &odd_segs(&mut buf));
+            set_min_extents(DEFAULT_MIN_EXTENTS);
+            r.unwrap();
+            bufs.push(buf);
+        }
+        let start = 20 * BS + 5000;
+        assert!(bufs[0] == model[start..start + 100_000]);
+        assert!(bufs[1] == bufs[0]);
+        // Extents that do not cover the request fail the same way on both paths.
+        for min in [0, 1] {
+            let mut buf = vec![0u8; 40 * BS];
+            set_min_extents(min);
+            let r = img.read_extents(&ex, 4096, &[IoSeg::from_mut_slice(&mut buf)]);
+            set_min_extents(DEFAULT_MIN_EXTENTS);
+            assert!(
+                matches!(r, Err(ImageError::ExtentsTooShort { have, need }) if have == 39 * BS as u64 && need == 40 * BS as u64),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_block_past_the_end_of_the_file_fails_on_both_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, _) = fragmented(dir.path());
+        img.flush().unwrap();
+        let ex = img.resolve(Lba(0), DISK_BLOCKS as u64).unwrap();
+        let last = ex
+            .iter()
+            .filter_map(|e| match *e {
+                Extent::Mapped { pba, blocks } => Some((pba.0, blocks)),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        // Cut the file inside the last data block (nothing after it is read here).
+        let cut = img.sh.slot_off(last.0).unwrap() + 1024;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("img.rrimg"))
+            .unwrap();
+        if file.metadata().unwrap().len() > cut {
+            file.set_len(cut).unwrap();
+        }
+        let mut msgs = Vec::new();
+        for min in [0, 1] {
+            let mut buf = vec![0u8; DISK_BLOCKS * BS];
+            set_min_extents(min);
+            let before = queued();
+            let r = img.read_extents(&ex, 0, &[IoSeg::from_mut_slice(&mut buf)]);
+            let used_ring = queued() > before;
+            set_min_extents(DEFAULT_MIN_EXTENTS);
+            assert_eq!(used_ring, min == 1);
+            match r {
+                Err(e @ ImageError::Truncated { .. }) => msgs.push(e.to_string()),
+                other => panic!("min {min}: {other:?}"),
+            }
+        }
+        assert_eq!(msgs[0], msgs[1]);
+        assert!(
+            msgs[0].contains(&format!("data block {} ", last.0)),
+            "{}",
+            msgs[0]
+        );
+        // A block id that is not a data block: refused before any read, on both paths.
+        for min in [0, 1] {
+            let mut buf = vec![0u8; 5 * BS];
+            let bad = [
+                ex[0],
+                Extent::Mapped {
+                    pba: crate::units::Pba(1 << 40),
+                    blocks: 1,
+                },
+                ex[1],
+                ex[2],
+                ex[3],
+            ];
+            set_min_extents(min);
+            let r = img.read_extents(&bad, 0, &[IoSeg::from_mut_slice(&mut buf)]);
+            set_min_extents(DEFAULT_MIN_EXTENTS);
+            assert!(matches!(r, Err(ImageError::UnknownPba(_))), "{r:?}");
+        }
     }
 }
