@@ -250,14 +250,25 @@ fn run(ring: &mut IoUring, reads: &mut [Read<'_>]) -> (io::Result<()>, bool) {
                 } else {
                     r.off.saturating_add(r.done)
                 };
-                let entry =
-                    opcode::Readv::new(types::Fd(r.fd), v.as_ptr(), v.len().min(IOV_MAX) as u32)
-                        .offset(off)
-                        .build()
-                        .user_data(i as u64);
+                // One segment left: a plain READ (no iovec array for the kernel to copy in).
+                let entry = match v.as_slice() {
+                    [one] => opcode::Read::new(
+                        types::Fd(r.fd),
+                        one.iov_base.cast::<u8>(),
+                        u32::try_from(one.iov_len).unwrap_or(u32::MAX),
+                    )
+                    .offset(off)
+                    .build(),
+                    _ => {
+                        opcode::Readv::new(types::Fd(r.fd), v.as_ptr(), v.len().min(IOV_MAX) as u32)
+                            .offset(off)
+                            .build()
+                    }
+                }
+                .user_data(i as u64);
                 // SAFETY: the entry points at `v`, an iovec array that stays allocated and
-                // unmoved until this request completes (see `iovs` above), whose entries
-                // describe memory valid for writes for the whole call (IoSeg's constructor
+                // unmoved until this request completes (see `iovs` above), or at the memory of
+                // its one entry; its entries describe memory valid for writes for the whole call (IoSeg's constructor
                 // contract; `advance` keeps them inside their segments). This function waits
                 // for the completion of every request it submits before it returns (the loop
                 // below runs until nothing is in flight, and the failure paths wait too), so
