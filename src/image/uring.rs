@@ -267,13 +267,14 @@ fn run(ring: &mut IoUring, reads: &mut [Read<'_>]) -> (io::Result<()>, bool) {
                 }
                 .user_data(i as u64);
                 // SAFETY: the entry points at `v`, an iovec array that stays allocated and
-                // unmoved until this request completes (see `iovs` above), or at the memory of
-                // its one entry; its entries describe memory valid for writes for the whole call (IoSeg's constructor
-                // contract; `advance` keeps them inside their segments). This function waits
-                // for the completion of every request it submits before it returns (the loop
-                // below runs until nothing is in flight, and the failure paths wait too), so
-                // the kernel is done with both before the caller gets its segments back. The
-                // fd is open for the call (the caller holds the file).
+                // unmoved until this request completes (see `iovs` above), or straight at the
+                // memory of its one entry. Its entries describe memory valid for writes for
+                // the whole call (IoSeg's constructor contract; `advance` keeps them inside
+                // their segments). This function waits for the completion of every request it
+                // submits before it returns (the loop below runs until nothing is in flight,
+                // and the failure paths wait too), so the kernel is done with the array and
+                // the memory before the caller gets its segments back. The fd is open for the
+                // call (the caller holds the file).
                 if unsafe { ring.submission().push(&entry) }.is_err() {
                     todo.push_front(i);
                     break;
