@@ -1,11 +1,17 @@
 //! Fragmented reads through io_uring: all the extents of one read submitted at once.
 //!
 //! Data overwritten at random resolves to many extents (runs of consecutive block ids): a
-//! 128 KiB read of such data is 20-32 of them. [`super::shared::Shared::read_extents`] issues
-//! one `preadv` per extent for a few extents; from [`min_extents`] mapped extents on, it hands
-//! them to [`read_all`], which queues one `IORING_OP_READV` per extent on this thread's ring,
-//! submits them with one `io_uring_enter`, and waits for every one of them. Data goes straight
-//! into the caller's segments, as with `preadv`: no bounce buffer.
+//! 128 KiB read of such data is 20-32 of them. The engine's read path (`Shared::read_extents`)
+//! issues one `preadv` per extent for a few extents; from [`min_extents`] mapped extents on, it
+//! hands them to `read_all`, which queues one `IORING_OP_READ` per extent (`READV` when the
+//! extent spans several of the caller's segments) on this thread's ring, submits them with one
+//! `io_uring_enter`, and waits for every one of them. Data goes straight into the caller's
+//! segments, as with `preadv`: no bounce buffer. Only the buffered descriptor is read this
+//! way; direct (`O_DIRECT`) reads keep one `preadv` per extent.
+//!
+//! Cached pages are read inline in `io_uring_enter` (the kernel tries `IOCB_NOWAIT` first), so
+//! for them the ring saves system calls only; reads that would wait for the disk go to io-wq
+//! workers and overlap (docs/perf-notes.md, section 13).
 //!
 //! - **One ring per thread**, made on first use (a `thread_local`), with
 //!   `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (completions are only run when
@@ -13,7 +19,7 @@
 //!   without those flags on kernels that refuse them. Its memory is marked `MADV_DONTFORK`, so
 //!   a forked child can never reach it.
 //! - **When io_uring cannot be used** (kernel too old, `kernel.io_uring_disabled`, seccomp,
-//!   out of memory...), [`read_all`] returns `None` and the caller uses `preadv`; why is logged
+//!   out of memory...), `read_all` returns `None` and the caller uses `preadv`; why is logged
 //!   once per process at info level.
 //! - **Short reads** are resubmitted for the remainder (the iovec list advanced past what was
 //!   read); a read that returns 0 has reached the end of the file. `-EAGAIN` and `-EINTR`
@@ -22,7 +28,7 @@
 //! - **Errors.** The first error completion is returned, after every request already submitted
 //!   has completed (no new read is submitted once one failed).
 //!
-//! **The one safety rule: [`read_all`] never returns while the kernel may still write into a
+//! **The one safety rule: `read_all` never returns while the kernel may still write into a
 //! caller's segment or read one of its iovec arrays.** Every path out of it, error paths
 //! included, first waits for every submitted request's completion. Queued entries the kernel
 //! never consumed (only after `io_uring_enter` itself failed) are never submitted afterwards:
