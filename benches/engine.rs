@@ -22,7 +22,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
-use rr_row::image::{CreateOptions, Image};
+use rr_row::image::{uring, CreateOptions, Image};
 use rr_row::iobuf::IoSeg;
 use rr_row::units::{BlockSize, Lba};
 
@@ -233,6 +233,77 @@ fn read_128k_seq(c: &mut Criterion) {
     }
 }
 
+/// 128 KiB reads that resolve to exactly `k` extents, one `preadv` per extent against all of
+/// them submitted at once through io_uring (`rr_row::image::uring`): what chooses the
+/// threshold `uring::DEFAULT_MIN_EXTENTS`.
+fn read_128k_extents(c: &mut Criterion) {
+    const SIZE: u64 = 16 << 20;
+    let mut g = c.benchmark_group("read_128k_extents");
+    g.throughput(Throughput::Bytes(SEQ as u64));
+    let blocks = (SEQ / BS) as u64;
+    for k in [1u64, 2, 3, 4, 6, 8, 16, 32] {
+        let p = Pair::new(SIZE, true);
+        // Every 128 KiB window in k runs; run j of every window is rewritten in pass j, last
+        // run first: consecutive runs of a window lie in different passes, far apart.
+        if k > 1 {
+            let bounds: Vec<u64> = (0..=k).map(|j| j * blocks / k).collect();
+            for j in (0..k as usize).rev() {
+                let (a, b) = (bounds[j], bounds[j + 1]);
+                let buf = pattern(((b - a) as usize) * BS, 10 + j as u64);
+                for w in 0..SIZE / SEQ as u64 {
+                    p.img
+                        .write_at(w * SEQ as u64 + a * BS as u64, &buf)
+                        .expect("rewrite run");
+                }
+            }
+            p.img.flush().expect("flush image");
+        }
+        let ex = p.img.resolve(Lba(0), blocks).expect("resolve");
+        assert_eq!(ex.len() as u64, k, "extents of a window");
+        let mut buf = vec![0u8; SEQ];
+        let mut off = 0u64;
+        for (label, min) in [("preadv", 0usize), ("io_uring", 1)] {
+            uring::set_min_extents(min);
+            g.bench_function(BenchmarkId::new(label, k), |b| {
+                b.iter(|| {
+                    let o = off;
+                    off = (off + SEQ as u64) % SIZE;
+                    p.img.read_at(o, &mut buf).expect("read")
+                })
+            });
+            // The same from the disk: the image's pages dropped from the page cache (they
+            // are clean after the flush) before each read, outside the timed part.
+            if [1, 4, 8, 32].contains(&k) {
+                let file = File::open(&p.img_path).expect("open image");
+                g.bench_function(BenchmarkId::new(format!("{label}_cold"), k), |b| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            drop_cache(&file);
+                            let o = off;
+                            off = (off + SEQ as u64) % SIZE;
+                            let t = std::time::Instant::now();
+                            p.img.read_at(o, &mut buf).expect("read");
+                            total += t.elapsed();
+                        }
+                        total
+                    })
+                });
+            }
+        }
+        uring::set_min_extents(uring::DEFAULT_MIN_EXTENTS);
+    }
+    g.finish();
+}
+
+/// Drops the file's clean pages from the page cache.
+fn drop_cache(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise on an open descriptor; no memory is involved.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+}
+
 /// Map lookups (`resolve`): 1 block and 32 blocks, on a sequential and a fragmented map.
 fn resolve(c: &mut Criterion) {
     let mut g = c.benchmark_group("resolve");
@@ -326,6 +397,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = write_4k_random, read_4k_random, write_128k_seq, read_128k_seq, resolve, journal, flush
+    targets = write_4k_random, read_4k_random, write_128k_seq, read_128k_seq, read_128k_extents, resolve, journal, flush
 }
 criterion_main!(benches);

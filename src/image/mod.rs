@@ -45,6 +45,7 @@ mod map;
 mod prealloc;
 mod reclaim;
 mod shared;
+pub mod uring;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! slot allocator and the list of metadata slots; plus the read path from extents.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -11,6 +12,7 @@ use super::direct::DirectFile;
 use super::format::Reclaimed;
 use super::io::{preadv_full, pwritev_all};
 use super::prealloc::PreallocState;
+use super::uring;
 use super::{Extent, ImageError};
 use crate::iobuf::{slice_segs, total_len, IoSeg};
 use crate::units::{BlockSize, Pba};
@@ -286,6 +288,10 @@ impl Shared {
 
     /// Fills `segs` with the bytes of the concatenated `extents`, starting `skip` bytes into
     /// the first one. Extents may come from a record log: every block id is checked.
+    ///
+    /// With [`uring::min_extents`] or more mapped extents to read (and no direct descriptor),
+    /// every one of them is read through this thread's io_uring ring, submitted at once
+    /// (see [`super::uring`]); with fewer, or when io_uring cannot be used, one `preadv` each.
     pub fn read_extents(
         &self,
         extents: &[Extent],
@@ -294,19 +300,22 @@ impl Shared {
     ) -> Result<(), ImageError> {
         let need = total_len(segs);
         let bs = self.bs.bytes_u64();
+        let min = uring::min_extents();
+        let gather =
+            min > 0 && self.direct.is_none() && mapped_extents_read(extents, skip, need, bs) >= min;
+        // The mapped extents' reads when they go through the ring, and for each its block id
+        // and the bytes wanted (for the error when the file ends first).
+        let mut batch: Vec<uring::Read<'_>> = Vec::new();
+        let mut wanted: Vec<(Pba, u64)> = Vec::new();
         let mut pos = 0u64;
+        let first_skip = skip;
         let mut skip = skip;
         let mut have = 0u64;
         for e in extents {
             if pos >= need {
                 break;
             }
-            let blocks = match *e {
-                Extent::Mapped { blocks, .. }
-                | Extent::Zero { blocks }
-                | Extent::Base { blocks, .. } => blocks,
-            };
-            let eb = blocks.saturating_mul(bs);
+            let eb = e.blocks().saturating_mul(bs);
             have = have.saturating_add(eb);
             if skip >= eb {
                 skip -= eb;
@@ -324,13 +333,16 @@ impl Shared {
                         .slot_off(pba.0)
                         .and_then(|o| o.checked_add(skip))
                         .ok_or(ImageError::UnknownPba(pba))?;
-                    let got = self
-                        .read_data(&sub, off)
-                        .map_err(|e| ImageError::io("cannot read the image", e))?;
-                    if got < take {
-                        return Err(ImageError::Truncated {
-                            what: format!("data block {} lies past the end of the file", pba.0),
-                        });
+                    if gather {
+                        batch.push(uring::Read::new(self.file.as_raw_fd(), off, sub));
+                        wanted.push((pba, take));
+                    } else {
+                        let got = self
+                            .read_data(&sub, off)
+                            .map_err(|e| ImageError::io("cannot read the image", e))?;
+                        if got < take {
+                            return Err(past_the_end(pba));
+                        }
                     }
                 }
                 Extent::Zero { .. } => {
@@ -350,11 +362,39 @@ impl Shared {
             pos += take;
             skip = 0;
         }
+        if !batch.is_empty() {
+            self.read_batch(&mut batch, &wanted)?;
+        }
         if pos < need {
             return Err(ImageError::ExtentsTooShort {
-                have: have.saturating_sub(skip),
+                have: have.saturating_sub(first_skip),
                 need,
             });
+        }
+        Ok(())
+    }
+
+    /// Reads the gathered mapped extents of [`Self::read_extents`]: all at once through
+    /// io_uring, or one `preadv` each when this thread cannot use it. Errors as the `preadv`
+    /// path gives them: the first I/O error, else the first extent the file ends in.
+    fn read_batch(
+        &self,
+        reads: &mut [uring::Read<'_>],
+        wanted: &[(Pba, u64)],
+    ) -> Result<(), ImageError> {
+        match uring::read_all(reads) {
+            Some(res) => res.map_err(|e| ImageError::io("cannot read the image", e))?,
+            None => {
+                for r in reads.iter_mut() {
+                    r.done = preadv_full(&self.file, &r.segs, r.off)
+                        .map_err(|e| ImageError::io("cannot read the image", e))?;
+                }
+            }
+        }
+        for (&(pba, take), r) in wanted.iter().zip(reads.iter()) {
+            if r.done < take {
+                return Err(past_the_end(pba));
+            }
         }
         Ok(())
     }
@@ -380,6 +420,35 @@ impl Shared {
             }
         }
         Ok(())
+    }
+}
+
+/// How many mapped extents a read of `need` bytes from `skip` bytes into `extents` reads from.
+fn mapped_extents_read(extents: &[Extent], mut skip: u64, need: u64, bs: u64) -> usize {
+    let mut pos = 0u64;
+    let mut n = 0;
+    for e in extents {
+        if pos >= need {
+            break;
+        }
+        let eb = e.blocks().saturating_mul(bs);
+        if skip >= eb {
+            skip -= eb;
+            continue;
+        }
+        pos = pos.saturating_add(eb - skip);
+        skip = 0;
+        if matches!(e, Extent::Mapped { .. }) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The error of a data block the file ends before.
+fn past_the_end(pba: Pba) -> ImageError {
+    ImageError::Truncated {
+        what: format!("data block {} lies past the end of the file", pba.0),
     }
 }
 

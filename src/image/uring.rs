@@ -1,0 +1,841 @@
+//! Fragmented reads through io_uring: all the extents of one read submitted at once.
+//!
+//! Data overwritten at random resolves to many extents (runs of consecutive block ids): a
+//! 128 KiB read of such data is 20-32 of them. The engine's read path (`Shared::read_extents`)
+//! issues one `preadv` per extent for a few extents; from [`min_extents`] mapped extents on, it
+//! hands them to `read_all`, which queues one `IORING_OP_READ` per extent (`READV` when the
+//! extent spans several of the caller's segments) on this thread's ring, submits them with one
+//! `io_uring_enter`, and waits for every one of them. Data goes straight into the caller's
+//! segments, as with `preadv`: no bounce buffer. Only the buffered descriptor is read this
+//! way; direct (`O_DIRECT`) reads keep one `preadv` per extent.
+//!
+//! Cached pages are read inline in `io_uring_enter` (the kernel tries `IOCB_NOWAIT` first), so
+//! for them the ring saves system calls only; reads that would wait for the disk go to io-wq
+//! workers and overlap (docs/perf-notes.md, section 13).
+//!
+//! - **One ring per thread**, made on first use (a `thread_local`), with
+//!   `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (completions are only run when
+//!   this thread waits for them, which it always does) and `IORING_SETUP_SUBMIT_ALL`, or
+//!   without those flags on kernels that refuse them. Its memory is marked `MADV_DONTFORK`, so
+//!   a forked child can never reach it.
+//! - **When io_uring cannot be used** (kernel too old, `kernel.io_uring_disabled`, seccomp,
+//!   out of memory...), `read_all` returns `None` and the caller uses `preadv`; why is logged
+//!   once per process at info level.
+//! - **Short reads** are resubmitted for the remainder (the iovec list advanced past what was
+//!   read); a read that returns 0 has reached the end of the file. `-EAGAIN` and `-EINTR`
+//!   completions are resubmitted as they are. A read of more than `IOV_MAX` segments is
+//!   submitted `IOV_MAX` at a time: it completes short and the remainder goes again.
+//! - **Errors.** The first error completion is returned, after every request already submitted
+//!   has completed (no new read is submitted once one failed).
+//!
+//! **The one safety rule: `read_all` never returns while the kernel may still write into a
+//! caller's segment or read one of its iovec arrays.** Every path out of it, error paths
+//! included, first waits for every submitted request's completion. Queued entries the kernel
+//! never consumed (only after `io_uring_enter` itself failed) are never submitted afterwards:
+//! the ring is closed and this thread goes back to `preadv`. If the kernel refuses even to
+//! wait for the requests in flight, the process aborts rather than return buffers the kernel
+//! may still write into. Nothing in the loop can panic while requests are in flight
+//! (checked indexing only).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Once;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::iobuf::{as_iovecs, IoSeg};
+
+/// Mapped extents from which a read goes through io_uring by default (fewer: one `preadv`
+/// each). Chosen by measurement: docs/perf-notes.md, section 13.
+pub const DEFAULT_MIN_EXTENTS: usize = 4;
+
+/// Submission queue entries of each thread's ring: at most this many reads in flight.
+const ENTRIES: u32 = 64;
+
+/// Largest iovec count of one `READV` (the kernel's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// `io_uring_enter` failures in a row (`EAGAIN`, `EBUSY` with nothing in flight) before the
+/// batch is given up.
+const MAX_RETRIES: u32 = 1000;
+
+/// Offset meaning "the file's current position" (for files without offsets: pipes).
+pub(crate) const CURRENT_POSITION: u64 = u64::MAX;
+
+thread_local! {
+    static RING: RefCell<Ring> = const { RefCell::new(Ring::Unset) };
+    static MIN_EXTENTS: Cell<usize> = const { Cell::new(DEFAULT_MIN_EXTENTS) };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// READV requests this thread queued (tests check that a path was taken).
+    static QUEUED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Why io_uring is not used, logged once per process.
+static LOGGED: Once = Once::new();
+
+/// This thread's ring.
+enum Ring {
+    /// Not tried yet.
+    Unset,
+    /// Set up.
+    Ready(Box<IoUring>),
+    /// Cannot be used on this thread (the reason was logged).
+    Unavailable,
+}
+
+/// Mapped extents from which reads on this thread go through io_uring (0: never).
+pub fn min_extents() -> usize {
+    MIN_EXTENTS.with(Cell::get)
+}
+
+/// Sets [`min_extents`] for reads made on the calling thread: `0` turns io_uring off (one
+/// `preadv` per extent), `1` sends every read with a mapped extent through it. For benchmarks
+/// and tests; the default is [`DEFAULT_MIN_EXTENTS`].
+pub fn set_min_extents(n: usize) {
+    MIN_EXTENTS.with(|m| m.set(n));
+}
+
+/// True when this thread has (or can set up) a ring.
+pub fn available() -> bool {
+    with_ring(|_| ()).is_some()
+}
+
+/// One read of a batch: the segments' length from `off` of `fd`.
+pub(crate) struct Read<'a> {
+    /// The file (open for the whole call).
+    pub fd: RawFd,
+    /// Its offset, or [`CURRENT_POSITION`].
+    pub off: u64,
+    /// Where the bytes go: memory valid for writes (IoSeg's contract).
+    pub segs: Vec<IoSeg<'a>>,
+    /// Bytes read (set by [`read_all`]).
+    pub done: u64,
+    /// The file ended before the segments were full (set by [`read_all`]).
+    pub eof: bool,
+}
+
+impl<'a> Read<'a> {
+    /// A read of `segs` at `off` of `fd`.
+    pub fn new(fd: RawFd, off: u64, segs: Vec<IoSeg<'a>>) -> Self {
+        Read {
+            fd,
+            off,
+            segs,
+            done: 0,
+            eof: false,
+        }
+    }
+}
+
+/// Runs `f` with this thread's ring, setting it up on first use; `None` when io_uring cannot
+/// be used here (or the ring is busy: not reached, nothing re-enters while it is lent).
+fn with_ring<R>(f: impl FnOnce(&mut IoUring) -> R) -> Option<R> {
+    RING.with(|cell| {
+        let mut slot = cell.try_borrow_mut().ok()?;
+        if matches!(*slot, Ring::Unset) {
+            *slot = match setup() {
+                Ok(ring) => Ring::Ready(Box::new(ring)),
+                Err(e) => {
+                    LOGGED.call_once(|| {
+                        log::info!(
+                            "io_uring cannot be used ({e}); fragmented reads use one preadv per \
+                             extent"
+                        );
+                    });
+                    Ring::Unavailable
+                }
+            };
+        }
+        match &mut *slot {
+            Ring::Ready(ring) => Some(f(ring)),
+            _ => None,
+        }
+    })
+}
+
+/// Makes a ring, with the cheaper completion mode where the kernel has it.
+fn setup() -> io::Result<IoUring> {
+    let mut b = IoUring::builder();
+    b.dontfork()
+        .setup_submit_all()
+        .setup_single_issuer()
+        .setup_defer_taskrun();
+    match b.build(ENTRIES) {
+        Ok(r) => Ok(r),
+        // Before 6.1 (DEFER_TASKRUN) or 5.18 (SUBMIT_ALL): the plain ring.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            IoUring::builder().dontfork().build(ENTRIES)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads every `Read` of `reads` through this thread's ring, all submitted together, and
+/// fills in each one's `done` and `eof`. Returns `None` (and reads nothing) when io_uring
+/// cannot be used on this thread; `Some(Err)` with the first error the kernel gave, once no
+/// request is in flight any more (the reads that had not failed may have completed or not:
+/// their `done` says how far they got).
+pub(crate) fn read_all(reads: &mut [Read<'_>]) -> Option<io::Result<()>> {
+    let (res, broken) = with_ring(|ring| run(ring, reads))?;
+    if broken {
+        // Entries the kernel never consumed may still sit in the submission queue: never
+        // enter this ring again (closing it does not submit them; nothing is in flight).
+        RING.with(|cell| {
+            if let Ok(mut slot) = cell.try_borrow_mut() {
+                *slot = Ring::Unavailable;
+            }
+        });
+        log::warn!("io_uring failed on this thread; its fragmented reads use preadv from now on");
+    }
+    Some(res)
+}
+
+/// Advances an iovec list by `n` bytes, dropping the segments that are full.
+fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut full = 0;
+    for v in iovs.iter_mut() {
+        if n == 0 {
+            break;
+        }
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            full += 1;
+        } else {
+            // SAFETY: n < iov_len, so the advanced pointer stays inside the same segment.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            n = 0;
+        }
+    }
+    iovs.drain(..full);
+}
+
+/// The batch on one ring; returns the result and whether the ring must not be used again.
+fn run(ring: &mut IoUring, reads: &mut [Read<'_>]) -> (io::Result<()>, bool) {
+    // One iovec list per read, advanced as the read progresses. Each inner vector is only
+    // modified (advanced) when its read has no request in flight, and the outer one never
+    // changes length, so the arrays the kernel was given stay where they are.
+    let mut iovs: Vec<Vec<libc::iovec>> = reads
+        .iter()
+        .map(|r| {
+            as_iovecs(&r.segs)
+                .iter()
+                .filter(|v| v.iov_len > 0)
+                .copied()
+                .collect()
+        })
+        .collect();
+    for r in reads.iter_mut() {
+        r.done = 0;
+        r.eof = false;
+    }
+    let mut todo: VecDeque<usize> = (0..reads.len())
+        .filter(|&i| iovs.get(i).is_some_and(|v| !v.is_empty()))
+        .collect();
+    let cap = (ring.params().sq_entries() as usize).min(ENTRIES as usize);
+    // Requests the kernel consumed and has not completed.
+    let mut in_flight = 0usize;
+    let mut err: Option<io::Error> = None;
+    let mut retries = 0u32;
+    loop {
+        // Queue what fits, unless a read already failed.
+        let mut queued = ring.submission().len();
+        if err.is_none() {
+            while in_flight + queued < cap {
+                let Some(i) = todo.pop_front() else { break };
+                let (Some(r), Some(v)) = (reads.get(i), iovs.get(i)) else {
+                    continue;
+                };
+                let off = if r.off == CURRENT_POSITION {
+                    CURRENT_POSITION
+                } else {
+                    r.off.saturating_add(r.done)
+                };
+                // One segment left: a plain READ (no iovec array for the kernel to copy in).
+                let entry = match v.as_slice() {
+                    [one] => opcode::Read::new(
+                        types::Fd(r.fd),
+                        one.iov_base.cast::<u8>(),
+                        u32::try_from(one.iov_len).unwrap_or(u32::MAX),
+                    )
+                    .offset(off)
+                    .build(),
+                    _ => {
+                        opcode::Readv::new(types::Fd(r.fd), v.as_ptr(), v.len().min(IOV_MAX) as u32)
+                            .offset(off)
+                            .build()
+                    }
+                }
+                .user_data(i as u64);
+                // SAFETY: the entry points at `v`, an iovec array that stays allocated and
+                // unmoved until this request completes (see `iovs` above), or straight at the
+                // memory of its one entry. Its entries describe memory valid for writes for
+                // the whole call (IoSeg's constructor contract; `advance` keeps them inside
+                // their segments). This function waits for the completion of every request it
+                // submits before it returns (the loop below runs until nothing is in flight,
+                // and the failure paths wait too), so the kernel is done with the array and
+                // the memory before the caller gets its segments back. The fd is open for the
+                // call (the caller holds the file).
+                if unsafe { ring.submission().push(&entry) }.is_err() {
+                    todo.push_front(i);
+                    break;
+                }
+                queued += 1;
+                #[cfg(test)]
+                QUEUED.with(|q| q.set(q.get() + 1));
+            }
+        }
+        if in_flight + queued == 0 {
+            break;
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => retries = 0,
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                // Short of resources, or completions to take first: let some of what is in
+                // flight complete (or give the kernel a moment), then submit again.
+                Some(libc::EAGAIN | libc::EBUSY) if retries < MAX_RETRIES => {
+                    retries += 1;
+                    if in_flight > 0 {
+                        // SAFETY: submits nothing (to_submit 0), only waits for one
+                        // completion; no argument.
+                        let _ = unsafe {
+                            ring.submitter().enter::<libc::sigset_t>(
+                                0,
+                                1,
+                                io_uring::EnterFlags::GETEVENTS.bits(),
+                                None,
+                            )
+                        };
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                _ => {
+                    // The kernel refuses the submission: wait for what is in flight, then
+                    // give the ring up (its unconsumed entries must never be submitted).
+                    let consumed = queued.saturating_sub(ring.submission().len());
+                    in_flight += consumed;
+                    drain(ring, reads, &mut iovs, &mut in_flight, &mut todo, &mut err);
+                    wait_all(ring, reads, &mut iovs, &mut in_flight, &mut err);
+                    return (Err(err.unwrap_or(e)), true);
+                }
+            },
+        }
+        in_flight += queued.saturating_sub(ring.submission().len());
+        drain(ring, reads, &mut iovs, &mut in_flight, &mut todo, &mut err);
+    }
+    (err.map_or(Ok(()), Err), false)
+}
+
+/// Takes every completion the ring holds and accounts for it.
+fn drain(
+    ring: &mut IoUring,
+    reads: &mut [Read<'_>],
+    iovs: &mut [Vec<libc::iovec>],
+    in_flight: &mut usize,
+    todo: &mut VecDeque<usize>,
+    err: &mut Option<io::Error>,
+) {
+    for cqe in ring.completion() {
+        *in_flight = in_flight.saturating_sub(1);
+        let i = cqe.user_data() as usize;
+        let (Some(r), Some(v)) = (reads.get_mut(i), iovs.get_mut(i)) else {
+            continue;
+        };
+        let res = cqe.result();
+        if res > 0 {
+            // No request of read `i` is in flight now: its iovec list may change.
+            r.done += res as u64;
+            advance(v, res as usize);
+            if !v.is_empty() {
+                todo.push_back(i);
+            }
+        } else if res == 0 {
+            r.eof = true;
+        } else if res == -libc::EAGAIN || res == -libc::EINTR {
+            todo.push_back(i);
+        } else if err.is_none() {
+            *err = Some(io::Error::from_raw_os_error(-res));
+        }
+    }
+}
+
+/// Waits, without submitting anything, until no request is in flight. Aborts the process if
+/// the kernel refuses to wait: returning would hand back buffers it may still write into.
+fn wait_all(
+    ring: &mut IoUring,
+    reads: &mut [Read<'_>],
+    iovs: &mut [Vec<libc::iovec>],
+    in_flight: &mut usize,
+    err: &mut Option<io::Error>,
+) {
+    // Reads that would need resubmitting are simply not resubmitted.
+    let mut ignored = VecDeque::new();
+    let mut failures = 0u32;
+    while *in_flight > 0 {
+        let want = u32::try_from(*in_flight).unwrap_or(u32::MAX);
+        // SAFETY: submits nothing (to_submit 0), only waits for completions; no argument.
+        let r = unsafe {
+            ring.submitter().enter::<libc::sigset_t>(
+                0,
+                want,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
+        };
+        if let Err(e) = r {
+            if e.raw_os_error() != Some(libc::EINTR) {
+                failures += 1;
+                if failures > MAX_RETRIES {
+                    log::error!(
+                        "io_uring: cannot wait for {} reads in flight ({e}); aborting rather \
+                         than return buffers the kernel may still write into",
+                        *in_flight
+                    );
+                    std::process::abort();
+                }
+            }
+        }
+        drain(ring, reads, iovs, in_flight, &mut ignored, err);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    fn queued() -> u64 {
+        QUEUED.with(Cell::get)
+    }
+
+    fn file_with(data: &[u8]) -> tempfile::NamedTempFile {
+        let mut t = tempfile::NamedTempFile::new().unwrap();
+        t.write_all(data).unwrap();
+        t.flush().unwrap();
+        t
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n as u32).map(|i| (i * 31 + i / 253) as u8).collect()
+    }
+
+    #[test]
+    fn the_kernel_here_has_io_uring() {
+        // The engine's tests run on Linux 6.x with io_uring enabled: the ring must come up,
+        // or every other test here would only exercise the fallback.
+        assert!(available(), "io_uring could not be set up on this machine");
+    }
+
+    #[test]
+    fn reads_of_different_lengths_land_in_their_segments() {
+        let data = pattern(64 << 10);
+        let t = file_with(&data);
+        let fd = t.as_file().as_raw_fd();
+        let mut a = vec![0u8; 4096];
+        let mut b = vec![0u8; 3 * 4096];
+        let (mut c1, mut c2) = (vec![0u8; 100], vec![0u8; 8092]);
+        let mut reads = vec![
+            Read::new(fd, 40960, vec![IoSeg::from_mut_slice(&mut a)]),
+            Read::new(fd, 0, vec![IoSeg::from_mut_slice(&mut b)]),
+            // One read split over two segments of odd lengths.
+            Read::new(
+                fd,
+                20000,
+                vec![
+                    IoSeg::from_mut_slice(&mut c1),
+                    IoSeg::from_mut_slice(&mut c2),
+                ],
+            ),
+        ];
+        read_all(&mut reads).unwrap().unwrap();
+        assert_eq!(
+            reads.iter().map(|r| (r.done, r.eof)).collect::<Vec<_>>(),
+            vec![(4096, false), (12288, false), (8192, false)]
+        );
+        drop(reads);
+        assert_eq!(a, data[40960..45056]);
+        assert_eq!(b, data[..12288]);
+        assert_eq!(c1, data[20000..20100]);
+        assert_eq!(c2, data[20100..28192]);
+    }
+
+    #[test]
+    fn a_read_past_the_end_of_the_file_stops_there() {
+        let data = pattern(10000);
+        let t = file_with(&data);
+        let fd = t.as_file().as_raw_fd();
+        let mut a = vec![0xeeu8; 4096];
+        let mut b = vec![0xeeu8; 4096];
+        let mut reads = vec![
+            Read::new(fd, 8192, vec![IoSeg::from_mut_slice(&mut a)]),
+            Read::new(fd, 20000, vec![IoSeg::from_mut_slice(&mut b)]),
+        ];
+        read_all(&mut reads).unwrap().unwrap();
+        assert_eq!((reads[0].done, reads[0].eof), (1808, true));
+        assert_eq!((reads[1].done, reads[1].eof), (0, true));
+        drop(reads);
+        assert_eq!(a[..1808], data[8192..]);
+        assert!(a[1808..].iter().all(|&x| x == 0xee));
+        assert!(b.iter().all(|&x| x == 0xee));
+    }
+
+    #[test]
+    fn more_segments_than_iov_max_complete_short_and_are_resubmitted() {
+        // 3000 segments of 7 bytes: the first READV takes 1024 of them, completes short, and
+        // the remainder is submitted twice more.
+        let data = pattern(30000);
+        let t = file_with(&data);
+        let fd = t.as_file().as_raw_fd();
+        let mut buf = vec![0u8; 21000];
+        let segs: Vec<IoSeg<'_>> = buf.chunks_mut(7).map(IoSeg::from_mut_slice).collect();
+        assert_eq!(segs.len(), 3000);
+        let mut reads = vec![Read::new(fd, 5, segs)];
+        let before = queued();
+        read_all(&mut reads).unwrap().unwrap();
+        assert_eq!((reads[0].done, reads[0].eof), (21000, false));
+        // 1024 + 1024 + 952 segments.
+        assert_eq!(queued() - before, 3);
+        drop(reads);
+        assert_eq!(buf, data[5..21005]);
+    }
+
+    #[test]
+    fn short_reads_from_the_kernel_are_resubmitted_for_the_remainder() {
+        // A stream socket returns what it holds: the first completion is short, the remainder is
+        // resubmitted and completes when the writer sends the rest.
+        let (rd, mut wr) = std::os::unix::net::UnixStream::pair().unwrap();
+        let data = pattern(12000);
+        wr.write_all(&data[..3000]).unwrap();
+        let rest = data[3000..].to_vec();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            wr.write_all(&rest[..5000]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            wr.write_all(&rest[5000..]).unwrap();
+        });
+        let mut a = vec![0u8; 5000];
+        let mut b = vec![0u8; 7000];
+        let mut reads = vec![Read::new(
+            rd.as_raw_fd(),
+            CURRENT_POSITION,
+            vec![IoSeg::from_mut_slice(&mut a), IoSeg::from_mut_slice(&mut b)],
+        )];
+        let before = queued();
+        read_all(&mut reads).unwrap().unwrap();
+        assert_eq!((reads[0].done, reads[0].eof), (12000, false));
+        // At least the first completion was short (3000 of 12000 bytes were there).
+        assert!(queued() - before >= 2);
+        drop(reads);
+        writer.join().unwrap();
+        assert_eq!(a, data[..5000]);
+        assert_eq!(b, data[5000..]);
+    }
+
+    #[test]
+    fn an_error_is_returned_after_every_other_read_completed() {
+        let data = pattern(1 << 20);
+        let t = file_with(&data);
+        let fd = t.as_file().as_raw_fd();
+        let mut bufs: Vec<Vec<u8>> = (0..40).map(|_| vec![0u8; 8192]).collect();
+        let mut reads: Vec<Read<'_>> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| Read::new(fd, i as u64 * 20000, vec![IoSeg::from_mut_slice(b)]))
+            .collect();
+        // A descriptor that is not open.
+        reads[7].fd = 1 << 20;
+        let e = read_all(&mut reads).unwrap().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF));
+        // The reads submitted with it completed (all 40 fit in the ring at once).
+        for (i, r) in reads.iter().enumerate() {
+            if i != 7 {
+                assert_eq!(r.done, 8192, "read {i}");
+            }
+        }
+        drop(reads);
+        for (i, b) in bufs.iter().enumerate() {
+            if i != 7 {
+                assert_eq!(b[..], data[i * 20000..i * 20000 + 8192], "read {i}");
+            }
+        }
+        // The ring still works afterwards.
+        let mut x = vec![0u8; 10];
+        let mut again = vec![Read::new(fd, 1, vec![IoSeg::from_mut_slice(&mut x)])];
+        read_all(&mut again).unwrap().unwrap();
+        drop(again);
+        assert_eq!(x, data[1..11]);
+    }
+
+    #[test]
+    fn more_reads_than_the_ring_holds_go_in_waves() {
+        let data = pattern(1 << 20);
+        let t = file_with(&data);
+        let fd = t.as_file().as_raw_fd();
+        let mut buf = vec![0u8; 200 * 512];
+        // 200 reads of 512 bytes in reverse file order, 3x the ring.
+        let mut reads: Vec<Read<'_>> = buf
+            .chunks_mut(512)
+            .enumerate()
+            .map(|(i, b)| Read::new(fd, (199 - i as u64) * 4096, vec![IoSeg::from_mut_slice(b)]))
+            .collect();
+        read_all(&mut reads).unwrap().unwrap();
+        assert!(reads.iter().all(|r| r.done == 512 && !r.eof));
+        drop(reads);
+        for (i, b) in buf.chunks(512).enumerate() {
+            let off = (199 - i) * 4096;
+            assert_eq!(b, &data[off..off + 512], "read {i}");
+        }
+    }
+
+    #[test]
+    fn empty_reads_need_no_submission() {
+        let mut reads = vec![Read::new(-1, 0, vec![]), Read::new(-1, 0, vec![])];
+        read_all(&mut reads).unwrap().unwrap();
+        assert!(reads.iter().all(|r| r.done == 0 && !r.eof));
+    }
+
+    // The engine's read path, through the ring and through preadv, byte for byte.
+
+    use crate::image::{CreateOptions, Extent, Image, ImageError};
+    use crate::units::{BlockSize, Lba};
+
+    const BS: usize = 4096;
+    const DISK_BLOCKS: usize = 160;
+
+    /// A small deterministic generator (no test may depend on the run).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// An image over a base, overwritten in random order in runs of 1-3 blocks (extents of
+    /// different lengths), with zeroed ranges; and the bytes it must read as.
+    fn fragmented(dir: &std::path::Path) -> (Image, Vec<u8>) {
+        // The base covers 100 blocks and ends inside one: past its end, zeros.
+        let base_len = 100 * BS - 1000;
+        let base = pattern(base_len);
+        std::fs::write(dir.join("base.raw"), &base).unwrap();
+        let img = Image::create(
+            &dir.join("img.rrimg"),
+            &CreateOptions {
+                size: (DISK_BLOCKS * BS) as u64,
+                block_size: BlockSize::DEFAULT,
+                base: Some(dir.join("base.raw")),
+            },
+        )
+        .unwrap();
+        let mut model = vec![0u8; DISK_BLOCKS * BS];
+        model[..base_len].copy_from_slice(&base);
+        let mut rng = Lcg(42);
+        let mut runs = Vec::new();
+        let mut b = 0;
+        while b < DISK_BLOCKS {
+            let n = (1 + rng.next(3) as usize).min(DISK_BLOCKS - b);
+            runs.push((b, n));
+            b += n;
+        }
+        // Shuffle, then write two thirds of the runs (the rest stays base or zero).
+        for i in (1..runs.len()).rev() {
+            runs.swap(i, rng.next(i as u64 + 1) as usize);
+        }
+        let keep = runs.len() * 2 / 3;
+        for (k, &(b, n)) in runs.iter().take(keep).enumerate() {
+            let data: Vec<u8> = (0..n * BS)
+                .map(|i| (i as u64 * 7 + k as u64 * 131) as u8)
+                .collect();
+            img.write_at((b * BS) as u64, &data).unwrap();
+            model[b * BS..(b + n) * BS].copy_from_slice(&data);
+        }
+        for &(b, n) in [(10usize, 2usize), (57, 1), (120, 3), (131, 1)].iter() {
+            img.write_zeroes((b * BS) as u64, (n * BS) as u64).unwrap();
+            model[b * BS..(b + n) * BS].fill(0);
+        }
+        (img, model)
+    }
+
+    /// Segments of odd lengths over `buf`, so that segments straddle extents.
+    fn odd_segs(buf: &mut [u8]) -> Vec<IoSeg<'_>> {
+        let lens = [1000usize, 3096, 512, 7000, 4096, 333, 12288];
+        let mut out = Vec::new();
+        let mut rest = buf;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = lens[i % lens.len()].min(rest.len());
+            let (a, b) = rest.split_at_mut(n);
+            out.push(IoSeg::from_mut_slice(a));
+            rest = b;
+            i += 1;
+        }
+        out
+    }
+
+    /// Reads `[off, off + len)` with io_uring from `min` mapped extents on (0: never).
+    fn read_with(img: &Image, min: usize, off: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xa5u8; len];
+        set_min_extents(min);
+        let r = img.read_vectored(off, &odd_segs(&mut buf), None);
+        set_min_extents(DEFAULT_MIN_EXTENTS);
+        r.unwrap();
+        buf
+    }
+
+    #[test]
+    fn engine_reads_through_the_ring_match_preadv_and_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, model) = fragmented(dir.path());
+        let disk = (DISK_BLOCKS * BS) as u64;
+        let mut cases: Vec<(u64, usize)> = vec![(0, DISK_BLOCKS * BS), (512, 128 << 10)];
+        cases.extend(
+            (0..disk)
+                .step_by(128 << 10)
+                .map(|o| (o, (128usize << 10).min((disk - o) as usize))),
+        );
+        cases.extend([
+            (3 * 512, 20 * 512),
+            (95 * 4096 + 1536, 40960),
+            (disk - 8192, 8192),
+        ]);
+        let mut ring_reads = 0;
+        for &(off, len) in &cases {
+            let ex = img
+                .resolve(
+                    Lba(off / BS as u64),
+                    ((off % BS as u64) + len as u64).div_ceil(BS as u64),
+                )
+                .unwrap();
+            let mapped = ex
+                .iter()
+                .filter(|e| matches!(e, Extent::Mapped { .. }))
+                .count();
+            let expect = &model[off as usize..off as usize + len];
+            let by_preadv = read_with(&img, 0, off, len);
+            assert!(by_preadv == expect, "preadv path at {off}+{len}");
+            let before = queued();
+            let by_ring = read_with(&img, 1, off, len);
+            assert!(by_ring == expect, "io_uring path at {off}+{len}");
+            // Every mapped extent went through the ring.
+            assert_eq!(queued() - before, mapped as u64, "at {off}+{len}");
+            let by_default = read_with(&img, DEFAULT_MIN_EXTENTS, off, len);
+            assert!(by_default == expect, "default threshold at {off}+{len}");
+            if mapped >= DEFAULT_MIN_EXTENTS {
+                ring_reads += 1;
+            }
+        }
+        // The image is fragmented enough that the default threshold takes the ring.
+        assert!(ring_reads >= 3, "{ring_reads}");
+    }
+
+    #[test]
+    fn read_extents_with_a_skip_matches_preadv() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, model) = fragmented(dir.path());
+        let ex = img.resolve(Lba(20), 40).unwrap();
+        assert!(
+            ex.iter()
+                .filter(|e| matches!(e, Extent::Mapped { .. }))
+                .count()
+                >= 8
+        );
+        // Start 5000 bytes into the extents (inside the second block), read 100,000 bytes.
+        let mut bufs = Vec::new();
+        for min in [0, 1] {
+            let mut buf = vec![0u8; 100_000];
+            set_min_extents(min);
+            let r = img.read_extents(&ex, 5000, &odd_segs(&mut buf));
+            set_min_extents(DEFAULT_MIN_EXTENTS);
+            r.unwrap();
+            bufs.push(buf);
+        }
+        let start = 20 * BS + 5000;
+        assert!(bufs[0] == model[start..start + 100_000]);
+        assert!(bufs[1] == bufs[0]);
+        // Extents that do not cover the request fail the same way on both paths.
+        for min in [0, 1] {
+            let mut buf = vec![0u8; 40 * BS];
+            set_min_extents(min);
+            let r = img.read_extents(&ex, 4096, &[IoSeg::from_mut_slice(&mut buf)]);
+            set_min_extents(DEFAULT_MIN_EXTENTS);
+            assert!(
+                matches!(r, Err(ImageError::ExtentsTooShort { have, need }) if have == 39 * BS as u64 && need == 40 * BS as u64),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_block_past_the_end_of_the_file_fails_on_both_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, _) = fragmented(dir.path());
+        img.flush().unwrap();
+        let ex = img.resolve(Lba(0), DISK_BLOCKS as u64).unwrap();
+        let last = ex
+            .iter()
+            .filter_map(|e| match *e {
+                Extent::Mapped { pba, blocks } => Some((pba.0, blocks)),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        // Cut the file inside the last data block (nothing after it is read here).
+        let cut = img.sh.slot_off(last.0).unwrap() + 1024;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("img.rrimg"))
+            .unwrap();
+        if file.metadata().unwrap().len() > cut {
+            file.set_len(cut).unwrap();
+        }
+        let mut msgs = Vec::new();
+        for min in [0, 1] {
+            let mut buf = vec![0u8; DISK_BLOCKS * BS];
+            set_min_extents(min);
+            let before = queued();
+            let r = img.read_extents(&ex, 0, &[IoSeg::from_mut_slice(&mut buf)]);
+            let used_ring = queued() > before;
+            set_min_extents(DEFAULT_MIN_EXTENTS);
+            assert_eq!(used_ring, min == 1);
+            match r {
+                Err(e @ ImageError::Truncated { .. }) => msgs.push(e.to_string()),
+                other => panic!("min {min}: {other:?}"),
+            }
+        }
+        assert_eq!(msgs[0], msgs[1]);
+        assert!(
+            msgs[0].contains(&format!("data block {} ", last.0)),
+            "{}",
+            msgs[0]
+        );
+        // A block id that is not a data block: refused before any read, on both paths.
+        for min in [0, 1] {
+            let mut buf = vec![0u8; 5 * BS];
+            let bad = [
+                ex[0],
+                Extent::Mapped {
+                    pba: crate::units::Pba(1 << 40),
+                    blocks: 1,
+                },
+                ex[1],
+                ex[2],
+                ex[3],
+            ];
+            set_min_extents(min);
+            let r = img.read_extents(&bad, 0, &[IoSeg::from_mut_slice(&mut buf)]);
+            set_min_extents(DEFAULT_MIN_EXTENTS);
+            assert!(matches!(r, Err(ImageError::UnknownPba(_))), "{r:?}");
+        }
+    }
+}
