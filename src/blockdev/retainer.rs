@@ -5,7 +5,14 @@
 //! Every [`CHECK_EVERY`] the thread looks at the image's seq; once it has moved on by at least
 //! a quarter of the window (and [`MIN_STEP`] operations) since the last plan, it plans a
 //! reclaim keeping every state from `seq - keep_seqs` on ([`Image::plan_reclaim`], which only
-//! walks the journal written since its previous plan), commits it and punches the holes. While
+//! walks the journal written since its previous plan) - but never past the last durable state
+//! (it flushes the image itself if the guest has not for [`SYNC_AFTER`]) - and commits it
+//! without syncing ([`Image::commit_reclaim_unsynced`]: a sync of its own would write out
+//! every dirty page of the image). Once a sync of the image has made the reclaim records
+//! durable (the periodic one, a guest flush, or its own after [`SYNC_AFTER`]) it punches the
+//! holes, longest runs of at least [`MIN_PUNCH`] first, for at most [`PUNCH_SHARE`] of the
+//! time since its previous plan: shorter runs stay reclaimed but allocated until neighbours
+//! join them (or an offline `rr-row reclaim` punches every reclaimed block). While
 //! recording, the keep-from seq never passes the state the recording started in (the `floor`),
 //! so every block the log being written can name stays. Logs of earlier sessions are not
 //! known to the daemon: their blocks are only safe if `keep_seqs` reaches back to them (or
@@ -13,13 +20,29 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::image::Image;
+use crate::image::{Image, ImageError, ReclaimPlan};
 use crate::units::Seq;
 
 /// How often the thread looks at the image's seq.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Shortest run of reclaimed blocks the thread punches: versions superseded at random are
+/// single blocks at first; they wait, reclaimed but allocated, until neighbours join them.
+pub const MIN_PUNCH: u64 = 256 << 10;
+
+/// Share of the time between two passes the thread may spend punching holes, longest runs
+/// first (see `Image::punch_reclaimed_runs_of`: punching every superseded 4 KiB block, one
+/// `fallocate` each, cost 4 KiB random writes 70% of their throughput).
+pub const PUNCH_SHARE: f64 = 0.5;
+
+/// Most time one pass punches for.
+pub const MAX_PUNCH: Duration = Duration::from_secs(3);
+
+/// How long a committed reclaim waits for a sync of the image (the periodic one, or a guest
+/// flush) before the thread syncs it itself, to punch its holes.
+pub const SYNC_AFTER: Duration = Duration::from_secs(5);
 
 /// Fewest operations between two plans (each plan walks the journal written since the last).
 pub const MIN_STEP: u64 = 1024;
@@ -30,37 +53,85 @@ pub struct Retainer {
     thread: Option<JoinHandle<()>>,
 }
 
-/// What the thread does each time it looks; returns the seq it planned at, if it did.
-fn step(image: &Image, keep_seqs: u64, floor: Option<Seq>, last: u64) -> Option<u64> {
-    let seq = image.seq().0;
-    let window_step = (keep_seqs / 4).max(MIN_STEP);
-    if seq < last.saturating_add(window_step) {
-        return None;
-    }
-    let mut keep_from = seq.saturating_sub(keep_seqs);
-    if let Some(f) = floor {
-        keep_from = keep_from.min(f.0);
-    }
-    if keep_from <= image.history_horizon().0 {
-        return Some(seq);
-    }
-    let run = || -> Result<u64, crate::image::ImageError> {
-        let plan = image.plan_reclaim(Seq(keep_from), &[])?;
-        if plan.blocks > 0 {
-            image.commit_reclaim(&plan)?;
-            image.punch_reclaimed(&plan, &mut |_, _| {})?;
+/// A reclaim committed but not yet durable: its holes wait.
+struct Pending {
+    plan: ReclaimPlan,
+    ticket: u64,
+    at: Instant,
+}
+
+/// The thread's state between passes.
+struct State {
+    keep_seqs: u64,
+    floor: Option<Seq>,
+    /// Seq and time of the last plan.
+    last: u64,
+    last_at: Instant,
+    /// When this thread last flushed the image itself.
+    flushed_at: Instant,
+    pending: Option<Pending>,
+}
+
+impl State {
+    /// Punches the pending reclaim's holes once its records are durable (syncing the image
+    /// itself when no write has done so for [`SYNC_AFTER`]).
+    fn punch_pending(&mut self, image: &Image, budget: Duration) -> Result<(), ImageError> {
+        let Some(p) = &self.pending else {
+            return Ok(());
+        };
+        if !image.is_durable(p.ticket) {
+            if p.at.elapsed() < SYNC_AFTER {
+                return Ok(());
+            }
+            image.sync_journal()?;
         }
-        Ok(plan.bytes)
-    };
-    match run() {
-        Ok(bytes) if bytes > 0 => log::info!(
-            "retention: gave back {} MiB of versions only states before seq {keep_from} needed",
-            bytes >> 20
-        ),
-        Ok(_) => {}
-        Err(e) => log::warn!("retention: reclaim before seq {keep_from} failed: {e}"),
+        if let Some(p) = self.pending.take() {
+            image.punch_reclaimed_runs_of(&p.plan, MIN_PUNCH, budget)?;
+        }
+        Ok(())
     }
-    Some(seq)
+
+    /// One look at the image.
+    fn step(&mut self, image: &Image) -> Result<(), ImageError> {
+        let seq = image.seq().0;
+        let budget = self.last_at.elapsed().mul_f64(PUNCH_SHARE).min(MAX_PUNCH);
+        self.punch_pending(image, budget)?;
+        if self.pending.is_some() || seq < self.last.saturating_add((self.keep_seqs / 4).max(MIN_STEP)) {
+            return Ok(());
+        }
+        self.last = seq;
+        self.last_at = Instant::now();
+        // Only durable states: the reclaim records are not synced here (see
+        // `Image::commit_reclaim_unsynced`), so recovery must never fall back before them. A
+        // guest that seldom flushes gets a flush from here now and then.
+        let target = seq.saturating_sub(self.keep_seqs);
+        if target > image.durable_seq().0 && self.flushed_at.elapsed() >= SYNC_AFTER {
+            image.flush()?;
+            self.flushed_at = Instant::now();
+        }
+        let mut keep_from = target.min(image.durable_seq().0);
+        if let Some(f) = self.floor {
+            keep_from = keep_from.min(f.0);
+        }
+        if keep_from <= image.history_horizon().0 {
+            return Ok(());
+        }
+        let plan = image.plan_reclaim(Seq(keep_from), &[])?;
+        if plan.blocks == 0 {
+            return Ok(());
+        }
+        let ticket = image.commit_reclaim_unsynced(&plan)?;
+        log::info!(
+            "retention: gave back {} MiB of versions only states before seq {keep_from} needed",
+            plan.bytes >> 20
+        );
+        self.pending = Some(Pending {
+            plan,
+            ticket,
+            at: Instant::now(),
+        });
+        Ok(())
+    }
 }
 
 impl Retainer {
@@ -79,7 +150,15 @@ impl Retainer {
         let thread = std::thread::Builder::new()
             .name("rr-row-retain".into())
             .spawn(move || {
-                let mut last = img.seq().0;
+                let mut state = State {
+                    keep_seqs,
+                    floor,
+                    last: img.seq().0,
+                    last_at: Instant::now(),
+                    flushed_at: Instant::now(),
+                    pending: None,
+                };
+                let mut failed = false;
                 let (m, cv) = &*flag;
                 let mut stopped = m.lock().unwrap_or_else(|e| e.into_inner());
                 while !*stopped {
@@ -91,8 +170,13 @@ impl Retainer {
                         break;
                     }
                     drop(stopped);
-                    if let Some(s) = step(&img, keep_seqs, floor, last) {
-                        last = s;
+                    match state.step(&img) {
+                        Ok(()) => failed = false,
+                        Err(e) if !failed => {
+                            log::warn!("retention: {e}");
+                            failed = true;
+                        }
+                        Err(_) => {}
                     }
                     stopped = m.lock().unwrap_or_else(|e| e.into_inner());
                 }

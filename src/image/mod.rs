@@ -271,6 +271,11 @@ pub struct Image {
     dropper: Mutex<Option<cache::CacheDropper>>,
     /// Where the last reclaim plan stopped (see `reclaim.rs`).
     reclaim_cursor: Mutex<Option<reclaim::Cursor>>,
+    /// Tickets of file syncs: taken under the journal mutex once the journal is written out
+    /// (`sync_started`), and recorded once that sync completed (`sync_done`, the highest).
+    /// Journal bytes appended before a ticket was taken are durable once it is done.
+    sync_started: AtomicU64,
+    sync_done: AtomicU64,
     notes: OpenNotes,
     path: PathBuf,
     closed: bool,
@@ -578,6 +583,7 @@ impl Image {
             prealloc: Arc::default(),
             drop_state: Arc::default(),
             reclaimed: RwLock::default(),
+            punched: Mutex::default(),
             reclaim_gen: AtomicU64::new(0),
         };
         let zero = zero_value(&sh);
@@ -830,6 +836,8 @@ impl Image {
             prealloc: Mutex::new(None),
             dropper: Mutex::new(None),
             reclaim_cursor: Mutex::new(None),
+            sync_started: AtomicU64::new(0),
+            sync_done: AtomicU64::new(0),
             notes,
             path: path.to_path_buf(),
             closed: false,
@@ -1508,9 +1516,10 @@ impl Image {
                 return Ok(());
             }
             j.write_out(&self.sh)?;
-            (j.seq, j.unsynced)
+            let ticket = self.sync_started.fetch_add(1, Ordering::SeqCst) + 1;
+            (j.seq, j.unsynced, ticket)
         };
-        let (target, covered) = target;
+        let (target, covered, ticket) = target;
         // Sync without holding the journal mutex: other operations keep committing meanwhile.
         // Every record up to `target` (and every record before them in the chain) is in the
         // file, and their data blocks were written before they were committed.
@@ -1519,6 +1528,7 @@ impl Image {
             lock(&self.journal).failed = true;
             return Err(ImageError::io("cannot sync the image", e));
         }
+        self.sync_done.fetch_max(ticket, Ordering::SeqCst);
         self.sh.drop_state.synced(mark);
         let mut j = lock(&self.journal);
         // Data committed while the sync ran is not covered by it.
@@ -1557,10 +1567,13 @@ impl Image {
         }
         j.write_out(&self.sh)?;
         let sync = |j: &mut Journal| -> Result<(), ImageError> {
+            let ticket = self.sync_started.fetch_add(1, Ordering::SeqCst) + 1;
             self.sh.file.sync_data().map_err(|e| {
                 j.failed = true;
                 ImageError::io("cannot sync the image", e)
-            })
+            })?;
+            self.sync_done.fetch_max(ticket, Ordering::SeqCst);
+            Ok(())
         };
         sync(j)?;
         let runs = rlock(&self.live).map.runs();

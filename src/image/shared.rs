@@ -56,6 +56,9 @@ pub struct Shared {
     pub drop_state: Arc<DropState>,
     /// The history horizon and the reclaimed slot runs (sorted, disjoint, merged).
     pub reclaimed: RwLock<Reclaimed>,
+    /// Reclaimed runs this process punched holes over (sorted, merged): a reclaim beside
+    /// writers punches only what is not a hole yet.
+    pub punched: std::sync::Mutex<Vec<(u64, u64)>>,
     /// Bumped by every [`Shared::add_reclaimed`], before any hole of those runs is punched: a
     /// read that sees it unchanged across its I/O read no block reclaimed meanwhile.
     pub reclaim_gen: AtomicU64,
