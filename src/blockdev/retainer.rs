@@ -96,7 +96,9 @@ impl State {
         let seq = image.seq().0;
         let budget = self.last_at.elapsed().mul_f64(PUNCH_SHARE).min(MAX_PUNCH);
         self.punch_pending(image, budget)?;
-        if self.pending.is_some() || seq < self.last.saturating_add((self.keep_seqs / 4).max(MIN_STEP)) {
+        if self.pending.is_some()
+            || seq < self.last.saturating_add((self.keep_seqs / 4).max(MIN_STEP))
+        {
             return Ok(());
         }
         self.last = seq;
