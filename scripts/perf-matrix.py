@@ -552,6 +552,7 @@ def main() -> int:
     ap.add_argument("--only", help="comma list of workload keys to run (default all)")
     ap.add_argument("--aio", default="io_uring", choices=["io_uring", "threads"], help="qemu-storage-daemon aio mode")
     ap.add_argument("--direct", action="store_true", help="O_DIRECT for every backend: rr-row serve --direct, qemu-storage-daemon cache.direct=on (default: buffered for all)")
+    ap.add_argument("--reclaim", action="store_true", help="after each repetition, run `rr-row reclaim --keep-from latest` on every rr-row image and report its size after it and the reclaim's time (slow: it punches every superseded block, about 150 us each)")
     ap.add_argument("--no-settle", dest="settle", action="store_false", help="do not sync(2) before each measured run")
     ap.add_argument("--seed", type=int, default=1, help="seed passed to perf")
     ap.add_argument("--workdir", type=Path, default=ROOT / "target" / "perf-matrix", help="where images live (one filesystem for all)")
@@ -687,7 +688,8 @@ def main() -> int:
                 b.sample_rss()
                 b.stop()
                 b.sample_files()
-                b.reclaim(opts.rr_row)
+                if opts.reclaim:
+                    b.reclaim(opts.rr_row)
                 b.cleanup()
     except KeyboardInterrupt:
         print("interrupted; reporting what ran", file=sys.stderr)
