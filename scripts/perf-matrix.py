@@ -513,14 +513,18 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
             row.append("n/a" if c is None or u is None else f"{c:.2f} / {u:.1f}")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Daemon peak RSS (VmHWM) and allocated image size at the end of each repetition:", ""]
-    lines += md_head(["Backend", "peak RSS MiB (max)", "image allocated GiB (max)", "after `reclaim --keep-from latest` GiB (max)", "reclaim s (median)", "record log MiB (max)"])
+    reclaimed = any(b.reclaim_seconds for b in backend_objs)
+    extra = ["after `reclaim --keep-from latest` GiB (max)", "reclaim s (median)"] if reclaimed else []
+    lines += md_head(["Backend", "peak RSS MiB (max)", "image allocated GiB (max)"] + extra + ["record log MiB (max)"])
     for b in backend_objs:
         rss = max(b.peak_rss_kib) / 1024 if b.peak_rss_kib else None
         img = max(b.image_bytes) / (1 << 30) if b.image_bytes else None
-        after = f"{max(b.reclaimed_image_bytes) / (1 << 30):.2f}" if b.reclaimed_image_bytes else "-"
-        secs = f"{statistics.median(b.reclaim_seconds):.1f}" if b.reclaim_seconds else "-"
-        log = f"{max(b.log_bytes) / (1 << 20):,.1f}" if b.log_bytes else "-"
-        lines.append(f"| {b.name} | {'n/a' if rss is None else f'{rss:,.0f}'} | {'n/a' if img is None else f'{img:.2f}'} | {after} | {secs} | {log} |")
+        cells = [b.name, "n/a" if rss is None else f"{rss:,.0f}", "n/a" if img is None else f"{img:.2f}"]
+        if reclaimed:
+            cells.append(f"{max(b.reclaimed_image_bytes) / (1 << 30):.2f}" if b.reclaimed_image_bytes else "-")
+            cells.append(f"{statistics.median(b.reclaim_seconds):.1f}" if b.reclaim_seconds else "-")
+        cells.append(f"{max(b.log_bytes) / (1 << 20):,.1f}" if b.log_bytes else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"![relative throughput]({opts.svg.name})", "", f"Raw per-run results (not committed): `{opts.json_out.relative_to(ROOT) if opts.json_out.is_relative_to(ROOT) else opts.json_out}`.", marks(opts.direct)[1]]
     return "\n".join(lines)
 

@@ -492,6 +492,18 @@ impl Image {
                 (Ok(o), Ok(l)) => (o, l),
                 _ => return Err(ImageError::Full),
             };
+            // SAFETY: lseek on the image's open fd, no memory involved. SEEK_DATA finds the
+            // next byte that is not a hole (ENXIO: none up to the end of the file): a range
+            // that is a hole already is skipped, which costs a few microseconds against a
+            // punch's ~150 (repeated reclaims re-punch nothing).
+            let next_data = unsafe { libc::lseek(fd, o, libc::SEEK_DATA) };
+            let no_data_after = next_data < 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+            if no_data_after || next_data >= o.saturating_add(l) {
+                done += len;
+                progress(done, total);
+                continue;
+            }
             // SAFETY: a plain system call on the image's open fd; no memory is passed. The
             // range holds only reclaimed data blocks (checked above), which nothing reads.
             let r = unsafe {
