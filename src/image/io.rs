@@ -10,7 +10,7 @@ use crate::iobuf::{as_iovecs, IoSeg};
 const IOV_MAX: usize = 1024;
 
 /// Advances an iovec list by `n` bytes, dropping finished entries.
-fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
+pub(crate) fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
     let mut done = 0;
     for v in iovs.iter_mut() {
         if n == 0 {

@@ -45,6 +45,7 @@ use std::sync::Once;
 
 use io_uring::{opcode, types, IoUring};
 
+use super::io::advance;
 use crate::iobuf::{as_iovecs, IoSeg};
 
 /// Mapped extents from which a read goes through io_uring by default (fewer: one `preadv`
@@ -193,26 +194,6 @@ pub(crate) fn read_all(reads: &mut [Read<'_>]) -> Option<io::Result<()>> {
         log::warn!("io_uring failed on this thread; its fragmented reads use preadv from now on");
     }
     Some(res)
-}
-
-/// Advances an iovec list by `n` bytes, dropping the segments that are full.
-fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
-    let mut full = 0;
-    for v in iovs.iter_mut() {
-        if n == 0 {
-            break;
-        }
-        if n >= v.iov_len {
-            n -= v.iov_len;
-            full += 1;
-        } else {
-            // SAFETY: n < iov_len, so the advanced pointer stays inside the same segment.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-            v.iov_len -= n;
-            n = 0;
-        }
-    }
-    iovs.drain(..full);
 }
 
 /// The batch on one ring; returns the result and whether the ring must not be used again.
