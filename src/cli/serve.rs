@@ -25,11 +25,22 @@ fn init_logging() {
     let _ = env_logger::Builder::from_env(env).try_init();
 }
 
-/// Request threads per queue when `--io-threads` is not given: the queue's worker and three
-/// helpers. On the 2-CPU machine of docs/perf-notes.md (section 6) 2 threads lifted 128 KiB
-/// sequential reads from 0.7x to 0.83-1.0x qemu-storage-daemon, and 4 did better again
-/// (0.91x) without costing writes or 2-queue runs anything.
+/// Most request threads per queue when `--io-threads` is not given: the queue's worker and
+/// three helpers. On the 2-CPU machine of docs/perf-notes.md (section 6) 2 threads lifted 128
+/// KiB sequential reads from 0.7x to 0.83-1.0x qemu-storage-daemon, and 4 did better again
+/// (0.91x). Since the workers poll (section 11), more threads than CPUs only contend: the
+/// default is this or the number of CPUs, whichever is smaller (section 15).
 const DEFAULT_IO_THREADS: u16 = 4;
+
+/// The default `--io-threads` without `--direct`: [`DEFAULT_IO_THREADS`], but no more than
+/// the CPUs this process may run on.
+fn default_io_threads() -> u16 {
+    std::thread::available_parallelism().map_or(DEFAULT_IO_THREADS, |n| {
+        u16::try_from(n.get())
+            .unwrap_or(u16::MAX)
+            .clamp(1, DEFAULT_IO_THREADS)
+    })
+}
 
 /// `--preallocate` with `--direct` when not given: reserved ahead of the allocation counter so
 /// appends are writes inside the file, which ext4 runs in parallel.
@@ -56,7 +67,7 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
     }
     let io_threads = match a.io_threads {
         None if a.direct => DIRECT_IO_THREADS,
-        None => DEFAULT_IO_THREADS,
+        None => default_io_threads(),
         Some(n) if n == 0 || n > MAX_IO_THREADS => {
             return Err(CliError(format!(
                 "--io-threads {n} is out of range (1..={MAX_IO_THREADS})"
