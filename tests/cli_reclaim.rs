@@ -45,14 +45,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::blk::{Client, ClientOpts};
-use common::daemon::{start_rr_row, Daemon, ServeOpts};
+use common::daemon::{replay_refused, start_rr_row, Daemon, ServeOpts};
 use common::image::{create_image, write_random};
-use common::{rr_row_bin, rr_row_output, tempdir, with_watchdog};
+use common::{rr_row_output, tempdir, with_watchdog};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use rr_row::blockdev::record_dev::RecordingDevice;
@@ -782,41 +782,6 @@ fn start_replay(d: &Path, img: &Path, log: &Path) -> Daemon {
     let mut o = ServeOpts::new(img, SIZE);
     o.extra = vec!["--replay".into(), s(log).into()];
     start_rr_row(d, &o)
-}
-
-/// Runs `rr-row serve --replay LOG` on `img`, expecting it to refuse at start; returns its
-/// stderr.
-fn replay_refused(d: &Path, img: &Path, log: &Path) -> String {
-    let socket = d.join("refused.sock");
-    let mut child = Command::new(rr_row_bin())
-        .args(["serve", "--socket", s(&socket), "--image", s(img)])
-        .args(["--replay", s(log)])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start rr-row serve");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("waitpid") {
-            break st;
-        }
-        if start.elapsed() > EXIT_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("rr-row serve --replay did not refuse the log");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().expect("output");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!status.success(), "serve --replay started: {err}");
-    assert!(
-        !socket.exists(),
-        "the socket was created before the refusal"
-    );
-    err
 }
 
 #[test]

@@ -28,11 +28,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::blk::{Client, ClientOpts, Queue, Req, EIO};
-use common::daemon::{start_rr_row, Daemon, ServeOpts};
+use common::daemon::{replay_refused, start_rr_row, Daemon, ServeOpts};
 use common::{arg, export, image_seq, log_info, rr_row, tempdir, with_watchdog};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -557,49 +556,10 @@ fn a_divergent_stream_exits_2_and_names_the_request() {
     );
 }
 
-/// Runs `rr-row serve --replay LOG` and expects it to fail at start: returns its stderr.
-fn replay_refused(dir: &Path, image: &Path, log: &Path) -> String {
-    let socket = dir.join("refused.sock");
-    let mut child = Command::new(common::rr_row_bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--image")
-        .arg(image)
-        .arg("--replay")
-        .arg(log)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start rr-row serve");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("waitpid") {
-            break s;
-        }
-        if start.elapsed() > EXIT_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "rr-row serve --replay {} did not refuse the log",
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().expect("output");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !status.success(),
-        "serve --replay {} succeeded: {err}",
-        log.display()
-    );
-    assert!(
-        !socket.exists(),
-        "the socket was created before the refusal"
-    );
+/// Runs `rr-row serve --replay LOG`, which must fail at start with a one-line error naming the
+/// log: returns that line.
+fn replay_refused_line(dir: &Path, image: &Path, log: &Path) -> String {
+    let err = replay_refused(dir, image, log);
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(
         lines.len(),
@@ -640,21 +600,21 @@ fn a_damaged_log_is_refused_before_serving() {
         p
     };
     // Cut inside the 80-byte header.
-    let e = replay_refused(d, &image, &variant("cut.log", &bytes[..40]));
+    let e = replay_refused_line(d, &image, &variant("cut.log", &bytes[..40]));
     assert!(e.contains("truncated"), "{e}");
     // A flipped bit in the header.
     let mut h = bytes.clone();
     h[45] ^= 0x10;
-    let e = replay_refused(d, &image, &variant("header.log", &h));
+    let e = replay_refused_line(d, &image, &variant("header.log", &h));
     assert!(e.contains("checksum") || e.contains("crc"), "{e}");
     // A flipped bit in the payload of a frame in the middle.
     let mid = frame_offsets(&bytes)[5];
     let mut m = bytes.clone();
     m[mid + 12] ^= 0x01;
-    let e = replay_refused(d, &image, &variant("middle.log", &m));
+    let e = replay_refused_line(d, &image, &variant("middle.log", &m));
     assert!(e.contains(&format!("byte {mid}")), "{e}");
     // Not a log at all.
-    let e = replay_refused(d, &image, &variant("zeros.log", &[0u8; 4096]));
+    let e = replay_refused_line(d, &image, &variant("zeros.log", &[0u8; 4096]));
     assert!(e.contains("not an RR-Row record log"), "{e}");
     // A log of another image.
     let other = d.join("other.rrow");
@@ -665,7 +625,7 @@ fn a_damaged_log_is_refused_before_serving() {
         "32M".as_ref(),
     ]);
     assert_eq!(code, 0, "{o}{e}");
-    let e = replay_refused(d, &other, &log);
+    let e = replay_refused_line(d, &other, &log);
     assert!(e.contains("not on this image"), "{e}");
 
     // The intact log still replays (nothing above changed it).

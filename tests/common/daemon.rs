@@ -215,6 +215,50 @@ pub fn start_rr_row(dir: &Path, opts: &ServeOpts) -> Daemon {
     Daemon::spawn("rr-row serve", cmd, &socket, &dir.join("rr-row.log"))
 }
 
+/// Runs `rr-row serve --replay LOG` on `image` (socket in `dir`) and expects it to refuse to
+/// start: it must exit unsuccessfully within 30 s, without ever creating its socket. Returns
+/// its stderr.
+pub fn replay_refused(dir: &Path, image: &Path, log: &Path) -> String {
+    let socket = dir.join("refused.sock");
+    let mut child = Command::new(rr_row_bin())
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(image)
+        .arg("--replay")
+        .arg(log)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start rr-row serve");
+    let exited = wait_until(Duration::from_secs(30), || {
+        child.try_wait().expect("waitpid").is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "rr-row serve --replay {} did not refuse the log",
+            log.display()
+        );
+    }
+    let out = child.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "serve --replay {} started: {err}",
+        log.display()
+    );
+    assert!(
+        !socket.exists(),
+        "the socket was created before the refusal"
+    );
+    err
+}
+
 /// The image formats qemu-storage-daemon serves in these tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QsdFormat {
