@@ -4,7 +4,6 @@
 //! image is never written to without `--repair`.
 
 use std::fs::OpenOptions;
-use std::io::IsTerminal;
 use std::os::unix::fs::FileExt;
 
 use super::{
@@ -195,18 +194,7 @@ pub fn export(a: &ExportArgs) -> CliResult {
     out.set_len(size)
         .map_err(|e| CliError::ctx(a.output.display(), e))?;
     let total_blocks = size.div_ceil(bs);
-    let bar = if a.quiet || !std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let b = indicatif::ProgressBar::new(size);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    };
+    let bar = super::progress_bar(a.quiet, size, "");
     let chunk_blocks = ((4u64 << 20) / bs).max(1);
     let mut buf = Vec::new();
     let mut lba = 0u64;

@@ -339,5 +339,22 @@ impl CliError {
     }
 }
 
+/// A byte-count progress bar on stderr (`label` before the bar), hidden with `--quiet` or when
+/// stderr is not a terminal.
+pub(crate) fn progress_bar(quiet: bool, total: u64, label: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{label}{{bar:40}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
 /// The result of a command body: the exit code on success.
 pub type CliResult = Result<i32, CliError>;

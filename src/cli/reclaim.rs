@@ -64,20 +64,6 @@ fn pinned_by(img: &Image, log: &Path) -> Result<KeptLog, CliError> {
     Ok(kept)
 }
 
-fn progress_bar(quiet: bool, total: u64) -> indicatif::ProgressBar {
-    if quiet || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(total);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(
-            "punching holes {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    b
-}
-
 fn spinner(quiet: bool, msg: &'static str) -> indicatif::ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
@@ -131,7 +117,7 @@ pub fn reclaim(a: &ReclaimArgs) -> CliResult {
         img.commit_reclaim(&plan).map_err(ctx)?;
         // Every reclaimed block, not only this plan's: earlier reclaims that a crash or a
         // failed punch left unpunched get their space back too.
-        let bar = progress_bar(a.quiet, 0);
+        let bar = super::progress_bar(a.quiet, 0, "punching holes ");
         img.punch_all_reclaimed(&mut |done, total| {
             bar.set_length(total);
             bar.set_position(done);
