@@ -147,6 +147,17 @@ impl Header {
         crc32c::crc32c_append(crc32c::crc32c(b"RRROWJNL"), uuid)
     }
 
+    /// The position of the journal's very first record (byte 64 of segment 0), with its chain
+    /// seed: where a walk of the whole journal starts.
+    pub fn journal_start(&self) -> JPos {
+        JPos {
+            seg_slot: self.first_seg_slot,
+            seg_index: 0,
+            offset: SEG_HEADER_SIZE,
+            crc: Self::chain_seed(&self.uuid),
+        }
+    }
+
     /// Bytes per journal segment.
     pub fn seg_bytes(&self) -> u64 {
         u64::from(self.seg_slots) * self.block_size.bytes_u64()

@@ -619,15 +619,7 @@ impl Image {
                 }
                 (hdr.jpos, hdr.ckpt_seq)
             }
-            Some(_) => (
-                JPos {
-                    seg_slot: hdr.first_seg_slot,
-                    seg_index: 0,
-                    offset: SEG_HEADER_SIZE,
-                    crc: Header::chain_seed(&hdr.uuid),
-                },
-                0,
-            ),
+            Some(_) => (hdr.journal_start(), 0),
             None => (hdr.jpos, hdr.ckpt_seq),
         };
 
@@ -1516,19 +1508,17 @@ impl Image {
                 return Ok(());
             }
             j.write_out(&self.sh)?;
-            let ticket = self.sync_started.fetch_add(1, Ordering::SeqCst) + 1;
-            (j.seq, j.unsynced, ticket)
+            (j.seq, j.unsynced, self.sync_ticket())
         };
         let (target, covered, ticket) = target;
         // Sync without holding the journal mutex: other operations keep committing meanwhile.
         // Every record up to `target` (and every record before them in the chain) is in the
         // file, and their data blocks were written before they were committed.
         let mark = self.sh.next_slot.load(Ordering::SeqCst);
-        if let Err(e) = self.sh.file.sync_data() {
+        if let Err(e) = self.sync_file(ticket) {
             lock(&self.journal).failed = true;
-            return Err(ImageError::io("cannot sync the image", e));
+            return Err(e);
         }
-        self.sync_done.fetch_max(ticket, Ordering::SeqCst);
         self.sh.drop_state.synced(mark);
         let mut j = lock(&self.journal);
         // Data committed while the sync ran is not covered by it.
@@ -1552,6 +1542,22 @@ impl Image {
         Ok(())
     }
 
+    /// The ticket of a sync about to start; taken with the journal mutex held, once the
+    /// journal is written out, so that it covers every record appended before it.
+    fn sync_ticket(&self) -> u64 {
+        self.sync_started.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// `fdatasync` of the image file; on success `ticket`'s records are durable.
+    fn sync_file(&self, ticket: u64) -> Result<(), ImageError> {
+        self.sh
+            .file
+            .sync_data()
+            .map_err(|e| ImageError::io("cannot sync the image", e))?;
+        self.sync_done.fetch_max(ticket, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Takes a checkpoint now (read-write images only).
     pub fn checkpoint(&self) -> Result<(), ImageError> {
         if self.read_only {
@@ -1567,13 +1573,8 @@ impl Image {
         }
         j.write_out(&self.sh)?;
         let sync = |j: &mut Journal| -> Result<(), ImageError> {
-            let ticket = self.sync_started.fetch_add(1, Ordering::SeqCst) + 1;
-            self.sh.file.sync_data().map_err(|e| {
-                j.failed = true;
-                ImageError::io("cannot sync the image", e)
-            })?;
-            self.sync_done.fetch_max(ticket, Ordering::SeqCst);
-            Ok(())
+            let ticket = self.sync_ticket();
+            self.sync_file(ticket).inspect_err(|_| j.failed = true)
         };
         sync(j)?;
         let runs = rlock(&self.live).map.runs();
@@ -1710,13 +1711,7 @@ impl Image {
         &self,
         f: impl FnMut(&Record, JPos) -> Result<bool, ImageError>,
     ) -> Result<(), ImageError> {
-        let hdr = lock(&self.journal).hdr.clone();
-        let start = JPos {
-            seg_slot: hdr.first_seg_slot,
-            seg_index: 0,
-            offset: SEG_HEADER_SIZE,
-            crc: Header::chain_seed(&hdr.uuid),
-        };
+        let start = lock(&self.journal).hdr.journal_start();
         self.walk_from(start, 0, f)
     }
 

@@ -95,15 +95,9 @@ pub(crate) struct Cursor {
 
 impl Cursor {
     fn start(img: &Image) -> Cursor {
-        let hdr = lock(&img.journal).hdr.clone();
         Cursor {
             map: Map::new(img.sh.blocks),
-            pos: JPos {
-                seg_slot: hdr.first_seg_slot,
-                seg_index: 0,
-                offset: format::SEG_HEADER_SIZE,
-                crc: format::Header::chain_seed(&hdr.uuid),
-            },
+            pos: lock(&img.journal).hdr.journal_start(),
             seq: 0,
             displaced: Vec::new(),
         }
@@ -176,6 +170,23 @@ fn intersects(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
     false
 }
 
+/// The runs of `all` that share a slot with some run of `some` (both sorted, disjoint), in
+/// one pass over both.
+fn touching(all: &[(u64, u64)], some: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for &(s, c) in all {
+        // Runs of `some` that end before this one starts cannot touch it nor any later one.
+        while some.get(j).is_some_and(|&(bs, bc)| bs + bc <= s) {
+            j += 1;
+        }
+        if some.get(j).is_some_and(|&(bs, _)| bs < s + c) {
+            out.push((s, c));
+        }
+    }
+    out
+}
+
 /// True when every run of `a` lies inside the runs of `b` (both sorted, disjoint, merged).
 fn covered_by(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
     a.iter().all(|&(s, c)| {
@@ -204,8 +215,8 @@ impl Image {
         let mut guard = lock(&self.reclaim_cursor);
         let cur = guard.get_or_insert_with(|| Cursor::start(self));
         if keep_from.0 > cur.seq {
-            // Walk on from where the last plan stopped, up to and including the last record
-            // of state `keep_from` (relocations appended in that state included).
+            // Walk on from where the last plan stopped, up to the write that made state
+            // `keep_from` (see below for the relocations appended in that state).
             let zero = zero_value(&self.sh);
             let (mut pos, mut seq) = (cur.pos, cur.seq);
             let Cursor { map, displaced, .. } = cur;
@@ -305,10 +316,8 @@ impl Image {
         }
         self.append_reclaim(&mut j, plan)?;
         j.write_out(&self.sh)?;
-        if let Err(e) = self.sh.file.sync_data() {
-            j.failed = true;
-            return Err(ImageError::io("cannot sync the image", e));
-        }
+        let ticket = self.sync_ticket();
+        self.sync_file(ticket).inspect_err(|_| j.failed = true)?;
         log::info!(
             "reclaimed {} blocks in {} runs; history horizon is now seq {}",
             plan.blocks,
@@ -404,17 +413,10 @@ impl Image {
                 return Err(ImageError::Failed);
             }
             j.write_out(&self.sh)?;
-            self.sync_started
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                + 1
+            self.sync_ticket()
         };
-        if let Err(e) = self.sh.file.sync_data() {
-            lock(&self.journal).failed = true;
-            return Err(ImageError::io("cannot sync the image", e));
-        }
-        self.sync_done
-            .fetch_max(ticket, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+        self.sync_file(ticket)
+            .inspect_err(|_| lock(&self.journal).failed = true)
     }
 
     /// Step 3 of a reclaim: punches holes over the plan's runs (which must have been
@@ -443,11 +445,9 @@ impl Image {
     ) -> Result<u64, ImageError> {
         let bs = self.sh.bs.bytes_u64();
         let min_blocks = min_bytes.div_ceil(bs).max(1);
-        let mut runs: Vec<(u64, u64)> = rlock(&self.sh.reclaimed)
-            .runs
-            .iter()
-            .copied()
-            .filter(|&(s, c)| c >= min_blocks && intersects(&[(s, c)], &plan.runs))
+        let mut runs: Vec<(u64, u64)> = touching(&rlock(&self.sh.reclaimed).runs, &plan.runs)
+            .into_iter()
+            .filter(|&(_, c)| c >= min_blocks)
             .collect();
         // Only what is not a hole yet: a run that grew by a few blocks costs a few blocks.
         runs = subtract(&runs, &lock(&self.sh.punched));
@@ -609,6 +609,14 @@ mod tests {
         assert!(intersects(&a, &[(14, 1)]));
         assert!(!intersects(&a, &[(15, 15), (32, 8)]));
         assert!(covered_by(&a, &[(0, 20), (30, 2)]));
+        assert_eq!(
+            touching(
+                &[(0, 5), (10, 5), (20, 5), (30, 5)],
+                &[(4, 1), (12, 10), (40, 1)]
+            ),
+            vec![(0, 5), (10, 5), (20, 5)]
+        );
+        assert_eq!(touching(&a, &[]), vec![]);
         assert!(!covered_by(&a, &[(0, 20), (31, 2)]));
         assert_eq!(
             merge_runs(vec![(5, 2), (0, 3), (3, 2), (9, 1)]),
