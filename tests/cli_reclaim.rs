@@ -864,6 +864,68 @@ fn a_kept_log_replays_exactly_and_an_unkept_one_is_refused() {
     );
 }
 
+/// Reuse (the default of `serve --retain-seqs`): a daemon that starts on an image with
+/// reclaimed blocks writes new data into them. A log that read those blocks must then be
+/// refused up front: they are no longer reclaimed, they hold other data.
+#[test]
+fn a_log_whose_blocks_were_reused_by_later_writes_is_refused() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (img, log, _, _) = recorded_then_overwritten(d);
+    let rep = json(&[
+        "reclaim",
+        s(&img),
+        "--keep-from",
+        "latest",
+        "--output",
+        "json",
+    ]);
+    let reclaimed = rep["reclaimed_blocks"].as_u64().unwrap();
+    assert!(reclaimed >= SIZE / BS, "{rep}");
+    // Before any reuse the refusal is about reclaimed blocks already; what matters here is
+    // that it stays so once they are written again.
+    let mut o = ServeOpts::new(&img, SIZE);
+    o.extra = vec!["--retain-seqs".into(), "1000000".into()];
+    let daemon = start_rr_row(d, &o);
+    let socket = daemon.socket().to_owned();
+    with_watchdog("overwrite into reused blocks", WATCHDOG, move || {
+        let mut c = Client::open(
+            &socket,
+            ClientOpts {
+                mem: 1 << 20,
+                ..ClientOpts::default()
+            },
+        );
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut data = vec![0u8; 256 << 10];
+        let mut q = c.queue(0);
+        for i in 0..SIZE / (256 << 10) {
+            rng.fill_bytes(&mut data);
+            q.write_ok(i * (256 << 10), 0, &data);
+        }
+        q.flush_ok();
+    });
+    stop(daemon, 0);
+    let i = info(&img);
+    let left = i["reclaimed_blocks"].as_u64().unwrap();
+    assert_eq!(
+        left,
+        reclaimed - SIZE / BS,
+        "a whole disk of writes reused blocks: {i}"
+    );
+    let c = rr(&["check", s(&img)]);
+    assert!(c.status.success(), "{}{}", stdout(&c), stderr(&c));
+    let err = replay_refused(d, &img, &log);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("rr-row: "))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.contains("history the record log needs is missing") && line.contains("reclaimed"),
+        "{line}"
+    );
+}
+
 /// Regression (fixed: read-only daemons hold a shared lock): `serve --replay` (and
 /// `serve --read-only`) open the image read-only, which takes no lock at all, so
 /// `rr-row reclaim` runs while a replay daemon serves the image and punches holes under it:

@@ -537,7 +537,8 @@ fn an_unknown_incompatible_feature_bit_is_still_refused() {
     let mut hdr = reclaimed_image(&p);
     assert_eq!(hdr.incompat, INCOMPAT_RECLAIM);
     Image::open(&p, OpenMode::ReadOnly).unwrap();
-    for bits in [INCOMPAT_RECLAIM | 2, 2, 1 << 63] {
+    // Bit 1 (reuse) is known; bit 2 is not.
+    for bits in [INCOMPAT_RECLAIM | 4, 4, 1 << 63] {
         hdr.incompat = bits;
         rc::write_headers(&p, &hdr);
         for mode in [OpenMode::ReadOnly, OpenMode::ReadWrite] {
@@ -1052,6 +1053,10 @@ mod model {
         pinned: HashMap<u64, (u64, u64)>,
         reclaimed: BTreeSet<u64>,
         horizon: u64,
+        /// Reclaimed slots are handed to the allocator after every reclaim.
+        reuse: bool,
+        /// Reclaimed blocks that writes or relocations took again.
+        reused: u64,
     }
 
     impl Model {
@@ -1093,7 +1098,28 @@ mod model {
         }
     }
 
-    fn run(ops: &[Op], ckpt: u64, base: bool) {
+    impl Model {
+        /// Blocks `pba .. pba + n` were just named by a write or a relocation: those that were
+        /// reclaimed are reused, and every version they held before is gone from the model.
+        fn named(&mut self, pba: u64, n: u64) {
+            let reused: BTreeSet<u64> = (pba..pba + n)
+                .filter(|b| self.reclaimed.contains(b))
+                .collect();
+            if reused.is_empty() {
+                return;
+            }
+            assert!(self.reuse, "block {pba}+{n} reused without reuse on");
+            for b in &reused {
+                self.reclaimed.remove(b);
+            }
+            self.reused += reused.len() as u64;
+            self.written.retain(|(b, _, _)| !reused.contains(b));
+            self.traced.retain(|(b, _, _)| !reused.contains(b));
+            assert!(self.pinned.keys().all(|b| !reused.contains(b)));
+        }
+    }
+
+    fn run(ops: &[Op], ckpt: u64, base: bool, reuse: bool) {
         let d = common::tempdir();
         let p = d.path().join("m.rrow");
         let mut disk0 = vec![0u8; SIZE as usize];
@@ -1114,6 +1140,7 @@ mod model {
         img.as_ref().unwrap().set_checkpoint_threshold(ckpt);
         let mut m = Model {
             snaps: vec![disk0],
+            reuse,
             ..Model::default()
         };
         for op in ops {
@@ -1123,6 +1150,7 @@ mod model {
                     let len = len.min(SECTORS - off);
                     let data = pattern(seed, (len * 512) as usize);
                     let w = i.write_at(off * 512, &data).unwrap();
+                    m.named(w.first_pba.0, w.blocks);
                     let lba = off * 512 / BS;
                     m.push(i, |s| {
                         s[(off * 512) as usize..((off + len) * 512) as usize].copy_from_slice(&data)
@@ -1135,6 +1163,7 @@ mod model {
                     let n = blocks.min(BLOCKS - blk);
                     let data = pattern(seed, (n * BS) as usize);
                     let w = i.write_at(blk * BS, &data).unwrap();
+                    m.named(w.first_pba.0, w.blocks);
                     m.push(i, |s| {
                         s[(blk * BS) as usize..((blk + n) * BS) as usize].copy_from_slice(&data)
                     });
@@ -1172,6 +1201,12 @@ mod model {
                         .unwrap();
                     i.set_relocate_on_read(None);
                     assert_eq!(seq, i.seq());
+                    // A relocation names new blocks (maybe reused ones) for the range.
+                    for e in i.resolve(Lba(blk), n).unwrap() {
+                        if let Extent::Mapped { pba, blocks } = e {
+                            m.named(pba.0, blocks);
+                        }
+                    }
                     let want = &m.snaps[seq.0 as usize];
                     assert!(buf[..] == want[(blk * BS) as usize..((blk + n) * BS) as usize]);
                     let mut lba = blk;
@@ -1269,10 +1304,16 @@ mod model {
                         drop(i);
                     }
                     let r = check_clean(&p);
-                    assert_eq!(r.reclaimed_blocks, m.reclaimed.len() as u64);
+                    // Versions whose blocks were reused count as reclaimed too.
+                    assert_eq!(r.reclaimed_blocks, m.reclaimed.len() as u64 + m.reused);
                     let i = Image::open(&p, OpenMode::ReadWrite).unwrap();
                     i.set_checkpoint_threshold(ckpt);
                     m.verify(&i);
+                    if reuse {
+                        i.set_reuse_reclaimed(true);
+                        assert_eq!(i.reuse_all_reclaimed().unwrap(), m.reclaimed.len() as u64);
+                        assert_eq!(i.free_blocks(), m.reclaimed.len() as u64);
+                    }
                     img = Some(i);
                 }
             }
@@ -1290,7 +1331,17 @@ mod model {
         fn reclaim_keeps_every_state_from_the_horizon_and_gives_back_the_rest(
             (ops, ckpt, base) in case()
         ) {
-            run(&ops, ckpt, base);
+            run(&ops, ckpt, base, false);
+        }
+
+        /// The same with every reclaimed block handed to the allocator: later writes and
+        /// relocations take them, their old versions are gone, every state from the horizon
+        /// still reads the model, and `check` is clean after every stop.
+        #[test]
+        fn reclaimed_blocks_reused_by_later_writes_keep_every_state_from_the_horizon(
+            (ops, ckpt, base) in case()
+        ) {
+            run(&ops, ckpt, base, true);
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::image::Image;
 use crate::iobuf::IoSeg;
 
 use super::relocator::Relocator;
-use super::retainer::Retainer;
+use super::retainer::{RetainError, Retainer};
 use super::syncer::Syncer;
 use super::{with_trace, BlockDevice, BlockError, RequestCtx};
 
@@ -71,10 +71,10 @@ impl ImageDevice {
     }
 
     /// Also reclaims, on a background thread, the history older than the last `keep_seqs`
-    /// operations (see [`Retainer`]). Nothing when `keep_seqs` is 0 or the image read-only.
-    pub fn with_retention(mut self, keep_seqs: u64) -> std::io::Result<Self> {
+    /// operations (see [`Retainer`]; `reuse`: reclaimed blocks serve new writes). Nothing when `keep_seqs` is 0 or the image read-only.
+    pub fn with_retention(mut self, keep_seqs: u64, reuse: bool) -> Result<Self, RetainError> {
         if keep_seqs > 0 {
-            self.retainer = Retainer::start(&self.image, keep_seqs, None)?;
+            self.retainer = Retainer::start(&self.image, keep_seqs, None, reuse)?;
         }
         Ok(self)
     }

@@ -27,7 +27,7 @@ use crate::record::format::{
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 
 use super::relocator::Relocator;
-use super::retainer::Retainer;
+use super::retainer::{RetainError, Retainer};
 use super::syncer::Syncer;
 use crate::record::{LogWriter, RecordError, RecordMode, WriterStats};
 use crate::units::{Seq, SECTOR_SIZE};
@@ -146,10 +146,10 @@ impl RecordingDevice {
     /// Also reclaims, on a background thread, the history older than the last `keep_seqs`
     /// operations, but never any state from the one this recording started in (see
     /// [`Retainer`]): every block the log can name stays. Nothing when `keep_seqs` is 0.
-    pub fn with_retention(mut self, keep_seqs: u64) -> std::io::Result<Self> {
+    pub fn with_retention(mut self, keep_seqs: u64, reuse: bool) -> Result<Self, RetainError> {
         if keep_seqs > 0 {
             let floor = self.log.header().start_seq;
-            self.retainer = Retainer::start(&self.image, keep_seqs, Some(floor))?;
+            self.retainer = Retainer::start(&self.image, keep_seqs, Some(floor), reuse)?;
         }
         Ok(self)
     }

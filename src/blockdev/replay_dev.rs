@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
 
-use crate::image::{Extent, Image, ImageError, Snapshot};
+use crate::image::{Extent, Image, ImageError, RebornIndex, Snapshot};
 use crate::iobuf::{slice_segs, total_len, IoSeg};
 use crate::record::format::{hash_segs, status_name, HASH_LEN};
 use crate::record::{
@@ -498,6 +498,12 @@ fn check_history(image: &Image, index: &ReplayIndex) -> Result<(), ReplayError> 
     let mut checked: HashSet<u64> = HashSet::new();
     let mut block = vec![0u8; image.block_size().bytes() as usize];
     let block_id = index.header().mode == RecordMode::BlockId;
+    // Slots reclaimed and then written again hold other data than the log read from them.
+    let reborn = if block_id {
+        image.reborn_index()?
+    } else {
+        RebornIndex::default()
+    };
     index.for_each(|r| {
         max_seq = max_seq.max(r.seq.get());
         if first_err.is_some() || !block_id {
@@ -526,6 +532,17 @@ fn check_history(image: &Image, index: &ReplayIndex) -> Result<(), ReplayError> 
                     _ => pba.get(),
                 };
                 first_err = Some(missing(p, source));
+                return;
+            }
+            // ... and no later write may have reused it ...
+            if let Some(p) = reborn.reused_after_seq(pba.get(), blocks, r.seq.get()) {
+                first_err = Some(missing(
+                    p,
+                    ImageError::Reclaimed {
+                        pba: Pba(p),
+                        horizon: image.history_horizon(),
+                    },
+                ));
                 return;
             }
             // ... and its ends must read (the file must not have been truncated).

@@ -47,6 +47,17 @@ pub const SYNC_AFTER: Duration = Duration::from_secs(5);
 /// Fewest operations between two plans (each plan walks the journal written since the last).
 pub const MIN_STEP: u64 = 1024;
 
+/// Why retention could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RetainError {
+    /// Making earlier reclaims reusable failed.
+    #[error("cannot reuse the reclaimed blocks: {0}")]
+    Image(#[from] ImageError),
+    /// The thread could not be spawned.
+    #[error("cannot start the retention thread: {0}")]
+    Spawn(#[from] std::io::Error),
+}
+
 /// The retention thread; stopped and joined on drop.
 pub struct Retainer {
     stop: Arc<(Mutex<bool>, Condvar)>,
@@ -62,6 +73,8 @@ struct Pending {
 
 /// The thread's state between passes.
 struct State {
+    /// Durable reclaims go to the allocator (reuse) instead of being punched.
+    reuse: bool,
     keep_seqs: u64,
     floor: Option<Seq>,
     /// Seq and time of the last plan.
@@ -86,7 +99,12 @@ impl State {
             image.sync_journal()?;
         }
         if let Some(p) = self.pending.take() {
-            image.punch_reclaimed_runs_of(&p.plan, MIN_PUNCH, budget)?;
+            if self.reuse {
+                let n = image.reuse_reclaimed(&p.plan.runs)?;
+                log::debug!("retention: {n} reclaimed blocks ready for reuse");
+            } else {
+                image.punch_reclaimed_runs_of(&p.plan, MIN_PUNCH, budget)?;
+            }
         }
         Ok(())
     }
@@ -138,14 +156,27 @@ impl State {
 
 impl Retainer {
     /// Starts reclaiming `image`'s history older than the last `keep_seqs` operations, never
-    /// past seq `floor`. `None` for read-only images.
+    /// past seq `floor`. With `reuse`, reclaimed slots go to the image's allocator for new
+    /// writes (those reclaimed before the start too) instead of having holes punched over
+    /// them. `None` for read-only images.
     pub fn start(
         image: &Arc<Image>,
         keep_seqs: u64,
         floor: Option<Seq>,
-    ) -> std::io::Result<Option<Self>> {
+        reuse: bool,
+    ) -> Result<Option<Self>, RetainError> {
         if image.is_read_only() {
             return Ok(None);
+        }
+        if reuse {
+            image.set_reuse_reclaimed(true);
+            let n = image.reuse_all_reclaimed()?;
+            if n > 0 {
+                log::info!(
+                    "retention: {} MiB reclaimed earlier ready for reuse",
+                    (n * u64::from(image.block_size().bytes())) >> 20
+                );
+            }
         }
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let (img, flag) = (Arc::clone(image), Arc::clone(&stop));
@@ -153,6 +184,7 @@ impl Retainer {
             .name("rr-row-retain".into())
             .spawn(move || {
                 let mut state = State {
+                    reuse,
                     keep_seqs,
                     floor,
                     last: img.seq().0,

@@ -250,6 +250,12 @@ pub struct ServeArgs {
     /// default) keeps every version.
     #[arg(long, default_value_t = 0, value_name = "N", conflicts_with_all = ["replay", "read_only"])]
     pub retain_seqs: u64,
+    /// With --retain-seqs: punch holes over reclaimed blocks (runs of 256 KiB or more, as time
+    /// allows) instead of reusing them for new writes. Reuse, the default, keeps the file at
+    /// its high-water mark and writes into blocks it already has; punching returns space to
+    /// the file system but costs a `fallocate` per run (docs/perf-notes.md).
+    #[arg(long, requires = "retain_seqs")]
+    pub punch_reclaimed: bool,
     /// Keep this much of the image file ahead of its end reserved and in the page cache
     /// (a background thread), so appended writes copy into cached pages. 0 turns it off: the
     /// default for buffered I/O, since the prepared pages are small folios, which halves the

@@ -212,8 +212,8 @@ pub fn serve(a: &ServeArgs) -> CliResult {
                     .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?
                     .with_background_sync()
                     .map_err(|e| CliError::ctx("cannot start the sync thread", e))?
-                    .with_retention(a.retain_seqs)
-                    .map_err(|e| CliError::ctx("cannot start the retention thread", e))?,
+                    .with_retention(a.retain_seqs, !a.punch_reclaimed)
+                    .map_err(|e| CliError(e.to_string()))?,
             );
             let r = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);
             if let Ok(dev) = Arc::try_unwrap(dev) {
@@ -249,8 +249,8 @@ pub fn serve(a: &ServeArgs) -> CliResult {
             .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?
             .with_background_sync()
             .map_err(|e| CliError::ctx("cannot start the sync thread", e))?
-            .with_retention(a.retain_seqs)
-            .map_err(|e| CliError::ctx("cannot start the retention thread", e))?,
+            .with_retention(a.retain_seqs, !a.punch_reclaimed)
+            .map_err(|e| CliError(e.to_string()))?,
     );
 
     let result = run(&cfg, dev.clone() as Arc<dyn BlockDevice>, &stop);

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use super::format::RecKind;
+use super::format::{self, RecKind};
 use super::map::Map;
-use super::{apply, zero_value, Image, ImageError, OpenFlags, OpenMode};
+use super::{apply, zero_value, Image, ImageError, OpenFlags, OpenMode, RebornIndex};
 
 /// The outcome of [`Image::check`].
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -187,8 +187,19 @@ fn verify(img: &Image, rep: &mut CheckReport) {
     let mut verified = 0u64;
     let mut reclaimed = 0u64;
     let mut unverifiable = 0u64;
+    // Pieces are verified after the walk: a later write may have reused a piece's slots.
+    let mut pieces: Vec<(u64, u64, u64, u64, u32)> = Vec::new();
+    let mut reborn = RebornIndex::builder();
+    let incompat = super::lock(&img.journal).hdr.incompat;
     let res = img.walk_all(|r, _| {
         records += 1;
+        let (ordinal, reused) = reborn.visit(r);
+        if reused && incompat & format::INCOMPAT_REUSE == 0 {
+            problems.push(format!(
+                "seq {}: a record reuses reclaimed blocks in an image without the reuse feature",
+                r.seq
+            ));
+        }
         if r.kind.maps() {
             apply(&mut map, r, zero);
         }
@@ -198,24 +209,12 @@ fn verify(img: &Image, rep: &mut CheckReport) {
                 problems.push(format!("seq {}: {e}", r.seq));
                 continue;
             }
-            refs.push((pba, p.blocks));
-            let gone = sh.reclaimed_in(pba, p.blocks);
-            if gone > 0 {
-                // A reclaimed version's content is gone (a hole, or data a crash left before
-                // the hole was punched). The piece's crc covers all its blocks, so blocks of a
-                // partly reclaimed piece that are still there cannot be verified either.
-                reclaimed += gone;
-                unverifiable += p.blocks - gone;
-                continue;
+            // A reuse names slots an earlier piece named too: only the first naming counts
+            // towards "referenced twice".
+            if !reused {
+                refs.push((pba, p.blocks));
             }
-            match sh.data_crc(pba, p.blocks) {
-                Ok(Some(c)) if c == p.data_crc => verified += p.blocks,
-                Ok(_) => problems.push(format!(
-                    "seq {}: data blocks {pba}+{} do not match their checksum",
-                    r.seq, p.blocks
-                )),
-                Err(e) => problems.push(format!("seq {}: {e}", r.seq)),
-            }
+            pieces.push((r.seq, ordinal, pba, p.blocks, p.data_crc));
         }
         if r.kind == RecKind::Link && r.link.is_none() {
             problems.push("link record without a target".into());
@@ -224,6 +223,27 @@ fn verify(img: &Image, rep: &mut CheckReport) {
     });
     if let Err(e) = res {
         problems.push(e.to_string());
+    }
+    let reborn = reborn.finish();
+    for (seq, ordinal, pba, blocks, crc) in pieces {
+        let gone = sh.reclaimed_in(pba, blocks);
+        if gone > 0 || reborn.reused_after_record(pba, blocks, ordinal).is_some() {
+            // A reclaimed version's content is gone (a hole, data a crash left before the
+            // hole was punched, or a later write's data). The piece's crc covers all its
+            // blocks, so blocks of a partly reclaimed piece that are still there cannot be
+            // verified either.
+            let gone = gone_blocks(sh, &reborn, pba, blocks, ordinal);
+            reclaimed += gone;
+            unverifiable += blocks - gone;
+            continue;
+        }
+        match sh.data_crc(pba, blocks) {
+            Ok(Some(c)) if c == crc => verified += blocks,
+            Ok(_) => problems.push(format!(
+                "seq {seq}: data blocks {pba}+{blocks} do not match their checksum"
+            )),
+            Err(e) => problems.push(format!("seq {seq}: {e}")),
+        }
     }
     refs.sort_unstable();
     for w in refs.windows(2) {
@@ -263,4 +283,21 @@ fn verify(img: &Image, rep: &mut CheckReport) {
     rep.reclaimed_blocks = reclaimed;
     rep.unverifiable_blocks = unverifiable;
     rep.problems.extend(problems);
+}
+
+/// Blocks of `[pba, pba + n)` whose version named at `ordinal` is gone: reclaimed now, or
+/// reused by a later record.
+fn gone_blocks(
+    sh: &super::shared::Shared,
+    reborn: &RebornIndex,
+    pba: u64,
+    n: u64,
+    ordinal: u64,
+) -> u64 {
+    (pba..pba + n)
+        .filter(|&b| {
+            sh.first_reclaimed(b, 1).is_some()
+                || reborn.reused_after_record(b, 1, ordinal).is_some()
+        })
+        .count() as u64
 }

@@ -18,8 +18,14 @@ pub const VERSION: u32 = 1;
 /// may hold reclaim records (kind 8) and every checkpoint carries a reclaimed section. A reader
 /// that does not know it would take the holes of reclaimed blocks for damaged data.
 pub const INCOMPAT_RECLAIM: u64 = 1;
+/// Incompatible feature bit 1 (only with bit 0): reclaimed slots may be reused. A write or
+/// relocation record may name slots that are reclaimed at that point of the journal: from
+/// then on they hold that record's data and are no longer reclaimed, and every version that
+/// named them before is gone. A reader that does not know it would read the new data as the
+/// old version's.
+pub const INCOMPAT_REUSE: u64 = 2;
 /// Incompatible feature bits this build understands.
-pub const KNOWN_INCOMPAT: u64 = INCOMPAT_RECLAIM;
+pub const KNOWN_INCOMPAT: u64 = INCOMPAT_RECLAIM | INCOMPAT_REUSE;
 /// Size of one header copy.
 pub const HEADER_SIZE: usize = 4096;
 /// Offset of header copy B.
@@ -237,6 +243,9 @@ impl Header {
         let incompat = g64(16);
         if incompat & !KNOWN_INCOMPAT != 0 {
             return Err(HeaderFault::Features(incompat & !KNOWN_INCOMPAT));
+        }
+        if incompat & INCOMPAT_REUSE != 0 && incompat & INCOMPAT_RECLAIM == 0 {
+            return Err(inv("the reuse feature is set without the reclaim feature"));
         }
         let block_size = BlockSize::new(g32(40))
             .ok_or_else(|| inv(&format!("invalid block size {}", g32(40))))?;

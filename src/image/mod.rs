@@ -39,6 +39,7 @@ mod check;
 mod direct;
 mod error;
 pub mod format;
+mod freelist;
 mod io;
 mod journal;
 mod map;
@@ -61,7 +62,7 @@ use format::{
 };
 use journal::{Journal, Step, Stop, Walker};
 use map::Map;
-pub use reclaim::{ReclaimPlan, ReclaimReport};
+pub use reclaim::{RebornBuilder, RebornIndex, ReclaimPlan, ReclaimReport};
 use shared::{Base, Shared};
 
 use crate::iobuf::{total_len, IoSeg};
@@ -286,6 +287,8 @@ pub struct Snapshot {
     sh: Arc<Shared>,
     map: Map,
     seq: u64,
+    /// [`Shared::revived`] when the view was taken.
+    revived: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -585,6 +588,9 @@ impl Image {
             reclaimed: RwLock::default(),
             punched: Mutex::default(),
             reclaim_gen: AtomicU64::new(0),
+            reuse: std::sync::atomic::AtomicBool::new(false),
+            free: Mutex::default(),
+            revived: AtomicU64::new(0),
         };
         let zero = zero_value(&sh);
         let mut map = Map::new(sh.blocks);
@@ -710,6 +716,25 @@ impl Image {
         for (r, at) in recs.iter().take(keep) {
             if r.kind.maps() {
                 apply(&mut map, r, zero);
+                // A record naming reclaimed slots reuses them (feature bit 1 only).
+                for p in &r.pieces {
+                    let Some(pba) = p.pba else { continue };
+                    if sh.horizon() == 0 || sh.reclaimed_in(pba, p.blocks) == 0 {
+                        continue;
+                    }
+                    if hdr.incompat & format::INCOMPAT_REUSE == 0 {
+                        let off = sh.slot_off(at.seg_slot).unwrap_or(0) + at.offset;
+                        return Err(ImageError::corrupt(
+                            off,
+                            format!(
+                                "journal record before byte offset {off}: seq {} names reclaimed \
+                                 blocks {pba}+{} in an image without the reuse feature",
+                                r.seq, p.blocks
+                            ),
+                        ));
+                    }
+                    sh.revive(pba, p.blocks);
+                }
             }
             if let Some(rc) = &r.reclaim {
                 let bad = if hdr.incompat & format::INCOMPAT_RECLAIM == 0 {
@@ -1073,9 +1098,9 @@ impl Image {
             } else {
                 self.sh.read_extents(&ex, offset % bs, segs)?;
             }
-            if self.sh.reclaim_gen.load(Ordering::SeqCst) == gen
-                || self.sh.check_not_reclaimed(&ex).is_ok()
-            {
+            // With reuse a block reclaimed meanwhile may even hold new data by now, so any
+            // reclaim during the read (at most one a second) means resolving again.
+            if self.sh.reclaim_gen.load(Ordering::SeqCst) == gen {
                 break seq;
             }
         };
@@ -1108,12 +1133,13 @@ impl Image {
         if offset % bs == 0 && len % bs == 0 {
             // Full blocks: allocate, write the data outside any lock, then commit.
             let n = len / bs;
-            let first = self.sh.alloc(n)?;
+            let first = self.sh.alloc_data(n)?;
             let crc = io::crc_segs(segs);
             let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
-            self.sh
-                .write_data(segs, off)
-                .map_err(|e| ImageError::io("cannot write data blocks", e))?;
+            self.sh.write_data(segs, off).map_err(|e| {
+                self.sh.release_data(first, n);
+                ImageError::io("cannot write data blocks", e)
+            })?;
             let seq = self.commit(
                 &mut lock(&self.journal),
                 RecKind::Write,
@@ -1159,11 +1185,12 @@ impl Image {
                 pos += s.len();
             }
         }
-        let first = self.sh.alloc(n)?;
+        let first = self.sh.alloc_data(n)?;
         let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
-        self.sh
-            .write_data_buf(&buf, off)
-            .map_err(|e| ImageError::io("cannot write data blocks", e))?;
+        self.sh.write_data_buf(&buf, off).map_err(|e| {
+            self.sh.release_data(first, n);
+            ImageError::io("cannot write data blocks", e)
+        })?;
         let seq = self.commit(
             &mut j,
             RecKind::Write,
@@ -1247,11 +1274,12 @@ impl Image {
         if n == 0 {
             return Ok(false);
         }
-        let first = self.sh.alloc(n)?;
+        let first = self.sh.alloc_data(n)?;
         let off = self.sh.slot_off(first).ok_or(ImageError::Full)?;
-        self.sh
-            .write_data_buf(data, off)
-            .map_err(|e| ImageError::io("cannot write relocated blocks", e))?;
+        self.sh.write_data_buf(data, off).map_err(|e| {
+            self.sh.release_data(first, n);
+            ImageError::io("cannot write relocated blocks", e)
+        })?;
         let crc = crc32c::crc32c(data);
         let mut j = lock(&self.journal);
         if j.failed {
@@ -1264,6 +1292,7 @@ impl Image {
             .map
             .extents(lba, n, self.sh.base.is_some(), &mut now);
         if now != expected {
+            self.sh.release_data(first, n);
             return Ok(false);
         }
         let rec = Record {
@@ -1280,6 +1309,7 @@ impl Image {
             reclaim: None,
         };
         j.append(&self.sh, &rec)?;
+        self.revive_named(&rec);
         let old = {
             let mut live = wlock(&self.live);
             let old = self.superseded(&live.map, &rec);
@@ -1300,6 +1330,16 @@ impl Image {
             .map
             .extents(lba, 1, self.sh.base.is_some(), &mut ex);
         self.sh.read_extents(&ex, 0, &[IoSeg::from_mut_slice(buf)])
+    }
+
+    /// Makes the reclaimed slots an appended record names live again (reuse; journal mutex
+    /// held, so the in-memory reclaimed set follows the journal's order).
+    fn revive_named(&self, rec: &Record) {
+        for p in &rec.pieces {
+            if let Some(pba) = p.pba {
+                self.sh.revive(pba, p.blocks);
+            }
+        }
     }
 
     /// The data-block runs that `rec` takes out of the live map (empty when superseded
@@ -1341,6 +1381,7 @@ impl Image {
         };
         j.append(&self.sh, &rec)?;
         j.seq = seq;
+        self.revive_named(&rec);
         let zero = zero_value(&self.sh);
         let old = {
             let mut live = wlock(&self.live);
@@ -1584,7 +1625,7 @@ impl Image {
                 .reclaimed
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
-                .clone()
+                .to_reclaimed()
         });
         let len = Checkpoint::encoded_len(
             runs.len(),
@@ -1767,6 +1808,7 @@ impl Image {
         }
         let zero = zero_value(&self.sh);
         let mut map = Map::new(self.sh.blocks);
+        let revived = self.sh.revived.load(Ordering::SeqCst);
         self.walk_all(|r, _| {
             if r.kind.maps() {
                 if r.seq > seq.0 {
@@ -1781,6 +1823,7 @@ impl Image {
             sh: Arc::clone(&self.sh),
             map,
             seq: seq.0,
+            revived,
         })
     }
 
@@ -1795,7 +1838,10 @@ impl Image {
             });
         }
         let mut out = Vec::new();
+        let mut ordinals = Vec::new();
+        let mut reborn = RebornIndex::builder();
         self.walk_all(|r, _| {
+            let (ordinal, _) = reborn.visit(r);
             let kind = match r.kind {
                 RecKind::Write => HistoryKind::Write,
                 RecKind::Discard => HistoryKind::Discard,
@@ -1811,10 +1857,20 @@ impl Image {
                         pba: pba.map(Pba),
                         reclaimed: pba.is_some_and(|b| self.sh.first_reclaimed(b, 1).is_some()),
                     });
+                    ordinals.push(ordinal);
                 }
             }
             Ok(true)
         })?;
+        // A version whose slot a later write reused is gone too.
+        let reborn = reborn.finish();
+        if !reborn.is_empty() {
+            for (e, &o) in out.iter_mut().zip(&ordinals) {
+                if let Some(b) = e.pba {
+                    e.reclaimed |= reborn.reused_after_record(b.0, 1, o).is_some();
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -1831,7 +1887,7 @@ impl Image {
             (j.hdr.clone(), j.since_ckpt, j.segments)
         };
         let meta_slots: u64 = self.sh.meta_runs().iter().map(|&(_, c)| c).sum();
-        let reclaimed_blocks: u64 = rlock(&self.sh.reclaimed).runs.iter().map(|&(_, c)| c).sum();
+        let reclaimed_blocks: u64 = rlock(&self.sh.reclaimed).runs.blocks();
         let (live_blocks, mem, seq) = {
             let l = rlock(&self.live);
             (l.map.mapped(), l.map.memory_bytes(), l.seq)
@@ -1934,9 +1990,26 @@ impl Snapshot {
         let mut ex = Vec::new();
         self.map.extents(first, n, self.sh.base.is_some(), &mut ex);
         // A view taken before a reclaim may name blocks it gave back: their holes read as
-        // zeros, which must not pass for the old content.
+        // zeros, which must not pass for the old content. Once the horizon has passed the
+        // view and slots were reused since it was taken, a block it names may hold a new
+        // write's data: then the view is gone as a whole.
+        self.check_not_overtaken()?;
         self.sh
-            .read_extents_checked(&ex, offset % bs, &[IoSeg::from_mut_slice(buf)])
+            .read_extents_checked(&ex, offset % bs, &[IoSeg::from_mut_slice(buf)])?;
+        self.check_not_overtaken()
+    }
+
+    /// Fails with [`ImageError::HistoryReclaimed`] when slots were reused since this view was
+    /// taken and the history horizon has passed its seq.
+    fn check_not_overtaken(&self) -> Result<(), ImageError> {
+        let horizon = self.sh.horizon();
+        if horizon > self.seq && self.sh.revived.load(Ordering::SeqCst) != self.revived {
+            return Err(ImageError::HistoryReclaimed {
+                requested: Seq(self.seq),
+                horizon: Seq(horizon),
+            });
+        }
+        Ok(())
     }
 
     /// Describes LBAs `lba .. lba + blocks` as of this view's seq.

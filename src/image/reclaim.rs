@@ -30,8 +30,9 @@
 use std::os::fd::AsRawFd;
 
 use super::format::{self, JPos, RecKind, Reclaimed, Record, RUN_LEN};
+use super::freelist::RunSet;
 use super::map::Map;
-use super::shared::{merge_runs, Shared};
+use super::shared::{merge_runs, subtract_runs as subtract, Shared};
 use super::{apply, lock, rlock, zero_value, Image, ImageError};
 use crate::units::Seq;
 
@@ -88,9 +89,11 @@ pub(crate) struct Cursor {
     map: Map,
     pos: JPos,
     seq: u64,
-    /// Blocks displaced from the map up to `seq` (merged now and then), minus nothing: a plan
-    /// subtracts what is reclaimed, pinned or metadata at its own time.
-    displaced: Vec<(u64, u64)>,
+    /// Slots whose incarnation of the time was displaced from the map up to `seq`. A record
+    /// naming a slot again (reusing it) and a reclaim record naming it take it out: what is
+    /// left are the slots whose latest incarnation is superseded. A plan subtracts what is
+    /// reclaimed, pinned or metadata at its own time.
+    displaced: RunSet,
 }
 
 impl Cursor {
@@ -99,7 +102,7 @@ impl Cursor {
             map: Map::new(img.sh.blocks),
             pos: lock(&img.journal).hdr.journal_start(),
             seq: 0,
-            displaced: Vec::new(),
+            displaced: RunSet::default(),
         }
     }
 }
@@ -110,33 +113,6 @@ fn push_block(out: &mut Vec<(u64, u64)>, pba: u64) {
         Some((s, c)) if *s + *c == pba => *c += 1,
         _ => out.push((pba, 1)),
     }
-}
-
-/// `a` minus `b` (both sorted, disjoint, merged).
-fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out = Vec::with_capacity(a.len());
-    let mut j = 0;
-    for &(s, c) in a {
-        let (mut s, e) = (s, s + c);
-        while j < b.len() && b.get(j).is_some_and(|&(bs, bc)| bs + bc <= s) {
-            j += 1;
-        }
-        let mut k = j;
-        while let Some(&(bs, bc)) = b.get(k) {
-            if bs >= e {
-                break;
-            }
-            if bs > s {
-                out.push((s, bs - s));
-            }
-            s = s.max(bs + bc);
-            k += 1;
-        }
-        if s < e {
-            out.push((s, e - s));
-        }
-    }
-    out
 }
 
 fn blocks_in(runs: &[(u64, u64)]) -> u64 {
@@ -196,6 +172,103 @@ fn covered_by(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
     })
 }
 
+/// Where reclaimed slots were written again (reuse), built from the journal: which versions
+/// and which reads of a record log a reuse has overtaken.
+#[derive(Debug, Default, Clone)]
+pub struct RebornIndex {
+    /// (first slot, count, seq of the record that reused them, its position in the journal),
+    /// sorted by first slot.
+    events: Vec<(u64, u64, u64, u64)>,
+    /// Longest event (bounds the search for overlaps).
+    longest: u64,
+}
+
+impl RebornIndex {
+    /// Builds the index while a walk visits the journal's records in order: feed each record
+    /// to [`RebornIndex::visit`], then call [`RebornIndex::finish`].
+    pub fn builder() -> RebornBuilder {
+        RebornBuilder::default()
+    }
+
+    /// True when no reclaimed slot was ever reused.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Number of reuse events.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// The first slot of `[pba, pba + n)` that a record later than journal position `ordinal`
+    /// reused (so the version there at `ordinal` is gone), if any.
+    pub fn reused_after_record(&self, pba: u64, n: u64, ordinal: u64) -> Option<u64> {
+        self.first(pba, n, |&(_, _, _, o)| o > ordinal)
+    }
+
+    /// The first slot of `[pba, pba + n)` that a record with a seq above `seq` reused (so what
+    /// a read in state `seq` found there is gone), if any.
+    pub fn reused_after_seq(&self, pba: u64, n: u64, seq: u64) -> Option<u64> {
+        self.first(pba, n, |&(_, _, s, _)| s > seq)
+    }
+
+    fn first(&self, pba: u64, n: u64, pick: impl Fn(&(u64, u64, u64, u64)) -> bool) -> Option<u64> {
+        let end = pba.saturating_add(n);
+        let lo = self
+            .events
+            .partition_point(|&(s, _, _, _)| s.saturating_add(self.longest) <= pba);
+        self.events
+            .get(lo..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|&&(s, _, _, _)| s < end)
+            .filter(|e| e.0 + e.1 > pba && pick(e))
+            .map(|&(s, _, _, _)| s.max(pba))
+            .min()
+    }
+}
+
+/// Builds a [`RebornIndex`] from the journal's records, in order.
+#[derive(Debug, Default)]
+pub struct RebornBuilder {
+    /// The reclaimed set at the current point of the walk.
+    reclaimed: RunSet,
+    index: RebornIndex,
+    ordinal: u64,
+}
+
+impl RebornBuilder {
+    /// Takes the next record; returns its ordinal (position in the journal, from 1) and
+    /// whether it reused reclaimed slots.
+    pub fn visit(&mut self, r: &Record) -> (u64, bool) {
+        self.ordinal += 1;
+        let mut reused = false;
+        if let Some(rc) = &r.reclaim {
+            for &(s, c) in &rc.runs {
+                self.reclaimed.insert(s, c);
+            }
+        }
+        if r.kind.maps() && self.reclaimed.blocks() > 0 {
+            for p in &r.pieces {
+                let Some(pba) = p.pba else { continue };
+                if self.reclaimed.overlaps(pba, p.blocks) {
+                    self.reclaimed.remove_range(pba, p.blocks);
+                    self.index.events.push((pba, p.blocks, r.seq, self.ordinal));
+                    self.index.longest = self.index.longest.max(p.blocks);
+                    reused = true;
+                }
+            }
+        }
+        (self.ordinal, reused)
+    }
+
+    /// The index.
+    pub fn finish(mut self) -> RebornIndex {
+        self.index.events.sort_unstable();
+        self.index
+    }
+}
+
 impl Image {
     /// Computes what a reclaim keeping every state from `keep_from` on would give back.
     /// `pinned` lists (first block id, count) runs that must stay readable whatever their
@@ -229,15 +302,31 @@ impl Image {
                     return Ok(false);
                 }
                 if r.kind.maps() {
+                    let mut out = Vec::new();
                     for p in &r.pieces {
                         for i in 0..p.blocks {
                             let v = map.get(p.lba + i);
                             if v >= 2 {
-                                push_block(displaced, v - 2);
+                                push_block(&mut out, v - 2);
                             }
                         }
                     }
+                    for (s, c) in out {
+                        displaced.insert(s, c);
+                    }
+                    // A record naming slots starts their new incarnation (a reuse): what
+                    // displaced the old one no longer applies.
+                    for p in &r.pieces {
+                        if let Some(pba) = p.pba {
+                            displaced.remove_range(pba, p.blocks);
+                        }
+                    }
                     apply(map, r, zero);
+                }
+                if let Some(rc) = &r.reclaim {
+                    for &(s, c) in &rc.runs {
+                        displaced.remove_range(s, c);
+                    }
                 }
                 if r.kind.changes_state() {
                     seq = r.seq;
@@ -248,12 +337,6 @@ impl Image {
             cur.pos = pos;
             cur.seq = seq;
         }
-        // Everything displaced up to the cursor's state is superseded at `keep_from` too (a
-        // block is written once: once displaced it is never mapped again).
-        cur.displaced = merge_runs(std::mem::take(&mut cur.displaced));
-        let mut gone = rlock(&self.sh.reclaimed).runs.clone();
-        gone.extend(self.sh.meta_runs());
-        cur.displaced = subtract(&cur.displaced, &merge_runs(gone));
         if keep_from.0 < cur.seq {
             // An older keep-from than an earlier plan of this image: recompute from scratch
             // (rare: only a caller going backwards).
@@ -261,8 +344,24 @@ impl Image {
             let fresh = self.fresh_plan(keep_from, pinned)?;
             return Ok(fresh);
         }
-        let candidates = cur.displaced.clone();
+        // Everything displaced up to the cursor's state is superseded at `keep_from` too: its
+        // slot is only mapped again by a record that reuses it. Those after the cursor are
+        // found in the journal written since (only images with the reuse feature have any).
+        let mut gone = rlock(&self.sh.reclaimed).runs.to_runs();
+        gone.extend(self.sh.meta_runs());
+        let mut candidates = subtract(&cur.displaced.to_runs(), &merge_runs(gone));
+        let (pos, cseq) = (cur.pos, cur.seq);
         drop(guard);
+        if lock(&self.journal).hdr.incompat & format::INCOMPAT_REUSE != 0 {
+            let mut named = Vec::new();
+            self.walk_from(pos, cseq, |r, _| {
+                if r.kind.maps() {
+                    named.extend(r.pieces.iter().filter_map(|p| p.pba.map(|b| (b, p.blocks))));
+                }
+                Ok(true)
+            })?;
+            candidates = subtract(&candidates, &merge_runs(named));
+        }
         let runs = subtract(&candidates, &merge_runs(pinned.to_vec()));
         let blocks = blocks_in(&runs);
         Ok(ReclaimPlan {
@@ -318,6 +417,8 @@ impl Image {
         j.write_out(&self.sh)?;
         let ticket = self.sync_ticket();
         self.sync_file(ticket).inspect_err(|_| j.failed = true)?;
+        drop(j);
+        self.forget_candidates(plan);
         log::info!(
             "reclaimed {} blocks in {} runs; history horizon is now seq {}",
             plan.blocks,
@@ -393,7 +494,90 @@ impl Image {
             )));
         }
         self.append_reclaim(&mut j, plan)?;
-        Ok(self.sync_started.load(std::sync::atomic::Ordering::SeqCst))
+        let ticket = self.sync_started.load(std::sync::atomic::Ordering::SeqCst);
+        drop(j);
+        self.forget_candidates(plan);
+        Ok(ticket)
+    }
+
+    /// Takes a committed plan's runs out of the cursor's candidates at once: with reuse a
+    /// reclaimed slot can be written again (and so leave the reclaimed set) before the next
+    /// plan would have subtracted it, and a candidate that is live again must never be
+    /// planned.
+    fn forget_candidates(&self, plan: &ReclaimPlan) {
+        if let Some(cur) = lock(&self.reclaim_cursor).as_mut() {
+            for &(s, c) in &plan.runs {
+                cur.displaced.remove_range(s, c);
+            }
+        }
+    }
+
+    /// Turns reuse of reclaimed slots for new data on or off (see [`super::freelist`]). With it
+    /// on, [`reuse_reclaimed`](Self::reuse_reclaimed) feeds the slots of durable reclaims to
+    /// the allocator instead of punching holes over them.
+    pub fn set_reuse_reclaimed(&self, on: bool) {
+        if !self.read_only {
+            self.sh.reuse.store(on, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Hands reclaimed runs to the allocator for new writes. The reclaim that named them must
+    /// be durable ([`is_durable`](Self::is_durable)): a slot is overwritten only once no
+    /// recovery can fall back to a state that still reads its old version. The first call
+    /// sets the header's reuse feature bit (with a checkpoint). Returns the blocks added.
+    pub fn reuse_reclaimed(&self, runs: &[(u64, u64)]) -> Result<u64, ImageError> {
+        if self.read_only || !self.sh.reuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(0);
+        }
+        {
+            let mut j = lock(&self.journal);
+            if j.failed {
+                return Err(ImageError::Failed);
+            }
+            if j.hdr.incompat & format::INCOMPAT_RECLAIM == 0 {
+                return Ok(0);
+            }
+            if j.hdr.incompat & format::INCOMPAT_REUSE == 0 {
+                // Older readers must refuse the image rather than read reused slots as the
+                // versions they held before.
+                j.hdr.incompat |= format::INCOMPAT_REUSE;
+                if let Err(e) = self.checkpoint_locked(&mut j) {
+                    j.hdr.incompat &= !format::INCOMPAT_REUSE;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.sh.add_free(runs))
+    }
+
+    /// [`reuse_reclaimed`](Self::reuse_reclaimed) of every reclaimed slot, after making the
+    /// journal durable (what a daemon does when it starts with reuse on).
+    pub fn reuse_all_reclaimed(&self) -> Result<u64, ImageError> {
+        if self.read_only || self.sh.horizon() == 0 {
+            return Ok(0);
+        }
+        self.sync_journal()?;
+        let runs = rlock(&self.sh.reclaimed).runs.to_runs();
+        self.reuse_reclaimed(&runs)
+    }
+
+    /// Every reuse of reclaimed slots in the journal (empty, without a walk, for images
+    /// without the reuse feature).
+    pub fn reborn_index(&self) -> Result<RebornIndex, ImageError> {
+        if lock(&self.journal).hdr.incompat & format::INCOMPAT_REUSE == 0 {
+            return Ok(RebornIndex::default());
+        }
+        let mut b = RebornIndex::builder();
+        self.walk_all(|r, _| {
+            b.visit(r);
+            Ok(true)
+        })?;
+        Ok(b.finish())
+    }
+
+    /// Reclaimed blocks waiting in the allocator's free list.
+    pub fn free_blocks(&self) -> u64 {
+        lock(&self.sh.free).blocks()
     }
 
     /// True once a sync that started after `ticket` was taken has completed.
@@ -445,10 +629,11 @@ impl Image {
     ) -> Result<u64, ImageError> {
         let bs = self.sh.bs.bytes_u64();
         let min_blocks = min_bytes.div_ceil(bs).max(1);
-        let mut runs: Vec<(u64, u64)> = touching(&rlock(&self.sh.reclaimed).runs, &plan.runs)
-            .into_iter()
-            .filter(|&(_, c)| c >= min_blocks)
-            .collect();
+        let mut runs: Vec<(u64, u64)> =
+            touching(&rlock(&self.sh.reclaimed).runs.to_runs(), &plan.runs)
+                .into_iter()
+                .filter(|&(_, c)| c >= min_blocks)
+                .collect();
         // Only what is not a hole yet: a run that grew by a few blocks costs a few blocks.
         runs = subtract(&runs, &lock(&self.sh.punched));
         runs.sort_unstable_by_key(|&(s, c)| (std::cmp::Reverse(c), s));
@@ -475,7 +660,7 @@ impl Image {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
-        if !covered_by(runs, &rlock(&self.sh.reclaimed).runs) {
+        if !covered_by(runs, &rlock(&self.sh.reclaimed).runs.to_runs()) {
             return Err(ImageError::InvalidOptions(
                 "refusing to punch blocks that are not reclaimed (commit the plan first)".into(),
             ));
@@ -540,7 +725,7 @@ impl Image {
         &self,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(), ImageError> {
-        let runs = rlock(&self.sh.reclaimed).runs.clone();
+        let runs = rlock(&self.sh.reclaimed).runs.to_runs();
         let blocks = blocks_in(&runs);
         let all = ReclaimPlan {
             keep_from: self.sh.horizon(),

@@ -4,12 +4,13 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::cache::DropState;
 use super::direct::DirectFile;
 use super::format::Reclaimed;
+use super::freelist::{FreeList, RunSet};
 use super::io::{preadv_full, pwritev_all};
 use super::prealloc::PreallocState;
 use super::uring;
@@ -54,14 +55,40 @@ pub struct Shared {
     pub prealloc: Arc<PreallocState>,
     /// Superseded runs waiting to leave the page cache (see [`super::cache`]).
     pub drop_state: Arc<DropState>,
-    /// The history horizon and the reclaimed slot runs (sorted, disjoint, merged).
-    pub reclaimed: RwLock<Reclaimed>,
+    /// The history horizon and the reclaimed slots.
+    pub reclaimed: RwLock<ReclaimedSet>,
     /// Reclaimed runs this process punched holes over (sorted, merged): a reclaim beside
     /// writers punches only what is not a hole yet.
     pub punched: std::sync::Mutex<Vec<(u64, u64)>>,
     /// Bumped by every [`Shared::add_reclaimed`], before any hole of those runs is punched: a
     /// read that sees it unchanged across its I/O read no block reclaimed meanwhile.
     pub reclaim_gen: AtomicU64,
+    /// Data allocations take reclaimed slots from `free` first (see [`super::freelist`]).
+    pub reuse: AtomicBool,
+    /// Reclaimed slots whose reclaim is durable and that no write has taken yet.
+    pub free: Mutex<FreeList>,
+    /// Bumped every time a write revives reclaimed slots: a block-id read that saw a reclaim
+    /// happen while it ran, and this change too, may have read a slot's new incarnation.
+    pub revived: AtomicU64,
+}
+
+/// The history horizon and the reclaimed slots, in memory.
+#[derive(Debug, Default, Clone)]
+pub struct ReclaimedSet {
+    /// States before this seq can no longer be rebuilt (0: nothing reclaimed).
+    pub horizon: u64,
+    /// The reclaimed slots.
+    pub runs: RunSet,
+}
+
+impl ReclaimedSet {
+    /// As a checkpoint's reclaimed section holds it.
+    pub fn to_reclaimed(&self) -> Reclaimed {
+        Reclaimed {
+            horizon: self.horizon,
+            runs: self.runs.to_runs(),
+        }
+    }
 }
 
 impl Shared {
@@ -92,6 +119,74 @@ impl Shared {
             }
             _ => Err(ImageError::Full),
         }
+    }
+
+    /// Allocates `n` consecutive slots for data: reclaimed slots from the free list when reuse
+    /// is on and a run is long enough, else at the end of the file ([`Shared::alloc`]).
+    /// Journal segments and checkpoints always come from [`Shared::alloc`].
+    pub fn alloc_data(&self, n: u64) -> Result<u64, ImageError> {
+        if self.reuse.load(Ordering::Relaxed) {
+            if let Some(s) = self.free.lock().unwrap_or_else(|e| e.into_inner()).take(n) {
+                return Ok(s);
+            }
+        }
+        self.alloc(n)
+    }
+
+    /// Gives back slots [`Shared::alloc_data`] returned that no record names (a write that
+    /// failed, a relocation that lost a race): reclaimed ones go back to the free list, the
+    /// others stay dead space.
+    pub fn release_data(&self, slot: u64, n: u64) {
+        if !self.reuse.load(Ordering::Relaxed) {
+            return;
+        }
+        let r = self.reclaimed.read().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        for (s, c) in r.runs.parts_in(slot, n) {
+            f.insert(s, c);
+        }
+    }
+
+    /// Adds the still reclaimed parts of `runs` (whose reclaim must be durable) to the free
+    /// list; returns the blocks added.
+    pub fn add_free(&self, runs: &[(u64, u64)]) -> u64 {
+        let r = self.reclaimed.read().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut added = 0;
+        for &(slot, n) in runs {
+            // Whatever is free already is taken out first: a run never enters twice.
+            f.remove_range(slot, n);
+            for (s, c) in r.runs.parts_in(slot, n) {
+                f.insert(s, c);
+                added += c;
+            }
+        }
+        added
+    }
+
+    /// Makes the reclaimed slots in `[pba, pba + n)` live again: a record naming them was
+    /// appended (or replayed by recovery). Returns true when some were reclaimed.
+    pub fn revive(&self, pba: u64, n: u64) -> bool {
+        if self.horizon() == 0 || self.reclaimed_in(pba, n) == 0 {
+            return false;
+        }
+        self.reclaimed
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .runs
+            .remove_range(pba, n);
+        {
+            let mut p = self.punched.lock().unwrap_or_else(|e| e.into_inner());
+            if !p.is_empty() {
+                *p = subtract_runs(&p, &[(pba, n)]);
+            }
+        }
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_range(pba, n);
+        self.revived.fetch_add(1, Ordering::SeqCst);
+        true
     }
 
     /// Records a metadata run.
@@ -127,36 +222,29 @@ impl Shared {
 
     /// The first reclaimed slot in `[pba, pba + n)`, if any.
     pub fn first_reclaimed(&self, pba: u64, n: u64) -> Option<u64> {
-        let r = self.reclaimed.read().unwrap_or_else(|e| e.into_inner());
-        let end = pba.saturating_add(n);
-        // Runs are sorted and disjoint: the first run ending after `pba` decides.
-        let i = r.runs.partition_point(|&(s, c)| s.saturating_add(c) <= pba);
-        r.runs
-            .get(i)
-            .filter(|&&(s, _)| s < end)
-            .map(|&(s, _)| s.max(pba))
+        self.reclaimed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .runs
+            .first_in(pba, n)
     }
 
     /// Number of reclaimed slots in `[pba, pba + n)`.
     pub fn reclaimed_in(&self, pba: u64, n: u64) -> u64 {
-        let r = self.reclaimed.read().unwrap_or_else(|e| e.into_inner());
-        let end = pba.saturating_add(n);
-        let i = r.runs.partition_point(|&(s, c)| s.saturating_add(c) <= pba);
-        r.runs
-            .get(i..)
-            .unwrap_or_default()
-            .iter()
-            .take_while(|&&(s, _)| s < end)
-            .map(|&(s, c)| s.saturating_add(c).min(end) - s.max(pba))
-            .sum()
+        self.reclaimed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .runs
+            .count_in(pba, n)
     }
 
-    /// Adds reclaimed runs (any order; merged into the sorted set) and raises the horizon.
+    /// Adds reclaimed runs and raises the horizon.
     pub fn add_reclaimed(&self, add: &Reclaimed) {
         let mut r = self.reclaimed.write().unwrap_or_else(|e| e.into_inner());
         r.horizon = r.horizon.max(add.horizon);
-        r.runs.extend_from_slice(&add.runs);
-        r.runs = merge_runs(std::mem::take(&mut r.runs));
+        for &(s, c) in &add.runs {
+            r.runs.insert(s, c);
+        }
         drop(r);
         self.reclaim_gen.fetch_add(1, Ordering::SeqCst);
     }
@@ -171,12 +259,34 @@ impl Shared {
         segs: &[IoSeg<'_>],
     ) -> Result<(), ImageError> {
         let gen = self.reclaim_gen.load(Ordering::SeqCst);
+        let revived = self.revived.load(Ordering::SeqCst);
         self.check_not_reclaimed(extents)?;
         self.read_extents(extents, skip, segs)?;
         if self.reclaim_gen.load(Ordering::SeqCst) != gen {
             self.check_not_reclaimed(extents)?;
+            if self.revived.load(Ordering::SeqCst) != revived {
+                // A block may have been reclaimed and written again while this read ran: its
+                // bytes may be the new incarnation's.
+                self.fail_if_revived(extents)?;
+            }
         }
         Ok(())
+    }
+
+    /// The conservative answer for a block-id read that overlapped both a reclaim and a
+    /// revive: it cannot tell whether one of its blocks was among them, so it fails.
+    fn fail_if_revived(&self, extents: &[Extent]) -> Result<(), ImageError> {
+        let first = extents.iter().find_map(|e| match *e {
+            Extent::Mapped { pba, .. } => Some(pba),
+            _ => None,
+        });
+        match first {
+            Some(pba) => Err(ImageError::Reclaimed {
+                pba,
+                horizon: crate::units::Seq(self.horizon()),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Fails with [`ImageError::Reclaimed`] when an extent names a reclaimed block.
@@ -463,6 +573,33 @@ pub fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
         match out.last_mut() {
             Some((ls, lc)) if *ls + *lc >= s => *lc = (*lc).max(s + c - *ls),
             _ => out.push((s, c)),
+        }
+    }
+    out
+}
+
+/// `a` minus `b` (both sorted, disjoint, merged).
+pub fn subtract_runs(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::with_capacity(a.len() + 1);
+    let mut j = 0;
+    for &(s, c) in a {
+        let (mut s, e) = (s, s + c);
+        while b.get(j).is_some_and(|&(bs, bc)| bs + bc <= s) {
+            j += 1;
+        }
+        let mut k = j;
+        while let Some(&(bs, bc)) = b.get(k) {
+            if bs >= e {
+                break;
+            }
+            if bs > s {
+                out.push((s, bs - s));
+            }
+            s = s.max(bs + bc);
+            k += 1;
+        }
+        if s < e {
+            out.push((s, e - s));
         }
     }
     out

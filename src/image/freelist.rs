@@ -1,0 +1,227 @@
+//! Reuse of reclaimed slots for new data (`Image::set_reuse_reclaimed`).
+//!
+//! A reclaim gives the slots of versions no retained state needs back. Punching holes over
+//! them returns the space to the file system but costs a `fallocate` each (about 150 us here
+//! whatever the length up to 64 KiB) and leaves the file growing at its end. Reusing them
+//! instead keeps the file at its high-water mark, and a write into a reused slot lands in
+//! blocks (and often page-cache pages) the file already has, the way a raw file's overwrite
+//! does.
+//!
+//! The free list holds reclaimed runs whose reclaim records are durable (a slot may only be
+//! overwritten once no recovery can fall back to a state that still names its old version).
+//! Allocation is next-fit: the first run at or after a roving cursor that is long enough, so
+//! that sequential writes get consecutive slots; runs too short for a request stay for
+//! shorter ones. The list is an in-memory view: what is on disk is the reclaimed set, and a
+//! write record that names reclaimed slots makes them live again (docs/format.md, "Reuse").
+
+use std::collections::BTreeMap;
+
+/// Most runs one allocation looks at before it gives up and appends at the end of the file.
+pub const MAX_PROBES: usize = 64;
+
+/// A set of slots kept as disjoint, merged runs in a B-tree: insertion, removal and lookups
+/// of a range cost O(log runs) (the reclaimed set, the free list, a reclaim plan's
+/// candidates).
+#[derive(Debug, Default, Clone)]
+pub struct RunSet {
+    runs: BTreeMap<u64, u64>,
+    blocks: u64,
+}
+
+impl RunSet {
+    /// Slots in the set.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Adds `[slot, slot + n)`, merging with neighbours (slots already in the set stay once).
+    pub fn insert(&mut self, slot: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.remove_range(slot, n);
+        let (mut s, mut e) = (slot, slot.saturating_add(n));
+        if let Some((&ps, &pc)) = self.runs.range(..s).next_back() {
+            if ps + pc == s {
+                self.runs.remove(&ps);
+                s = ps;
+            }
+        }
+        if let Some(&nc) = self.runs.get(&e) {
+            self.runs.remove(&e);
+            e += nc;
+        }
+        self.runs.insert(s, e - s);
+        // The range was removed first, so exactly its slots are new.
+        self.blocks += slot.saturating_add(n) - slot;
+    }
+
+    /// Removes every slot of `[slot, slot + n)` from the set.
+    pub fn remove_range(&mut self, slot: u64, n: u64) {
+        let end = slot.saturating_add(n);
+        let hit: Vec<(u64, u64)> = self
+            .runs
+            .range(..end)
+            .rev()
+            .take_while(|&(&s, &c)| s + c > slot)
+            .map(|(&s, &c)| (s, c))
+            .collect();
+        for (s, c) in hit {
+            self.runs.remove(&s);
+            self.blocks -= c;
+            if s < slot {
+                self.runs.insert(s, slot - s);
+                self.blocks += slot - s;
+            }
+            if s + c > end {
+                self.runs.insert(end, s + c - end);
+                self.blocks += s + c - end;
+            }
+        }
+    }
+
+    /// The parts of `[slot, slot + n)` in the set, in order.
+    pub fn parts_in(&self, slot: u64, n: u64) -> Vec<(u64, u64)> {
+        let end = slot.saturating_add(n);
+        let first = self
+            .runs
+            .range(..=slot)
+            .next_back()
+            .filter(|&(&s, &c)| s + c > slot)
+            .map(|(&s, _)| s)
+            .unwrap_or(slot);
+        self.runs
+            .range(first..end)
+            .map(|(&s, &c)| (s.max(slot), (s + c).min(end) - s.max(slot)))
+            .collect()
+    }
+
+    /// The first slot of `[slot, slot + n)` in the set, if any.
+    pub fn first_in(&self, slot: u64, n: u64) -> Option<u64> {
+        self.parts_in(slot, n).first().map(|&(s, _)| s)
+    }
+
+    /// How many slots of `[slot, slot + n)` are in the set.
+    pub fn count_in(&self, slot: u64, n: u64) -> u64 {
+        self.parts_in(slot, n).iter().map(|&(_, c)| c).sum()
+    }
+
+    /// True when some slot of `[slot, slot + n)` is in the set.
+    pub fn overlaps(&self, slot: u64, n: u64) -> bool {
+        self.runs
+            .range(..slot.saturating_add(n))
+            .next_back()
+            .is_some_and(|(&s, &c)| s + c > slot)
+    }
+
+    /// The runs, sorted.
+    pub fn to_runs(&self) -> Vec<(u64, u64)> {
+        self.runs.iter().map(|(&s, &c)| (s, c)).collect()
+    }
+}
+
+/// Free (reclaimed, durable, unused) slot runs, with the roving cursor of next-fit.
+#[derive(Debug, Default)]
+pub struct FreeList {
+    set: RunSet,
+    cursor: u64,
+}
+
+impl FreeList {
+    /// Free blocks.
+    pub fn blocks(&self) -> u64 {
+        self.set.blocks()
+    }
+
+    /// Adds `[slot, slot + n)`, merging neighbours.
+    pub fn insert(&mut self, slot: u64, n: u64) {
+        self.set.insert(slot, n);
+    }
+
+    /// Removes every free slot in `[slot, slot + n)`.
+    pub fn remove_range(&mut self, slot: u64, n: u64) {
+        self.set.remove_range(slot, n);
+    }
+
+    /// Takes `n` consecutive free slots, next-fit from the cursor (wrapping once), looking at
+    /// no more than [`MAX_PROBES`] runs. None when no run it looked at is long enough.
+    pub fn take(&mut self, n: u64) -> Option<u64> {
+        if n == 0 || self.set.blocks < n {
+            return None;
+        }
+        let runs = &self.set.runs;
+        let found = runs
+            .range(self.cursor..)
+            .chain(runs.range(..self.cursor))
+            .take(MAX_PROBES)
+            .find(|&(_, &c)| c >= n)
+            .map(|(&s, _)| s);
+        let s = found?;
+        self.set.remove_range(s, n);
+        self.cursor = s + n;
+        Some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_fit_keeps_sequential_allocations_consecutive() {
+        let mut f = FreeList::default();
+        f.insert(100, 64);
+        f.insert(10, 4);
+        f.cursor = 50;
+        assert_eq!(f.take(32), Some(100));
+        assert_eq!(f.take(32), Some(132));
+        // Only the 4-block run is left: too short for 8, right for 2.
+        assert_eq!(f.take(8), None);
+        assert_eq!(f.take(2), Some(10));
+        assert_eq!(f.blocks(), 2);
+    }
+
+    #[test]
+    fn insert_merges_and_remove_splits() {
+        let mut f = FreeList::default();
+        f.insert(0, 4);
+        f.insert(8, 4);
+        f.insert(4, 4);
+        assert_eq!(f.set.to_runs().len(), 1);
+        assert_eq!(f.blocks(), 12);
+        f.remove_range(3, 6);
+        assert_eq!(f.blocks(), 6);
+        assert_eq!(f.set.to_runs().len(), 2);
+        assert_eq!(f.take(3), Some(0));
+        assert_eq!(f.take(3), Some(9));
+        assert_eq!(f.take(1), None);
+    }
+
+    #[test]
+    fn run_set_counts_and_finds_parts() {
+        let mut r = RunSet::default();
+        r.insert(10, 5);
+        r.insert(20, 5);
+        r.insert(12, 10); // overlaps both: merges into one run
+        assert_eq!(r.to_runs(), vec![(10, 15)]);
+        assert_eq!(r.blocks(), 15);
+        r.remove_range(14, 2);
+        assert_eq!(r.parts_in(0, 100), vec![(10, 4), (16, 9)]);
+        assert_eq!(r.count_in(12, 6), 4);
+        assert_eq!(r.first_in(14, 2), None);
+        assert_eq!(r.first_in(14, 3), Some(16));
+        assert!(r.overlaps(24, 10));
+        assert!(!r.overlaps(25, 10));
+    }
+
+    #[test]
+    fn gives_up_after_the_probe_limit() {
+        let mut f = FreeList::default();
+        for i in 0..(MAX_PROBES as u64 + 1) {
+            f.insert(i * 2, 1);
+        }
+        f.insert(10_000, 16);
+        assert_eq!(f.take(16), None, "the long run lies past the probe limit");
+        assert_eq!(f.take(1), Some(0));
+    }
+}
