@@ -119,7 +119,7 @@ def run_one(opts: argparse.Namespace, workdir: Path, variant: tuple[str, str, li
 
 def svg(runs: list[dict], opts: argparse.Namespace, path: Path) -> None:
     """Allocated size (solid) and apparent size (dashed) over time, one colour per variant."""
-    width, height, left, right, top, bottom = 760, 380, 70, 230, 30, 50
+    width, height, left, right, top, bottom = 810, 380, 70, 280, 30, 50
     pw, ph = width - left - right, height - top - bottom
     tmax = max((s[0] for r in runs for s in r["samples"]), default=1.0)
     ymax = max((max(s[1], s[2]) for r in runs for s in r["samples"]), default=1) / (1 << 30)
