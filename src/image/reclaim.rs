@@ -185,7 +185,7 @@ pub struct RebornIndex {
 
 impl RebornIndex {
     /// Builds the index while a walk visits the journal's records in order: feed each record
-    /// to [`RebornIndex::visit`], then call [`RebornIndex::finish`].
+    /// to [`RebornBuilder::visit`], then call [`RebornBuilder::finish`].
     pub fn builder() -> RebornBuilder {
         RebornBuilder::default()
     }
@@ -512,7 +512,7 @@ impl Image {
         }
     }
 
-    /// Turns reuse of reclaimed slots for new data on or off (see [`super::freelist`]). With it
+    /// Turns reuse of reclaimed slots for new data on or off (docs/format.md, "Reuse"). With it
     /// on, [`reuse_reclaimed`](Self::reuse_reclaimed) feeds the slots of durable reclaims to
     /// the allocator instead of punching holes over them.
     pub fn set_reuse_reclaimed(&self, on: bool) {
