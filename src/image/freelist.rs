@@ -120,10 +120,13 @@ impl RunSet {
     }
 }
 
-/// Free (reclaimed, durable, unused) slot runs, with the roving cursor of next-fit.
+/// Free (reclaimed, durable, unused) slot runs, with the roving cursor of next-fit, and the
+/// slots handed out but not committed yet (`taken`): those must never be offered again until
+/// their write commits (they leave the list) or fails (they come back).
 #[derive(Debug, Default)]
 pub struct FreeList {
     set: RunSet,
+    taken: RunSet,
     cursor: u64,
 }
 
@@ -133,14 +136,37 @@ impl FreeList {
         self.set.blocks()
     }
 
-    /// Adds `[slot, slot + n)`, merging neighbours.
-    pub fn insert(&mut self, slot: u64, n: u64) {
-        self.set.insert(slot, n);
+    /// Offers `[slot, slot + n)` for reuse, except what is taken; returns the blocks that are
+    /// free now and were not before.
+    pub fn offer(&mut self, slot: u64, n: u64) -> u64 {
+        let before = self.set.blocks();
+        let mut at = slot;
+        let end = slot.saturating_add(n);
+        for (s, c) in self.taken.parts_in(slot, n) {
+            if s > at {
+                self.set.insert(at, s - at);
+            }
+            at = s + c;
+        }
+        if end > at {
+            self.set.insert(at, end - at);
+        }
+        self.set.blocks() - before
     }
 
-    /// Removes every free slot in `[slot, slot + n)`.
-    pub fn remove_range(&mut self, slot: u64, n: u64) {
+    /// A record naming `[slot, slot + n)` was committed: those slots are live, neither free
+    /// nor taken.
+    pub fn forget(&mut self, slot: u64, n: u64) {
         self.set.remove_range(slot, n);
+        self.taken.remove_range(slot, n);
+    }
+
+    /// The write that took `[slot, slot + n)` failed: what of it was taken is free again.
+    pub fn give_back(&mut self, slot: u64, n: u64) {
+        for (s, c) in self.taken.parts_in(slot, n) {
+            self.taken.remove_range(s, c);
+            self.set.insert(s, c);
+        }
     }
 
     /// Takes `n` consecutive free slots, next-fit from the cursor (wrapping once), looking at
@@ -158,6 +184,7 @@ impl FreeList {
             .map(|(&s, _)| s);
         let s = found?;
         self.set.remove_range(s, n);
+        self.taken.insert(s, n);
         self.cursor = s + n;
         Some(s)
     }
@@ -170,8 +197,8 @@ mod tests {
     #[test]
     fn next_fit_keeps_sequential_allocations_consecutive() {
         let mut f = FreeList::default();
-        f.insert(100, 64);
-        f.insert(10, 4);
+        f.offer(100, 64);
+        f.offer(10, 4);
         f.cursor = 50;
         assert_eq!(f.take(32), Some(100));
         assert_eq!(f.take(32), Some(132));
@@ -184,12 +211,12 @@ mod tests {
     #[test]
     fn insert_merges_and_remove_splits() {
         let mut f = FreeList::default();
-        f.insert(0, 4);
-        f.insert(8, 4);
-        f.insert(4, 4);
+        f.offer(0, 4);
+        f.offer(8, 4);
+        f.offer(4, 4);
         assert_eq!(f.set.to_runs().len(), 1);
         assert_eq!(f.blocks(), 12);
-        f.remove_range(3, 6);
+        f.forget(3, 6);
         assert_eq!(f.blocks(), 6);
         assert_eq!(f.set.to_runs().len(), 2);
         assert_eq!(f.take(3), Some(0));
@@ -215,12 +242,29 @@ mod tests {
     }
 
     #[test]
+    fn taken_slots_are_never_offered_twice() {
+        let mut f = FreeList::default();
+        assert_eq!(f.offer(0, 8), 8);
+        assert_eq!(f.take(4), Some(0));
+        // Offering the whole run again (a caller that offers too much) adds nothing taken.
+        assert_eq!(f.offer(0, 8), 0);
+        assert_eq!(f.take(4), Some(4));
+        assert_eq!(f.take(1), None);
+        // A failed write gives its slots back; a committed one forgets them.
+        f.give_back(0, 4);
+        f.forget(4, 4);
+        assert_eq!(f.blocks(), 4);
+        f.give_back(4, 4);
+        assert_eq!(f.blocks(), 4, "committed slots do not come back");
+    }
+
+    #[test]
     fn gives_up_after_the_probe_limit() {
         let mut f = FreeList::default();
         for i in 0..(MAX_PROBES as u64 + 1) {
-            f.insert(i * 2, 1);
+            f.offer(i * 2, 1);
         }
-        f.insert(10_000, 16);
+        f.offer(10_000, 16);
         assert_eq!(f.take(16), None, "the long run lies past the probe limit");
         assert_eq!(f.take(1), Some(0));
     }

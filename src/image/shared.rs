@@ -134,31 +134,27 @@ impl Shared {
     }
 
     /// Gives back slots [`Shared::alloc_data`] returned that no record names (a write that
-    /// failed, a relocation that lost a race): reclaimed ones go back to the free list, the
-    /// others stay dead space.
+    /// failed, a relocation that lost a race): slots taken from the free list go back to it,
+    /// appended ones stay dead space.
     pub fn release_data(&self, slot: u64, n: u64) {
-        if !self.reuse.load(Ordering::Relaxed) {
-            return;
-        }
-        let r = self.reclaimed.read().unwrap_or_else(|e| e.into_inner());
-        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        for (s, c) in r.runs.parts_in(slot, n) {
-            f.insert(s, c);
+        if self.reuse.load(Ordering::Relaxed) {
+            self.free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .give_back(slot, n);
         }
     }
 
-    /// Adds the still reclaimed parts of `runs` (whose reclaim must be durable) to the free
-    /// list; returns the blocks added.
+    /// Offers the still reclaimed parts of `runs` (whose reclaim must be durable) for reuse;
+    /// slots already free, or taken by a write in flight, stay as they are. Returns the blocks
+    /// that became free.
     pub fn add_free(&self, runs: &[(u64, u64)]) -> u64 {
         let r = self.reclaimed.read().unwrap_or_else(|e| e.into_inner());
         let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
         let mut added = 0;
         for &(slot, n) in runs {
-            // Whatever is free already is taken out first: a run never enters twice.
-            f.remove_range(slot, n);
             for (s, c) in r.runs.parts_in(slot, n) {
-                f.insert(s, c);
-                added += c;
+                added += f.offer(s, c);
             }
         }
         added
@@ -184,7 +180,7 @@ impl Shared {
         self.free
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove_range(pba, n);
+            .forget(pba, n);
         self.revived.fetch_add(1, Ordering::SeqCst);
         true
     }
