@@ -10,7 +10,8 @@
 //! image, reads the pattern again, runs `e2fsck -fn`, and checks every file's sum.
 //!
 //! The same two boots also run against qemu-storage-daemon exporting a raw file, which
-//! validates the harness itself.
+//! validates the harness itself, and against `rr-row serve --retain-seqs` on an image whose
+//! whole first history was given back, so that the guest's writes land in reused blocks.
 //!
 //! Needs the assets of `scripts/guest-assets.sh` (`RR_ROW_TEST_ASSETS`); fails if they are
 //! missing.
@@ -73,10 +74,11 @@ fn file_sums(run: &GuestRun) -> Vec<(String, String)> {
     v
 }
 
-fn start_backend(backend: Peer, dir: &Path, image: &Path) -> Daemon {
+fn start_backend(backend: Peer, dir: &Path, image: &Path, extra: &[&str]) -> Daemon {
     let mut opts = ServeOpts::new(image, DISK_SIZE);
     opts.queues = 2;
     opts.extra = vec!["--serial".into(), SERIAL.into()];
+    opts.extra.extend(extra.iter().map(|s| s.to_string()));
     // Per-request debug lines ("queue Q #N: ...") show which virtqueues carried I/O.
     opts.rust_log = Some("info,rr_row::virtio_blk=debug");
     backend.start(dir, &opts)
@@ -110,11 +112,62 @@ fn stop_and_read_disk(backend: Peer, daemon: Daemon, dir: &Path, image: &Path) -
     }
 }
 
+/// Reclaimed blocks of an rr-row image (`rr-row info --output json`).
+fn reclaimed_blocks(image: &Path) -> u64 {
+    common::json_of(&[
+        "info".as_ref(),
+        common::arg(image),
+        "--output".as_ref(),
+        "json".as_ref(),
+    ])["reclaimed_blocks"]
+        .as_u64()
+        .expect("reclaimed_blocks")
+}
+
+/// An rr-row image whose whole disk was written twice with 1 MiB writes of noise, and whose
+/// history before the last state was given back (`rr-row reclaim --keep-from latest`): a
+/// daemon with `--retain-seqs` starts with a disk's worth of reclaimed blocks to reuse.
+fn image_with_given_back_history(image: &Path) -> u64 {
+    let img = common::image::create_image(image, DISK_SIZE, 4096);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..2 {
+        for off in (0..DISK_SIZE).step_by(1 << 20) {
+            rng.fill_bytes(&mut buf);
+            img.write_at(off, &buf).expect("prefill");
+        }
+    }
+    img.close().expect("close");
+    let (code, out, err) = common::rr_row(&[
+        "reclaim".as_ref(),
+        common::arg(image),
+        "--keep-from".as_ref(),
+        "latest".as_ref(),
+        "--quiet".as_ref(),
+    ]);
+    assert_eq!(code, 0, "rr-row reclaim: {out}{err}");
+    let n = reclaimed_blocks(image);
+    assert_eq!(n, DISK_SIZE / 4096, "the first pass is given back");
+    n
+}
+
 fn two_boots(backend: Peer) {
+    two_boots_with(backend, false)
+}
+
+/// The two boots; with `reuse`, on an rr-row image with given-back history served with
+/// `--retain-seqs`, checking that boot 1's writes took reclaimed blocks.
+fn two_boots_with(backend: Peer, reuse: bool) {
     let assets = Assets::get();
     let dir = common::tempdir();
     let image = dir.path().join("disk.img");
     backend.prepare_image(&image, DISK_SIZE);
+    let extra: &[&str] = if reuse {
+        &["--retain-seqs", "100000"]
+    } else {
+        &[]
+    };
+    let reclaimed_before = reuse.then(|| image_with_given_back_history(&image));
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5252_524f_5721);
     let mut pattern = vec![0u8; PATTERN_LEN];
@@ -129,7 +182,7 @@ fn two_boots(backend: Peer) {
     );
 
     // Boot 1: write.
-    let daemon = start_backend(backend, dir.path(), &image);
+    let daemon = start_backend(backend, dir.path(), &image, extra);
     let run1 = boot(
         &assets,
         &guest_opts(dir.path(), daemon.socket(), &initramfs, "write"),
@@ -179,8 +232,20 @@ fn two_boots(backend: Peer) {
     // ext4's superblock magic (0xEF53 at byte 1024 + 0x38).
     assert_eq!(&disk[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef]);
 
+    if let Some(before) = reclaimed_before {
+        let after = reclaimed_blocks(&image);
+        assert!(
+            after < before,
+            "boot 1's writes reused no reclaimed block ({before} reclaimed before, {after} after)"
+        );
+        eprintln!(
+            "boot 1 reused {} of {before} reclaimed blocks",
+            before - after
+        );
+    }
+
     // Boot 2: verify, on a fresh daemon over the same image.
-    let daemon = start_backend(backend, dir.path(), &image);
+    let daemon = start_backend(backend, dir.path(), &image, extra);
     let run2 = boot(
         &assets,
         &guest_opts(dir.path(), daemon.socket(), &initramfs, "verify"),
@@ -209,6 +274,11 @@ fn two_boots(backend: Peer) {
 #[test]
 fn guest_on_rr_row_writes_pattern_and_ext4_then_finds_them_after_reboot() {
     two_boots(Peer::RrRow);
+}
+
+#[test]
+fn guest_on_rr_row_reusing_given_back_blocks_writes_and_finds_its_data_after_reboot() {
+    two_boots_with(Peer::RrRow, true);
 }
 
 #[test]
