@@ -570,6 +570,9 @@ def main() -> int:
     ap.add_argument("--retain-seqs", type=int, default=0, metavar="N",
                     help="serve rr-row with `--retain-seqs N` (retention while serving, reclaimed blocks reused); "
                          "the results go to a table of their own")
+    ap.add_argument("--freeze-idle", action="store_true",
+                    help="stop (SIGSTOP) every other backend's daemon while one is measured, so that idle "
+                         "daemons' threads cannot take CPU from it (the page cache and writeback stay shared)")
     ap.add_argument("--reclaim", action="store_true", help="after each repetition, run `rr-row reclaim --keep-from latest` on every rr-row image and report its size after it and the reclaim's time (slow: it punches every superseded block, about 150 us each)")
     ap.add_argument("--no-settle", dest="settle", action="store_false", help="do not sync(2) before each measured run")
     ap.add_argument("--seed", type=int, default=1, help="seed passed to perf")
@@ -683,9 +686,16 @@ def main() -> int:
                 for b in backends[shift:] + backends[:shift]:
                     if opts.settle:
                         settle()
-                    cpu0, wall0 = b.cpu_seconds(), time.monotonic()
-                    rep_res = run_perf(opts, b, w.args, measured=True) if prepared[b.name] else None
-                    cpu1, wall = b.cpu_seconds(), time.monotonic() - wall0
+                    others = [o for o in backends if o is not b and o.proc is not None] if opts.freeze_idle else []
+                    for o in others:
+                        o.proc.send_signal(signal.SIGSTOP)
+                    try:
+                        cpu0, wall0 = b.cpu_seconds(), time.monotonic()
+                        rep_res = run_perf(opts, b, w.args, measured=True) if prepared[b.name] else None
+                        cpu1, wall = b.cpu_seconds(), time.monotonic() - wall0
+                    finally:
+                        for o in others:
+                            o.proc.send_signal(signal.SIGCONT)
                     if rep_res is not None and cpu0 is not None and cpu1 is not None and wall > 0:
                         # The daemon's CPU over the whole run (ramp and connection included),
                         # as CPUs busy and as CPU time per request at the run's rate.
