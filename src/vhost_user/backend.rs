@@ -435,9 +435,9 @@ impl BlkBackend {
                 return Ok(());
             }
             let idle_from = Instant::now();
-            let window = poll.window.current();
+            let window = poll.window.next_window();
             if !window.is_zero() && self.poll_avail(vring, idle_from, window) {
-                poll.window.observe(idle_from.elapsed());
+                poll.window.caught(idle_from.elapsed());
                 continue;
             }
             if !vring.enable_notification().map_err(io::Error::other)? {
