@@ -612,7 +612,14 @@ fn a_torn_keep_log_pins_the_records_before_the_tear_and_says_so() {
 
 /// Writes seeded data over the whole disk through a plain `rr-row serve` session.
 fn fill_disk(dir: &Path, image: &Path, seed: u64) {
-    let daemon = start_rr_row(dir, &ServeOpts::new(image, SIZE));
+    fill_disk_with(dir, image, seed, &[]);
+}
+
+/// [`fill_disk`] by a daemon started with `extra` serve options.
+fn fill_disk_with(dir: &Path, image: &Path, seed: u64, extra: &[&str]) {
+    let mut o = ServeOpts::new(image, SIZE);
+    o.extra = extra.iter().map(|a| a.to_string()).collect();
+    let daemon = start_rr_row(dir, &o);
     let socket = daemon.socket().to_owned();
     with_watchdog("fill the disk", WATCHDOG, move || {
         let mut c = Client::open(
@@ -883,29 +890,9 @@ fn a_log_whose_blocks_were_reused_by_later_writes_is_refused() {
     let reclaimed = rep["reclaimed_blocks"].as_u64().unwrap();
     assert!(reclaimed >= SIZE / BS, "{rep}");
     // Before any reuse the refusal is about reclaimed blocks already; what matters here is
-    // that it stays so once they are written again.
-    let mut o = ServeOpts::new(&img, SIZE);
-    o.extra = vec!["--retain-seqs".into(), "1000000".into()];
-    let daemon = start_rr_row(d, &o);
-    let socket = daemon.socket().to_owned();
-    with_watchdog("overwrite into reused blocks", WATCHDOG, move || {
-        let mut c = Client::open(
-            &socket,
-            ClientOpts {
-                mem: 1 << 20,
-                ..ClientOpts::default()
-            },
-        );
-        let mut rng = StdRng::seed_from_u64(3);
-        let mut data = vec![0u8; 256 << 10];
-        let mut q = c.queue(0);
-        for i in 0..SIZE / (256 << 10) {
-            rng.fill_bytes(&mut data);
-            q.write_ok(i * (256 << 10), 0, &data);
-        }
-        q.flush_ok();
-    });
-    stop(daemon, 0);
+    // that it stays so once they are written again: a whole disk of writes by a daemon with
+    // retention on, which reuses reclaimed blocks.
+    fill_disk_with(d, &img, 3, &["--retain-seqs", "1000000"]);
     let i = info(&img);
     let left = i["reclaimed_blocks"].as_u64().unwrap();
     assert_eq!(
