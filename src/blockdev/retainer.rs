@@ -86,9 +86,10 @@ struct State {
 }
 
 impl State {
-    /// Punches the pending reclaim's holes once its records are durable (syncing the image
-    /// itself when no write has done so for [`SYNC_AFTER`]).
-    fn punch_pending(&mut self, image: &Image, budget: Duration) -> Result<(), ImageError> {
+    /// Once the pending reclaim's records are durable (syncing the image itself when no write
+    /// has done so for [`SYNC_AFTER`]), hands its runs to the allocator (reuse) or punches
+    /// their holes.
+    fn settle_pending(&mut self, image: &Image, budget: Duration) -> Result<(), ImageError> {
         let Some(p) = &self.pending else {
             return Ok(());
         };
@@ -113,7 +114,7 @@ impl State {
     fn step(&mut self, image: &Image) -> Result<(), ImageError> {
         let seq = image.seq().0;
         let budget = self.last_at.elapsed().mul_f64(PUNCH_SHARE).min(MAX_PUNCH);
-        self.punch_pending(image, budget)?;
+        self.settle_pending(image, budget)?;
         if self.pending.is_some()
             || seq < self.last.saturating_add((self.keep_seqs / 4).max(MIN_STEP))
         {

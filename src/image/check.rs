@@ -226,8 +226,9 @@ fn verify(img: &Image, rep: &mut CheckReport) {
     }
     let reborn = reborn.finish();
     for (seq, ordinal, pba, blocks, crc) in pieces {
-        let gone = sh.reclaimed_in(pba, blocks);
-        if gone > 0 || reborn.reused_after_record(pba, blocks, ordinal).is_some() {
+        if sh.any_reclaimed(pba, blocks)
+            || reborn.reused_after_record(pba, blocks, ordinal).is_some()
+        {
             // A reclaimed version's content is gone (a hole, data a crash left before the
             // hole was punched, or a later write's data). The piece's crc covers all its
             // blocks, so blocks of a partly reclaimed piece that are still there cannot be

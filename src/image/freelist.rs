@@ -80,8 +80,8 @@ impl RunSet {
         }
     }
 
-    /// The parts of `[slot, slot + n)` in the set, in order.
-    pub fn parts_in(&self, slot: u64, n: u64) -> Vec<(u64, u64)> {
+    /// The parts of `[slot, slot + n)` in the set, in order, without allocating.
+    fn parts(&self, slot: u64, n: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
         let end = slot.saturating_add(n);
         let first = self
             .runs
@@ -92,18 +92,17 @@ impl RunSet {
             .unwrap_or(slot);
         self.runs
             .range(first..end)
-            .map(|(&s, &c)| (s.max(slot), (s + c).min(end) - s.max(slot)))
-            .collect()
+            .map(move |(&s, &c)| (s.max(slot), (s + c).min(end) - s.max(slot)))
+    }
+
+    /// The parts of `[slot, slot + n)` in the set, in order.
+    pub fn parts_in(&self, slot: u64, n: u64) -> Vec<(u64, u64)> {
+        self.parts(slot, n).collect()
     }
 
     /// The first slot of `[slot, slot + n)` in the set, if any.
     pub fn first_in(&self, slot: u64, n: u64) -> Option<u64> {
-        self.parts_in(slot, n).first().map(|&(s, _)| s)
-    }
-
-    /// How many slots of `[slot, slot + n)` are in the set.
-    pub fn count_in(&self, slot: u64, n: u64) -> u64 {
-        self.parts_in(slot, n).iter().map(|&(_, c)| c).sum()
+        self.parts(slot, n).next().map(|(s, _)| s)
     }
 
     /// True when some slot of `[slot, slot + n)` is in the set.
@@ -234,7 +233,7 @@ mod tests {
         assert_eq!(r.blocks(), 15);
         r.remove_range(14, 2);
         assert_eq!(r.parts_in(0, 100), vec![(10, 4), (16, 9)]);
-        assert_eq!(r.count_in(12, 6), 4);
+        assert_eq!(r.parts_in(12, 6), vec![(12, 2), (16, 2)]);
         assert_eq!(r.first_in(14, 2), None);
         assert_eq!(r.first_in(14, 3), Some(16));
         assert!(r.overlaps(24, 10));

@@ -719,7 +719,7 @@ impl Image {
                 // A record naming reclaimed slots reuses them (feature bit 1 only).
                 for p in &r.pieces {
                     let Some(pba) = p.pba else { continue };
-                    if sh.horizon() == 0 || sh.reclaimed_in(pba, p.blocks) == 0 {
+                    if !sh.any_reclaimed(pba, p.blocks) {
                         continue;
                     }
                     if hdr.incompat & format::INCOMPAT_REUSE == 0 {

@@ -160,10 +160,19 @@ impl Shared {
         added
     }
 
+    /// True when some slot of `[pba, pba + n)` is reclaimed.
+    pub fn any_reclaimed(&self, pba: u64, n: u64) -> bool {
+        self.reclaimed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .runs
+            .overlaps(pba, n)
+    }
+
     /// Makes the reclaimed slots in `[pba, pba + n)` live again: a record naming them was
     /// appended (or replayed by recovery). Returns true when some were reclaimed.
     pub fn revive(&self, pba: u64, n: u64) -> bool {
-        if self.horizon() == 0 || self.reclaimed_in(pba, n) == 0 {
+        if !self.any_reclaimed(pba, n) {
             return false;
         }
         self.reclaimed
@@ -223,15 +232,6 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .runs
             .first_in(pba, n)
-    }
-
-    /// Number of reclaimed slots in `[pba, pba + n)`.
-    pub fn reclaimed_in(&self, pba: u64, n: u64) -> u64 {
-        self.reclaimed
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .runs
-            .count_in(pba, n)
     }
 
     /// Adds reclaimed runs and raises the horizon.
