@@ -104,6 +104,18 @@ fn old_versions_are_given_back_while_the_guest_writes() {
     ));
 }
 
+/// Blocks the daemon's log says were handed to the allocator, over all its reclaims.
+fn reusable_blocks(log: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.split("retention: ").nth(1)?;
+            let n = rest.strip_suffix(" given-back blocks now serve new writes")?;
+            n.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// Overwrites the whole disk `passes` times with 4 KiB writes from `rng`, then flushes.
 fn overwrite_flush(
     q: &mut common::blk::Queue<'_>,
@@ -130,26 +142,33 @@ fn given_back_blocks_are_reused_and_the_file_stops_growing() {
     let socket = d.socket().to_owned();
     let blocks = SIZE / 4096;
     let img_path = image.clone();
+    let log = d.log_path().to_owned();
     let (model, grown) = with_watchdog("overwrite, reclaim, overwrite", LIMIT, move || {
         let mut c = Client::open(&socket, ClientOpts::default());
         let mut q = c.queue(0);
         let mut rng = StdRng::seed_from_u64(11);
         let mut model = vec![0u8; SIZE as usize];
         overwrite_flush(&mut q, &mut rng, &mut model, 4);
-        // Wait until the retention thread has given back the first passes: keeping the last
-        // 1024 states, that is passes 1 and 2 and the first 1024 blocks of pass 3 (20 MiB). The flush makes its reclaim durable, so within a
-        // second the blocks serve new writes. Then two more passes (16 MiB) fit in them: the
-        // file must not grow by more than a journal segment.
+        // Wait until the retention thread has given back everything outside the window:
+        // keeping the last 1024 states, that is passes 1 and 2 and the first 1024 blocks of
+        // pass 3 (20 MiB). Once a sync has made that reclaim durable (the guest's flush, or
+        // the thread's own after a few seconds) its blocks serve new writes, which the daemon
+        // logs. Then two more passes (16 MiB) fit in them: the file must not grow by more
+        // than a journal segment.
+        let full = 4 * blocks - 1024;
         assert!(
-            wait_until(Duration::from_secs(60), || {
-                Image::open(&img_path, OpenMode::ReadOnly)
-                    .map(|i| i.history_horizon().0 > 0)
-                    .unwrap_or(false)
-            }),
-            "nothing was reclaimed"
+            wait_until(Duration::from_secs(60), || reusable_blocks(&log)
+                == 5 * 1024),
+            "the history before seq {full} was not given back for reuse:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
-        q.flush_ok();
-        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            Image::open(&img_path, OpenMode::ReadOnly)
+                .unwrap()
+                .history_horizon()
+                .0,
+            full
+        );
         let before = std::fs::metadata(&img_path).unwrap().len();
         overwrite_flush(&mut q, &mut rng, &mut model, 2);
         let after = std::fs::metadata(&img_path).unwrap().len();

@@ -3,7 +3,8 @@
 //! [`super::image_dev::ImageDevice`] and [`super::record_dev::RecordingDevice`].
 //!
 //! Every [`CHECK_EVERY`] the thread looks at the image's seq; once it has moved on by at least
-//! a quarter of the window (and [`MIN_STEP`] operations) since the last plan, it plans a
+//! a quarter of the window (and [`MIN_STEP`] operations) since the last plan, or no operation
+//! came since its previous look (a quiet guest's last states are given back too), it plans a
 //! reclaim keeping every state from `seq - keep_seqs` on ([`Image::plan_reclaim`], which only
 //! walks the journal written since its previous plan) - but never past the last durable state
 //! (it flushes the image itself if the guest has not for [`SYNC_AFTER`]) - and commits it
@@ -80,6 +81,8 @@ struct State {
     /// Seq and time of the last plan.
     last: u64,
     last_at: Instant,
+    /// Seq at the last look.
+    seen: u64,
     /// When this thread last flushed the image itself.
     flushed_at: Instant,
     pending: Option<Pending>,
@@ -102,7 +105,7 @@ impl State {
         if let Some(p) = self.pending.take() {
             if self.reuse {
                 let n = image.reuse_reclaimed(&p.plan.runs)?;
-                log::debug!("retention: {n} reclaimed blocks ready for reuse");
+                log::info!("retention: {n} given-back blocks now serve new writes");
             } else {
                 image.punch_reclaimed_runs_of(&p.plan, MIN_PUNCH, budget)?;
             }
@@ -115,13 +118,15 @@ impl State {
         let seq = image.seq().0;
         let budget = self.last_at.elapsed().mul_f64(PUNCH_SHARE).min(MAX_PUNCH);
         self.settle_pending(image, budget)?;
+        // A quiet image (no operation since the last look) is planned for at once: what it
+        // has left to give back would otherwise wait for a step's worth of new operations.
+        let quiet = seq == self.seen;
+        self.seen = seq;
         if self.pending.is_some()
-            || seq < self.last.saturating_add((self.keep_seqs / 4).max(MIN_STEP))
+            || (!quiet && seq < self.last.saturating_add((self.keep_seqs / 4).max(MIN_STEP)))
         {
             return Ok(());
         }
-        self.last = seq;
-        self.last_at = Instant::now();
         // Only durable states: the reclaim records are not synced here (see
         // `Image::commit_reclaim_unsynced`), so recovery must never fall back before them. A
         // guest that seldom flushes gets a flush from here now and then.
@@ -135,8 +140,13 @@ impl State {
             keep_from = keep_from.min(f.0);
         }
         if keep_from <= image.history_horizon().0 {
+            // Nothing durable to give back yet (the guest has not flushed): look again next
+            // time, even if the guest writes nothing more, rather than waiting for another
+            // step's worth of operations.
             return Ok(());
         }
+        self.last = seq;
+        self.last_at = Instant::now();
         let plan = image.plan_reclaim(Seq(keep_from), &[])?;
         if plan.blocks == 0 {
             return Ok(());
@@ -190,6 +200,7 @@ impl Retainer {
                     floor,
                     last: img.seq().0,
                     last_at: Instant::now(),
+                    seen: img.seq().0,
                     flushed_at: Instant::now(),
                     pending: None,
                 };
@@ -236,5 +247,86 @@ impl Retainer {
 impl Drop for Retainer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::CreateOptions;
+    use crate::units::BlockSize;
+
+    fn state(image: &Image, keep_seqs: u64) -> State {
+        State {
+            reuse: false,
+            keep_seqs,
+            floor: None,
+            last: image.seq().0,
+            last_at: Instant::now(),
+            seen: image.seq().0,
+            flushed_at: Instant::now(),
+            pending: None,
+        }
+    }
+
+    fn image(dir: &std::path::Path) -> Image {
+        let opts = CreateOptions {
+            size: 1 << 20,
+            block_size: BlockSize::new(4096).unwrap(),
+            base: None,
+        };
+        Image::create(&dir.join("r.rrow"), &opts).unwrap()
+    }
+
+    fn write_ops(image: &Image, n: u64) {
+        let buf = vec![7u8; 4096];
+        for i in 0..n {
+            image.write_at((i % 256) * 4096, &buf).unwrap();
+        }
+    }
+
+    /// Regression (a CI failure): a step that found nothing durable used to count as a plan,
+    /// so once the guest flushed and went quiet, nothing was given back until it had written
+    /// another step's worth of operations.
+    #[test]
+    fn a_step_without_durable_states_does_not_use_up_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image(dir.path());
+        let mut st = state(&image, 256);
+        write_ops(&image, 4 * MIN_STEP);
+        // Nothing synced yet: nothing to give back.
+        st.step(&image).unwrap();
+        assert_eq!(image.history_horizon(), Seq(0));
+        assert!(st.pending.is_none());
+        // The guest flushes and writes nothing more: the next look gives back.
+        image.flush().unwrap();
+        st.step(&image).unwrap();
+        assert_eq!(image.history_horizon(), Seq(4 * MIN_STEP - 256));
+        assert!(st.pending.is_some());
+    }
+
+    /// Once the guest goes quiet, what is left to give back (less than a step) is given back
+    /// at the next look instead of waiting for more operations.
+    #[test]
+    fn a_quiet_image_is_caught_up_without_a_full_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image(dir.path());
+        let mut st = state(&image, 256);
+        write_ops(&image, 2 * MIN_STEP);
+        image.flush().unwrap();
+        st.step(&image).unwrap();
+        assert_eq!(image.history_horizon(), Seq(2 * MIN_STEP - 256));
+        // Less than a step more, then a flush: the pending reclaim settles, and with the
+        // image quiet the rest is planned.
+        write_ops(&image, MIN_STEP / 2);
+        image.flush().unwrap();
+        st.step(&image).unwrap();
+        assert!(st.pending.is_none());
+        assert_eq!(image.history_horizon(), Seq(2 * MIN_STEP - 256));
+        st.step(&image).unwrap();
+        assert_eq!(
+            image.history_horizon(),
+            Seq(2 * MIN_STEP + MIN_STEP / 2 - 256)
+        );
     }
 }
