@@ -80,8 +80,14 @@ impl DirectFile {
         })
     }
 
+    /// The `O_DIRECT` descriptor, for reads queued on an io_uring ring: only with segments
+    /// that [`is_aligned`](Self::is_aligned) accepts.
+    pub(super) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// True when `segs` at `off` can go to the kernel as they are.
-    fn is_aligned(&self, segs: &[IoSeg<'_>], off: u64) -> bool {
+    pub(super) fn is_aligned(&self, segs: &[IoSeg<'_>], off: u64) -> bool {
         off % self.off_align == 0
             && segs.iter().all(|s| {
                 s.as_ptr() as u64 % self.mem_align == 0 && s.len() as u64 % self.off_align == 0

@@ -398,9 +398,11 @@ impl Shared {
     /// Fills `segs` with the bytes of the concatenated `extents`, starting `skip` bytes into
     /// the first one. Extents may come from a record log: every block id is checked.
     ///
-    /// With [`uring::min_extents`] or more mapped extents to read (and no direct descriptor),
-    /// every one of them is read through this thread's io_uring ring, submitted at once
-    /// (see [`super::uring`]); with fewer, or when io_uring cannot be used, one `preadv` each.
+    /// With [`uring::min_extents`] or more mapped extents to read, every one of them is read
+    /// through this thread's io_uring ring, submitted at once (see [`super::uring`]); with
+    /// fewer, or when io_uring cannot be used, one `preadv` each. With a direct descriptor the
+    /// ring reads it with `O_DIRECT`, the extents' disk reads overlapping; an extent whose
+    /// segments are not aligned for it is read at once through the bounce buffer instead.
     pub fn read_extents(
         &self,
         extents: &[Extent],
@@ -410,8 +412,7 @@ impl Shared {
         let need = total_len(segs);
         let bs = self.bs.bytes_u64();
         let min = uring::min_extents();
-        let gather =
-            min > 0 && self.direct.is_none() && mapped_extents_read(extents, skip, need, bs) >= min;
+        let gather = min > 0 && mapped_extents_read(extents, skip, need, bs) >= min;
         // The mapped extents' reads when they go through the ring, and for each its block id
         // and the bytes wanted (for the error when the file ends first).
         let mut batch: Vec<uring::Read<'_>> = Vec::new();
@@ -442,8 +443,16 @@ impl Shared {
                         .slot_off(pba.0)
                         .and_then(|o| o.checked_add(skip))
                         .ok_or(ImageError::UnknownPba(pba))?;
-                    if gather {
-                        batch.push(uring::Read::new(self.file.as_raw_fd(), off, sub));
+                    let ring_fd = match &self.direct {
+                        _ if !gather => None,
+                        None => Some(self.file.as_raw_fd()),
+                        // Unaligned pieces (odd guest buffers, a skip inside a sector) are
+                        // bounced at once; the aligned ones go to the disk together.
+                        Some(d) if d.is_aligned(&sub, off) => Some(d.raw_fd()),
+                        Some(_) => None,
+                    };
+                    if let Some(fd) = ring_fd {
+                        batch.push(uring::Read::new(fd, off, sub));
                         wanted.push((pba, take));
                     } else {
                         let got = self
@@ -495,7 +504,8 @@ impl Shared {
             Some(res) => res.map_err(|e| ImageError::io("cannot read the image", e))?,
             None => {
                 for r in reads.iter_mut() {
-                    r.done = preadv_full(&self.file, &r.segs, r.off)
+                    r.done = self
+                        .read_data(&r.segs, r.off)
                         .map_err(|e| ImageError::io("cannot read the image", e))?;
                 }
             }
