@@ -216,7 +216,7 @@ pub struct ServeArgs {
     pub queue_size: u16,
     /// Threads that execute one queue's requests in parallel (the queue's worker plus
     /// helpers); 1 runs them one after the other. Default 4, or the number of CPUs if that is
-    /// smaller; 8 with --direct.
+    /// smaller; 16 with --direct.
     #[arg(long)]
     pub io_threads: Option<u16>,
     /// After each batch, a queue's worker watches the virtqueue for new requests for up to
