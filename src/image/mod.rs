@@ -826,6 +826,31 @@ impl Image {
                 reclaim: None,
             };
             journal.append(&sh, &epoch)?;
+            if seq > durable {
+                // Records after the last flush marker were kept because their data verified,
+                // and the sync above made them durable. Vouch for them now, before anything
+                // can change the blocks they name: a reclaim that gives back a block one of
+                // them superseded would otherwise let the next recovery fail to verify that
+                // record, fall back before it - and before the reclaim records - and find
+                // the states the reclaim gave up readable again, over punched or reused blocks.
+                let marker = Record {
+                    kind: RecKind::Flush,
+                    seq,
+                    pieces: Vec::new(),
+                    link: None,
+                    nonce: None,
+                    reclaim: None,
+                };
+                journal.append(&sh, &marker)?;
+                journal.write_out(&sh)?;
+                sh.file
+                    .sync_data()
+                    .map_err(|e| ImageError::io("cannot sync the image", e))?;
+                log::info!(
+                    "recovery: {} operation(s) after the last flush verified and made durable",
+                    seq - durable
+                );
+            }
         }
         log::info!(
             "opened image {} ({}, seq {}, {} bytes of journal replayed)",
