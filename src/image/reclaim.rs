@@ -94,6 +94,9 @@ pub(crate) struct Cursor {
     /// left are the slots whose latest incarnation is superseded. A plan subtracts what is
     /// reclaimed, pinned or metadata at its own time.
     displaced: RunSet,
+    /// `displaced` holds no reclaimed slot and no slot a record after the cursor names (see
+    /// [`Image::plan_reclaim`]): plans need not subtract either any more.
+    purged: bool,
 }
 
 impl Cursor {
@@ -103,6 +106,7 @@ impl Cursor {
             pos: lock(&img.journal).hdr.journal_start(),
             seq: 0,
             displaced: RunSet::default(),
+            purged: false,
         }
     }
 }
@@ -345,23 +349,41 @@ impl Image {
             return Ok(fresh);
         }
         // Everything displaced up to the cursor's state is superseded at `keep_from` too: its
-        // slot is only mapped again by a record that reuses it. Those after the cursor are
-        // found in the journal written since (only images with the reuse feature have any).
-        let mut gone = rlock(&self.sh.reclaimed).runs.to_runs();
-        gone.extend(self.sh.meta_runs());
-        let mut candidates = subtract(&cur.displaced.to_runs(), &merge_runs(gone));
-        let (pos, cseq) = (cur.pos, cur.seq);
-        drop(guard);
-        if lock(&self.journal).hdr.incompat & format::INCOMPAT_REUSE != 0 {
-            let mut named = Vec::new();
-            self.walk_from(pos, cseq, |r, _| {
-                if r.kind.maps() {
-                    named.extend(r.pieces.iter().filter_map(|p| p.pba.map(|b| (b, p.blocks))));
-                }
-                Ok(true)
-            })?;
-            candidates = subtract(&candidates, &merge_runs(named));
+        // slot is only mapped again by a record that reuses it.
+        //
+        // A cursor can hold slots that are stale: reclaimed by a record after the cursor (a
+        // reclaim record is appended at the journal's end, after states newer than its
+        // keep-from), and, on images with the reuse feature, then named again by a record
+        // after the cursor. Within one process every commit takes its plan's slots out of
+        // the cursor (`forget_candidates`), so stale slots come only from the journal this
+        // cursor found when it was built: once its keep-from is past the horizon, every
+        // reclaimed slot's displacing record is behind it (each was displaced by the state its
+        // reclaim kept from, at most the horizon), and one purge of the reclaimed set and of
+        // the slots named after the cursor leaves none. Until then every plan subtracts both.
+        let gone = |cur: &Cursor| -> Result<Vec<(u64, u64)>, ImageError> {
+            let mut gone = rlock(&self.sh.reclaimed).runs.to_runs();
+            if lock(&self.journal).hdr.incompat & format::INCOMPAT_REUSE != 0 {
+                self.walk_from(cur.pos, cur.seq, |r, _| {
+                    if r.kind.maps() {
+                        gone.extend(r.pieces.iter().filter_map(|p| p.pba.map(|b| (b, p.blocks))));
+                    }
+                    Ok(true)
+                })?;
+            }
+            Ok(merge_runs(gone))
+        };
+        if !cur.purged && keep_from.0 > self.sh.horizon() {
+            for (s, c) in gone(cur)? {
+                cur.displaced.remove_range(s, c);
+            }
+            cur.purged = true;
         }
+        let mut candidates = cur.displaced.to_runs();
+        if !cur.purged {
+            candidates = subtract(&candidates, &gone(cur)?);
+        }
+        drop(guard);
+        candidates = subtract(&candidates, &self.sh.meta_runs());
         let runs = subtract(&candidates, &merge_runs(pinned.to_vec()));
         let blocks = blocks_in(&runs);
         Ok(ReclaimPlan {
