@@ -44,6 +44,17 @@ impl log::Log for Capture {
     fn flush(&self) {}
 }
 
+/// The captured warnings, cleared, and a lock that keeps every other test that warns from
+/// running meanwhile (the logger is global to the test binary; the backend's once-per-kind
+/// warnings are per backend).
+fn captured_alone() -> (std::sync::MutexGuard<'static, ()>, &'static Capture) {
+    static ALONE: Mutex<()> = Mutex::new(());
+    let g = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+    let c = captured();
+    c.0.lock().unwrap().clear();
+    (g, c)
+}
+
 fn captured() -> &'static Capture {
     static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
     CAPTURE.get_or_init(|| {
@@ -223,6 +234,102 @@ fn a_batch_is_completed_and_signalled_once() {
 }
 
 #[test]
+fn a_batchs_reads_go_to_a_device_that_prefers_them_together() {
+    // 8 well-formed requests (reads at odd i, writes at even i), a read past the end, a read
+    // whose buffer lies outside guest memory: the 4 good reads reach `read_many` in one call;
+    // everything else, the refused reads included, is answered as always.
+    // Its refused reads warn: not beside the tests that count warnings.
+    let (_alone, _) = captured_alone();
+    for threads in [1, 4] {
+        let s = setup_threads(threads);
+        s.dev.batched.store(true, Ordering::SeqCst);
+        for (i, b) in s.dev.data.lock().unwrap().iter_mut().enumerate() {
+            *b = (i / 512) as u8;
+        }
+        let m = s.mem.memory();
+        let status = |i: u64| 0x30_0000 + i * 16;
+        let mut chains = Vec::new();
+        for i in 0..8u64 {
+            let t = if i % 2 == 0 {
+                VIRTIO_BLK_T_OUT
+            } else {
+                VIRTIO_BLK_T_IN
+            };
+            chains.push(chain(&m, i, t, i * 8, 4096, status(i)));
+        }
+        chains.push(chain(
+            &m,
+            8,
+            VIRTIO_BLK_T_IN,
+            CAPACITY / 512,
+            4096,
+            status(8),
+        ));
+        let mut bad = chain(&m, 9, VIRTIO_BLK_T_IN, 0, 4096, status(9));
+        bad[1] = RawDescriptor::from(SplitDescriptor::new(0x2000_0000, 4096, W | N, 0));
+        chains.push(bad);
+        let vring = queue(&s, &chains, true);
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        assert_eq!(used_idx(&vring), 10);
+        assert_eq!(*s.dev.read_many_calls.lock().unwrap(), vec![4]);
+        assert_eq!(s.call.read().unwrap(), 1, "one signal per batch");
+        let used = vring.get_ref().get_queue().used_ring();
+        let mut lens = std::collections::HashMap::new();
+        for k in 0..10u64 {
+            let id: u32 = m.read_obj(GuestAddress(used + 4 + 8 * k)).unwrap();
+            let len: u32 = m.read_obj(GuestAddress(used + 4 + 8 * k + 4)).unwrap();
+            lens.insert(id, len);
+        }
+        for i in 0..10u64 {
+            let st: u8 = m.read_obj(GuestAddress(status(i))).unwrap();
+            let len = lens[&(i as u32 * 3)];
+            match i {
+                8 | 9 => assert_eq!((st, len), (STATUS_IOERR, 1), "refused read {i}"),
+                _ if i % 2 == 1 => {
+                    assert_eq!((st, len), (STATUS_OK, 4097), "read {i}");
+                    let mut got = vec![0u8; 4096];
+                    m.read_slice(&mut got, GuestAddress(0x20_0000 + i * 0x1_0000))
+                        .unwrap();
+                    let want: Vec<u8> = (0..4096).map(|b| ((i * 4096 + b) / 512) as u8).collect();
+                    assert!(got == want, "read {i} data");
+                }
+                _ => assert_eq!((st, len), (STATUS_OK, 1), "write {i}"),
+            }
+        }
+        let mut seen = s.dev.indices.lock().unwrap().clone();
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (0..10).collect::<Vec<u64>>(),
+            "each request exactly once"
+        );
+    }
+}
+
+#[test]
+fn a_batch_of_one_read_is_not_batched() {
+    let s = setup();
+    s.dev.batched.store(true, Ordering::SeqCst);
+    let m = s.mem.memory();
+    let vring = queue(
+        &s,
+        &[chain(&m, 0, VIRTIO_BLK_T_IN, 0, 4096, 0x30_0000)],
+        true,
+    );
+    s.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert_eq!(used_idx(&vring), 1);
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(),
+        STATUS_OK
+    );
+    assert!(s.dev.read_many_calls.lock().unwrap().is_empty());
+}
+
+#[test]
 fn a_request_published_while_the_worker_polls_is_served_without_a_kick() {
     // A window far longer than the test's delay, so the outcome does not depend on timing:
     // the second request is published 50 ms after the kick for the first, with no kick of
@@ -287,7 +394,7 @@ fn a_worker_without_event_idx_never_polls() {
 
 #[test]
 fn hostile_chains_are_completed_and_warned_about_once_per_kind() {
-    let log = captured();
+    let (_alone, log) = captured_alone();
     let s = setup();
     let m = s.mem.memory();
     let status = |i: u64| 0x30_0000 + i * 16;
@@ -390,7 +497,7 @@ fn config_space_and_features_follow_the_device() {
 
 #[test]
 fn a_corrupt_available_ring_does_not_spin_the_worker() {
-    let log = captured();
+    let (_alone, log) = captured_alone();
     let s = setup();
     let m = s.mem.memory();
     let chains = vec![chain(&m, 0, VIRTIO_BLK_T_IN, 0, 512, 0x30_0000)];

@@ -12,13 +12,13 @@
 
 use std::sync::Arc;
 
-use crate::image::Image;
+use crate::image::{BatchRead, Image};
 use crate::iobuf::IoSeg;
 
 use super::relocator::Relocator;
 use super::retainer::{RetainError, Retainer};
 use super::syncer::Syncer;
-use super::{with_trace, BlockDevice, BlockError, RequestCtx};
+use super::{with_trace, BlockDevice, BlockError, ReadReq, RequestCtx};
 
 /// A block device serving an open image.
 pub struct ImageDevice {
@@ -124,6 +124,27 @@ impl BlockDevice for ImageDevice {
             r.offer(offset, trace);
             Ok(())
         })
+    }
+
+    /// With `O_DIRECT` every read waits for the disk: a batch's reads go to it together.
+    fn prefers_batched_reads(&self) -> bool {
+        self.image.is_direct()
+    }
+
+    fn read_many(&self, reqs: &[ReadReq<'_>]) -> Vec<Result<(), BlockError>> {
+        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
+        // Reads relocation may want go on their own, with the trace it needs.
+        let max = self.reloc.as_ref().map_or(usize::MAX, Relocator::min_runs);
+        self.image
+            .read_many(&plain, max)
+            .into_iter()
+            .zip(reqs)
+            .map(|(r, q)| match r {
+                Ok(BatchRead::Done) => Ok(()),
+                Ok(BatchRead::Alone) => self.read(q.ctx, q.offset, q.segs),
+                Err(e) => Err(e.into()),
+            })
+            .collect()
     }
 
     fn write(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {

@@ -195,4 +195,29 @@ pub trait BlockDevice: Send + Sync {
     /// to the guest: a device that buffers metadata in memory can hand it to the host kernel
     /// here, so that completed requests survive the process being killed. Default: nothing.
     fn end_of_batch(&self) {}
+    /// Whether [`read_many`](Self::read_many) does better than one [`read`](Self::read)
+    /// after another, so that a queue worker should hand it the reads of a batch together.
+    /// Default: no.
+    fn prefers_batched_reads(&self) -> bool {
+        false
+    }
+    /// Reads several independent requests (of one batch: none depends on another); results
+    /// in request order, each what [`read`](Self::read) would have returned. Default: one
+    /// `read` after another.
+    fn read_many(&self, reqs: &[ReadReq<'_>]) -> Vec<Result<(), BlockError>> {
+        reqs.iter()
+            .map(|r| self.read(r.ctx, r.offset, r.segs))
+            .collect()
+    }
+}
+
+/// One read of a batch handed to [`BlockDevice::read_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct ReadReq<'a> {
+    /// The request.
+    pub ctx: &'a RequestCtx,
+    /// Byte offset on the device.
+    pub offset: u64,
+    /// Where the bytes go.
+    pub segs: &'a [IoSeg<'a>],
 }

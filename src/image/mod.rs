@@ -109,6 +109,16 @@ pub enum OpenMode {
     ReadOnly,
 }
 
+/// What [`Image::read_many`] did with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchRead {
+    /// Read.
+    Done,
+    /// Not read: the caller reads it on its own (too fragmented for the batch, or the batch
+    /// could not tell its outcome).
+    Alone,
+}
+
 /// Block-granular description of what backs consecutive LBAs, in LBA order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {
@@ -1133,6 +1143,103 @@ impl Image {
             t.extend_from_slice(&ex);
         }
         Ok(Seq(seq))
+    }
+
+    /// Reads several requests at once, each as [`read_vectored`](Self::read_vectored) would
+    /// (without a trace). The mapped extents of all of them are gathered for one io_uring
+    /// submission (with a direct descriptor, their disk reads overlap, as a batch of
+    /// requests does in qemu-storage-daemon); zeroed and base extents, and extents whose
+    /// buffers are not aligned for `O_DIRECT`, are served at once. A request resolving to
+    /// `max_extents` extents or more (or as many as relocation on read wants, when that is
+    /// on) is left for the caller to read on its own ([`BatchRead::Alone`]), as is every
+    /// request of the batch when the submission fails as a whole or a reclaim ran beside it.
+    /// Results in request order.
+    pub fn read_many(
+        &self,
+        reqs: &[(u64, &[IoSeg<'_>])],
+        max_extents: usize,
+    ) -> Vec<Result<BatchRead, ImageError>> {
+        let bs = self.sh.bs.bytes_u64();
+        let gen = self.sh.reclaim_gen.load(Ordering::SeqCst);
+        let reloc = self.relocate_min_extents.load(Ordering::Relaxed);
+        let limit = match usize::try_from(reloc) {
+            Ok(r) if r != 0 && !self.read_only => max_extents.min(r),
+            _ => max_extents,
+        };
+        // Resolve every request under one read lock of the map.
+        let mut resolved: Vec<Result<Option<Vec<Extent>>, ImageError>> = Vec::new();
+        {
+            let live = rlock(&self.live);
+            for &(offset, segs) in reqs {
+                let len = total_len(segs);
+                resolved.push(check_range(self.sh.size, offset, len).map(|()| {
+                    (len > 0).then(|| {
+                        let first = offset / bs;
+                        let n = (offset + len - 1) / bs - first + 1;
+                        let mut ex = Vec::new();
+                        live.map.extents(first, n, self.sh.base.is_some(), &mut ex);
+                        ex
+                    })
+                }));
+            }
+        }
+        let mut out = Vec::with_capacity(reqs.len());
+        let mut batch = shared::ReadBatch::default();
+        // For each request gathered: its index and its reads in the batch.
+        let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        for (i, (&(offset, segs), r)) in reqs.iter().zip(resolved).enumerate() {
+            let ex = match r {
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+                Ok(None) => {
+                    out.push(Ok(BatchRead::Done));
+                    continue;
+                }
+                Ok(Some(ex)) => ex,
+            };
+            if ex.len() >= limit {
+                out.push(Ok(BatchRead::Alone));
+                continue;
+            }
+            let from = batch.len();
+            match self
+                .sh
+                .gather_extents(&ex, offset % bs, segs, true, &mut batch)
+            {
+                Ok(()) => {
+                    spans.push((i, from..batch.len()));
+                    out.push(Ok(BatchRead::Done));
+                }
+                Err(e) => {
+                    batch.truncate(from);
+                    out.push(Err(e));
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let failed = self.sh.submit_batch(&mut batch).is_err();
+            for (i, range) in &spans {
+                if let Some(slot) = out.get_mut(*i) {
+                    if failed {
+                        *slot = Ok(BatchRead::Alone);
+                    } else if let Some(e) = batch.short_in(range.clone()) {
+                        *slot = Err(e);
+                    }
+                }
+            }
+        }
+        // A reclaim beside the batch may have given back (and, with reuse, rewritten) a block
+        // it resolved: read those requests again on their own, as `read_vectored` would.
+        if self.sh.reclaim_gen.load(Ordering::SeqCst) != gen {
+            for (i, _) in &spans {
+                if let Some(slot) = out.get_mut(*i) {
+                    *slot = Ok(BatchRead::Alone);
+                }
+            }
+        }
+        out
     }
 
     /// Writes the bytes of `segs` at `offset` into new blocks.

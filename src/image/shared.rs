@@ -413,10 +413,28 @@ impl Shared {
         let bs = self.bs.bytes_u64();
         let min = uring::min_extents();
         let gather = min > 0 && mapped_extents_read(extents, skip, need, bs) >= min;
-        // The mapped extents' reads when they go through the ring, and for each its block id
-        // and the bytes wanted (for the error when the file ends first).
-        let mut batch: Vec<uring::Read<'_>> = Vec::new();
-        let mut wanted: Vec<(Pba, u64)> = Vec::new();
+        let mut batch = ReadBatch::default();
+        self.gather_extents(extents, skip, segs, gather, &mut batch)?;
+        if !batch.reads.is_empty() {
+            self.read_batch(&mut batch.reads, &batch.wanted)?;
+        }
+        Ok(())
+    }
+
+    /// The work of [`Self::read_extents`] short of the ring: zeroed and base extents are
+    /// served at once, and so are mapped extents unless `gather` (or, with a direct
+    /// descriptor, unless their segments are aligned for it); the others are appended to
+    /// `batch` for one submission, possibly with other requests' reads.
+    pub fn gather_extents<'a>(
+        &self,
+        extents: &[Extent],
+        skip: u64,
+        segs: &[IoSeg<'a>],
+        gather: bool,
+        batch: &mut ReadBatch<'a>,
+    ) -> Result<(), ImageError> {
+        let need = total_len(segs);
+        let bs = self.bs.bytes_u64();
         let mut pos = 0u64;
         let first_skip = skip;
         let mut skip = skip;
@@ -452,8 +470,8 @@ impl Shared {
                         Some(_) => None,
                     };
                     if let Some(fd) = ring_fd {
-                        batch.push(uring::Read::new(fd, off, sub));
-                        wanted.push((pba, take));
+                        batch.reads.push(uring::Read::new(fd, off, sub));
+                        batch.wanted.push((pba, take));
                     } else {
                         let got = self
                             .read_data(&sub, off)
@@ -480,9 +498,6 @@ impl Shared {
             pos += take;
             skip = 0;
         }
-        if !batch.is_empty() {
-            self.read_batch(&mut batch, &wanted)?;
-        }
         if pos < need {
             return Err(ImageError::ExtentsTooShort {
                 have: have.saturating_sub(first_skip),
@@ -500,22 +515,33 @@ impl Shared {
         reads: &mut [uring::Read<'_>],
         wanted: &[(Pba, u64)],
     ) -> Result<(), ImageError> {
+        self.submit_reads(reads)?;
+        match first_short(reads, wanted) {
+            Some(pba) => Err(past_the_end(pba)),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads everything gathered: all at once through io_uring, or one `preadv` each when
+    /// this thread cannot use it. The first I/O error fails the whole batch (every read has
+    /// completed by then); a read the end of the file cut short is found with
+    /// [`ReadBatch::first_short`].
+    pub fn submit_batch(&self, batch: &mut ReadBatch<'_>) -> Result<(), ImageError> {
+        self.submit_reads(&mut batch.reads)
+    }
+
+    fn submit_reads(&self, reads: &mut [uring::Read<'_>]) -> Result<(), ImageError> {
         match uring::read_all(reads) {
-            Some(res) => res.map_err(|e| ImageError::io("cannot read the image", e))?,
+            Some(res) => res.map_err(|e| ImageError::io("cannot read the image", e)),
             None => {
                 for r in reads.iter_mut() {
                     r.done = self
                         .read_data(&r.segs, r.off)
                         .map_err(|e| ImageError::io("cannot read the image", e))?;
                 }
+                Ok(())
             }
         }
-        for (&(pba, take), r) in wanted.iter().zip(reads.iter()) {
-            if r.done < take {
-                return Err(past_the_end(pba));
-            }
-        }
-        Ok(())
     }
 
     fn read_base(&self, start: u64, segs: &[IoSeg<'_>]) -> Result<(), ImageError> {
@@ -540,6 +566,51 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// Mapped extents' reads gathered for one io_uring submission ([`Shared::gather_extents`]),
+/// with, for each, its first block id and the bytes wanted (for the error when the file ends
+/// first).
+#[derive(Default)]
+pub struct ReadBatch<'a> {
+    pub(crate) reads: Vec<uring::Read<'a>>,
+    pub(crate) wanted: Vec<(Pba, u64)>,
+}
+
+impl ReadBatch<'_> {
+    /// Reads gathered so far.
+    pub fn len(&self) -> usize {
+        self.reads.len()
+    }
+
+    /// True when nothing was gathered.
+    pub fn is_empty(&self) -> bool {
+        self.reads.is_empty()
+    }
+
+    /// Forgets the reads gathered from the `n`th on (those of a request that failed while
+    /// being gathered).
+    pub fn truncate(&mut self, n: usize) {
+        self.reads.truncate(n);
+        self.wanted.truncate(n);
+    }
+
+    /// After [`Shared::submit_batch`]: the error for the first of reads `range` that the end
+    /// of the file cut short, if any.
+    pub fn short_in(&self, range: std::ops::Range<usize>) -> Option<ImageError> {
+        let reads = self.reads.get(range.clone())?;
+        let wanted = self.wanted.get(range)?;
+        first_short(reads, wanted).map(past_the_end)
+    }
+}
+
+/// The block id of the first read that got fewer bytes than it wanted.
+fn first_short(reads: &[uring::Read<'_>], wanted: &[(Pba, u64)]) -> Option<Pba> {
+    wanted
+        .iter()
+        .zip(reads)
+        .find(|((_, take), r)| r.done < *take)
+        .map(|(&(pba, _), _)| pba)
 }
 
 /// How many mapped extents a read of `need` bytes from `skip` bytes into `extents` reads from.

@@ -585,7 +585,7 @@ mod tests {
 
     // The engine's read path, through the ring and through preadv, byte for byte.
 
-    use crate::image::{CreateOptions, Extent, Image, ImageError};
+    use crate::image::{BatchRead, CreateOptions, Extent, Image, ImageError};
     use crate::units::{BlockSize, Lba};
 
     const BS: usize = 4096;
@@ -928,5 +928,120 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    // Several requests in one submission (`Image::read_many`).
+
+    #[test]
+    fn read_many_reads_a_batch_of_requests_as_read_vectored_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, model) = fragmented(dir.path());
+        let disk = (DISK_BLOCKS * BS) as u64;
+        let img = reopen_direct(dir.path(), img);
+        // (offset, length, aligned buffer)
+        let reqs: [(u64, usize, bool); 6] = [
+            (0, 4096, true),
+            (20 * BS as u64, 12 * BS, true),
+            (8192 + 512, 3072, false),
+            (disk - 8192, 8192, true),
+            (4096, 0, true),
+            (disk, 4096, true),
+        ];
+        let mut bufs: Vec<(Vec<u8>, usize)> =
+            reqs.iter().map(|&(_, len, _)| aligned(len)).collect();
+        let mut segs: Vec<Vec<IoSeg<'_>>> = Vec::new();
+        for ((v, at), &(_, len, al)) in bufs.iter_mut().zip(&reqs) {
+            let start = if al { *at } else { *at + 1 };
+            segs.push(vec![IoSeg::from_mut_slice(&mut v[start..start + len])]);
+        }
+        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs
+            .iter()
+            .zip(&segs)
+            .map(|(&(off, _, _), s)| (off, s.as_slice()))
+            .collect();
+        // The second request resolves to several extents: with a limit of 3 it is left alone.
+        let many = img.resolve(Lba(20), 12).unwrap().len();
+        assert!(many >= 3, "{many}");
+        let before = queued();
+        let out = img.read_many(&plain, 3);
+        assert!(queued() > before, "the batch went through the ring");
+        drop(segs);
+        for (k, (r, &(off, len, al))) in out.iter().zip(&reqs).enumerate() {
+            match (k, r) {
+                (1, Ok(BatchRead::Alone)) => continue,
+                (5, Err(_)) => continue,
+                (_, Ok(BatchRead::Done)) => {}
+                other => panic!("request {k}: {other:?}"),
+            }
+            let (v, at) = &bufs[k];
+            let start = if al { *at } else { *at + 1 };
+            assert!(
+                v[start..start + len] == model[off as usize..off as usize + len],
+                "request {k}"
+            );
+        }
+        // Without the limit the fragmented one is read in the batch too.
+        let (mut v, at) = aligned(12 * BS);
+        let seg = [IoSeg::from_mut_slice(&mut v[at..at + 12 * BS])];
+        let out = img.read_many(&[(20 * BS as u64, &seg[..])], usize::MAX);
+        assert!(matches!(out[..], [Ok(BatchRead::Done)]), "{out:?}");
+        assert!(v[at..at + 12 * BS] == model[20 * BS..32 * BS]);
+    }
+
+    #[test]
+    fn read_many_fails_only_the_request_the_end_of_the_file_cuts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, model) = fragmented(dir.path());
+        img.flush().unwrap();
+        let ex = img.resolve(Lba(0), DISK_BLOCKS as u64).unwrap();
+        // The LBA whose block is the last in the file, and a block before it.
+        let mut lba = 0u64;
+        let mut last = (0u64, 0u64);
+        for e in &ex {
+            if let Extent::Mapped { pba, blocks } = *e {
+                if pba.0 + blocks > last.0 + last.1 {
+                    last = (pba.0, blocks);
+                    lba = lba_of(&ex, pba.0);
+                }
+            }
+        }
+        let cut = img.sh.slot_off(last.0).unwrap() + 1024;
+        let img = reopen_direct(dir.path(), img);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("img.rrimg"))
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let other = if lba >= 8 { 0 } else { DISK_BLOCKS as u64 - 4 };
+        let (mut a, at_a) = aligned(BS);
+        let (mut b, at_b) = aligned(4 * BS);
+        let sa = [IoSeg::from_mut_slice(&mut a[at_a..at_a + BS])];
+        let sb = [IoSeg::from_mut_slice(&mut b[at_b..at_b + 4 * BS])];
+        let out = img.read_many(
+            &[(lba * BS as u64, &sa[..]), (other * BS as u64, &sb[..])],
+            usize::MAX,
+        );
+        assert!(
+            matches!(out[0], Err(ImageError::Truncated { .. })),
+            "{out:?}"
+        );
+        assert!(matches!(out[1], Ok(BatchRead::Done)), "{out:?}");
+        let o = (other * BS as u64) as usize;
+        assert!(b[at_b..at_b + 4 * BS] == model[o..o + 4 * BS]);
+    }
+
+    /// The LBA that maps block `pba` in `ex` (extents from LBA 0).
+    fn lba_of(ex: &[Extent], pba: u64) -> u64 {
+        let mut lba = 0;
+        for e in ex {
+            if let Extent::Mapped { pba: p, blocks } = *e {
+                if (p.0..p.0 + blocks).contains(&pba) {
+                    return lba + (pba - p.0);
+                }
+            }
+            lba += e.blocks();
+        }
+        panic!("block {pba} not mapped");
     }
 }

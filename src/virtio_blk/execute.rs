@@ -12,7 +12,7 @@ use std::ops::Deref;
 
 use log::debug;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::blockdev::{BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind};
 use crate::iobuf::IoSeg;
@@ -332,6 +332,20 @@ where
             }
         }
     };
+    finish_chain(head_index, mem, status_addr, result, reject_info, dev, ctx)
+}
+
+/// The end of [`process_chain`]: writes the status byte, reports a request refused before the
+/// device, and says how to complete the chain.
+fn finish_chain<M: GuestMemory + ?Sized>(
+    head_index: u16,
+    mem: &M,
+    status_addr: Option<GuestAddress>,
+    result: Result<WrittenBytes, ChainError>,
+    reject_info: Option<RejectedRequest>,
+    dev: &dyn BlockDevice,
+    ctx: &RequestCtx,
+) -> Completion {
     let (status, written) = match &result {
         Ok(n) => (STATUS_OK, *n),
         Err(e) => (e.status(), 0),
@@ -364,4 +378,90 @@ where
             }
         }
     }
+}
+
+/// A read request of a batch, parsed and checked, for [`BlockDevice::read_many`]: what
+/// [`process_chain`] would have passed to [`BlockDevice::read`].
+pub struct PreparedRead<'m> {
+    /// The request's context.
+    pub ctx: RequestCtx,
+    /// Byte offset on the device.
+    pub offset: u64,
+    /// The guest buffers to fill.
+    pub segs: Vec<IoSeg<'m>>,
+    head_index: u16,
+    status_addr: GuestAddress,
+    len: WrittenBytes,
+}
+
+/// Whether `chain` parses as a read request (what [`prepare_read`] will take, unless the read
+/// is refused).
+pub fn is_read<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> bool
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    Request::parse(chain, &params.limits).is_ok_and(|r| r.request_type == RequestType::In)
+}
+
+/// Parses `chain` and, when it is a well-formed read inside the device whose buffers are in
+/// `mem` (the memory the chain was taken from), prepares it for [`BlockDevice::read_many`].
+/// Anything else - other request types, malformed chains, refused reads - is handed back
+/// untouched, to go through [`process_chain`], which answers it (and reports it) as usual.
+pub fn prepare_read<'m, M>(
+    chain: DescriptorChain<M>,
+    mem: &'m M::Target,
+    dev: &dyn BlockDevice,
+    ctx: RequestCtx,
+    params: &ExecuteParams,
+) -> Result<PreparedRead<'m>, DescriptorChain<M>>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let req = match Request::parse(&chain, &params.limits) {
+        Ok(r) if r.request_type == RequestType::In => r,
+        _ => return Err(chain),
+    };
+    let offset = req.sector.0.saturating_mul(SECTOR_SIZE);
+    if check_range(offset, req.data_len, dev.capacity()).is_err() {
+        return Err(chain);
+    }
+    let Ok(segs) = guest_segs(mem, &req.data, Permissions::Write) else {
+        return Err(chain);
+    };
+    debug!(
+        "queue {} #{}: read sector {} len {} (batched)",
+        ctx.queue, ctx.index, req.sector, req.data_len
+    );
+    Ok(PreparedRead {
+        ctx,
+        offset,
+        segs,
+        head_index: chain.head_index(),
+        status_addr: req.status_addr,
+        len: u32::try_from(req.data_len).unwrap_or(u32::MAX),
+    })
+}
+
+/// Completes a prepared read with the device's answer, as [`process_chain`] would have: the
+/// status byte, and the used length (data and status) or a dropped chain.
+pub fn finish_read<M: GuestMemory + ?Sized>(
+    read: &PreparedRead<'_>,
+    result: Result<(), BlockError>,
+    mem: &M,
+    dev: &dyn BlockDevice,
+) -> Completion {
+    let result = result
+        .map(|()| read.len)
+        .map_err(|e| ChainError::Execute(ExecuteError::Device(e)));
+    finish_chain(
+        read.head_index,
+        mem,
+        Some(read.status_addr),
+        result,
+        None,
+        dev,
+        &read.ctx,
+    )
 }

@@ -1,10 +1,10 @@
 //! An in-memory [`BlockDevice`] for the tests of the virtio and vhost-user layers: a byte
 //! vector that counts flushes and remembers which requests, queues and rejections it saw.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rr_row::blockdev::{BlockDevice, BlockError, RejectedRequest, RequestCtx};
+use rr_row::blockdev::{BlockDevice, BlockError, ReadReq, RejectedRequest, RequestCtx};
 use rr_row::iobuf::{total_len, IoSeg};
 
 /// A block device over a byte vector (4 KiB blocks).
@@ -21,6 +21,10 @@ pub struct MemDevice {
     pub queues_seen: Mutex<Vec<u16>>,
     /// Every rejected request with its context.
     pub rejected: Mutex<Vec<(RequestCtx, RejectedRequest)>>,
+    /// Whether the device asks for a batch's reads together (`prefers_batched_reads`).
+    pub batched: AtomicBool,
+    /// The number of reads of every `read_many` call, in order.
+    pub read_many_calls: Mutex<Vec<usize>>,
 }
 
 impl MemDevice {
@@ -34,6 +38,8 @@ impl MemDevice {
             indices: Mutex::new(Vec::new()),
             queues_seen: Mutex::new(Vec::new()),
             rejected: Mutex::new(Vec::new()),
+            batched: AtomicBool::new(false),
+            read_many_calls: Mutex::new(Vec::new()),
         })
     }
 
@@ -101,6 +107,15 @@ impl BlockDevice for MemDevice {
     }
     fn write_zeroes(&self, c: &RequestCtx, o: u64, l: u64, _: bool) -> Result<(), BlockError> {
         self.discard(c, o, l)
+    }
+    fn prefers_batched_reads(&self) -> bool {
+        self.batched.load(Ordering::SeqCst)
+    }
+    fn read_many(&self, reqs: &[ReadReq<'_>]) -> Vec<Result<(), BlockError>> {
+        self.read_many_calls.lock().unwrap().push(reqs.len());
+        reqs.iter()
+            .map(|r| self.read(r.ctx, r.offset, r.segs))
+            .collect()
     }
     fn rejected(&self, ctx: &RequestCtx, req: &RejectedRequest) {
         self.indices.lock().unwrap().push(ctx.index);
