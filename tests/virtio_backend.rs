@@ -125,6 +125,21 @@ fn chain(
     ]
 }
 
+/// `n` requests of 4 KiB at sector `8 i`: writes at even `i`, reads at odd `i`, the status
+/// of request `i` at `0x30_0000 + 16 i`.
+fn writes_and_reads(m: &GuestMemoryMmap, n: u64) -> Vec<Vec<RawDescriptor>> {
+    (0..n)
+        .map(|i| {
+            let t = if i % 2 == 0 {
+                VIRTIO_BLK_T_OUT
+            } else {
+                VIRTIO_BLK_T_IN
+            };
+            chain(m, i, t, i * 8, 4096, 0x30_0000 + i * 16)
+        })
+        .collect()
+}
+
 /// Lays out chains back to back in the descriptor table (fixing up the `next` indices), and
 /// returns a vring over the queue.
 fn queue(s: &Setup, chains: &[Vec<RawDescriptor>], event_idx: bool) -> VringRwLock<GuestMem> {
@@ -178,15 +193,7 @@ fn a_batch_is_completed_and_signalled_once() {
         let s = setup_threads(threads);
         let m = s.mem.memory();
         let status = |i: u64| 0x30_0000 + i * 16;
-        let mut chains = Vec::new();
-        for i in 0..8u64 {
-            let t = if i % 2 == 0 {
-                VIRTIO_BLK_T_OUT
-            } else {
-                VIRTIO_BLK_T_IN
-            };
-            chains.push(chain(&m, i, t, i * 8, 4096, status(i)));
-        }
+        let chains = writes_and_reads(&m, 8);
         let vring = queue(&s, &chains, event_idx);
         s.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
@@ -248,15 +255,7 @@ fn a_batchs_reads_go_to_a_device_that_prefers_them_together() {
         }
         let m = s.mem.memory();
         let status = |i: u64| 0x30_0000 + i * 16;
-        let mut chains = Vec::new();
-        for i in 0..8u64 {
-            let t = if i % 2 == 0 {
-                VIRTIO_BLK_T_OUT
-            } else {
-                VIRTIO_BLK_T_IN
-            };
-            chains.push(chain(&m, i, t, i * 8, 4096, status(i)));
-        }
+        let mut chains = writes_and_reads(&m, 8);
         chains.push(chain(
             &m,
             8,

@@ -761,25 +761,9 @@ mod tests {
     fn a_block_past_the_end_of_the_file_fails_on_both_paths() {
         let dir = tempfile::tempdir().unwrap();
         let (img, _) = fragmented(dir.path());
-        img.flush().unwrap();
-        let ex = img.resolve(Lba(0), DISK_BLOCKS as u64).unwrap();
-        let last = ex
-            .iter()
-            .filter_map(|e| match *e {
-                Extent::Mapped { pba, blocks } => Some((pba.0, blocks)),
-                _ => None,
-            })
-            .max()
-            .unwrap();
+        let (ex, last, cut) = last_block_and_cut(&img);
         // Cut the file inside the last data block (nothing after it is read here).
-        let cut = img.sh.slot_off(last.0).unwrap() + 1024;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("img.rrimg"))
-            .unwrap();
-        if file.metadata().unwrap().len() > cut {
-            file.set_len(cut).unwrap();
-        }
+        cut_at(dir.path(), cut);
         let mut msgs = Vec::new();
         for min in [0, 1] {
             let mut buf = vec![0u8; DISK_BLOCKS * BS];
@@ -893,25 +877,9 @@ mod tests {
     fn a_direct_read_cut_short_inside_a_block_is_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let (img, _) = fragmented(dir.path());
-        img.flush().unwrap();
-        let ex = img.resolve(Lba(0), DISK_BLOCKS as u64).unwrap();
-        let last = ex
-            .iter()
-            .filter_map(|e| match *e {
-                Extent::Mapped { pba, blocks } => Some((pba.0, blocks)),
-                _ => None,
-            })
-            .max()
-            .unwrap();
-        let cut = img.sh.slot_off(last.0).unwrap() + 1024;
+        let (ex, last, cut) = last_block_and_cut(&img);
         let img = reopen_direct(dir.path(), img);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("img.rrimg"))
-            .unwrap();
-        if file.metadata().unwrap().len() > cut {
-            file.set_len(cut).unwrap();
-        }
+        cut_at(dir.path(), cut);
         let len = DISK_BLOCKS * BS;
         let (mut v, at) = aligned(len);
         let buf = &mut v[at..at + len];
@@ -992,27 +960,11 @@ mod tests {
     fn read_many_fails_only_the_request_the_end_of_the_file_cuts() {
         let dir = tempfile::tempdir().unwrap();
         let (img, model) = fragmented(dir.path());
-        img.flush().unwrap();
-        let ex = img.resolve(Lba(0), DISK_BLOCKS as u64).unwrap();
-        // The LBA whose block is the last in the file, and a block before it.
-        let mut lba = 0u64;
-        let mut last = (0u64, 0u64);
-        for e in &ex {
-            if let Extent::Mapped { pba, blocks } = *e {
-                if pba.0 + blocks > last.0 + last.1 {
-                    last = (pba.0, blocks);
-                    lba = lba_of(&ex, pba.0);
-                }
-            }
-        }
-        let cut = img.sh.slot_off(last.0).unwrap() + 1024;
+        // The LBA whose block is the last in the file; the file cut inside that block.
+        let (ex, last, cut) = last_block_and_cut(&img);
+        let lba = lba_of(&ex, last.0);
         let img = reopen_direct(dir.path(), img);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("img.rrimg"))
-            .unwrap()
-            .set_len(cut)
-            .unwrap();
+        cut_at(dir.path(), cut);
         let other = if lba >= 8 { 0 } else { DISK_BLOCKS as u64 - 4 };
         let (mut a, at_a) = aligned(BS);
         let (mut b, at_b) = aligned(4 * BS);
@@ -1029,6 +981,34 @@ mod tests {
         assert!(matches!(out[1], Ok(BatchRead::Done)), "{out:?}");
         let o = (other * BS as u64) as usize;
         assert!(b[at_b..at_b + 4 * BS] == model[o..o + 4 * BS]);
+    }
+
+    /// After a flush: the image's extents from LBA 0, its mapped extent with the highest
+    /// block ids (the last data in the file), and a file length 1 KiB into that extent.
+    fn last_block_and_cut(img: &Image) -> (Vec<Extent>, (u64, u64), u64) {
+        img.flush().unwrap();
+        let ex = img.resolve(Lba(0), DISK_BLOCKS as u64).unwrap();
+        let last = ex
+            .iter()
+            .filter_map(|e| match *e {
+                Extent::Mapped { pba, blocks } => Some((pba.0, blocks)),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        let cut = img.sh.slot_off(last.0).unwrap() + 1024;
+        (ex, last, cut)
+    }
+
+    /// Truncates the image file in `dir` to `len` bytes (if it is longer).
+    fn cut_at(dir: &std::path::Path, len: u64) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("img.rrimg"))
+            .unwrap();
+        if file.metadata().unwrap().len() > len {
+            file.set_len(len).unwrap();
+        }
     }
 
     /// The LBA that maps block `pba` in `ex` (extents from LBA 0).
