@@ -189,6 +189,91 @@ impl FreeList {
     }
 }
 
+/// A set of slots as a bitmap, one bit per slot below a limit (a reclaim cursor's displaced
+/// slots: dense, changed a few blocks at a time for every journal record a plan walks, read
+/// whole once per plan; a B-tree of runs spent most of the retention thread's time on those
+/// single-block changes). Slots at or above the limit are ignored: the limit is the number of
+/// slots the image file holds, and a slot past its end holds no data to give back (only a
+/// damaged record names one, and it must not make the bitmap huge).
+#[derive(Debug, Default, Clone)]
+pub struct SlotBits {
+    words: Vec<u64>,
+    limit: u64,
+}
+
+impl SlotBits {
+    /// Slots from `limit` on are ignored from now on (the limit only grows).
+    pub fn raise_limit(&mut self, limit: u64) {
+        self.limit = self.limit.max(limit);
+    }
+
+    /// Calls `f(word, mask)` for the bits of `[slot, slot + n)` below the limit, word by word
+    /// (words that do not exist yet included).
+    fn for_words(slot: u64, n: u64, limit: u64, mut f: impl FnMut(usize, u64)) {
+        let end = slot.saturating_add(n).min(limit);
+        let mut s = slot;
+        while s < end {
+            let w = s / 64;
+            let lo = s % 64;
+            let hi = (end - w * 64).min(64);
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            f(w as usize, mask);
+            s = (w + 1) * 64;
+        }
+    }
+
+    /// Adds `[slot, slot + n)` (the part below the limit).
+    pub fn insert(&mut self, slot: u64, n: u64) {
+        let words = &mut self.words;
+        Self::for_words(slot, n, self.limit, |w, mask| {
+            if words.len() <= w {
+                words.resize(w + 1, 0);
+            }
+            if let Some(x) = words.get_mut(w) {
+                *x |= mask;
+            }
+        });
+    }
+
+    /// Removes `[slot, slot + n)`.
+    pub fn remove_range(&mut self, slot: u64, n: u64) {
+        let words = &mut self.words;
+        let limit = (words.len() as u64).saturating_mul(64);
+        Self::for_words(slot, n, limit, |w, mask| {
+            if let Some(x) = words.get_mut(w) {
+                *x &= !mask;
+            }
+        });
+    }
+
+    /// The set as sorted, disjoint, merged runs.
+    pub fn to_runs(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (w, &bits) in self.words.iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                let lo = u64::from(b.trailing_zeros());
+                let len = u64::from((b >> lo).trailing_ones());
+                let start = w as u64 * 64 + lo;
+                match out.last_mut() {
+                    Some((s, c)) if *s + *c == start => *c += len,
+                    _ => out.push((start, len)),
+                }
+                b = if lo + len >= 64 {
+                    0
+                } else {
+                    b & !(((1u64 << len) - 1) << lo)
+                };
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +351,49 @@ mod tests {
         f.offer(10_000, 16);
         assert_eq!(f.take(16), None, "the long run lies past the probe limit");
         assert_eq!(f.take(1), Some(0));
+    }
+
+    #[test]
+    fn slot_bits_follow_a_model_and_ignore_slots_past_the_limit() {
+        let mut bits = SlotBits::default();
+        bits.raise_limit(1000);
+        let mut model = std::collections::BTreeSet::new();
+        let mut x = 12345u64;
+        for i in 0..5000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let slot = (x >> 33) % 1100;
+            let n = 1 + (x >> 20) % 150;
+            if i % 3 == 2 {
+                bits.remove_range(slot, n);
+                for b in slot..slot + n {
+                    model.remove(&b);
+                }
+            } else {
+                bits.insert(slot, n);
+                for b in slot..(slot + n).min(1000) {
+                    model.insert(b);
+                }
+            }
+        }
+        let mut want: Vec<(u64, u64)> = Vec::new();
+        for &b in &model {
+            match want.last_mut() {
+                Some((s, c)) if *s + *c == b => *c += 1,
+                _ => want.push((b, 1)),
+            }
+        }
+        assert_eq!(bits.to_runs(), want);
+        // A slot far past the limit allocates nothing.
+        bits.insert(u64::MAX - 10, 5);
+        assert!(bits.words.len() <= 1000 / 64 + 1);
+        // Whole words and runs across word boundaries.
+        let mut b = SlotBits::default();
+        b.raise_limit(1 << 20);
+        b.insert(64, 64);
+        b.insert(200, 100);
+        b.remove_range(250, 1);
+        assert_eq!(b.to_runs(), vec![(64, 64), (200, 50), (251, 49)]);
     }
 }

@@ -30,7 +30,7 @@
 use std::os::fd::AsRawFd;
 
 use super::format::{self, JPos, RecKind, Reclaimed, Record, RUN_LEN};
-use super::freelist::RunSet;
+use super::freelist::{RunSet, SlotBits};
 use super::map::Map;
 use super::shared::{merge_runs, subtract_runs as subtract, Shared};
 use super::{apply, lock, rlock, zero_value, Image, ImageError};
@@ -93,7 +93,7 @@ pub(crate) struct Cursor {
     /// naming a slot again (reusing it) and a reclaim record naming it take it out: what is
     /// left are the slots whose latest incarnation is superseded. A plan subtracts what is
     /// reclaimed, pinned or metadata at its own time.
-    displaced: RunSet,
+    displaced: SlotBits,
     /// `displaced` holds no reclaimed slot and no slot a record after the cursor names (see
     /// [`Image::plan_reclaim`]): plans need not subtract either any more.
     purged: bool,
@@ -105,7 +105,7 @@ impl Cursor {
             map: Map::new(img.sh.blocks),
             pos: lock(&img.journal).hdr.journal_start(),
             seq: 0,
-            displaced: RunSet::default(),
+            displaced: SlotBits::default(),
             purged: false,
         }
     }
@@ -289,8 +289,20 @@ impl Image {
                 current: seq,
             });
         }
+        // Every slot a committed record names lies inside the file (its data was written
+        // first): the cursor's bitmap needs no bit past it.
+        let file_len = self
+            .sh
+            .file
+            .metadata()
+            .map_err(|e| ImageError::io("cannot stat the image", e))?
+            .len();
+        let file_slots = file_len
+            .saturating_sub(self.sh.data_offset)
+            .div_ceil(self.sh.bs.bytes_u64());
         let mut guard = lock(&self.reclaim_cursor);
         let cur = guard.get_or_insert_with(|| Cursor::start(self));
+        cur.displaced.raise_limit(file_slots);
         if keep_from.0 > cur.seq {
             // Walk on from where the last plan stopped, up to the write that made state
             // `keep_from` (see below for the relocations appended in that state).
