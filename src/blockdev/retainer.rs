@@ -89,6 +89,21 @@ struct State {
 }
 
 impl State {
+    /// The state of a thread starting on `image` now.
+    fn new(image: &Image, keep_seqs: u64, floor: Option<Seq>, reuse: bool) -> State {
+        let seq = image.seq().0;
+        State {
+            reuse,
+            keep_seqs,
+            floor,
+            last: seq,
+            last_at: Instant::now(),
+            seen: seq,
+            flushed_at: Instant::now(),
+            pending: None,
+        }
+    }
+
     /// Once the pending reclaim's records are durable (syncing the image itself when no write
     /// has done so for [`SYNC_AFTER`]), hands its runs to the allocator (reuse) or punches
     /// their holes.
@@ -194,16 +209,7 @@ impl Retainer {
         let thread = std::thread::Builder::new()
             .name("rr-row-retain".into())
             .spawn(move || {
-                let mut state = State {
-                    reuse,
-                    keep_seqs,
-                    floor,
-                    last: img.seq().0,
-                    last_at: Instant::now(),
-                    seen: img.seq().0,
-                    flushed_at: Instant::now(),
-                    pending: None,
-                };
+                let mut state = State::new(&img, keep_seqs, floor, reuse);
                 let mut failed = false;
                 let (m, cv) = &*flag;
                 let mut stopped = m.lock().unwrap_or_else(|e| e.into_inner());
@@ -256,19 +262,6 @@ mod tests {
     use crate::image::CreateOptions;
     use crate::units::BlockSize;
 
-    fn state(image: &Image, keep_seqs: u64) -> State {
-        State {
-            reuse: false,
-            keep_seqs,
-            floor: None,
-            last: image.seq().0,
-            last_at: Instant::now(),
-            seen: image.seq().0,
-            flushed_at: Instant::now(),
-            pending: None,
-        }
-    }
-
     fn image(dir: &std::path::Path) -> Image {
         let opts = CreateOptions {
             size: 1 << 20,
@@ -292,7 +285,7 @@ mod tests {
     fn a_step_without_durable_states_does_not_use_up_the_step() {
         let dir = tempfile::tempdir().unwrap();
         let image = image(dir.path());
-        let mut st = state(&image, 256);
+        let mut st = State::new(&image, 256, None, false);
         write_ops(&image, 4 * MIN_STEP);
         // Nothing synced yet: nothing to give back.
         st.step(&image).unwrap();
@@ -311,7 +304,7 @@ mod tests {
     fn a_quiet_image_is_caught_up_without_a_full_step() {
         let dir = tempfile::tempdir().unwrap();
         let image = image(dir.path());
-        let mut st = state(&image, 256);
+        let mut st = State::new(&image, 256, None, false);
         write_ops(&image, 2 * MIN_STEP);
         image.flush().unwrap();
         st.step(&image).unwrap();

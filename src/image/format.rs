@@ -463,6 +463,20 @@ pub struct Record {
     pub reclaim: Option<Reclaimed>,
 }
 
+impl Record {
+    /// A flush marker vouching for every record up to state `seq` (and their data).
+    pub fn flush_marker(seq: u64) -> Record {
+        Record {
+            kind: RecKind::Flush,
+            seq,
+            pieces: Vec::new(),
+            link: None,
+            nonce: None,
+            reclaim: None,
+        }
+    }
+}
+
 /// What a reclaim record (or a checkpoint's reclaimed section) holds.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Reclaimed {

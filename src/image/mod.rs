@@ -337,6 +337,12 @@ fn check_range(size: u64, offset: u64, len: u64) -> Result<(), ImageError> {
     }
 }
 
+/// The first block and the number of blocks that `len > 0` bytes at `offset` touch.
+fn blocks_spanned(offset: u64, len: u64, bs: u64) -> (u64, u64) {
+    let first = offset / bs;
+    (first, (offset + len - 1) / bs - first + 1)
+}
+
 fn zero_value(sh: &Shared) -> u64 {
     if sh.base.is_some() {
         map::ZERO
@@ -843,15 +849,7 @@ impl Image {
                 // them superseded would otherwise let the next recovery fail to verify that
                 // record, fall back before it - and before the reclaim records - and find
                 // the states the reclaim gave up readable again, over punched or reused blocks.
-                let marker = Record {
-                    kind: RecKind::Flush,
-                    seq,
-                    pieces: Vec::new(),
-                    link: None,
-                    nonce: None,
-                    reclaim: None,
-                };
-                journal.append(&sh, &marker)?;
+                journal.append(&sh, &Record::flush_marker(seq))?;
                 journal.write_out(&sh)?;
                 sh.file
                     .sync_data()
@@ -1108,8 +1106,7 @@ impl Image {
             return Ok(self.seq());
         }
         let bs = self.sh.bs.bytes_u64();
-        let first = offset / bs;
-        let n = (offset + len - 1) / bs - first + 1;
+        let (first, n) = blocks_spanned(offset, len, bs);
         let mut ex = Vec::new();
         let seq = loop {
             // A reclaim running beside this read (serve --retain-seqs) may give back and punch
@@ -1174,8 +1171,7 @@ impl Image {
                 let len = total_len(segs);
                 resolved.push(check_range(self.sh.size, offset, len).map(|()| {
                     (len > 0).then(|| {
-                        let first = offset / bs;
-                        let n = (offset + len - 1) / bs - first + 1;
+                        let (first, n) = blocks_spanned(offset, len, bs);
                         let mut ex = Vec::new();
                         live.map.extents(first, n, self.sh.base.is_some(), &mut ex);
                         ex
@@ -1698,15 +1694,7 @@ impl Image {
         j.unsynced = j.unsynced.saturating_sub(covered);
         j.sync_requested = false;
         if target > j.durable_seq {
-            let marker = Record {
-                kind: RecKind::Flush,
-                seq: target,
-                pieces: Vec::new(),
-                link: None,
-                nonce: None,
-                reclaim: None,
-            };
-            j.append(&self.sh, &marker)?;
+            j.append(&self.sh, &Record::flush_marker(target))?;
             j.durable_seq = target;
         }
         if j.since_ckpt >= self.ckpt_threshold.load(Ordering::SeqCst) {
@@ -2117,8 +2105,7 @@ impl Snapshot {
             return Ok(());
         }
         let bs = self.sh.bs.bytes_u64();
-        let first = offset / bs;
-        let n = (offset + len - 1) / bs - first + 1;
+        let (first, n) = blocks_spanned(offset, len, bs);
         let mut ex = Vec::new();
         self.map.extents(first, n, self.sh.base.is_some(), &mut ex);
         // A view taken before a reclaim may name blocks it gave back: their holes read as

@@ -415,10 +415,16 @@ impl Shared {
         let gather = min > 0 && mapped_extents_read(extents, skip, need, bs) >= min;
         let mut batch = ReadBatch::default();
         self.gather_extents(extents, skip, segs, gather, &mut batch)?;
-        if !batch.reads.is_empty() {
-            self.read_batch(&mut batch.reads, &batch.wanted)?;
+        if batch.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        // Errors as the `preadv` path gives them: the first I/O error, else the first extent
+        // the file ends in.
+        self.submit_batch(&mut batch)?;
+        match batch.short_in(0..batch.len()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// The work of [`Self::read_extents`] short of the ring: zeroed and base extents are
@@ -507,34 +513,15 @@ impl Shared {
         Ok(())
     }
 
-    /// Reads the gathered mapped extents of [`Self::read_extents`]: all at once through
-    /// io_uring, or one `preadv` each when this thread cannot use it. Errors as the `preadv`
-    /// path gives them: the first I/O error, else the first extent the file ends in.
-    fn read_batch(
-        &self,
-        reads: &mut [uring::Read<'_>],
-        wanted: &[(Pba, u64)],
-    ) -> Result<(), ImageError> {
-        self.submit_reads(reads)?;
-        match first_short(reads, wanted) {
-            Some(pba) => Err(past_the_end(pba)),
-            None => Ok(()),
-        }
-    }
-
     /// Reads everything gathered: all at once through io_uring, or one `preadv` each when
     /// this thread cannot use it. The first I/O error fails the whole batch (every read has
     /// completed by then); a read the end of the file cut short is found with
-    /// [`ReadBatch::first_short`].
+    /// [`ReadBatch::short_in`].
     pub fn submit_batch(&self, batch: &mut ReadBatch<'_>) -> Result<(), ImageError> {
-        self.submit_reads(&mut batch.reads)
-    }
-
-    fn submit_reads(&self, reads: &mut [uring::Read<'_>]) -> Result<(), ImageError> {
-        match uring::read_all(reads) {
+        match uring::read_all(&mut batch.reads) {
             Some(res) => res.map_err(|e| ImageError::io("cannot read the image", e)),
             None => {
-                for r in reads.iter_mut() {
+                for r in batch.reads.iter_mut() {
                     r.done = self
                         .read_data(&r.segs, r.off)
                         .map_err(|e| ImageError::io("cannot read the image", e))?;
@@ -600,17 +587,12 @@ impl ReadBatch<'_> {
     pub fn short_in(&self, range: std::ops::Range<usize>) -> Option<ImageError> {
         let reads = self.reads.get(range.clone())?;
         let wanted = self.wanted.get(range)?;
-        first_short(reads, wanted).map(past_the_end)
+        wanted
+            .iter()
+            .zip(reads)
+            .find(|((_, take), r)| r.done < *take)
+            .map(|(&(pba, _), _)| past_the_end(pba))
     }
-}
-
-/// The block id of the first read that got fewer bytes than it wanted.
-fn first_short(reads: &[uring::Read<'_>], wanted: &[(Pba, u64)]) -> Option<Pba> {
-    wanted
-        .iter()
-        .zip(reads)
-        .find(|((_, take), r)| r.done < *take)
-        .map(|(&(pba, _), _)| pba)
 }
 
 /// How many mapped extents a read of `need` bytes from `skip` bytes into `extents` reads from.
