@@ -12,13 +12,13 @@
 
 use std::sync::Arc;
 
-use crate::image::{BatchRead, Image};
+use crate::image::{BatchRead, BatchWrite, Image};
 use crate::iobuf::IoSeg;
 
 use super::relocator::Relocator;
 use super::retainer::{RetainError, Retainer};
 use super::syncer::Syncer;
-use super::{with_trace, BlockDevice, BlockError, ReadReq, RequestCtx};
+use super::{with_trace, BatchReq, BlockDevice, BlockError, RequestCtx};
 
 /// A block device serving an open image.
 pub struct ImageDevice {
@@ -126,12 +126,13 @@ impl BlockDevice for ImageDevice {
         })
     }
 
-    /// With `O_DIRECT` every read waits for the disk: a batch's reads go to it together.
-    fn prefers_batched_reads(&self) -> bool {
+    /// With `O_DIRECT` every read and write waits for the disk: a batch's reads go to it
+    /// together, and so do its writes.
+    fn prefers_batches(&self) -> bool {
         self.image.is_direct()
     }
 
-    fn read_many(&self, reqs: &[ReadReq<'_>]) -> Vec<Result<(), BlockError>> {
+    fn read_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
         // Reads relocation may want go on their own, with the trace it needs.
         let max = self.reloc.as_ref().map_or(usize::MAX, Relocator::min_runs);
@@ -142,6 +143,20 @@ impl BlockDevice for ImageDevice {
             .map(|(r, q)| match r {
                 Ok(BatchRead::Done) => Ok(()),
                 Ok(BatchRead::Alone) => self.read(q.ctx, q.offset, q.segs),
+                Err(e) => Err(e.into()),
+            })
+            .collect()
+    }
+
+    fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
+        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
+        self.image
+            .write_many(&plain)
+            .into_iter()
+            .zip(reqs)
+            .map(|(r, q)| match r {
+                Ok(BatchWrite::Done(_)) => Ok(()),
+                Ok(BatchWrite::Alone) => self.write(q.ctx, q.offset, q.segs),
                 Err(e) => Err(e.into()),
             })
             .collect()

@@ -195,29 +195,39 @@ pub trait BlockDevice: Send + Sync {
     /// to the guest: a device that buffers metadata in memory can hand it to the host kernel
     /// here, so that completed requests survive the process being killed. Default: nothing.
     fn end_of_batch(&self) {}
-    /// Whether [`read_many`](Self::read_many) does better than one [`read`](Self::read)
-    /// after another, so that a queue worker should hand it the reads of a batch together.
-    /// Default: no.
-    fn prefers_batched_reads(&self) -> bool {
+    /// Whether [`read_many`](Self::read_many) and [`write_many`](Self::write_many) do better
+    /// than one request after another, so that a queue worker should hand the device a
+    /// batch's reads together and its writes together. Default: no.
+    fn prefers_batches(&self) -> bool {
         false
     }
     /// Reads several independent requests (of one batch: none depends on another); results
     /// in request order, each what [`read`](Self::read) would have returned. Default: one
     /// `read` after another.
-    fn read_many(&self, reqs: &[ReadReq<'_>]) -> Vec<Result<(), BlockError>> {
+    fn read_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         reqs.iter()
             .map(|r| self.read(r.ctx, r.offset, r.segs))
             .collect()
     }
+    /// Writes several independent requests (of one batch: the guest issued them all before
+    /// any completed, so it cannot rely on an order among them; where two overlap, the later
+    /// in the slice wins, as if they had run in that order). Results in request order, each
+    /// what [`write`](Self::write) would have returned. Default: one `write` after another.
+    fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
+        reqs.iter()
+            .map(|r| self.write(r.ctx, r.offset, r.segs))
+            .collect()
+    }
 }
 
-/// One read of a batch handed to [`BlockDevice::read_many`].
+/// One request of a batch handed to [`BlockDevice::read_many`] or
+/// [`BlockDevice::write_many`].
 #[derive(Debug, Clone, Copy)]
-pub struct ReadReq<'a> {
+pub struct BatchReq<'a> {
     /// The request.
     pub ctx: &'a RequestCtx,
     /// Byte offset on the device.
     pub offset: u64,
-    /// Where the bytes go.
+    /// Where the bytes go (a read) or come from (a write).
     pub segs: &'a [IoSeg<'a>],
 }

@@ -119,6 +119,16 @@ pub enum BatchRead {
     Alone,
 }
 
+/// What [`Image::write_many`] did with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchWrite {
+    /// Written and committed.
+    Done(WriteOutcome),
+    /// Not written: the caller writes it on its own (not whole aligned blocks, or the image
+    /// has no direct descriptor and ring to batch with).
+    Alone,
+}
+
 /// Block-granular description of what backs consecutive LBAs, in LBA order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {
@@ -341,6 +351,15 @@ fn check_range(size: u64, offset: u64, len: u64) -> Result<(), ImageError> {
 fn blocks_spanned(offset: u64, len: u64, bs: u64) -> (u64, u64) {
     let first = offset / bs;
     (first, (offset + len - 1) / bs - first + 1)
+}
+
+/// The same error again (`std::io::Error` is not `Clone`): the first error of a batch fails
+/// every request of it that did not complete.
+fn copy_io_error(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
+    }
 }
 
 fn zero_value(sh: &Shared) -> u64 {
@@ -1235,6 +1254,128 @@ impl Image {
                 }
             }
         }
+        out
+    }
+
+    /// Writes several requests at once, each as [`write_vectored`](Self::write_vectored)
+    /// would, for an image with a direct (`O_DIRECT`) descriptor: every request of whole,
+    /// aligned blocks gets its new blocks, all their data goes to the disk in one io_uring
+    /// submission (the writes overlap, with no thread per request), and the records of those
+    /// that landed are committed in request order under one hold of the journal lock. Where
+    /// two requests overlap, the later one wins. A request that is not whole blocks, or whose
+    /// buffers are not aligned for `O_DIRECT`, is left to the caller ([`BatchWrite::Alone`]),
+    /// as is every request when the image has no direct descriptor or this thread no ring. A
+    /// request whose data did not land fails alone; its blocks go back to the allocator.
+    /// Results in request order.
+    pub fn write_many(&self, reqs: &[(u64, &[IoSeg<'_>])]) -> Vec<Result<BatchWrite, ImageError>> {
+        if self.read_only {
+            return reqs.iter().map(|_| Err(ImageError::ReadOnly)).collect();
+        }
+        let direct = match &self.sh.direct {
+            Some(d) if uring::available() => d,
+            _ => return reqs.iter().map(|_| Ok(BatchWrite::Alone)).collect(),
+        };
+        let bs = self.sh.bs.bytes_u64();
+        let mut out: Vec<Result<BatchWrite, ImageError>> = Vec::with_capacity(reqs.len());
+        let mut ios: Vec<uring::Io<'_>> = Vec::new();
+        // For each write submitted: its request, first block, blocks, LBA and data CRC.
+        let mut placed: Vec<(usize, u64, u64, u64, u32)> = Vec::new();
+        for (i, &(offset, segs)) in reqs.iter().enumerate() {
+            let len = total_len(segs);
+            if let Err(e) = check_range(self.sh.size, offset, len) {
+                out.push(Err(e));
+                continue;
+            }
+            if len == 0 {
+                out.push(Ok(BatchWrite::Done(WriteOutcome {
+                    seq: self.seq(),
+                    first_pba: Pba(0),
+                    blocks: 0,
+                })));
+                continue;
+            }
+            // Offset 0 stands for the slot's, which is always aligned.
+            if offset % bs != 0 || len % bs != 0 || !direct.is_aligned(segs, 0) {
+                out.push(Ok(BatchWrite::Alone));
+                continue;
+            }
+            let n = len / bs;
+            let first = match self.sh.alloc_data(n) {
+                Ok(f) => f,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            let Some(off) = self.sh.slot_off(first) else {
+                self.sh.release_data(first, n);
+                out.push(Err(ImageError::Full));
+                continue;
+            };
+            placed.push((i, first, n, offset / bs, io::crc_segs(segs)));
+            ios.push(uring::Io::write(direct.raw_fd(), off, segs.to_vec()));
+            // Replaced below, once the data has landed and its record is committed.
+            out.push(Ok(BatchWrite::Alone));
+        }
+        if placed.is_empty() {
+            return out;
+        }
+        // Which writes landed whole; the others fail with the error the ring gave.
+        let mut landed: Vec<Result<(), std::io::Error>> = Vec::with_capacity(ios.len());
+        match uring::run_all(&mut ios) {
+            Some(res) => {
+                let first_err = res.err();
+                for w in &ios {
+                    landed.push(if w.done == total_len(&w.segs) {
+                        Ok(())
+                    } else {
+                        Err(match &first_err {
+                            Some(e) => copy_io_error(e),
+                            None => std::io::Error::from(std::io::ErrorKind::WriteZero),
+                        })
+                    });
+                }
+            }
+            // This thread lost its ring meanwhile: the blocks are taken, write them here.
+            None => {
+                for w in &ios {
+                    landed.push(self.sh.write_data(&w.segs, w.off));
+                }
+            }
+        }
+        drop(ios);
+        let mut j = lock(&self.journal);
+        for (&(i, first, n, lba, crc), res) in placed.iter().zip(landed) {
+            let result = match res {
+                Err(e) => {
+                    self.sh.release_data(first, n);
+                    Err(ImageError::io("cannot write data blocks", e))
+                }
+                Ok(()) => self
+                    .commit(
+                        &mut j,
+                        RecKind::Write,
+                        vec![Piece {
+                            lba,
+                            blocks: n,
+                            pba: Some(first),
+                            data_crc: crc,
+                        }],
+                    )
+                    .map(|seq| {
+                        BatchWrite::Done(WriteOutcome {
+                            seq,
+                            first_pba: Pba(first),
+                            blocks: n,
+                        })
+                    }),
+            };
+            if let Some(slot) = out.get_mut(i) {
+                *slot = result;
+            }
+        }
+        drop(j);
+        self.background_sync();
         out
     }
 

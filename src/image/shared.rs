@@ -476,7 +476,7 @@ impl Shared {
                         Some(_) => None,
                     };
                     if let Some(fd) = ring_fd {
-                        batch.reads.push(uring::Read::new(fd, off, sub));
+                        batch.reads.push(uring::Io::read(fd, off, sub));
                         batch.wanted.push((pba, take));
                     } else {
                         let got = self
@@ -518,7 +518,7 @@ impl Shared {
     /// completed by then); a read the end of the file cut short is found with
     /// [`ReadBatch::short_in`].
     pub fn submit_batch(&self, batch: &mut ReadBatch<'_>) -> Result<(), ImageError> {
-        match uring::read_all(&mut batch.reads) {
+        match uring::run_all(&mut batch.reads) {
             Some(res) => res.map_err(|e| ImageError::io("cannot read the image", e)),
             None => {
                 for r in batch.reads.iter_mut() {
@@ -560,7 +560,7 @@ impl Shared {
 /// first).
 #[derive(Default)]
 pub struct ReadBatch<'a> {
-    pub(crate) reads: Vec<uring::Read<'a>>,
+    pub(crate) reads: Vec<uring::Io<'a>>,
     pub(crate) wanted: Vec<(Pba, u64)>,
 }
 

@@ -1,13 +1,16 @@
-//! Fragmented reads through io_uring: all the extents of one read submitted at once.
+//! Batches of transfers through io_uring: all the extents of one read, or the reads and
+//! writes of a whole batch of requests, submitted at once.
 //!
 //! Data overwritten at random resolves to many extents (runs of consecutive block ids): a
 //! 128 KiB read of such data is 20-32 of them. The engine's read path (`Shared::read_extents`)
 //! issues one `preadv` per extent for a few extents; from [`min_extents`] mapped extents on, it
-//! hands them to `read_all`, which queues one `IORING_OP_READ` per extent (`READV` when the
+//! hands them to `run_all`, which queues one `IORING_OP_READ` per extent (`READV` when the
 //! extent spans several of the caller's segments) on this thread's ring, submits them with one
 //! `io_uring_enter`, and waits for every one of them. Data goes straight into the caller's
-//! segments, as with `preadv`: no bounce buffer. Only the buffered descriptor is read this
-//! way; direct (`O_DIRECT`) reads keep one `preadv` per extent.
+//! segments, as with `preadv`: no bounce buffer. With a direct (`O_DIRECT`) descriptor the
+//! reads of a whole batch of requests go together (`Image::read_many`), and so do its
+//! writes (`IORING_OP_WRITE`/`WRITEV`, `Image::write_many`): their disk I/O overlaps as a
+//! batch's does in qemu-storage-daemon, with no thread per request.
 //!
 //! Cached pages are read inline in `io_uring_enter` (the kernel tries `IOCB_NOWAIT` first), so
 //! for them the ring saves system calls only; reads that would wait for the disk go to io-wq
@@ -19,23 +22,24 @@
 //!   without those flags on kernels that refuse them. Its memory is marked `MADV_DONTFORK`, so
 //!   a forked child can never reach it.
 //! - **When io_uring cannot be used** (kernel too old, `kernel.io_uring_disabled`, seccomp,
-//!   out of memory...), `read_all` returns `None` and the caller uses `preadv`; why is logged
-//!   once per process at info level.
-//! - **Short reads** are resubmitted for the remainder (the iovec list advanced past what was
-//!   read); a read that returns 0 has reached the end of the file. `-EAGAIN` and `-EINTR`
-//!   completions are resubmitted as they are. A read of more than `IOV_MAX` segments is
-//!   submitted `IOV_MAX` at a time: it completes short and the remainder goes again.
+//!   out of memory...), `run_all` returns `None` and the caller uses `preadv`/`pwritev`; why
+//!   is logged once per process at info level.
+//! - **Short transfers** are resubmitted for the remainder (the iovec list advanced past what
+//!   was transferred); a read that returns 0 has reached the end of the file, a write that
+//!   returns 0 is not resubmitted either (`ended`). `-EAGAIN` and `-EINTR` completions are
+//!   resubmitted as they are. A transfer of more than `IOV_MAX` segments is submitted
+//!   `IOV_MAX` at a time: it completes short and the remainder goes again.
 //! - **Errors.** The first error completion is returned, after every request already submitted
-//!   has completed (no new read is submitted once one failed).
+//!   has completed (no new request is submitted once one failed).
 //!
-//! **The one safety rule: `read_all` never returns while the kernel may still write into a
-//! caller's segment or read one of its iovec arrays.** Every path out of it, error paths
-//! included, first waits for every submitted request's completion. Queued entries the kernel
-//! never consumed (only after `io_uring_enter` itself failed) are never submitted afterwards:
-//! the ring is closed and this thread goes back to `preadv`. If the kernel refuses even to
-//! wait for the requests in flight, the process aborts rather than return buffers the kernel
-//! may still write into. Nothing in the loop can panic while requests are in flight
-//! (checked indexing only).
+//! **The one safety rule: `run_all` never returns while the kernel may still write into (or
+//! read from) a caller's segment or read one of its iovec arrays.** Every path out of it,
+//! error paths included, first waits for every submitted request's completion. Queued entries
+//! the kernel never consumed (only after `io_uring_enter` itself failed) are never submitted
+//! afterwards: the ring is closed and this thread goes back to `preadv`/`pwritev`. If the
+//! kernel refuses even to wait for the requests in flight, the process aborts rather than
+//! return buffers the kernel may still use. Nothing in the loop can panic while requests are
+//! in flight (checked indexing only).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -52,7 +56,7 @@ use crate::iobuf::{as_iovecs, IoSeg};
 /// each). Chosen by measurement: docs/perf-notes.md, section 13.
 pub const DEFAULT_MIN_EXTENTS: usize = 4;
 
-/// Submission queue entries of each thread's ring: at most this many reads in flight.
+/// Submission queue entries of each thread's ring: at most this many transfers in flight.
 const ENTRIES: u32 = 64;
 
 /// Largest iovec count of one `READV` (the kernel's `UIO_MAXIOV`).
@@ -72,7 +76,7 @@ thread_local! {
 
 #[cfg(test)]
 thread_local! {
-    /// READV requests this thread queued (tests check that a path was taken).
+    /// Requests this thread queued (tests check that a path was taken).
     static QUEUED: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -106,29 +110,43 @@ pub fn available() -> bool {
     with_ring(|_| ()).is_some()
 }
 
-/// One read of a batch: the segments' length from `off` of `fd`.
-pub(crate) struct Read<'a> {
+/// One transfer of a batch: a read into the segments (or a write of them) of their length at
+/// `off` of `fd`.
+pub(crate) struct Io<'a> {
     /// The file (open for the whole call).
     pub fd: RawFd,
     /// Its offset, or [`CURRENT_POSITION`].
     pub off: u64,
-    /// Where the bytes go: memory valid for writes (IoSeg's contract).
+    /// For a read, where the bytes go: memory valid for writes; for a write, where they come
+    /// from: memory valid for reads (IoSeg's contract).
     pub segs: Vec<IoSeg<'a>>,
-    /// Bytes read (set by [`read_all`]).
+    /// A write of the segments instead of a read into them.
+    pub write: bool,
+    /// Bytes transferred (set by [`run_all`]).
     pub done: u64,
-    /// The file ended before the segments were full (set by [`read_all`]).
-    pub eof: bool,
+    /// The transfer stopped before the segments' end: a read reached the end of the file, or
+    /// the kernel wrote nothing (set by [`run_all`]).
+    pub ended: bool,
 }
 
-impl<'a> Read<'a> {
-    /// A read of `segs` at `off` of `fd`.
-    pub fn new(fd: RawFd, off: u64, segs: Vec<IoSeg<'a>>) -> Self {
-        Read {
+impl<'a> Io<'a> {
+    /// A read into `segs` from `off` of `fd`.
+    pub fn read(fd: RawFd, off: u64, segs: Vec<IoSeg<'a>>) -> Self {
+        Io {
             fd,
             off,
             segs,
+            write: false,
             done: 0,
-            eof: false,
+            ended: false,
+        }
+    }
+
+    /// A write of `segs` at `off` of `fd`.
+    pub fn write(fd: RawFd, off: u64, segs: Vec<IoSeg<'a>>) -> Self {
+        Io {
+            write: true,
+            ..Io::read(fd, off, segs)
         }
     }
 }
@@ -144,8 +162,8 @@ fn with_ring<R>(f: impl FnOnce(&mut IoUring) -> R) -> Option<R> {
                 Err(e) => {
                     LOGGED.call_once(|| {
                         log::info!(
-                            "io_uring cannot be used ({e}); fragmented reads use one preadv per \
-                             extent"
+                            "io_uring cannot be used ({e}); reads and writes use preadv and \
+                             pwritev"
                         );
                     });
                     Ring::Unavailable
@@ -176,12 +194,12 @@ fn setup() -> io::Result<IoUring> {
     }
 }
 
-/// Reads every `Read` of `reads` through this thread's ring, all submitted together, and
-/// fills in each one's `done` and `eof`. Returns `None` (and reads nothing) when io_uring
-/// cannot be used on this thread; `Some(Err)` with the first error the kernel gave, once no
-/// request is in flight any more (the reads that had not failed may have completed or not:
-/// their `done` says how far they got).
-pub(crate) fn read_all(reads: &mut [Read<'_>]) -> Option<io::Result<()>> {
+/// Runs every transfer of `reads` through this thread's ring, all submitted together, and
+/// fills in each one's `done` and `ended`. Returns `None` (and transfers nothing) when
+/// io_uring cannot be used on this thread; `Some(Err)` with the first error the kernel gave,
+/// once no request is in flight any more (the transfers that had not failed may have
+/// completed or not: their `done` says how far they got).
+pub(crate) fn run_all(reads: &mut [Io<'_>]) -> Option<io::Result<()>> {
     let (res, broken) = with_ring(|ring| run(ring, reads))?;
     if broken {
         // Entries the kernel never consumed may still sit in the submission queue: never
@@ -191,13 +209,13 @@ pub(crate) fn read_all(reads: &mut [Read<'_>]) -> Option<io::Result<()>> {
                 *slot = Ring::Unavailable;
             }
         });
-        log::warn!("io_uring failed on this thread; its fragmented reads use preadv from now on");
+        log::warn!("io_uring failed on this thread; it uses preadv and pwritev from now on");
     }
     Some(res)
 }
 
 /// The batch on one ring; returns the result and whether the ring must not be used again.
-fn run(ring: &mut IoUring, reads: &mut [Read<'_>]) -> (io::Result<()>, bool) {
+fn run(ring: &mut IoUring, reads: &mut [Io<'_>]) -> (io::Result<()>, bool) {
     // One iovec list per read, advanced as the read progresses. Each inner vector is only
     // modified (advanced) when its read has no request in flight, and the outer one never
     // changes length, so the arrays the kernel was given stay where they are.
@@ -213,7 +231,7 @@ fn run(ring: &mut IoUring, reads: &mut [Read<'_>]) -> (io::Result<()>, bool) {
         .collect();
     for r in reads.iter_mut() {
         r.done = 0;
-        r.eof = false;
+        r.ended = false;
     }
     let mut todo: VecDeque<usize> = (0..reads.len())
         .filter(|&i| iovs.get(i).is_some_and(|v| !v.is_empty()))
@@ -237,27 +255,37 @@ fn run(ring: &mut IoUring, reads: &mut [Read<'_>]) -> (io::Result<()>, bool) {
                 } else {
                     r.off.saturating_add(r.done)
                 };
-                // One segment left: a plain READ (no iovec array for the kernel to copy in).
-                let entry = match v.as_slice() {
-                    [one] => opcode::Read::new(
+                // One segment left: a plain READ or WRITE (no iovec array for the kernel to
+                // copy in).
+                let n = v.len().min(IOV_MAX) as u32;
+                let entry = match (v.as_slice(), r.write) {
+                    ([one], false) => opcode::Read::new(
                         types::Fd(r.fd),
                         one.iov_base.cast::<u8>(),
                         u32::try_from(one.iov_len).unwrap_or(u32::MAX),
                     )
                     .offset(off)
                     .build(),
-                    _ => {
-                        opcode::Readv::new(types::Fd(r.fd), v.as_ptr(), v.len().min(IOV_MAX) as u32)
-                            .offset(off)
-                            .build()
-                    }
+                    ([one], true) => opcode::Write::new(
+                        types::Fd(r.fd),
+                        one.iov_base.cast::<u8>().cast_const(),
+                        u32::try_from(one.iov_len).unwrap_or(u32::MAX),
+                    )
+                    .offset(off)
+                    .build(),
+                    (_, false) => opcode::Readv::new(types::Fd(r.fd), v.as_ptr(), n)
+                        .offset(off)
+                        .build(),
+                    (_, true) => opcode::Writev::new(types::Fd(r.fd), v.as_ptr(), n)
+                        .offset(off)
+                        .build(),
                 }
                 .user_data(i as u64);
                 // SAFETY: the entry points at `v`, an iovec array that stays allocated and
                 // unmoved until this request completes (see `iovs` above), or straight at the
-                // memory of its one entry. Its entries describe memory valid for writes for
-                // the whole call (IoSeg's constructor contract; `advance` keeps them inside
-                // their segments). This function waits for the completion of every request it
+                // memory of its one entry. Its entries describe memory valid for writes (a
+                // read) or reads (a write) for the whole call (IoSeg's constructor contract;
+                // `advance` keeps them inside their segments). This function waits for the completion of every request it
                 // submits before it returns (the loop below runs until nothing is in flight,
                 // and the failure paths wait too), so the kernel is done with the array and
                 // the memory before the caller gets its segments back. The fd is open for the
@@ -317,7 +345,7 @@ fn run(ring: &mut IoUring, reads: &mut [Read<'_>]) -> (io::Result<()>, bool) {
 /// Takes every completion the ring holds and accounts for it.
 fn drain(
     ring: &mut IoUring,
-    reads: &mut [Read<'_>],
+    reads: &mut [Io<'_>],
     iovs: &mut [Vec<libc::iovec>],
     in_flight: &mut usize,
     todo: &mut VecDeque<usize>,
@@ -338,7 +366,9 @@ fn drain(
                 todo.push_back(i);
             }
         } else if res == 0 {
-            r.eof = true;
+            // A read at the end of the file, or a write the kernel took nothing of: either
+            // way, resubmitting would not progress.
+            r.ended = true;
         } else if res == -libc::EAGAIN || res == -libc::EINTR {
             todo.push_back(i);
         } else if err.is_none() {
@@ -351,7 +381,7 @@ fn drain(
 /// the kernel refuses to wait: returning would hand back buffers it may still write into.
 fn wait_all(
     ring: &mut IoUring,
-    reads: &mut [Read<'_>],
+    reads: &mut [Io<'_>],
     iovs: &mut [Vec<libc::iovec>],
     in_flight: &mut usize,
     err: &mut Option<io::Error>,
@@ -375,8 +405,8 @@ fn wait_all(
                 failures += 1;
                 if failures > MAX_RETRIES {
                     log::error!(
-                        "io_uring: cannot wait for {} reads in flight ({e}); aborting rather \
-                         than return buffers the kernel may still write into",
+                        "io_uring: cannot wait for {} transfers in flight ({e}); aborting \
+                         rather than return buffers the kernel may still use",
                         *in_flight
                     );
                     std::process::abort();
@@ -424,10 +454,10 @@ mod tests {
         let mut b = vec![0u8; 3 * 4096];
         let (mut c1, mut c2) = (vec![0u8; 100], vec![0u8; 8092]);
         let mut reads = vec![
-            Read::new(fd, 40960, vec![IoSeg::from_mut_slice(&mut a)]),
-            Read::new(fd, 0, vec![IoSeg::from_mut_slice(&mut b)]),
+            Io::read(fd, 40960, vec![IoSeg::from_mut_slice(&mut a)]),
+            Io::read(fd, 0, vec![IoSeg::from_mut_slice(&mut b)]),
             // One read split over two segments of odd lengths.
-            Read::new(
+            Io::read(
                 fd,
                 20000,
                 vec![
@@ -436,9 +466,9 @@ mod tests {
                 ],
             ),
         ];
-        read_all(&mut reads).unwrap().unwrap();
+        run_all(&mut reads).unwrap().unwrap();
         assert_eq!(
-            reads.iter().map(|r| (r.done, r.eof)).collect::<Vec<_>>(),
+            reads.iter().map(|r| (r.done, r.ended)).collect::<Vec<_>>(),
             vec![(4096, false), (12288, false), (8192, false)]
         );
         drop(reads);
@@ -456,12 +486,12 @@ mod tests {
         let mut a = vec![0xeeu8; 4096];
         let mut b = vec![0xeeu8; 4096];
         let mut reads = vec![
-            Read::new(fd, 8192, vec![IoSeg::from_mut_slice(&mut a)]),
-            Read::new(fd, 20000, vec![IoSeg::from_mut_slice(&mut b)]),
+            Io::read(fd, 8192, vec![IoSeg::from_mut_slice(&mut a)]),
+            Io::read(fd, 20000, vec![IoSeg::from_mut_slice(&mut b)]),
         ];
-        read_all(&mut reads).unwrap().unwrap();
-        assert_eq!((reads[0].done, reads[0].eof), (1808, true));
-        assert_eq!((reads[1].done, reads[1].eof), (0, true));
+        run_all(&mut reads).unwrap().unwrap();
+        assert_eq!((reads[0].done, reads[0].ended), (1808, true));
+        assert_eq!((reads[1].done, reads[1].ended), (0, true));
         drop(reads);
         assert_eq!(a[..1808], data[8192..]);
         assert!(a[1808..].iter().all(|&x| x == 0xee));
@@ -478,10 +508,10 @@ mod tests {
         let mut buf = vec![0u8; 21000];
         let segs: Vec<IoSeg<'_>> = buf.chunks_mut(7).map(IoSeg::from_mut_slice).collect();
         assert_eq!(segs.len(), 3000);
-        let mut reads = vec![Read::new(fd, 5, segs)];
+        let mut reads = vec![Io::read(fd, 5, segs)];
         let before = queued();
-        read_all(&mut reads).unwrap().unwrap();
-        assert_eq!((reads[0].done, reads[0].eof), (21000, false));
+        run_all(&mut reads).unwrap().unwrap();
+        assert_eq!((reads[0].done, reads[0].ended), (21000, false));
         // 1024 + 1024 + 952 segments.
         assert_eq!(queued() - before, 3);
         drop(reads);
@@ -504,14 +534,14 @@ mod tests {
         });
         let mut a = vec![0u8; 5000];
         let mut b = vec![0u8; 7000];
-        let mut reads = vec![Read::new(
+        let mut reads = vec![Io::read(
             rd.as_raw_fd(),
             CURRENT_POSITION,
             vec![IoSeg::from_mut_slice(&mut a), IoSeg::from_mut_slice(&mut b)],
         )];
         let before = queued();
-        read_all(&mut reads).unwrap().unwrap();
-        assert_eq!((reads[0].done, reads[0].eof), (12000, false));
+        run_all(&mut reads).unwrap().unwrap();
+        assert_eq!((reads[0].done, reads[0].ended), (12000, false));
         // At least the first completion was short (3000 of 12000 bytes were there).
         assert!(queued() - before >= 2);
         drop(reads);
@@ -526,14 +556,14 @@ mod tests {
         let t = file_with(&data);
         let fd = t.as_file().as_raw_fd();
         let mut bufs: Vec<Vec<u8>> = (0..40).map(|_| vec![0u8; 8192]).collect();
-        let mut reads: Vec<Read<'_>> = bufs
+        let mut reads: Vec<Io<'_>> = bufs
             .iter_mut()
             .enumerate()
-            .map(|(i, b)| Read::new(fd, i as u64 * 20000, vec![IoSeg::from_mut_slice(b)]))
+            .map(|(i, b)| Io::read(fd, i as u64 * 20000, vec![IoSeg::from_mut_slice(b)]))
             .collect();
         // A descriptor that is not open.
         reads[7].fd = 1 << 20;
-        let e = read_all(&mut reads).unwrap().unwrap_err();
+        let e = run_all(&mut reads).unwrap().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EBADF));
         // The reads submitted with it completed (all 40 fit in the ring at once).
         for (i, r) in reads.iter().enumerate() {
@@ -549,8 +579,8 @@ mod tests {
         }
         // The ring still works afterwards.
         let mut x = vec![0u8; 10];
-        let mut again = vec![Read::new(fd, 1, vec![IoSeg::from_mut_slice(&mut x)])];
-        read_all(&mut again).unwrap().unwrap();
+        let mut again = vec![Io::read(fd, 1, vec![IoSeg::from_mut_slice(&mut x)])];
+        run_all(&mut again).unwrap().unwrap();
         drop(again);
         assert_eq!(x, data[1..11]);
     }
@@ -562,13 +592,13 @@ mod tests {
         let fd = t.as_file().as_raw_fd();
         let mut buf = vec![0u8; 200 * 512];
         // 200 reads of 512 bytes in reverse file order, 3x the ring.
-        let mut reads: Vec<Read<'_>> = buf
+        let mut reads: Vec<Io<'_>> = buf
             .chunks_mut(512)
             .enumerate()
-            .map(|(i, b)| Read::new(fd, (199 - i as u64) * 4096, vec![IoSeg::from_mut_slice(b)]))
+            .map(|(i, b)| Io::read(fd, (199 - i as u64) * 4096, vec![IoSeg::from_mut_slice(b)]))
             .collect();
-        read_all(&mut reads).unwrap().unwrap();
-        assert!(reads.iter().all(|r| r.done == 512 && !r.eof));
+        run_all(&mut reads).unwrap().unwrap();
+        assert!(reads.iter().all(|r| r.done == 512 && !r.ended));
         drop(reads);
         for (i, b) in buf.chunks(512).enumerate() {
             let off = (199 - i) * 4096;
@@ -578,9 +608,68 @@ mod tests {
 
     #[test]
     fn empty_reads_need_no_submission() {
-        let mut reads = vec![Read::new(-1, 0, vec![]), Read::new(-1, 0, vec![])];
-        read_all(&mut reads).unwrap().unwrap();
-        assert!(reads.iter().all(|r| r.done == 0 && !r.eof));
+        let mut reads = vec![Io::read(-1, 0, vec![]), Io::read(-1, 0, vec![])];
+        run_all(&mut reads).unwrap().unwrap();
+        assert!(reads.iter().all(|r| r.done == 0 && !r.ended));
+    }
+
+    #[test]
+    fn writes_of_different_lengths_land_where_they_were_asked() {
+        let t = file_with(&[0u8; 64 << 10]);
+        let fd = t.as_file().as_raw_fd();
+        let a = pattern(4096);
+        let b: Vec<u8> = pattern(3 * 4096).iter().map(|x| x ^ 0x5a).collect();
+        let (c1, c2) = (vec![7u8; 100], vec![9u8; 8092]);
+        let mut ios = vec![
+            Io::write(fd, 40960, vec![IoSeg::from_slice(&a)]),
+            Io::write(fd, 0, vec![IoSeg::from_slice(&b)]),
+            // One write gathered from two segments of odd lengths.
+            Io::write(
+                fd,
+                20000,
+                vec![IoSeg::from_slice(&c1), IoSeg::from_slice(&c2)],
+            ),
+        ];
+        let before = queued();
+        run_all(&mut ios).unwrap().unwrap();
+        assert_eq!(queued() - before, 3);
+        assert_eq!(
+            ios.iter().map(|w| (w.done, w.ended)).collect::<Vec<_>>(),
+            vec![(4096, false), (12288, false), (8192, false)]
+        );
+        drop(ios);
+        let mut want = vec![0u8; 64 << 10];
+        want[40960..45056].copy_from_slice(&a);
+        want[..12288].copy_from_slice(&b);
+        want[20000..20100].copy_from_slice(&c1);
+        want[20100..28192].copy_from_slice(&c2);
+        assert!(std::fs::read(t.path()).unwrap() == want);
+    }
+
+    #[test]
+    fn reads_and_writes_go_in_one_submission_and_a_failed_write_fails_the_batch() {
+        let t = file_with(&pattern(16384));
+        let fd = t.as_file().as_raw_fd();
+        // A descriptor open for reading only: a write through it fails with EBADF.
+        let ro = std::fs::File::open(t.path()).unwrap();
+        let w = vec![0xabu8; 4096];
+        let mut r = vec![0u8; 4096];
+        let mut ios = vec![
+            Io::write(fd, 8192, vec![IoSeg::from_slice(&w)]),
+            Io::write(ro.as_raw_fd(), 0, vec![IoSeg::from_slice(&w)]),
+            Io::read(fd, 4096, vec![IoSeg::from_mut_slice(&mut r)]),
+        ];
+        let e = run_all(&mut ios).unwrap().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+        // The others were submitted together and completed before the error came back.
+        assert_eq!(ios[0].done, 4096);
+        assert_eq!(ios[1].done, 0);
+        assert_eq!(ios[2].done, 4096);
+        drop(ios);
+        let data = std::fs::read(t.path()).unwrap();
+        assert!(data[8192..12288].iter().all(|&x| x == 0xab));
+        assert_eq!(data[..4096], pattern(16384)[..4096]);
+        assert_eq!(r[..], pattern(16384)[4096..8192]);
     }
 
     // The engine's read path, through the ring and through preadv, byte for byte.
@@ -1023,5 +1112,107 @@ mod tests {
             lba += e.blocks();
         }
         panic!("block {pba} not mapped");
+    }
+
+    // Several writes in one submission (`Image::write_many`).
+
+    #[test]
+    fn write_many_writes_a_batch_as_write_vectored_does_and_survives_reopening() {
+        use crate::image::BatchWrite;
+        let dir = tempfile::tempdir().unwrap();
+        let (img, mut model) = fragmented(dir.path());
+        let disk = (DISK_BLOCKS * BS) as u64;
+        let img = reopen_direct(dir.path(), img);
+        let seq0 = img.seq().0;
+        // (offset, length, aligned buffer, expected outcome: 'd' done, 'a' alone, 'e' error)
+        let reqs: [(u64, usize, bool, char); 7] = [
+            (3 * BS as u64, BS, true, 'd'),
+            (50 * BS as u64, 4 * BS, true, 'd'),
+            // Not whole blocks, or a buffer O_DIRECT cannot take: left to the caller.
+            (8192 + 512, 1024, true, 'a'),
+            (70 * BS as u64, BS, false, 'a'),
+            (4096, 0, true, 'd'),
+            (disk, 4096, true, 'e'),
+            // Overlaps the second request: the later one wins.
+            (51 * BS as u64, 2 * BS, true, 'd'),
+        ];
+        let mut bufs: Vec<(Vec<u8>, usize)> = Vec::new();
+        for (k, &(_, len, al, _)) in reqs.iter().enumerate() {
+            let (mut v, at) = aligned(len + 1);
+            let start = if al { at } else { at + 1 };
+            for (i, x) in v[start..start + len].iter_mut().enumerate() {
+                *x = (i as u64 * 13 + k as u64 * 101 + 1) as u8;
+            }
+            bufs.push((v, start));
+        }
+        let segs: Vec<Vec<IoSeg<'_>>> = bufs
+            .iter()
+            .zip(&reqs)
+            .map(|((v, start), &(_, len, _, _))| vec![IoSeg::from_slice(&v[*start..start + len])])
+            .collect();
+        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs
+            .iter()
+            .zip(&segs)
+            .map(|(&(off, ..), s)| (off, s.as_slice()))
+            .collect();
+        let before = queued();
+        let out = img.write_many(&plain);
+        assert_eq!(
+            queued() - before,
+            3,
+            "the three whole-block writes went to the ring"
+        );
+        let mut seqs = Vec::new();
+        for (k, (r, &(off, len, _, want))) in out.iter().zip(&reqs).enumerate() {
+            match (want, r) {
+                ('d', Ok(BatchWrite::Done(o))) => {
+                    assert_eq!(o.blocks, len as u64 / BS as u64, "request {k}");
+                    if len > 0 {
+                        seqs.push(o.seq.0);
+                    }
+                }
+                ('a', Ok(BatchWrite::Alone)) => {
+                    // What the device does with it: write it on its own.
+                    img.write_vectored(off, &segs[k]).unwrap();
+                }
+                ('e', Err(ImageError::OutOfRange { .. })) => continue,
+                other => panic!("request {k}: {other:?}"),
+            }
+            let (v, start) = &bufs[k];
+            model[off as usize..off as usize + len].copy_from_slice(&v[*start..start + len]);
+        }
+        // Committed in request order, one seq each, before the ones written alone.
+        assert_eq!(seqs, vec![seq0 + 1, seq0 + 2, seq0 + 3]);
+        assert_eq!(img.seq().0, seq0 + 5);
+        let mut got = vec![0u8; DISK_BLOCKS * BS];
+        img.read_at(0, &mut got).unwrap();
+        assert!(got == model, "the disk after the batch");
+        // Durable like any write: flushed, closed, checked and read back.
+        img.flush().unwrap();
+        img.close().unwrap();
+        let path = dir.path().join("img.rrimg");
+        let report = Image::check(&path, false).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        let img = Image::open(&path, crate::image::OpenMode::ReadWrite).unwrap();
+        let mut got = vec![0u8; DISK_BLOCKS * BS];
+        img.read_at(0, &mut got).unwrap();
+        assert!(got == model, "the disk after reopening");
+        assert_eq!(img.seq().0, seq0 + 5);
+    }
+
+    #[test]
+    fn write_many_leaves_everything_to_the_caller_without_a_direct_descriptor() {
+        use crate::image::BatchWrite;
+        let dir = tempfile::tempdir().unwrap();
+        let (img, _) = fragmented(dir.path());
+        let seq0 = img.seq();
+        let data = vec![1u8; BS];
+        let seg = [IoSeg::from_slice(&data)];
+        let out = img.write_many(&[(0, &seg[..]), (BS as u64, &seg[..])]);
+        assert!(
+            out.iter().all(|r| matches!(r, Ok(BatchWrite::Alone))),
+            "{out:?}"
+        );
+        assert_eq!(img.seq(), seq0);
     }
 }

@@ -40,9 +40,9 @@ use vmm_sys_util::event::{
 
 use super::poll::PollWindow;
 use super::pool::BatchPool;
-use crate::blockdev::{BlockDevice, BlockError, ReadReq, RequestCtx};
+use crate::blockdev::{BatchReq, BlockDevice, BlockError, RequestCtx};
 use crate::virtio_blk::execute::{
-    finish_read, is_read, prepare_read, ChainError, Completion, ExecuteError, ExecuteParams,
+    batch_kind, finish, prepare, BatchKind, ChainError, Completion, ExecuteError, ExecuteParams,
     EXECUTE_ERROR_KINDS,
 };
 use crate::virtio_blk::request::{Limits, REQUEST_ERROR_KINDS};
@@ -177,10 +177,11 @@ struct Executor {
 }
 
 /// One item of a batch for the pool: a chain, or (for a device that prefers them together)
-/// the batch's reads with the guest memory they were taken from.
+/// the batch's reads or its writes, with the guest memory they were taken from.
 enum Work {
     One(RequestCtx, Chain),
-    Reads(
+    Batch(
+        BatchKind,
         GuestMemoryLoadGuard<GuestMemoryMmap>,
         Vec<(RequestCtx, Chain)>,
     ),
@@ -190,7 +191,7 @@ impl Executor {
     fn work(&self, w: Work) -> Vec<Completion> {
         match w {
             Work::One(ctx, chain) => vec![self.run(ctx, chain)],
-            Work::Reads(mem, chains) => self.run_reads(&mem, chains),
+            Work::Batch(kind, mem, chains) => self.run_batch(kind, &mem, chains),
         }
     }
 
@@ -200,34 +201,41 @@ impl Executor {
         c
     }
 
-    /// Reads with one [`BlockDevice::read_many`]; a chain that is not a well-formed read
-    /// inside the device is answered on its own, as always.
-    fn run_reads(
+    /// Reads with one [`BlockDevice::read_many`], or writes with one
+    /// [`BlockDevice::write_many`]; a chain that is not a well-formed request of that kind
+    /// inside the device (or that must go alone) is answered on its own, as always.
+    fn run_batch(
         &self,
+        kind: BatchKind,
         mem: &GuestMemoryMmap,
         chains: Vec<(RequestCtx, Chain)>,
     ) -> Vec<Completion> {
         let mut out = Vec::with_capacity(chains.len());
-        let mut reads = Vec::with_capacity(chains.len());
+        let mut prepared = Vec::with_capacity(chains.len());
         for (ctx, chain) in chains {
-            match prepare_read(chain, mem, &*self.dev, ctx, &self.params) {
-                Ok(r) => reads.push(r),
+            match prepare(chain, mem, &*self.dev, ctx, &self.params, kind) {
+                Ok(r) => prepared.push(r),
                 Err(chain) => out.push(self.run(ctx, chain)),
             }
         }
-        let reqs: Vec<ReadReq<'_>> = reads
+        let reqs: Vec<BatchReq<'_>> = prepared
             .iter()
-            .map(|r| ReadReq {
+            .map(|r| BatchReq {
                 ctx: &r.ctx,
                 offset: r.offset,
                 segs: &r.segs,
             })
             .collect();
-        let mut results = self.dev.read_many(&reqs).into_iter();
-        for r in &reads {
-            // A device that answered fewer reads than it was given fails the rest.
+        let results = match kind {
+            _ if reqs.is_empty() => Vec::new(),
+            BatchKind::Read => self.dev.read_many(&reqs),
+            BatchKind::Write => self.dev.write_many(&reqs),
+        };
+        let mut results = results.into_iter();
+        for r in &prepared {
+            // A device that answered fewer requests than it was given fails the rest.
             let res = results.next().unwrap_or(Err(BlockError::Unsupported));
-            let c = finish_read(r, res, mem, &*self.dev);
+            let c = finish(r, res, mem, &*self.dev);
             self.report(&r.ctx, &c);
             out.push(c);
         }
@@ -433,20 +441,28 @@ impl BlkBackend {
                 .ok_or_else(|| io::Error::other("queue index out of range"))?;
             items.push((RequestCtx { queue, index }, chain));
         }
-        // A device that reads better in batches (O_DIRECT: every read waits for the disk)
-        // gets the batch's reads together, as one item of the pool that one thread serves
-        // with one `read_many` while the others take the rest of the batch.
+        // A device that does better with batches (O_DIRECT: every transfer waits for the
+        // disk) gets the batch's reads together and its writes together, each as one item of
+        // the pool that one thread serves with one `read_many` or `write_many`, while the
+        // other threads take the rest of the batch.
         let mut work: Vec<Work> = Vec::with_capacity(items.len());
-        if items.len() > 1 && self.dev.prefers_batched_reads() {
-            let (reads, rest): (Vec<_>, Vec<_>) = items
-                .into_iter()
-                .partition(|(_, chain)| is_read(chain, &params));
-            if reads.len() > 1 {
-                work.push(Work::Reads(mem.clone(), reads));
-            } else {
-                work.extend(reads.into_iter().map(|(ctx, c)| Work::One(ctx, c)));
+        if items.len() > 1 && self.dev.prefers_batches() {
+            let mut reads = Vec::new();
+            let mut writes = Vec::new();
+            for (ctx, chain) in items {
+                match batch_kind(&chain, &params) {
+                    Some(BatchKind::Read) => reads.push((ctx, chain)),
+                    Some(BatchKind::Write) => writes.push((ctx, chain)),
+                    None => work.push(Work::One(ctx, chain)),
+                }
             }
-            work.extend(rest.into_iter().map(|(ctx, c)| Work::One(ctx, c)));
+            for (kind, group) in [(BatchKind::Read, reads), (BatchKind::Write, writes)] {
+                if group.len() > 1 {
+                    work.push(Work::Batch(kind, mem.clone(), group));
+                } else {
+                    work.extend(group.into_iter().map(|(ctx, c)| Work::One(ctx, c)));
+                }
+            }
         } else {
             work.extend(items.into_iter().map(|(ctx, c)| Work::One(ctx, c)));
         }

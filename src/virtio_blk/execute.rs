@@ -380,88 +380,125 @@ fn finish_chain<M: GuestMemory + ?Sized>(
     }
 }
 
-/// A read request of a batch, parsed and checked, for [`BlockDevice::read_many`]: what
-/// [`process_chain`] would have passed to [`BlockDevice::read`].
-pub struct PreparedRead<'m> {
+/// Which of a batch's requests a device that prefers batches gets together
+/// ([`BlockDevice::read_many`], [`BlockDevice::write_many`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchKind {
+    /// Reads (`VIRTIO_BLK_T_IN`).
+    Read,
+    /// Writes (`VIRTIO_BLK_T_OUT`).
+    Write,
+}
+
+/// A read or write request of a batch, parsed and checked, for [`BlockDevice::read_many`] or
+/// [`BlockDevice::write_many`]: what [`process_chain`] would have passed to
+/// [`BlockDevice::read`] or [`BlockDevice::write`].
+pub struct Prepared<'m> {
     /// The request's context.
     pub ctx: RequestCtx,
     /// Byte offset on the device.
     pub offset: u64,
-    /// The guest buffers to fill.
+    /// The guest buffers to fill (a read) or to write from (a write).
     pub segs: Vec<IoSeg<'m>>,
     head_index: u16,
     status_addr: GuestAddress,
+    /// Bytes written into guest buffers on success (the data of a read; 0 for a write).
     len: WrittenBytes,
 }
 
-/// Whether `chain` parses as a read request (what [`prepare_read`] will take, unless the read
-/// is refused).
-pub fn is_read<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> bool
+/// Whether `chain` parses as a read or a write request (what [`prepare`] will take, unless
+/// the request is refused or must go alone).
+pub fn batch_kind<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> Option<BatchKind>
 where
     M: Deref + Clone,
     M::Target: GuestMemory,
 {
-    Request::parse(chain, &params.limits).is_ok_and(|r| r.request_type == RequestType::In)
+    match Request::parse(chain, &params.limits).ok()?.request_type {
+        RequestType::In => Some(BatchKind::Read),
+        RequestType::Out => Some(BatchKind::Write),
+        _ => None,
+    }
 }
 
-/// Parses `chain` and, when it is a well-formed read inside the device whose buffers are in
-/// `mem` (the memory the chain was taken from), prepares it for [`BlockDevice::read_many`].
-/// Anything else - other request types, malformed chains, refused reads - is handed back
+/// Parses `chain` and, when it is a well-formed request of `kind` inside the device whose
+/// buffers are in `mem` (the memory the chain was taken from), prepares it for
+/// [`BlockDevice::read_many`] or [`BlockDevice::write_many`]. Anything else - other request
+/// types, malformed chains, refused requests, and writes to a read-only device or in
+/// write-through mode (each of those must be flushed before it completes) - is handed back
 /// untouched, to go through [`process_chain`], which answers it (and reports it) as usual.
-pub fn prepare_read<'m, M>(
+pub fn prepare<'m, M>(
     chain: DescriptorChain<M>,
     mem: &'m M::Target,
     dev: &dyn BlockDevice,
     ctx: RequestCtx,
     params: &ExecuteParams,
-) -> Result<PreparedRead<'m>, DescriptorChain<M>>
+    kind: BatchKind,
+) -> Result<Prepared<'m>, DescriptorChain<M>>
 where
     M: Deref + Clone,
     M::Target: GuestMemory,
 {
+    let (want, access) = match kind {
+        BatchKind::Read => (RequestType::In, Permissions::Write),
+        BatchKind::Write => (RequestType::Out, Permissions::Read),
+    };
     let req = match Request::parse(&chain, &params.limits) {
-        Ok(r) if r.request_type == RequestType::In => r,
+        Ok(r) if r.request_type == want => r,
         _ => return Err(chain),
     };
+    if kind == BatchKind::Write && (dev.is_read_only() || params.write_through) {
+        return Err(chain);
+    }
     let offset = req.sector.0.saturating_mul(SECTOR_SIZE);
     if check_range(offset, req.data_len, dev.capacity()).is_err() {
         return Err(chain);
     }
-    let Ok(segs) = guest_segs(mem, &req.data, Permissions::Write) else {
+    let Ok(segs) = guest_segs(mem, &req.data, access) else {
         return Err(chain);
     };
     debug!(
-        "queue {} #{}: read sector {} len {} (batched)",
-        ctx.queue, ctx.index, req.sector, req.data_len
+        "queue {} #{}: {} sector {} len {} (batched)",
+        ctx.queue,
+        ctx.index,
+        match kind {
+            BatchKind::Read => "read",
+            BatchKind::Write => "write",
+        },
+        req.sector,
+        req.data_len
     );
-    Ok(PreparedRead {
+    let len = match kind {
+        BatchKind::Read => u32::try_from(req.data_len).unwrap_or(u32::MAX),
+        BatchKind::Write => 0,
+    };
+    Ok(Prepared {
         ctx,
         offset,
         segs,
         head_index: chain.head_index(),
         status_addr: req.status_addr,
-        len: u32::try_from(req.data_len).unwrap_or(u32::MAX),
+        len,
     })
 }
 
-/// Completes a prepared read with the device's answer, as [`process_chain`] would have: the
-/// status byte, and the used length (data and status) or a dropped chain.
-pub fn finish_read<M: GuestMemory + ?Sized>(
-    read: &PreparedRead<'_>,
+/// Completes a prepared request with the device's answer, as [`process_chain`] would have:
+/// the status byte, and the used length (data and status) or a dropped chain.
+pub fn finish<M: GuestMemory + ?Sized>(
+    req: &Prepared<'_>,
     result: Result<(), BlockError>,
     mem: &M,
     dev: &dyn BlockDevice,
 ) -> Completion {
     let result = result
-        .map(|()| read.len)
+        .map(|()| req.len)
         .map_err(|e| ChainError::Execute(ExecuteError::Device(e)));
     finish_chain(
-        read.head_index,
+        req.head_index,
         mem,
-        Some(read.status_addr),
+        Some(req.status_addr),
         result,
         None,
         dev,
-        &read.ctx,
+        &req.ctx,
     )
 }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rr_row::blockdev::{BlockDevice, BlockError, ReadReq, RejectedRequest, RequestCtx};
+use rr_row::blockdev::{BatchReq, BlockDevice, BlockError, RejectedRequest, RequestCtx};
 use rr_row::iobuf::{total_len, IoSeg};
 
 /// A block device over a byte vector (4 KiB blocks).
@@ -21,10 +21,12 @@ pub struct MemDevice {
     pub queues_seen: Mutex<Vec<u16>>,
     /// Every rejected request with its context.
     pub rejected: Mutex<Vec<(RequestCtx, RejectedRequest)>>,
-    /// Whether the device asks for a batch's reads together (`prefers_batched_reads`).
+    /// Whether the device asks for a batch's reads and writes together (`prefers_batches`).
     pub batched: AtomicBool,
     /// The number of reads of every `read_many` call, in order.
     pub read_many_calls: Mutex<Vec<usize>>,
+    /// The number of writes of every `write_many` call, in order.
+    pub write_many_calls: Mutex<Vec<usize>>,
 }
 
 impl MemDevice {
@@ -40,6 +42,7 @@ impl MemDevice {
             rejected: Mutex::new(Vec::new()),
             batched: AtomicBool::new(false),
             read_many_calls: Mutex::new(Vec::new()),
+            write_many_calls: Mutex::new(Vec::new()),
         })
     }
 
@@ -108,13 +111,19 @@ impl BlockDevice for MemDevice {
     fn write_zeroes(&self, c: &RequestCtx, o: u64, l: u64, _: bool) -> Result<(), BlockError> {
         self.discard(c, o, l)
     }
-    fn prefers_batched_reads(&self) -> bool {
+    fn prefers_batches(&self) -> bool {
         self.batched.load(Ordering::SeqCst)
     }
-    fn read_many(&self, reqs: &[ReadReq<'_>]) -> Vec<Result<(), BlockError>> {
+    fn read_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         self.read_many_calls.lock().unwrap().push(reqs.len());
         reqs.iter()
             .map(|r| self.read(r.ctx, r.offset, r.segs))
+            .collect()
+    }
+    fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
+        self.write_many_calls.lock().unwrap().push(reqs.len());
+        reqs.iter()
+            .map(|r| self.write(r.ctx, r.offset, r.segs))
             .collect()
     }
     fn rejected(&self, ctx: &RequestCtx, req: &RejectedRequest) {
