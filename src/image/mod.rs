@@ -626,6 +626,7 @@ impl Image {
             reuse: std::sync::atomic::AtomicBool::new(false),
             free: Mutex::default(),
             revived: AtomicU64::new(0),
+            direct_writes: AtomicU64::new(0),
         };
         let zero = zero_value(&sh);
         let mut map = Map::new(sh.blocks);
@@ -1322,7 +1323,11 @@ impl Image {
         }
         // Which writes landed whole; the others fail with the error the ring gave.
         let mut landed: Vec<Result<(), std::io::Error>> = Vec::with_capacity(ios.len());
-        match uring::run_all(&mut ios) {
+        let count = ios.len() as u64;
+        self.sh.direct_writes.fetch_add(count, Ordering::SeqCst);
+        let ran = uring::run_all(&mut ios);
+        self.sh.direct_writes.fetch_sub(count, Ordering::SeqCst);
+        match ran {
             Some(res) => {
                 let first_err = res.err();
                 for w in &ios {

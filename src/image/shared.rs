@@ -70,6 +70,9 @@ pub struct Shared {
     /// Bumped every time a write revives reclaimed slots: a block-id read that saw a reclaim
     /// happen while it ran, and this change too, may have read a slot's new incarnation.
     pub revived: AtomicU64,
+    /// Direct data writes from aligned buffers in flight ([`Shared::write_data`] and
+    /// `Image::write_many`).
+    pub direct_writes: AtomicU64,
 }
 
 /// The history horizon and the reclaimed slots, in memory.
@@ -320,11 +323,36 @@ impl Shared {
 
     /// Writes data blocks from `segs` at `off` (through the direct descriptor when there is
     /// one).
+    ///
+    /// A direct write from aligned buffers that finds other direct writes in flight goes
+    /// through this thread's io_uring ring instead of `pwritev`: ext4 holds the inode lock
+    /// (shared) for the whole of a synchronous `O_DIRECT` write, and the journal's buffered
+    /// write-out at the end of every batch needs that lock exclusively, so with two queues
+    /// each queue's write-out waited for the other's disk write. Through the ring the lock
+    /// is held only while the write is submitted. A write alone keeps `pwritev`, which is
+    /// cheaper on its own: a write into reserved (unwritten) space cannot complete inline in
+    /// the ring and goes to an io-wq worker (docs/perf-notes.md, section 21).
     pub fn write_data(&self, segs: &[IoSeg<'_>], off: u64) -> std::io::Result<()> {
-        match &self.direct {
-            Some(d) => d.write(segs, off),
-            None => pwritev_all(&self.file, segs, off),
+        let Some(d) = &self.direct else {
+            return pwritev_all(&self.file, segs, off);
+        };
+        if !d.is_aligned(segs, off) {
+            return d.write(segs, off);
         }
+        let others = self.direct_writes.fetch_add(1, Ordering::SeqCst);
+        let res = if others > 0 {
+            let mut ios = [uring::Io::write(d.raw_fd(), off, segs.to_vec())];
+            match uring::run_all(&mut ios) {
+                Some(Ok(())) if ios[0].done == total_len(segs) => Ok(()),
+                Some(Ok(())) => Err(std::io::ErrorKind::WriteZero.into()),
+                Some(Err(e)) => Err(e),
+                None => d.write(segs, off),
+            }
+        } else {
+            d.write(segs, off)
+        };
+        self.direct_writes.fetch_sub(1, Ordering::SeqCst);
+        res
     }
 
     /// Writes data blocks from `buf` at `off` (through the direct descriptor when there is

@@ -1215,4 +1215,30 @@ mod tests {
         );
         assert_eq!(img.seq(), seq0);
     }
+
+    #[test]
+    fn a_direct_write_goes_through_the_ring_only_beside_other_direct_writes() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let (img, mut model) = fragmented(dir.path());
+        let img = reopen_direct(dir.path(), img);
+        let (mut v, at) = aligned(2 * BS);
+        for (others, lba) in [(0u64, 5usize), (1, 9), (0, 140)] {
+            v[at..at + 2 * BS].fill(lba as u8);
+            img.sh.direct_writes.store(others, Ordering::SeqCst);
+            let before = queued();
+            let seg = [IoSeg::from_slice(&v[at..at + 2 * BS])];
+            img.write_vectored((lba * BS) as u64, &seg).unwrap();
+            assert_eq!(queued() - before, others, "{others} other writes in flight");
+            assert_eq!(img.sh.direct_writes.load(Ordering::SeqCst), others);
+            model[lba * BS..(lba + 2) * BS].fill(lba as u8);
+        }
+        img.sh.direct_writes.store(0, Ordering::SeqCst);
+        let mut got = vec![0u8; DISK_BLOCKS * BS];
+        img.read_at(0, &mut got).unwrap();
+        assert!(got == model);
+        img.close().unwrap();
+        let report = Image::check(&dir.path().join("img.rrimg"), false).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+    }
 }
