@@ -2,6 +2,8 @@
 //! `blkio` crate: random 4 KiB and 128 KiB writes from aligned and unaligned guest buffers,
 //! multi-segment requests with sub-sector boundaries, sub-block writes, discard, write-zeroes
 //! and flush, all checked against a model; SIGTERM, `rr-row check` clean, reopen and verify.
+//! Batches of reads and writes against a model, with `--direct` and (for the batched writes)
+//! without.
 //! Also the refusals: a filesystem without O_DIRECT and a block size below the page size.
 
 mod common;
@@ -163,7 +165,7 @@ fn batches_of_reads_beside_writes_match_the_model() {
     // (sub-block offsets, odd buffers that are bounced) beside 8 writes to the other half of
     // the disk. A batch is what the worker finds published when it looks: usually the whole
     // 32, but a read that arrives alone is read alone. Most must have gone through read_many.
-    let (reads, _) = mixed_batches(21, 8);
+    let (reads, _) = mixed_batches(21, 8, true);
     assert!(
         reads >= 24 * 30 / 2,
         "only {reads} of 720 reads went through read_many"
@@ -175,7 +177,20 @@ fn batches_of_writes_beside_reads_match_the_model() {
     // And its writes, in one submission too: batches of 32, 24 writes (mostly whole aligned
     // blocks from aligned buffers, which go to the ring together; some sub-block or from odd
     // buffers, which go alone) beside 8 reads of fragmented data.
-    let (_, writes) = mixed_batches(22, 24);
+    let (_, writes) = mixed_batches(22, 24, true);
+    assert!(
+        writes >= 24 * 30 / 4,
+        "only {writes} of 720 writes went through write_many"
+    );
+}
+
+#[test]
+fn buffered_batches_of_writes_beside_reads_match_the_model() {
+    // Without --direct too, a batch's writes go to the image together (one pwritev per run
+    // of adjacent new blocks); its reads do not (the pool's threads read the page cache
+    // faster in parallel).
+    let (reads, writes) = mixed_batches(23, 24, false);
+    assert_eq!(reads, 0, "buffered reads are not batched");
     assert!(
         writes >= 24 * 30 / 4,
         "only {writes} of 720 writes went through write_many"
@@ -249,16 +264,21 @@ fn two_queues_writing_one_request_at_a_time_match_the_model() {
     assert_eq!(code, 0, "rr-row check: {out}{err}");
 }
 
-/// Serves a fresh image with `--direct`, fragments it, then runs 30 batches of 32 requests,
-/// `writes` of them writes (each in a slot of its own on one half of the disk: requests in
-/// flight have no order) and the rest reads of the other half, all checked against a model;
+/// Serves a fresh image (with `--direct` if `direct`), fragments it, then runs 30 batches of
+/// 32 requests, `writes` of them writes (each in a slot of its own on one half of the disk:
+/// requests in flight have no order) and the rest reads of the other half, all checked
+/// against a model;
 /// then verifies the whole disk, stops the daemon with SIGTERM and checks the image. Returns
 /// how many reads and how many writes the daemon logged as batched.
-fn mixed_batches(seed: u64, writes: usize) -> (usize, usize) {
+fn mixed_batches(seed: u64, writes: usize, direct: bool) -> (usize, usize) {
     let dir = common::tempdir();
     let image: PathBuf = dir.path().join("batch.rrow");
     let opts = ServeOpts {
-        extra: vec!["--direct".into()],
+        extra: if direct {
+            vec!["--direct".into()]
+        } else {
+            Vec::new()
+        },
         // The batched path logs each request it prepares at debug level.
         rust_log: Some("info,rr_row::virtio_blk::execute=debug"),
         ..ServeOpts::new(&image, SIZE)

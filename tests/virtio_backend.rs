@@ -351,6 +351,49 @@ fn a_batchs_reads_and_writes_go_to_a_device_that_prefers_them_together() {
 }
 
 #[test]
+fn only_the_writes_the_device_wants_batched_go_to_write_many() {
+    // The device batches writes of up to 4 KiB: of 3 writes of 4 KiB and 2 of 8 KiB, the
+    // small ones reach `write_many` in one call, the large ones are written on their own.
+    let s = setup_threads(2);
+    s.backend.acked_features(1 << VIRTIO_BLK_F_FLUSH);
+    s.dev.batched.store(true, Ordering::SeqCst);
+    s.dev.write_batch_max.store(4096, Ordering::SeqCst);
+    let m = s.mem.memory();
+    let status = |i: u64| 0x30_0000 + i * 16;
+    let len = |i: u64| if i % 2 == 0 { 4096 } else { 8192 };
+    let chains: Vec<_> = (0..5u64)
+        .map(|i| {
+            m.write_slice(
+                &vec![0x10 + i as u8; len(i) as usize],
+                GuestAddress(0x20_0000 + i * 0x1_0000),
+            )
+            .unwrap();
+            chain(&m, i, VIRTIO_BLK_T_OUT, i * 16, len(i), status(i))
+        })
+        .collect();
+    let vring = queue(&s, &chains, true);
+    s.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert_eq!(used_idx(&vring), 5);
+    assert_eq!(*s.dev.write_many_calls.lock().unwrap(), vec![3]);
+    let data = s.dev.data.lock().unwrap();
+    for i in 0..5u64 {
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(status(i))).unwrap(),
+            STATUS_OK
+        );
+        let at = (i * 16 * 512) as usize;
+        assert!(
+            data[at..at + len(i) as usize]
+                .iter()
+                .all(|&b| b == 0x10 + i as u8),
+            "write {i}"
+        );
+    }
+}
+
+#[test]
 fn a_batch_of_one_read_is_not_batched() {
     let s = setup();
     s.dev.batched.store(true, Ordering::SeqCst);

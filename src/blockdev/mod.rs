@@ -195,10 +195,16 @@ pub trait BlockDevice: Send + Sync {
     /// to the guest: a device that buffers metadata in memory can hand it to the host kernel
     /// here, so that completed requests survive the process being killed. Default: nothing.
     fn end_of_batch(&self) {}
-    /// Whether [`read_many`](Self::read_many) and [`write_many`](Self::write_many) do better
-    /// than one request after another, so that a queue worker should hand the device a
-    /// batch's reads together and its writes together. Default: no.
-    fn prefers_batches(&self) -> bool {
+    /// Whether [`read_many`](Self::read_many) does better than one [`read`](Self::read)
+    /// after another, so that a queue worker should hand the device a batch's reads together.
+    /// Default: no.
+    fn prefers_batched_reads(&self) -> bool {
+        false
+    }
+    /// Whether a write of `len` bytes does better in [`write_many`](Self::write_many), with
+    /// the other such writes of its batch, than in one [`write`](Self::write) after another,
+    /// so that a queue worker should hand the device those writes together. Default: no.
+    fn prefers_batched_writes(&self, _len: u64) -> bool {
         false
     }
     /// Reads several independent requests (of one batch: none depends on another); results

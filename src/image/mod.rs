@@ -1259,27 +1259,33 @@ impl Image {
     }
 
     /// Writes several requests at once, each as [`write_vectored`](Self::write_vectored)
-    /// would, for an image with a direct (`O_DIRECT`) descriptor: every request of whole,
-    /// aligned blocks gets its new blocks, all their data goes to the disk in one io_uring
-    /// submission (the writes overlap, with no thread per request), and the records of those
-    /// that landed are committed in request order under one hold of the journal lock. Where
-    /// two requests overlap, the later one wins. A request that is not whole blocks, or whose
-    /// buffers are not aligned for `O_DIRECT`, is left to the caller ([`BatchWrite::Alone`]),
-    /// as is every request when the image has no direct descriptor or this thread no ring. A
-    /// request whose data did not land fails alone; its blocks go back to the allocator.
-    /// Results in request order.
+    /// would: every request of whole, aligned blocks gets its new blocks, all their data is
+    /// written, and the records of those that landed are committed in request order under
+    /// one hold of the journal lock. Where two requests overlap, the later one wins. With a
+    /// direct (`O_DIRECT`) descriptor the data goes to the disk in one io_uring submission
+    /// (the writes overlap, with no thread per request); buffered, each run of adjacent new
+    /// blocks (consecutive requests allocated one after the other) is written with one
+    /// `pwritev`. A request that is not whole blocks, or whose buffers are not aligned for
+    /// `O_DIRECT`, is left to the caller ([`BatchWrite::Alone`]), as is every request when a
+    /// direct image's thread has no ring. A request whose data did not land fails alone; its
+    /// blocks go back to the allocator. Results in request order.
     pub fn write_many(&self, reqs: &[(u64, &[IoSeg<'_>])]) -> Vec<Result<BatchWrite, ImageError>> {
         if self.read_only {
             return reqs.iter().map(|_| Err(ImageError::ReadOnly)).collect();
         }
         let direct = match &self.sh.direct {
-            Some(d) if uring::available() => d,
-            _ => return reqs.iter().map(|_| Ok(BatchWrite::Alone)).collect(),
+            Some(d) if uring::available() => Some(d),
+            Some(_) => return reqs.iter().map(|_| Ok(BatchWrite::Alone)).collect(),
+            None => None,
         };
+        let fd = direct.map_or_else(
+            || std::os::fd::AsRawFd::as_raw_fd(&self.sh.file),
+            |d| d.raw_fd(),
+        );
         let bs = self.sh.bs.bytes_u64();
         let mut out: Vec<Result<BatchWrite, ImageError>> = Vec::with_capacity(reqs.len());
         let mut ios: Vec<uring::Io<'_>> = Vec::new();
-        // For each write submitted: its request, first block, blocks, LBA and data CRC.
+        // For each write placed: its request, first block, blocks, LBA and data CRC.
         let mut placed: Vec<(usize, u64, u64, u64, u32)> = Vec::new();
         for (i, &(offset, segs)) in reqs.iter().enumerate() {
             let len = total_len(segs);
@@ -1296,7 +1302,7 @@ impl Image {
                 continue;
             }
             // Offset 0 stands for the slot's, which is always aligned.
-            if offset % bs != 0 || len % bs != 0 || !direct.is_aligned(segs, 0) {
+            if offset % bs != 0 || len % bs != 0 || direct.is_some_and(|d| !d.is_aligned(segs, 0)) {
                 out.push(Ok(BatchWrite::Alone));
                 continue;
             }
@@ -1314,40 +1320,17 @@ impl Image {
                 continue;
             };
             placed.push((i, first, n, offset / bs, io::crc_segs(segs)));
-            ios.push(uring::Io::write(direct.raw_fd(), off, segs.to_vec()));
+            ios.push(uring::Io::write(fd, off, segs.to_vec()));
             // Replaced below, once the data has landed and its record is committed.
             out.push(Ok(BatchWrite::Alone));
         }
         if placed.is_empty() {
             return out;
         }
-        // Which writes landed whole; the others fail with the error the ring gave.
-        let mut landed: Vec<Result<(), std::io::Error>> = Vec::with_capacity(ios.len());
-        let count = ios.len() as u64;
-        self.sh.direct_writes.fetch_add(count, Ordering::SeqCst);
-        let ran = uring::run_all(&mut ios);
-        self.sh.direct_writes.fetch_sub(count, Ordering::SeqCst);
-        match ran {
-            Some(res) => {
-                let first_err = res.err();
-                for w in &ios {
-                    landed.push(if w.done == total_len(&w.segs) {
-                        Ok(())
-                    } else {
-                        Err(match &first_err {
-                            Some(e) => copy_io_error(e),
-                            None => std::io::Error::from(std::io::ErrorKind::WriteZero),
-                        })
-                    });
-                }
-            }
-            // This thread lost its ring meanwhile: the blocks are taken, write them here.
-            None => {
-                for w in &ios {
-                    landed.push(self.sh.write_data(&w.segs, w.off));
-                }
-            }
-        }
+        let landed = match direct {
+            Some(_) => self.write_batch_direct(&mut ios),
+            None => self.write_batch_buffered(&ios),
+        };
         drop(ios);
         let mut j = lock(&self.journal);
         for (&(i, first, n, lba, crc), res) in placed.iter().zip(landed) {
@@ -1382,6 +1365,65 @@ impl Image {
         drop(j);
         self.background_sync();
         out
+    }
+
+    /// The data of [`Self::write_many`] through this thread's ring on the direct descriptor:
+    /// which writes landed whole, the others failing with the error the ring gave.
+    fn write_batch_direct(&self, ios: &mut [uring::Io<'_>]) -> Vec<std::io::Result<()>> {
+        let count = ios.len() as u64;
+        self.sh.direct_writes.fetch_add(count, Ordering::SeqCst);
+        let ran = uring::run_all(ios);
+        self.sh.direct_writes.fetch_sub(count, Ordering::SeqCst);
+        match ran {
+            Some(res) => {
+                let first_err = res.err();
+                ios.iter()
+                    .map(|w| {
+                        if w.done == total_len(&w.segs) {
+                            Ok(())
+                        } else {
+                            Err(match &first_err {
+                                Some(e) => copy_io_error(e),
+                                None => std::io::Error::from(std::io::ErrorKind::WriteZero),
+                            })
+                        }
+                    })
+                    .collect()
+            }
+            // This thread lost its ring meanwhile: the blocks are taken, write them here.
+            None => ios
+                .iter()
+                .map(|w| self.sh.write_data(&w.segs, w.off))
+                .collect(),
+        }
+    }
+
+    /// The data of [`Self::write_many`] through the page cache: one `pwritev` per run of
+    /// writes whose blocks follow each other in the file; a run that fails fails all its
+    /// writes.
+    fn write_batch_buffered(&self, ios: &[uring::Io<'_>]) -> Vec<std::io::Result<()>> {
+        let mut landed = Vec::with_capacity(ios.len());
+        let mut start = 0;
+        while start < ios.len() {
+            let mut end = start + 1;
+            let mut segs: Vec<IoSeg<'_>> =
+                ios.get(start).map(|w| w.segs.clone()).unwrap_or_default();
+            let mut next = ios
+                .get(start)
+                .map_or(0, |w| w.off.saturating_add(total_len(&w.segs)));
+            while let Some(w) = ios.get(end).filter(|w| w.off == next) {
+                segs.extend_from_slice(&w.segs);
+                next = w.off.saturating_add(total_len(&w.segs));
+                end += 1;
+            }
+            let off = ios.get(start).map_or(0, |w| w.off);
+            match io::pwritev_all(&self.sh.file, &segs, off) {
+                Ok(()) => landed.extend((start..end).map(|_| Ok(()))),
+                Err(e) => landed.extend((start..end).map(|_| Err(copy_io_error(&e)))),
+            }
+            start = end;
+        }
+        landed
     }
 
     /// Writes the bytes of `segs` at `offset` into new blocks.

@@ -1117,20 +1117,36 @@ mod tests {
     // Several writes in one submission (`Image::write_many`).
 
     #[test]
-    fn write_many_writes_a_batch_as_write_vectored_does_and_survives_reopening() {
+    fn write_many_writes_a_direct_batch_as_write_vectored_does_and_survives_reopening() {
+        write_many_case(true);
+    }
+
+    #[test]
+    fn write_many_writes_a_buffered_batch_as_write_vectored_does_and_survives_reopening() {
+        write_many_case(false);
+    }
+
+    /// A batch through `Image::write_many` on an `O_DIRECT` image or a buffered one, against
+    /// the model, then checked and reopened.
+    fn write_many_case(direct: bool) {
         use crate::image::BatchWrite;
         let dir = tempfile::tempdir().unwrap();
         let (img, mut model) = fragmented(dir.path());
         let disk = (DISK_BLOCKS * BS) as u64;
-        let img = reopen_direct(dir.path(), img);
+        let img = if direct {
+            reopen_direct(dir.path(), img)
+        } else {
+            img
+        };
         let seq0 = img.seq().0;
         // (offset, length, aligned buffer, expected outcome: 'd' done, 'a' alone, 'e' error)
         let reqs: [(u64, usize, bool, char); 7] = [
             (3 * BS as u64, BS, true, 'd'),
             (50 * BS as u64, 4 * BS, true, 'd'),
-            // Not whole blocks, or a buffer O_DIRECT cannot take: left to the caller.
+            // Not whole blocks: left to the caller.
             (8192 + 512, 1024, true, 'a'),
-            (70 * BS as u64, BS, false, 'a'),
+            // A buffer O_DIRECT cannot take: left to the caller with a direct descriptor.
+            (70 * BS as u64, BS, false, if direct { 'a' } else { 'd' }),
             (4096, 0, true, 'd'),
             (disk, 4096, true, 'e'),
             // Overlaps the second request: the later one wins.
@@ -1157,18 +1173,21 @@ mod tests {
             .collect();
         let before = queued();
         let out = img.write_many(&plain);
+        let ring = if direct { 3 } else { 0 };
         assert_eq!(
             queued() - before,
-            3,
-            "the three whole-block writes went to the ring"
+            ring,
+            "the whole-block writes went to the ring"
         );
         let mut seqs = Vec::new();
+        let mut pbas = Vec::new();
         for (k, (r, &(off, len, _, want))) in out.iter().zip(&reqs).enumerate() {
             match (want, r) {
                 ('d', Ok(BatchWrite::Done(o))) => {
                     assert_eq!(o.blocks, len as u64 / BS as u64, "request {k}");
                     if len > 0 {
                         seqs.push(o.seq.0);
+                        pbas.push((o.first_pba.0, o.blocks));
                     }
                 }
                 ('a', Ok(BatchWrite::Alone)) => {
@@ -1181,8 +1200,15 @@ mod tests {
             let (v, start) = &bufs[k];
             model[off as usize..off as usize + len].copy_from_slice(&v[*start..start + len]);
         }
-        // Committed in request order, one seq each, before the ones written alone.
-        assert_eq!(seqs, vec![seq0 + 1, seq0 + 2, seq0 + 3]);
+        // Committed in request order, one seq each, before the ones written alone, in blocks
+        // that follow each other (buffered: one run, one pwritev).
+        let batched = seqs.len() as u64;
+        assert_eq!(batched, if direct { 3 } else { 4 });
+        assert_eq!(seqs, (seq0 + 1..=seq0 + batched).collect::<Vec<_>>());
+        assert!(
+            pbas.windows(2).all(|w| w[1].0 == w[0].0 + w[0].1),
+            "{pbas:?}"
+        );
         assert_eq!(img.seq().0, seq0 + 5);
         let mut got = vec![0u8; DISK_BLOCKS * BS];
         img.read_at(0, &mut got).unwrap();
@@ -1198,22 +1224,6 @@ mod tests {
         img.read_at(0, &mut got).unwrap();
         assert!(got == model, "the disk after reopening");
         assert_eq!(img.seq().0, seq0 + 5);
-    }
-
-    #[test]
-    fn write_many_leaves_everything_to_the_caller_without_a_direct_descriptor() {
-        use crate::image::BatchWrite;
-        let dir = tempfile::tempdir().unwrap();
-        let (img, _) = fragmented(dir.path());
-        let seq0 = img.seq();
-        let data = vec![1u8; BS];
-        let seg = [IoSeg::from_slice(&data)];
-        let out = img.write_many(&[(0, &seg[..]), (BS as u64, &seg[..])]);
-        assert!(
-            out.iter().all(|r| matches!(r, Ok(BatchWrite::Alone))),
-            "{out:?}"
-        );
-        assert_eq!(img.seq(), seq0);
     }
 
     #[test]

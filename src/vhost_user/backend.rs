@@ -25,7 +25,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
-    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -42,8 +42,8 @@ use super::poll::PollWindow;
 use super::pool::BatchPool;
 use crate::blockdev::{BatchReq, BlockDevice, BlockError, RequestCtx};
 use crate::virtio_blk::execute::{
-    batch_kind, finish, prepare, BatchKind, ChainError, Completion, ExecuteError, ExecuteParams,
-    EXECUTE_ERROR_KINDS,
+    batch_kind, finish, peek_type, prepare, BatchKind, ChainError, Completion, ExecuteError,
+    ExecuteParams, EXECUTE_ERROR_KINDS,
 };
 use crate::virtio_blk::request::{Limits, REQUEST_ERROR_KINDS};
 use crate::virtio_blk::{process_chain, BlkConfig, ConfigParams, ID_BYTES};
@@ -442,27 +442,46 @@ impl BlkBackend {
             items.push((RequestCtx { queue, index }, chain));
         }
         // A device that does better with batches (O_DIRECT: every transfer waits for the
-        // disk) gets the batch's reads together and its writes together, each as one item of
-        // the pool that one thread serves with one `read_many` or `write_many`, while the
-        // other threads take the rest of the batch.
+        // disk; small buffered writes: adjacent new blocks take one system call) gets the
+        // batch's reads together and its writes together, each as one item of the pool that
+        // one thread serves with one `read_many` or `write_many`. Those items go first, so
+        // that the other threads take the single requests while they run.
         let mut work: Vec<Work> = Vec::with_capacity(items.len());
-        if items.len() > 1 && self.dev.prefers_batches() {
+        let batch_reads = self.dev.prefers_batched_reads();
+        // A device that batches no write, not even an empty one, batches none: its chains
+        // need not be parsed twice.
+        if items.len() > 1 && (batch_reads || self.dev.prefers_batched_writes(0)) {
             let mut reads = Vec::new();
             let mut writes = Vec::new();
+            let mut singles = Vec::new();
             for (ctx, chain) in items {
-                match batch_kind(&chain, &params) {
+                // Only the header's type decides for reads (a read the batch cannot take is
+                // answered on its own by `prepare`'s caller); a write's length needs the
+                // whole chain parsed.
+                let kind = match peek_type(&chain) {
+                    Some(VIRTIO_BLK_T_IN) if batch_reads => Some(BatchKind::Read),
+                    Some(VIRTIO_BLK_T_OUT) => match batch_kind(&chain, &params) {
+                        Some((BatchKind::Write, len)) if self.dev.prefers_batched_writes(len) => {
+                            Some(BatchKind::Write)
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match kind {
                     Some(BatchKind::Read) => reads.push((ctx, chain)),
                     Some(BatchKind::Write) => writes.push((ctx, chain)),
-                    None => work.push(Work::One(ctx, chain)),
+                    None => singles.push(Work::One(ctx, chain)),
                 }
             }
             for (kind, group) in [(BatchKind::Read, reads), (BatchKind::Write, writes)] {
                 if group.len() > 1 {
                     work.push(Work::Batch(kind, mem.clone(), group));
                 } else {
-                    work.extend(group.into_iter().map(|(ctx, c)| Work::One(ctx, c)));
+                    singles.extend(group.into_iter().map(|(ctx, c)| Work::One(ctx, c)));
                 }
             }
+            work.extend(singles);
         } else {
             work.extend(items.into_iter().map(|(ctx, c)| Work::One(ctx, c)));
         }

@@ -406,16 +406,36 @@ pub struct Prepared<'m> {
     len: WrittenBytes,
 }
 
-/// Whether `chain` parses as a read or a write request (what [`prepare`] will take, unless
-/// the request is refused or must go alone).
-pub fn batch_kind<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> Option<BatchKind>
+/// The request type in `chain`'s header (`VIRTIO_BLK_T_*`), read without parsing the rest of
+/// the chain: what a queue worker needs to sort a batch. `None` when the first descriptor or
+/// the type cannot be read; the chain is then answered by [`process_chain`], which says why.
+pub fn peek_type<M>(chain: &DescriptorChain<M>) -> Option<u32>
 where
     M: Deref + Clone,
     M::Target: GuestMemory,
 {
-    match Request::parse(chain, &params.limits).ok()?.request_type {
-        RequestType::In => Some(BatchKind::Read),
-        RequestType::Out => Some(BatchKind::Write),
+    let first = chain.clone().next()?;
+    if first.len() < 4 {
+        return None;
+    }
+    chain
+        .memory()
+        .read_obj::<u32>(first.addr())
+        .ok()
+        .map(u32::from_le)
+}
+
+/// Whether `chain` parses as a read or a write request (what [`prepare`] will take, unless
+/// the request is refused or must go alone), and its data length in bytes.
+pub fn batch_kind<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> Option<(BatchKind, u64)>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let req = Request::parse(chain, &params.limits).ok()?;
+    match req.request_type {
+        RequestType::In => Some((BatchKind::Read, req.data_len)),
+        RequestType::Out => Some((BatchKind::Write, req.data_len)),
         _ => None,
     }
 }

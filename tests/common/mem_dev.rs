@@ -21,12 +21,15 @@ pub struct MemDevice {
     pub queues_seen: Mutex<Vec<u16>>,
     /// Every rejected request with its context.
     pub rejected: Mutex<Vec<(RequestCtx, RejectedRequest)>>,
-    /// Whether the device asks for a batch's reads and writes together (`prefers_batches`).
+    /// Whether the device asks for a batch's reads and writes together
+    /// (`prefers_batched_reads`, `prefers_batched_writes`).
     pub batched: AtomicBool,
     /// The number of reads of every `read_many` call, in order.
     pub read_many_calls: Mutex<Vec<usize>>,
     /// The number of writes of every `write_many` call, in order.
     pub write_many_calls: Mutex<Vec<usize>>,
+    /// The largest write the device asks to get in a batch (when `batched`).
+    pub write_batch_max: std::sync::atomic::AtomicU64,
 }
 
 impl MemDevice {
@@ -43,6 +46,7 @@ impl MemDevice {
             batched: AtomicBool::new(false),
             read_many_calls: Mutex::new(Vec::new()),
             write_many_calls: Mutex::new(Vec::new()),
+            write_batch_max: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
     }
 
@@ -111,8 +115,11 @@ impl BlockDevice for MemDevice {
     fn write_zeroes(&self, c: &RequestCtx, o: u64, l: u64, _: bool) -> Result<(), BlockError> {
         self.discard(c, o, l)
     }
-    fn prefers_batches(&self) -> bool {
+    fn prefers_batched_reads(&self) -> bool {
         self.batched.load(Ordering::SeqCst)
+    }
+    fn prefers_batched_writes(&self, len: u64) -> bool {
+        self.batched.load(Ordering::SeqCst) && len <= self.write_batch_max.load(Ordering::SeqCst)
     }
     fn read_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         self.read_many_calls.lock().unwrap().push(reqs.len());
