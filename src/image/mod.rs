@@ -1340,23 +1340,8 @@ impl Image {
                     Err(ImageError::io("cannot write data blocks", e))
                 }
                 Ok(()) => self
-                    .commit(
-                        &mut j,
-                        RecKind::Write,
-                        vec![Piece {
-                            lba,
-                            blocks: n,
-                            pba: Some(first),
-                            data_crc: crc,
-                        }],
-                    )
-                    .map(|seq| {
-                        BatchWrite::Done(WriteOutcome {
-                            seq,
-                            first_pba: Pba(first),
-                            blocks: n,
-                        })
-                    }),
+                    .commit_write(&mut j, lba, n, first, crc)
+                    .map(BatchWrite::Done),
             };
             if let Some(slot) = out.get_mut(i) {
                 *slot = result;
@@ -1456,22 +1441,9 @@ impl Image {
                 self.sh.release_data(first, n);
                 ImageError::io("cannot write data blocks", e)
             })?;
-            let seq = self.commit(
-                &mut lock(&self.journal),
-                RecKind::Write,
-                vec![Piece {
-                    lba,
-                    blocks: n,
-                    pba: Some(first),
-                    data_crc: crc,
-                }],
-            )?;
+            let outcome = self.commit_write(&mut lock(&self.journal), lba, n, first, crc)?;
             self.background_sync();
-            return Ok(WriteOutcome {
-                seq,
-                first_pba: Pba(first),
-                blocks: n,
-            });
+            return Ok(outcome);
         }
         // Sub-block: read-modify-write of the touched blocks into new ones, serialized by the
         // journal mutex so that concurrent read-modify-writes cannot lose each other's bytes.
@@ -1507,18 +1479,32 @@ impl Image {
             self.sh.release_data(first, n);
             ImageError::io("cannot write data blocks", e)
         })?;
+        let outcome = self.commit_write(&mut j, lba, n, first, crc32c::crc32c(&buf))?;
+        drop(j);
+        self.background_sync();
+        Ok(outcome)
+    }
+
+    /// Commits the write of LBAs `lba..lba + n` into new blocks `first..` whose data has
+    /// landed (journal mutex held).
+    fn commit_write(
+        &self,
+        j: &mut Journal,
+        lba: u64,
+        n: u64,
+        first: u64,
+        data_crc: u32,
+    ) -> Result<WriteOutcome, ImageError> {
         let seq = self.commit(
-            &mut j,
+            j,
             RecKind::Write,
             vec![Piece {
                 lba,
                 blocks: n,
                 pba: Some(first),
-                data_crc: crc32c::crc32c(&buf),
+                data_crc,
             }],
         )?;
-        drop(j);
-        self.background_sync();
         Ok(WriteOutcome {
             seq,
             first_pba: Pba(first),
