@@ -449,8 +449,10 @@ impl BlkBackend {
         let mut work: Vec<Work> = Vec::with_capacity(items.len());
         let batch_reads = self.dev.prefers_batched_reads();
         // A device that batches no write, not even an empty one, batches none: its chains
-        // need not be parsed twice.
-        if items.len() > 1 && (batch_reads || self.dev.prefers_batched_writes(0)) {
+        // need not be parsed twice. In write-through mode every write must be flushed on its
+        // own before it completes: they stay single requests, spread over the pool.
+        let batch_writes = !params.write_through && self.dev.prefers_batched_writes(0);
+        if items.len() > 1 && (batch_reads || batch_writes) {
             let mut reads = Vec::new();
             let mut writes = Vec::new();
             let mut singles = Vec::new();
@@ -460,7 +462,7 @@ impl BlkBackend {
                 // whole chain parsed.
                 let kind = match peek_type(&chain) {
                     Some(VIRTIO_BLK_T_IN) if batch_reads => Some(BatchKind::Read),
-                    Some(VIRTIO_BLK_T_OUT) => match batch_kind(&chain, &params) {
+                    Some(VIRTIO_BLK_T_OUT) if batch_writes => match batch_kind(&chain, &params) {
                         Some((BatchKind::Write, len)) if self.dev.prefers_batched_writes(len) => {
                             Some(BatchKind::Write)
                         }
