@@ -373,26 +373,13 @@ fn scenario_several_queues(peer: Peer) {
     with_watchdog("several queues in parallel", SESSION, move || {
         let mut c = connect(&socket, QUEUES);
         let part = SIZE / QUEUES as u64;
-        let models: Vec<Vec<u8>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = c
-                .queues()
-                .into_iter()
-                .enumerate()
-                .map(|(i, mut q)| {
-                    scope.spawn(move || {
-                        // Each thread owns a quarter of the disk and a window of the buffers.
-                        let mut model = vec![0u8; SIZE as usize];
-                        let mut rng = StdRng::seed_from_u64(100 + i as u64);
-                        let (lo, hi) = (i as u64 * part, (i as u64 + 1) * part);
-                        random_io(&mut q, &mut model, &mut rng, lo, hi, i * WINDOW, 150);
-                        model
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("queue thread panicked"))
-                .collect()
+        let models: Vec<Vec<u8>> = c.on_each_queue(|i, mut q| {
+            // Each thread owns a quarter of the disk and a window of the buffers.
+            let mut model = vec![0u8; SIZE as usize];
+            let mut rng = StdRng::seed_from_u64(100 + i as u64);
+            let (lo, hi) = (i as u64 * part, (i as u64 + 1) * part);
+            random_io(&mut q, &mut model, &mut rng, lo, hi, i * WINDOW, 150);
+            model
         });
         // Everything, read back through queue 0.
         let mut whole = vec![0u8; SIZE as usize];

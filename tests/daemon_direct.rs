@@ -221,40 +221,27 @@ fn two_queues_writing_one_request_at_a_time_match_the_model() {
             },
         );
         let half = SIZE / 2;
-        let halves: Vec<Vec<u8>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = c
-                .queues()
-                .into_iter()
-                .enumerate()
-                .map(|(i, mut q)| {
-                    scope.spawn(move || {
-                        let mut model = vec![0u8; half as usize];
-                        let mut rng = StdRng::seed_from_u64(40 + i as u64);
-                        let window = i * (4 << 20);
-                        for op in 0..600 {
-                            let (len, unit) = if rng.gen_bool(0.9) {
-                                (rng.gen_range(1..=4usize) * 4096, 4096)
-                            } else {
-                                (rng.gen_range(1..=8usize) * 512, 512)
-                            };
-                            let off = rng.gen_range(0..(half - len as u64) / unit) * unit;
-                            let buf = window + if rng.gen_bool(0.2) { 100 } else { 0 };
-                            let mut data = vec![0u8; len];
-                            rng.fill_bytes(&mut data);
-                            q.write_ok(i as u64 * half + off, buf, &data);
-                            model[off as usize..off as usize + len].copy_from_slice(&data);
-                            if op % 100 == 99 {
-                                q.flush_ok();
-                            }
-                        }
-                        model
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("queue thread panicked"))
-                .collect()
+        let halves: Vec<Vec<u8>> = c.on_each_queue(|i, mut q| {
+            let mut model = vec![0u8; half as usize];
+            let mut rng = StdRng::seed_from_u64(40 + i as u64);
+            let window = i * (4 << 20);
+            for op in 0..600 {
+                let (len, unit) = if rng.gen_bool(0.9) {
+                    (rng.gen_range(1..=4usize) * 4096, 4096)
+                } else {
+                    (rng.gen_range(1..=8usize) * 512, 512)
+                };
+                let off = rng.gen_range(0..(half - len as u64) / unit) * unit;
+                let buf = window + if rng.gen_bool(0.2) { 100 } else { 0 };
+                let mut data = vec![0u8; len];
+                rng.fill_bytes(&mut data);
+                q.write_ok(i as u64 * half + off, buf, &data);
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+                if op % 100 == 99 {
+                    q.flush_ok();
+                }
+            }
+            model
         });
         verify_all(&mut c.queue(0), &halves.concat());
     });

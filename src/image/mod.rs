@@ -353,15 +353,6 @@ fn blocks_spanned(offset: u64, len: u64, bs: u64) -> (u64, u64) {
     (first, (offset + len - 1) / bs - first + 1)
 }
 
-/// The same error again (`std::io::Error` is not `Clone`): the first error of a batch fails
-/// every request of it that did not complete.
-fn copy_io_error(e: &std::io::Error) -> std::io::Error {
-    match e.raw_os_error() {
-        Some(code) => std::io::Error::from_raw_os_error(code),
-        None => std::io::Error::new(e.kind(), e.to_string()),
-    }
-}
-
 fn zero_value(sh: &Shared) -> u64 {
     if sh.base.is_some() {
         map::ZERO
@@ -1328,7 +1319,7 @@ impl Image {
             return out;
         }
         let landed = match direct {
-            Some(_) => self.write_batch_direct(&mut ios),
+            Some(d) => self.sh.write_direct_batch(d, &mut ios),
             None => self.write_batch_buffered(&ios),
         };
         drop(ios);
@@ -1352,59 +1343,24 @@ impl Image {
         out
     }
 
-    /// The data of [`Self::write_many`] through this thread's ring on the direct descriptor:
-    /// which writes landed whole, the others failing with the error the ring gave.
-    fn write_batch_direct(&self, ios: &mut [uring::Io<'_>]) -> Vec<std::io::Result<()>> {
-        let count = ios.len() as u64;
-        self.sh.direct_writes.fetch_add(count, Ordering::SeqCst);
-        let ran = uring::run_all(ios);
-        self.sh.direct_writes.fetch_sub(count, Ordering::SeqCst);
-        match ran {
-            Some(res) => {
-                let first_err = res.err();
-                ios.iter()
-                    .map(|w| {
-                        if w.done == total_len(&w.segs) {
-                            Ok(())
-                        } else {
-                            Err(match &first_err {
-                                Some(e) => copy_io_error(e),
-                                None => std::io::Error::from(std::io::ErrorKind::WriteZero),
-                            })
-                        }
-                    })
-                    .collect()
-            }
-            // This thread lost its ring meanwhile: the blocks are taken, write them here.
-            None => ios
-                .iter()
-                .map(|w| self.sh.write_data(&w.segs, w.off))
-                .collect(),
-        }
-    }
-
     /// The data of [`Self::write_many`] through the page cache: one `pwritev` per run of
     /// writes whose blocks follow each other in the file; a run that fails fails all its
     /// writes.
     fn write_batch_buffered(&self, ios: &[uring::Io<'_>]) -> Vec<std::io::Result<()>> {
         let mut landed = Vec::with_capacity(ios.len());
         let mut start = 0;
-        while start < ios.len() {
+        while let Some(first) = ios.get(start) {
+            let mut segs = first.segs.clone();
+            let mut next = first.off.saturating_add(total_len(&first.segs));
             let mut end = start + 1;
-            let mut segs: Vec<IoSeg<'_>> =
-                ios.get(start).map(|w| w.segs.clone()).unwrap_or_default();
-            let mut next = ios
-                .get(start)
-                .map_or(0, |w| w.off.saturating_add(total_len(&w.segs)));
             while let Some(w) = ios.get(end).filter(|w| w.off == next) {
                 segs.extend_from_slice(&w.segs);
                 next = w.off.saturating_add(total_len(&w.segs));
                 end += 1;
             }
-            let off = ios.get(start).map_or(0, |w| w.off);
-            match io::pwritev_all(&self.sh.file, &segs, off) {
+            match io::pwritev_all(&self.sh.file, &segs, first.off) {
                 Ok(()) => landed.extend((start..end).map(|_| Ok(()))),
-                Err(e) => landed.extend((start..end).map(|_| Err(copy_io_error(&e)))),
+                Err(e) => landed.extend((start..end).map(|_| Err(shared::copy_io_error(&e)))),
             }
             start = end;
         }

@@ -342,17 +342,29 @@ impl Shared {
         let others = self.direct_writes.fetch_add(1, Ordering::SeqCst);
         let res = if others > 0 {
             let mut ios = [uring::Io::write(d.raw_fd(), off, segs.to_vec())];
-            match uring::run_all(&mut ios) {
-                Some(Ok(())) if ios[0].done == total_len(segs) => Ok(()),
-                Some(Ok(())) => Err(std::io::ErrorKind::WriteZero.into()),
-                Some(Err(e)) => Err(e),
-                None => d.write(segs, off),
-            }
+            ring_writes(d, &mut ios)
+                .pop()
+                .unwrap_or_else(|| d.write(segs, off))
         } else {
             d.write(segs, off)
         };
         self.direct_writes.fetch_sub(1, Ordering::SeqCst);
         res
+    }
+
+    /// Writes `ios` (writes on the direct descriptor from aligned buffers, in blocks the
+    /// caller allocated) all at once through this thread's ring, counted in
+    /// [`Shared::direct_writes`] meanwhile; says which landed whole.
+    pub fn write_direct_batch(
+        &self,
+        d: &DirectFile,
+        ios: &mut [uring::Io<'_>],
+    ) -> Vec<std::io::Result<()>> {
+        let count = ios.len() as u64;
+        self.direct_writes.fetch_add(count, Ordering::SeqCst);
+        let landed = ring_writes(d, ios);
+        self.direct_writes.fetch_sub(count, Ordering::SeqCst);
+        landed
     }
 
     /// Writes data blocks from `buf` at `off` (through the direct descriptor when there is
@@ -620,6 +632,39 @@ impl ReadBatch<'_> {
             .zip(reads)
             .find(|((_, take), r)| r.done < *take)
             .map(|(&(pba, _), _)| past_the_end(pba))
+    }
+}
+
+/// Writes `ios` on `d` through this thread's ring, all submitted together: which landed
+/// whole, the others failing with the first error the ring gave (or as writing nothing).
+/// When this thread has no ring, one `pwritev` each.
+fn ring_writes(d: &DirectFile, ios: &mut [uring::Io<'_>]) -> Vec<std::io::Result<()>> {
+    match uring::run_all(ios) {
+        Some(res) => {
+            let first_err = res.err();
+            ios.iter()
+                .map(|w| {
+                    if w.done == total_len(&w.segs) {
+                        Ok(())
+                    } else {
+                        Err(match &first_err {
+                            Some(e) => copy_io_error(e),
+                            None => std::io::Error::from(std::io::ErrorKind::WriteZero),
+                        })
+                    }
+                })
+                .collect()
+        }
+        None => ios.iter().map(|w| d.write(&w.segs, w.off)).collect(),
+    }
+}
+
+/// The same error again (`std::io::Error` is not `Clone`): the first error of a batch fails
+/// every request of it that did not complete.
+pub fn copy_io_error(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
     }
 }
 

@@ -42,7 +42,7 @@ use super::poll::PollWindow;
 use super::pool::BatchPool;
 use crate::blockdev::{BatchReq, BlockDevice, BlockError, RequestCtx};
 use crate::virtio_blk::execute::{
-    batch_kind, finish, peek_type, prepare, BatchKind, ChainError, Completion, ExecuteError,
+    finish, peek_type, prepare, write_len, BatchKind, ChainError, Completion, ExecuteError,
     ExecuteParams, EXECUTE_ERROR_KINDS,
 };
 use crate::virtio_blk::request::{Limits, REQUEST_ERROR_KINDS};
@@ -460,20 +460,16 @@ impl BlkBackend {
                 // Only the header's type decides for reads (a read the batch cannot take is
                 // answered on its own by `prepare`'s caller); a write's length needs the
                 // whole chain parsed.
-                let kind = match peek_type(&chain) {
-                    Some(VIRTIO_BLK_T_IN) if batch_reads => Some(BatchKind::Read),
-                    Some(VIRTIO_BLK_T_OUT) if batch_writes => match batch_kind(&chain, &params) {
-                        Some((BatchKind::Write, len)) if self.dev.prefers_batched_writes(len) => {
-                            Some(BatchKind::Write)
-                        }
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                match kind {
-                    Some(BatchKind::Read) => reads.push((ctx, chain)),
-                    Some(BatchKind::Write) => writes.push((ctx, chain)),
-                    None => singles.push(Work::One(ctx, chain)),
+                match peek_type(&chain) {
+                    Some(VIRTIO_BLK_T_IN) if batch_reads => reads.push((ctx, chain)),
+                    Some(VIRTIO_BLK_T_OUT)
+                        if batch_writes
+                            && write_len(&chain, &params)
+                                .is_some_and(|len| self.dev.prefers_batched_writes(len)) =>
+                    {
+                        writes.push((ctx, chain))
+                    }
+                    _ => singles.push(Work::One(ctx, chain)),
                 }
             }
             for (kind, group) in [(BatchKind::Read, reads), (BatchKind::Write, writes)] {

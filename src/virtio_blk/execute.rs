@@ -425,19 +425,17 @@ where
         .map(u32::from_le)
 }
 
-/// Whether `chain` parses as a read or a write request (what [`prepare`] will take, unless
-/// the request is refused or must go alone), and its data length in bytes.
-pub fn batch_kind<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> Option<(BatchKind, u64)>
+/// The data length of `chain` when it parses as a write request (what [`prepare`] will take
+/// as a write, unless the request is refused or must go alone).
+pub fn write_len<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> Option<u64>
 where
     M: Deref + Clone,
     M::Target: GuestMemory,
 {
-    let req = Request::parse(chain, &params.limits).ok()?;
-    match req.request_type {
-        RequestType::In => Some((BatchKind::Read, req.data_len)),
-        RequestType::Out => Some((BatchKind::Write, req.data_len)),
-        _ => None,
-    }
+    Request::parse(chain, &params.limits)
+        .ok()
+        .filter(|r| r.request_type == RequestType::Out)
+        .map(|r| r.data_len)
 }
 
 /// Parses `chain` and, when it is a well-formed request of `kind` inside the device whose

@@ -250,6 +250,28 @@ impl Client {
         let mem = self.mem;
         self.queues.iter_mut().map(|q| Queue { q, mem }).collect()
     }
+
+    /// Runs `f(i, queue i)` for every queue at once, each on a thread of its own; returns
+    /// what each returned, in queue order (a panic in one fails the test).
+    pub fn on_each_queue<T, F>(&mut self, f: F) -> Vec<T>
+    where
+        T: Send,
+        F: Fn(usize, Queue<'_>) -> T + Sync,
+    {
+        let f = &f;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .queues()
+                .into_iter()
+                .enumerate()
+                .map(|(i, q)| scope.spawn(move || f(i, q)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("queue thread panicked"))
+                .collect()
+        })
+    }
 }
 
 /// A queue of a [`Client`] plus its buffer region.
