@@ -58,6 +58,27 @@ fn merge_adjacent(mut reqs: Vec<(Lba, Vec<Extent>)>, max_blocks: u64) -> Vec<(Lb
     out.into_iter().map(|(lba, ex, _)| (lba, ex)).collect()
 }
 
+/// Whether the map still resolves `lba..` to exactly `extents` (what the read saw).
+fn is_current(img: &Image, lba: Lba, extents: &[Extent]) -> bool {
+    let blocks: u64 = extents.iter().map(Extent::blocks).sum();
+    matches!(img.resolve(lba, blocks), Ok(now) if now == extents)
+}
+
+/// Relocates a batch of requests: drops those the map no longer matches, joins adjacent
+/// ranges ([`merge_adjacent`]) and relocates each result. A stale request (its range was
+/// relocated or written since the read) would otherwise make the whole merged relocation it
+/// joins find the map changed and do nothing.
+fn relocate_batch(img: &Image, mut batch: Vec<(Lba, Vec<Extent>)>) {
+    batch.retain(|(lba, ex)| is_current(img, *lba, ex));
+    for (lba, ex) in merge_adjacent(batch, MAX_MERGED_BLOCKS) {
+        match img.relocate_extents(lba, &ex) {
+            Ok(true) => log::trace!("relocated {} runs at LBA {}", ex.len(), lba.0),
+            Ok(false) => {}
+            Err(e) => log::debug!("relocation at LBA {} failed: {e}", lba.0),
+        }
+    }
+}
+
 /// The background relocation thread and its queue; stopped and joined on drop.
 pub struct Relocator {
     min_runs: usize,
@@ -89,15 +110,7 @@ impl Relocator {
                             Err(_) => break,
                         }
                     }
-                    for (lba, ex) in merge_adjacent(batch, MAX_MERGED_BLOCKS) {
-                        match img.relocate_extents(lba, &ex) {
-                            Ok(true) => {
-                                log::trace!("relocated {} runs at LBA {}", ex.len(), lba.0)
-                            }
-                            Ok(false) => {}
-                            Err(e) => log::debug!("relocation at LBA {} failed: {e}", lba.0),
-                        }
-                    }
+                    relocate_batch(&img, batch);
                 }
             })?;
         Ok(Some(Relocator {
@@ -147,7 +160,8 @@ impl Drop for Relocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::units::Pba;
+    use crate::image::CreateOptions;
+    use crate::units::{BlockSize, Pba};
 
     fn m(pba: u64, blocks: u64) -> Extent {
         Extent::Mapped {
@@ -193,5 +207,39 @@ mod tests {
                 (Lba(33), vec![m(90, 8)]),
             ]
         );
+    }
+
+    /// Regression (a flaky test): a request made stale by an earlier relocation of its range
+    /// joined the fresh requests for the ranges after it, and the merged relocation then found
+    /// the map changed and relocated none of them.
+    #[test]
+    fn a_stale_request_does_not_spoil_the_merged_relocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CreateOptions {
+            size: 1 << 20,
+            block_size: BlockSize::new(4096).unwrap(),
+            base: None,
+        };
+        let img = Image::create(&dir.path().join("r.rrow"), &opts).unwrap();
+        // 64 blocks written whole, then every other one overwritten: 64 runs.
+        img.write_at(0, &vec![1u8; 64 * 4096]).unwrap();
+        for b in (0..64u64).step_by(2) {
+            img.write_at(b * 4096, &[2u8; 4096]).unwrap();
+        }
+        let reqs: Vec<(Lba, Vec<Extent>)> = (0..4u64)
+            .map(|i| (Lba(i * 16), img.resolve(Lba(i * 16), 16).unwrap()))
+            .collect();
+        assert!(reqs.iter().all(|(_, ex)| ex.len() == 16));
+        // The first range is relocated on its own; its request, read before that, is stale.
+        assert!(img.relocate_extents(reqs[0].0, &reqs[0].1).unwrap());
+        relocate_batch(&img, reqs);
+        let runs = img.resolve(Lba(0), 64).unwrap();
+        assert!(runs.len() <= 2, "{runs:?}");
+        let mut got = vec![0u8; 64 * 4096];
+        img.read_at(0, &mut got).unwrap();
+        for (b, chunk) in got.chunks(4096).enumerate() {
+            let want = if b % 2 == 0 { 2 } else { 1 };
+            assert!(chunk.iter().all(|&x| x == want), "block {b}");
+        }
     }
 }
