@@ -25,6 +25,13 @@ use super::{with_trace, BatchReq, BlockDevice, BlockError, RequestCtx};
 /// writes lost 12% (docs/perf-notes.md, section 22); sizes between were not measured.
 pub const BUFFERED_BATCH_MAX: u64 = 16 << 10;
 
+/// Whether a `len`-byte write to `image` is better handed to [`Image::write_many`] with the
+/// rest of its batch than written on its own: with `O_DIRECT` every write, buffered up to
+/// [`BUFFERED_BATCH_MAX`] (shared by [`ImageDevice`] and the recorder).
+pub(crate) fn batched_writes_pay(image: &Image, len: u64) -> bool {
+    !image.is_read_only() && (image.is_direct() || len <= BUFFERED_BATCH_MAX)
+}
+
 /// A block device serving an open image.
 pub struct ImageDevice {
     // Dropped first: the threads hold a reference to the image.
@@ -143,7 +150,7 @@ impl BlockDevice for ImageDevice {
     /// per run of adjacent new blocks, since the pool's threads copy large writes into the
     /// page cache faster side by side (docs/perf-notes.md, section 22).
     fn prefers_batched_writes(&self, len: u64) -> bool {
-        !self.image.is_read_only() && (self.image.is_direct() || len <= BUFFERED_BATCH_MAX)
+        batched_writes_pay(&self.image, len)
     }
 
     fn read_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {

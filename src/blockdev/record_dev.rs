@@ -18,11 +18,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 
-use crate::image::Image;
+use crate::image::{BatchWrite, Image, WriteOutcome};
 use crate::iobuf::{total_len, IoSeg};
 use crate::record::format::{
     hash_segs, BodyRef, ExtentsRef, IndexKeying, LogHeader, LogStreams, RecordRef, WriteHash,
-    MAX_READ_DATA, VERSION,
+    HASH_LEN, MAX_READ_DATA, VERSION,
 };
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 
@@ -32,7 +32,10 @@ use super::syncer::Syncer;
 use crate::record::{LogWriter, RecordError, RecordMode, WriterStats};
 use crate::units::{Seq, SECTOR_SIZE};
 
-use super::{with_trace, BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind};
+use super::image_dev::batched_writes_pay;
+use super::{
+    with_trace, BatchReq, BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind,
+};
 
 /// VIRTIO_BLK_S_OK.
 const STATUS_OK: u8 = 0;
@@ -211,6 +214,44 @@ impl RecordingDevice {
         });
     }
 
+    /// Writes one request whose data hashed to `hash` (taken before the write: guest memory
+    /// may change under us) and records it.
+    fn write_hashed(
+        &self,
+        ctx: &RequestCtx,
+        offset: u64,
+        segs: &[IoSeg<'_>],
+        hash: [u8; HASH_LEN],
+    ) -> Result<(), BlockError> {
+        let res = self
+            .image
+            .write_vectored(offset, segs)
+            .map_err(BlockError::from);
+        self.record_write(ctx, offset, total_len(segs), &res, hash);
+        res.map(|_| ())
+    }
+
+    /// Records a write's outcome: the blocks it was redirected to, or its failure.
+    fn record_write(
+        &self,
+        ctx: &RequestCtx,
+        offset: u64,
+        len: u64,
+        res: &Result<WriteOutcome, BlockError>,
+        hash: [u8; HASH_LEN],
+    ) {
+        let (seq, first_pba, blocks) = match res {
+            Ok(o) => (o.seq, o.first_pba, o.blocks),
+            Err(_) => (self.image.seq(), Default::default(), 0),
+        };
+        let body = BodyRef::Write {
+            first_pba,
+            blocks,
+            hash,
+        };
+        self.record(ctx, offset, len, status_of(res), seq, body);
+    }
+
     /// Full mode: read into a private buffer, log exactly those bytes, then hand them to the
     /// guest (guest memory may change under us; the log must hold what the guest got).
     /// Reads larger than [`MAX_READ_DATA`] (no Linux guest issues them) fail with IOERR, and
@@ -301,27 +342,36 @@ impl BlockDevice for RecordingDevice {
 
     fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
         let hash = hash_segs(self.log.header().write_hash, segs);
-        let res = self
-            .image
-            .write_vectored(offset, segs)
-            .map_err(BlockError::from);
-        let (seq, first_pba, blocks) = match &res {
-            Ok(o) => (o.seq, o.first_pba, o.blocks),
-            Err(_) => (self.image.seq(), Default::default(), 0),
-        };
-        self.record(
-            ctx,
-            offset,
-            total_len(segs),
-            status_of(&res),
-            seq,
-            BodyRef::Write {
-                first_pba,
-                blocks,
-                hash,
-            },
-        );
-        res.map(|_| ())
+        self.write_hashed(ctx, offset, segs, hash)
+    }
+
+    /// As for a plain image ([`super::image_dev::ImageDevice`]): the batch's writes go to
+    /// [`Image::write_many`] together, each then recorded with the blocks it got.
+    fn prefers_batched_writes(&self, len: u64) -> bool {
+        batched_writes_pay(&self.image, len)
+    }
+
+    /// Each write's hash is taken before it is written (as [`write`](Self::write) does);
+    /// the records follow in request order, which is also the order of their seqs.
+    fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
+        let wh = self.log.header().write_hash;
+        let hashes: Vec<_> = reqs.iter().map(|q| hash_segs(wh, q.segs)).collect();
+        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
+        let done = self.image.write_many(&plain);
+        done.into_iter()
+            .zip(reqs.iter().zip(hashes))
+            .map(|(r, (q, hash))| {
+                let res = match r {
+                    Ok(BatchWrite::Alone) => {
+                        return self.write_hashed(q.ctx, q.offset, q.segs, hash)
+                    }
+                    Ok(BatchWrite::Done(o)) => Ok(o),
+                    Err(e) => Err(BlockError::from(e)),
+                };
+                self.record_write(q.ctx, q.offset, total_len(q.segs), &res, hash);
+                res.map(|_| ())
+            })
+            .collect()
     }
 
     fn flush(&self, ctx: &RequestCtx) -> Result<(), BlockError> {
