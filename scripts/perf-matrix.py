@@ -141,6 +141,7 @@ class Backend:
                 cmd += ["--direct"]
             if opts.retain_seqs:
                 cmd += ["--retain-seqs", str(opts.retain_seqs)]
+            cmd += list(getattr(opts, "rr_row_arg", None) or [])
             if self.record:
                 rec = workdir / f"{self.name}.rrlog"
                 rec.unlink(missing_ok=True)
@@ -567,6 +568,8 @@ def main() -> int:
     ap.add_argument("--only", help="comma list of workload keys to run (default all)")
     ap.add_argument("--aio", default="io_uring", choices=["io_uring", "threads"], help="qemu-storage-daemon aio mode")
     ap.add_argument("--direct", action="store_true", help="O_DIRECT for every backend: rr-row serve --direct, qemu-storage-daemon cache.direct=on (default: buffered for all)")
+    ap.add_argument("--rr-row-arg", action="append", metavar="ARG",
+                    help="one more argument for `rr-row serve` (repeatable; e.g. --rr-row-arg=--defrag-idle-ms=0)")
     ap.add_argument("--retain-seqs", type=int, default=0, metavar="N",
                     help="serve rr-row with `--retain-seqs N` (retention while serving, reclaimed blocks reused); "
                          "the results go to a table of their own")

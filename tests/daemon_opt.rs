@@ -1,7 +1,7 @@
 //! The daemon's performance features, end to end through a blkio frontend: completed writes
 //! survive SIGKILL without a flush (the journal is written out at the end of every batch),
 //! fragmented data read back through the daemon is relocated without changing what it reads,
-//! and batches run on several request threads per queue (`--io-threads`) match a model.
+//! an idle daemon defragments the disk on its own (`--defrag-idle-ms`), and batches run on several request threads per queue (`--io-threads`) match a model.
 
 mod common;
 
@@ -109,6 +109,72 @@ fn fragmented_reads_through_the_daemon_are_relocated_and_read_the_same() {
     let mut got = vec![0u8; model.len()];
     img.read_at(0, &mut got).unwrap();
     assert!(got == model);
+    drop(img);
+    let rep = Image::check(&image, false).unwrap();
+    assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+}
+
+#[test]
+fn an_idle_daemon_defragments_and_reads_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("g.rrow");
+    let mut opts = ServeOpts::new(&image, SIZE);
+    // No relocation on read: whatever is contiguous afterwards, the idle walk made so.
+    opts.extra = ["--relocate-on-read", "0", "--defrag-idle-ms", "100"]
+        .map(String::from)
+        .to_vec();
+    let d = start_rr_row(dir.path(), &opts);
+    let socket = d.socket().to_owned();
+    let log = d.log_path().to_owned();
+    let blocks = (4 << 20) / 4096;
+    let (model, got) = with_watchdog("fragment, go quiet, read", LIMIT, move || {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut model = vec![0u8; blocks * 4096];
+        rng.fill_bytes(&mut model);
+        let mut c = Client::open(&socket, ClientOpts::default());
+        let mut q = c.queue(0);
+        for (i, chunk) in model.chunks(CHUNK).enumerate() {
+            q.write_ok((i * CHUNK) as u64, 0, chunk);
+        }
+        for _ in 0..1024 {
+            let b = rng.gen_range(0..blocks);
+            let blk = &mut model[b * 4096..(b + 1) * 4096];
+            rng.fill_bytes(blk);
+            q.write_ok((b * 4096) as u64, 0, blk);
+        }
+        q.flush_ok();
+        // The guest goes quiet: the daemon says when a walk relocated something.
+        let said = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("idle defragmentation: relocated")
+        };
+        while !said() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut got = Vec::new();
+        for i in 0..model.len() / CHUNK {
+            got.extend(q.read_ok((i * CHUNK) as u64, 0, CHUNK));
+        }
+        (model, got)
+    });
+    assert!(got == model, "read wrong data after defragmentation");
+    let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(20));
+    assert!(status.success(), "SIGTERM: flush, close, exit 0");
+
+    let img = Image::open(&image, OpenMode::ReadOnly).unwrap();
+    let runs = img
+        .resolve(Lba(0), blocks as u64)
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, Extent::Mapped { .. }))
+        .count();
+    // 1024 random overwrites of 1024 blocks leave some 650 runs; a walk leaves at most one
+    // run per 2 MiB window.
+    assert!(runs <= 4, "{runs} physical runs remain after the idle walk");
+    let mut all = vec![0u8; model.len()];
+    img.read_at(0, &mut all).unwrap();
+    assert!(all == model);
     drop(img);
     let rep = Image::check(&image, false).unwrap();
     assert_eq!(rep.status, "clean", "{:?}", rep.problems);

@@ -13,6 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use rr_row::blockdev::record_dev::RecordingDevice;
+use rr_row::blockdev::relocator::RelocPolicy;
 use rr_row::blockdev::replay_dev::{DivergencePolicy, ReplayError, ReplayingDevice};
 use rr_row::blockdev::{
     BatchReq, BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind,
@@ -756,7 +757,7 @@ fn relocation_while_recording_keeps_the_log_replayable() {
         Duration::ZERO,
     )
     .unwrap()
-    .with_relocation(4)
+    .with_relocation(RelocPolicy::on_read(4))
     .unwrap();
     let recorded = run(&dev, &reqs);
     // The relocation thread works on its own schedule; finishing the recording waits for the

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::image::{BatchRead, BatchWrite, Image};
 use crate::iobuf::IoSeg;
 
-use super::relocator::Relocator;
+use super::relocator::{RelocPolicy, Relocator};
 use super::retainer::{RetainError, Retainer};
 use super::syncer::Syncer;
 use super::{with_trace, BatchReq, BlockDevice, BlockError, RequestCtx};
@@ -66,12 +66,13 @@ impl ImageDevice {
         }
     }
 
-    /// Wraps an open image and relocates, in a background thread, every range a read found
-    /// spread over at least `min_runs` (>= 2) physical runs of data blocks. Read-only images,
-    /// and `min_runs` below 2, get no relocation.
-    pub fn with_relocation(image: Image, min_runs: usize) -> std::io::Result<Self> {
+    /// Wraps an open image and relocates, in a background thread ([`Relocator`]), what
+    /// `policy` asks for: every range a read found spread over at least
+    /// `policy.on_read_min_runs` (>= 2) physical runs of data blocks, and, while the device
+    /// is idle, every fragmented stretch of the disk. Read-only images get no relocation.
+    pub fn with_relocation(image: Image, policy: RelocPolicy) -> std::io::Result<Self> {
         let mut dev = Self::new(image);
-        dev.reloc = Relocator::start(&dev.image, min_runs)?;
+        dev.reloc = Relocator::start(&dev.image, policy)?;
         Ok(dev)
     }
 
@@ -122,7 +123,7 @@ impl BlockDevice for ImageDevice {
     }
 
     fn read(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
-        let Some(r) = self.reloc.as_ref() else {
+        let Some(r) = self.reloc.as_ref().filter(|r| r.min_runs() != usize::MAX) else {
             return self
                 .image
                 .read_vectored(offset, segs, None)
@@ -209,6 +210,9 @@ impl BlockDevice for ImageDevice {
         // keeps them (a power cut still needs a flush).
         if let Err(e) = self.image.write_out_journal() {
             log::warn!("cannot write out the journal: {e}");
+        }
+        if let Some(r) = &self.reloc {
+            r.note_activity();
         }
     }
 

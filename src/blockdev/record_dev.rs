@@ -26,7 +26,7 @@ use crate::record::format::{
 };
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 
-use super::relocator::Relocator;
+use super::relocator::{RelocPolicy, Relocator};
 use super::retainer::{RetainError, Retainer};
 use super::syncer::Syncer;
 use crate::record::{LogWriter, RecordError, RecordMode, WriterStats};
@@ -130,12 +130,13 @@ impl RecordingDevice {
         })
     }
 
-    /// Also relocates, in the background, every range a read found spread over at least
-    /// `min_runs` physical runs (block-id mode; see [`Relocator`]). The log is unaffected: it
+    /// Also relocates, in the background, what `policy` asks for: every range a read found
+    /// spread over at least `policy.on_read_min_runs` physical runs, and fragmented stretches
+    /// while the device is idle (block-id mode; see [`Relocator`]). The log is unaffected: it
     /// names the blocks each read used, and a relocation never frees or changes those.
-    pub fn with_relocation(mut self, min_runs: usize) -> std::io::Result<Self> {
+    pub fn with_relocation(mut self, policy: RelocPolicy) -> std::io::Result<Self> {
         if self.mode == RecordMode::BlockId {
-            self.reloc = Relocator::start(&self.image, min_runs)?;
+            self.reloc = Relocator::start(&self.image, policy)?;
         }
         Ok(self)
     }
@@ -287,6 +288,9 @@ impl BlockDevice for RecordingDevice {
         // records, so a killed recorder keeps them (the log itself is synced every second).
         if let Err(e) = self.image.write_out_journal() {
             warn!("cannot write out the journal: {e}");
+        }
+        if let Some(r) = &self.reloc {
+            r.note_activity();
         }
     }
 

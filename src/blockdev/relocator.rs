@@ -6,20 +6,74 @@
 //! ([`Image::relocate_extents`]) while the guest's read has long completed: the read itself
 //! costs nothing more, and the next read of that range is one system call. A relocation never
 //! frees or changes an old block, so record logs that name the old blocks stay valid.
+//!
+//! The same thread also defragments while the device is idle ([`RelocPolicy::idle_after`]):
+//! once no batch of requests has ended for that long, it walks the disk in windows of
+//! [`MAX_MERGED_BLOCKS`] blocks and relocates every stretch of data blocks whose runs average
+//! under [`DEFRAG_MAX_AVG_RUN`] bytes, one window at a time, stopping as soon as a request
+//! arrives. A walk that found nothing to do is not repeated until the disk's seq moves (a
+//! write, discard or write-zeroes; relocations take no seq).
 
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::image::{Extent, Image};
-use crate::units::Lba;
+use crate::units::{Lba, Seq};
 
 /// Relocation requests waiting for the background thread; more are dropped (a later read of
 /// the same range asks again).
 const RELOCATION_QUEUE: usize = 64;
 
-/// The most blocks one merged relocation covers (2 MiB of 4 KiB blocks).
-const MAX_MERGED_BLOCKS: u64 = 512;
+/// The most blocks one merged relocation covers (2 MiB of 4 KiB blocks); also the window of
+/// the idle defragmenter.
+pub const MAX_MERGED_BLOCKS: u64 = 512;
+
+/// The idle defragmenter relocates a stretch of data blocks whose physical runs average fewer
+/// bytes than this (16 blocks of 4 KiB): a 128 KiB read of it takes more than two disk
+/// requests.
+pub const DEFRAG_MAX_AVG_RUN: u64 = 64 << 10;
+
+/// How often the relocation thread looks whether the device went idle.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// What the relocation thread does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelocPolicy {
+    /// Relocate a read's range when its data blocks were spread over at least this many
+    /// physical runs; below 2, reads relocate nothing.
+    pub on_read_min_runs: usize,
+    /// Defragment the disk once no batch of requests has ended for this long; `None`: never.
+    pub idle_after: Option<Duration>,
+}
+
+impl RelocPolicy {
+    /// Relocation on read only (`min_runs` below 2: nothing).
+    pub fn on_read(min_runs: usize) -> Self {
+        RelocPolicy {
+            on_read_min_runs: min_runs,
+            idle_after: None,
+        }
+    }
+
+    /// Whether there is anything for a thread to do.
+    pub fn is_active(&self) -> bool {
+        self.on_read_min_runs >= 2 || self.idle_after.is_some()
+    }
+}
+
+/// Counters of the idle defragmenter, for logs and tests.
+#[derive(Debug, Default)]
+pub struct DefragStats {
+    /// Complete walks over the disk.
+    pub passes: AtomicU64,
+    /// Stretches relocated.
+    pub relocations: AtomicU64,
+    /// Blocks relocated.
+    pub blocks: AtomicU64,
+}
 
 /// Sorts relocation requests by LBA and joins those whose ranges follow each other (up to
 /// `max_blocks` blocks per result), so that one relocation writes one longer run with one
@@ -64,6 +118,38 @@ fn is_current(img: &Image, lba: Lba, extents: &[Extent]) -> bool {
     matches!(img.resolve(lba, blocks), Ok(now) if now == extents)
 }
 
+/// The stretches of `extents` (starting at `lba`) that are all data blocks and fragmented
+/// enough to relocate: at least two runs averaging under `max_avg_run` blocks. Zero and base
+/// extents end a stretch (a relocation covers data blocks only).
+fn fragmented_stretches(lba: Lba, extents: &[Extent], max_avg_run: u64) -> Vec<(Lba, Vec<Extent>)> {
+    let mut out = Vec::new();
+    let mut at = lba.0;
+    let mut cur: Vec<Extent> = Vec::new();
+    let mut start = at;
+    let mut take = |start: u64, cur: &mut Vec<Extent>| {
+        let blocks: u64 = cur.iter().map(Extent::blocks).sum();
+        let runs = cur.len() as u64;
+        if runs >= 2 && blocks < runs.saturating_mul(max_avg_run) {
+            out.push((Lba(start), std::mem::take(cur)));
+        } else {
+            cur.clear();
+        }
+    };
+    for e in extents {
+        if matches!(e, Extent::Mapped { .. }) {
+            if cur.is_empty() {
+                start = at;
+            }
+            cur.push(*e);
+        } else {
+            take(start, &mut cur);
+        }
+        at += e.blocks();
+    }
+    take(start, &mut cur);
+    out
+}
+
 /// Relocates a batch of requests: drops those the map no longer matches, joins adjacent
 /// ranges ([`merge_adjacent`]) and relocates each result. A stale request (its range was
 /// relocated or written since the read) would otherwise make the whole merged relocation it
@@ -79,49 +165,187 @@ fn relocate_batch(img: &Image, mut batch: Vec<(Lba, Vec<Extent>)>) {
     }
 }
 
+/// The idle defragmenter's state on the relocation thread.
+struct Defrag {
+    idle_after: Duration,
+    /// Where the walk goes on.
+    cursor: u64,
+    /// The seq when the current walk started, and the stretches and blocks it relocated.
+    pass_seq: Seq,
+    pass_moved: u64,
+    pass_blocks: u64,
+    /// A walk that moved nothing ended with the disk at this seq: nothing to do until it moves.
+    done_at: Option<Seq>,
+    /// The activity counter as last seen, and since when it has not moved.
+    seen: u64,
+    quiet_since: Instant,
+    stats: Arc<DefragStats>,
+}
+
+impl Defrag {
+    /// Relocates windows while the device stays idle; returns when a request arrives (the
+    /// activity counter moved or a relocation request is waiting) or there is nothing to do.
+    fn run(
+        &mut self,
+        img: &Image,
+        activity: &AtomicU64,
+        rx: &Receiver<(Lba, Vec<Extent>)>,
+    ) -> Option<(Lba, Vec<Extent>)> {
+        let now = activity.load(Ordering::Relaxed);
+        if now != self.seen {
+            self.seen = now;
+            self.quiet_since = Instant::now();
+            return None;
+        }
+        if self.quiet_since.elapsed() < self.idle_after || self.done_at == Some(img.seq()) {
+            return None;
+        }
+        let bs = img.block_size().bytes_u64();
+        let max_avg_run = (DEFRAG_MAX_AVG_RUN / bs).max(2);
+        let end = img.size() / bs;
+        loop {
+            if self.cursor == 0 {
+                self.pass_seq = img.seq();
+                self.pass_moved = 0;
+                self.pass_blocks = 0;
+            }
+            let n = MAX_MERGED_BLOCKS.min(end - self.cursor);
+            if let Ok(extents) = img.resolve(Lba(self.cursor), n) {
+                for (lba, ex) in fragmented_stretches(Lba(self.cursor), &extents, max_avg_run) {
+                    match img.relocate_extents(lba, &ex) {
+                        Ok(true) => {
+                            let blocks: u64 = ex.iter().map(Extent::blocks).sum();
+                            self.pass_moved += 1;
+                            self.pass_blocks += blocks;
+                            self.stats.relocations.fetch_add(1, Ordering::Relaxed);
+                            self.stats.blocks.fetch_add(blocks, Ordering::Relaxed);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            log::debug!("defragmentation at LBA {} failed: {e}", lba.0);
+                            // Try again after the next write rather than in a loop.
+                            self.done_at = Some(img.seq());
+                            return None;
+                        }
+                    }
+                }
+            }
+            self.cursor += n;
+            if self.cursor >= end {
+                self.cursor = 0;
+                self.stats.passes.fetch_add(1, Ordering::Relaxed);
+                if self.pass_moved > 0 {
+                    log::info!(
+                        "idle defragmentation: relocated {} fragmented stretches ({} MiB)",
+                        self.pass_moved,
+                        (self.pass_blocks * bs) >> 20
+                    );
+                }
+                if self.pass_moved == 0 && img.seq() == self.pass_seq {
+                    log::debug!("defragmentation: nothing left to do");
+                    self.done_at = Some(self.pass_seq);
+                    return None;
+                }
+            }
+            // Give way to the guest at once.
+            if activity.load(Ordering::Relaxed) != self.seen {
+                return None;
+            }
+            if let Ok(r) = rx.try_recv() {
+                return Some(r);
+            }
+        }
+    }
+}
+
 /// The background relocation thread and its queue; stopped and joined on drop.
 pub struct Relocator {
     min_runs: usize,
     block_size: u64,
+    activity: Arc<AtomicU64>,
+    stats: Arc<DefragStats>,
     tx: Option<SyncSender<(Lba, Vec<Extent>)>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Relocator {
-    /// Starts relocating, for `image`, every range a read found spread over at least
-    /// `min_runs` physical runs of data blocks. `None` for read-only images and `min_runs`
-    /// below 2.
-    pub fn start(image: &Arc<Image>, min_runs: usize) -> std::io::Result<Option<Self>> {
-        if min_runs < 2 || image.is_read_only() {
+    /// Starts the relocation thread for `image` with `policy`. `None` for read-only images
+    /// and a policy with nothing to do.
+    pub fn start(image: &Arc<Image>, policy: RelocPolicy) -> std::io::Result<Option<Self>> {
+        if !policy.is_active() || image.is_read_only() {
             return Ok(None);
         }
         let (tx, rx) = sync_channel::<(Lba, Vec<Extent>)>(RELOCATION_QUEUE);
         let img = Arc::clone(image);
+        let activity = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(DefragStats::default());
+        let mut defrag = policy.idle_after.map(|idle_after| Defrag {
+            idle_after,
+            cursor: 0,
+            pass_seq: Seq(0),
+            pass_moved: 0,
+            pass_blocks: 0,
+            done_at: None,
+            seen: 0,
+            quiet_since: Instant::now(),
+            stats: Arc::clone(&stats),
+        });
+        let act = Arc::clone(&activity);
         let thread = std::thread::Builder::new()
             .name("rr-row-relocate".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    // Take every request already waiting, so that the ranges a sequential
-                    // reader asked for one after the other become one relocation.
-                    let mut batch = vec![first];
-                    while batch.len() < RELOCATION_QUEUE {
-                        match rx.try_recv() {
-                            Ok(r) => batch.push(r),
-                            Err(_) => break,
-                        }
+            .spawn(move || loop {
+                let first = match &mut defrag {
+                    None => match rx.recv() {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    },
+                    Some(d) => match rx.recv_timeout(IDLE_POLL) {
+                        Ok(r) => r,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                        Err(RecvTimeoutError::Timeout) => match d.run(&img, &act, &rx) {
+                            Some(r) => r,
+                            None => continue,
+                        },
+                    },
+                };
+                // Take every request already waiting, so that the ranges a sequential
+                // reader asked for one after the other become one relocation.
+                let mut batch = vec![first];
+                while batch.len() < RELOCATION_QUEUE {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
                     }
-                    relocate_batch(&img, batch);
                 }
+                relocate_batch(&img, batch);
             })?;
         Ok(Some(Relocator {
-            min_runs,
+            min_runs: if policy.on_read_min_runs >= 2 {
+                policy.on_read_min_runs
+            } else {
+                usize::MAX
+            },
             block_size: image.block_size().bytes_u64(),
+            activity,
+            stats,
             tx: Some(tx),
             thread: Some(thread),
         }))
     }
 
-    /// The fewest runs that make a read's range worth relocating.
+    /// Notes that the device served requests (a batch ended): the idle defragmenter waits
+    /// for its idle time again. One relaxed atomic add.
+    pub fn note_activity(&self) {
+        self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The idle defragmenter's counters (all zero when it is off).
+    pub fn defrag_stats(&self) -> &DefragStats {
+        &self.stats
+    }
+
+    /// The fewest runs that make a read's range worth relocating; `usize::MAX` when reads
+    /// relocate nothing.
     pub fn min_runs(&self) -> usize {
         self.min_runs
     }
@@ -241,5 +465,129 @@ mod tests {
             let want = if b % 2 == 0 { 2 } else { 1 };
             assert!(chunk.iter().all(|&x| x == want), "block {b}");
         }
+    }
+
+    #[test]
+    fn fragmented_stretches_are_data_runs_split_at_holes_and_averaging_short() {
+        let z = |blocks| Extent::Zero { blocks };
+        let ex = vec![
+            m(10, 1),
+            m(20, 1),
+            m(30, 2), // 4 blocks in 3 runs: relocated
+            z(4),
+            m(40, 64), // one long run: left
+            z(1),
+            m(50, 20),
+            m(80, 20), // 40 blocks in 2 runs, average 20 >= 16: left
+            z(2),
+            m(90, 3),
+            m(99, 3), // 6 blocks in 2 runs: relocated
+        ];
+        let got = fragmented_stretches(Lba(100), &ex, 16);
+        assert_eq!(
+            got,
+            vec![
+                (Lba(100), vec![m(10, 1), m(20, 1), m(30, 2)]),
+                (Lba(100 + 4 + 4 + 64 + 1 + 40 + 2), vec![m(90, 3), m(99, 3)]),
+            ]
+        );
+        assert!(fragmented_stretches(Lba(0), &[m(1, 1)], 16).is_empty());
+        assert!(fragmented_stretches(Lba(0), &[z(8)], 16).is_empty());
+    }
+
+    /// An image of 1024 blocks with its first 256 written whole, then every other one of
+    /// them overwritten (256 runs); returns it with the content of those 256 blocks.
+    fn fragmented(dir: &std::path::Path) -> (Arc<Image>, Vec<u8>) {
+        let opts = CreateOptions {
+            size: 4 << 20,
+            block_size: BlockSize::new(4096).unwrap(),
+            base: None,
+        };
+        let img = Image::create(&dir.join("d.rrow"), &opts).unwrap();
+        let mut want: Vec<u8> = (0..256 * 4096).map(|i| (i / 4096) as u8).collect();
+        img.write_at(0, &want).unwrap();
+        for b in (0..256usize).step_by(2) {
+            let blk = [0xa0 ^ b as u8; 4096];
+            img.write_at(b as u64 * 4096, &blk).unwrap();
+            want[b * 4096..(b + 1) * 4096].copy_from_slice(&blk);
+        }
+        assert_eq!(img.resolve(Lba(0), 256).unwrap().len(), 256);
+        (Arc::new(img), want)
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn an_idle_device_is_defragmented_keeping_content_and_old_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, want) = fragmented(dir.path());
+        let seq = img.seq();
+        // Block 0's first version, superseded by the overwrite.
+        let Extent::Mapped { pba: old, .. } =
+            img.state_at(Seq(1)).unwrap().resolve(Lba(0), 1).unwrap()[0]
+        else {
+            panic!("block 0 of state 1 is not mapped");
+        };
+        let policy = RelocPolicy {
+            on_read_min_runs: 0,
+            idle_after: Some(Duration::from_millis(30)),
+        };
+        let r = Relocator::start(&img, policy).unwrap().unwrap();
+        let st = r.defrag_stats();
+        // The walk that finds nothing left to do is the second one.
+        wait_for("two walks", || st.passes.load(Ordering::Relaxed) >= 2);
+        assert!(st.relocations.load(Ordering::Relaxed) >= 1);
+        assert!(st.blocks.load(Ordering::Relaxed) >= 256);
+        let runs = img.resolve(Lba(0), 256).unwrap();
+        assert!(runs.len() <= 2, "{runs:?}");
+        let mut got = vec![0u8; want.len()];
+        img.read_at(0, &mut got).unwrap();
+        assert!(got == want, "defragmentation changed the content");
+        assert_eq!(img.seq(), seq, "a relocation takes no seq");
+        let mut first = vec![0u8; 4096];
+        img.read_block(old, &mut first).unwrap();
+        assert!(
+            first.iter().all(|&b| b == 0),
+            "the old version is still there"
+        );
+        // Nothing left: later walks move nothing until the disk changes.
+        let passes = st.passes.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(st.passes.load(Ordering::Relaxed), passes);
+        // A new fragmenting write, then quiet: the stretch is relocated again.
+        for b in (0..64u64).step_by(2) {
+            img.write_at(b * 4096, &[9u8; 4096]).unwrap();
+        }
+        assert!(img.resolve(Lba(0), 256).unwrap().len() > 60);
+        wait_for("the next walk", || {
+            img.resolve(Lba(0), 256).unwrap().len() <= 2
+        });
+    }
+
+    #[test]
+    fn requests_keep_the_defragmenter_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, _) = fragmented(dir.path());
+        let policy = RelocPolicy {
+            on_read_min_runs: 0,
+            idle_after: Some(Duration::from_secs(2)),
+        };
+        let r = Relocator::start(&img, policy).unwrap().unwrap();
+        let busy_until = Instant::now() + Duration::from_millis(600);
+        while Instant::now() < busy_until {
+            r.note_activity();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(r.defrag_stats().relocations.load(Ordering::Relaxed), 0);
+        assert_eq!(img.resolve(Lba(0), 256).unwrap().len(), 256);
+        wait_for("defragmentation once quiet", || {
+            r.defrag_stats().relocations.load(Ordering::Relaxed) > 0
+        });
     }
 }

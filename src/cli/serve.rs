@@ -10,6 +10,7 @@ use log::{info, warn};
 use super::{CliError, CliResult, ServeArgs, MAX_POLL_US};
 use crate::blockdev::image_dev::ImageDevice;
 use crate::blockdev::record_dev::RecordingDevice;
+use crate::blockdev::relocator::RelocPolicy;
 use crate::blockdev::replay_dev::{DivergencePolicy, ReplayingDevice};
 use crate::blockdev::BlockDevice;
 use crate::image::{CreateOptions, Image, OpenMode, OpenOptions};
@@ -110,6 +111,14 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
 }
 
 /// Opens the image, creating it first when it does not exist and `--size` is given.
+/// What the relocation thread does: `--relocate-on-read` and `--defrag-idle-ms`.
+fn reloc_policy(a: &ServeArgs) -> RelocPolicy {
+    RelocPolicy {
+        on_read_min_runs: a.relocate_on_read,
+        idle_after: (a.defrag_idle_ms > 0).then(|| Duration::from_millis(a.defrag_idle_ms)),
+    }
+}
+
 fn open_image(a: &ServeArgs) -> Result<Image, CliError> {
     let mode = if a.read_only || a.replay.is_some() {
         OpenMode::ReadOnly
@@ -209,7 +218,7 @@ pub fn serve(a: &ServeArgs) -> CliResult {
             let dev = Arc::new(
                 RecordingDevice::new(Arc::clone(&image), log, mode)
                     .map_err(|e| CliError::ctx(log.display(), e))?
-                    .with_relocation(a.relocate_on_read)
+                    .with_relocation(reloc_policy(a))
                     .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?
                     .with_background_sync()
                     .map_err(|e| CliError::ctx("cannot start the sync thread", e))?
@@ -246,7 +255,7 @@ pub fn serve(a: &ServeArgs) -> CliResult {
         return Ok(if clean { 0 } else { 2 });
     }
     let dev = Arc::new(
-        ImageDevice::with_relocation(image, a.relocate_on_read)
+        ImageDevice::with_relocation(image, reloc_policy(a))
             .map_err(|e| CliError::ctx("cannot start the relocation thread", e))?
             .with_background_sync()
             .map_err(|e| CliError::ctx("cannot start the sync thread", e))?
