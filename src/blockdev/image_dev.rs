@@ -131,11 +131,9 @@ impl BlockDevice for ImageDevice {
                 .map_err(BlockError::from);
         };
         with_trace(|trace| {
-            self.image
-                .read_vectored(offset, segs, Some(&mut *trace))
-                .map_err(BlockError::from)?;
-            r.offer(offset, trace);
-            Ok(())
+            r.read_and_offer(&self.image, offset, segs, trace)
+                .map(|_| ())
+                .map_err(BlockError::from)
         })
     }
 

@@ -310,17 +310,15 @@ impl BlockDevice for RecordingDevice {
         let len = total_len(segs);
         match self.mode {
             RecordMode::BlockId => with_trace(|trace| {
-                let r = self
-                    .image
-                    .read_vectored(offset, segs, Some(&mut *trace))
-                    .map_err(BlockError::from);
+                let r = match &self.reloc {
+                    Some(rel) => rel.read_and_offer(&self.image, offset, segs, trace),
+                    None => self.image.read_vectored(offset, segs, Some(&mut *trace)),
+                }
+                .map_err(BlockError::from);
                 let (seq, extents) = match &r {
                     Ok(seq) => (*seq, &trace[..]),
                     Err(_) => (self.image.seq(), &[][..]),
                 };
-                if let (Ok(_), Some(rel)) = (&r, &self.reloc) {
-                    rel.offer(offset, extents);
-                }
                 let body = BodyRef::Read {
                     extents: ExtentsRef::Image(extents),
                     data: None,

@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::image::{Extent, Image};
+use crate::iobuf::{total_len, IoSeg};
 use crate::units::{Lba, Seq};
 
 /// Relocation requests waiting for the background thread; more are dropped (a later read of
@@ -75,24 +76,92 @@ pub struct DefragStats {
     pub blocks: AtomicU64,
 }
 
+/// Alignment of a copied read: a page, so that an `O_DIRECT` image writes it as it is.
+const PAGE: usize = 4096;
+
+/// The largest `O_DIRECT` read that goes through a private buffer handed to its relocation
+/// ([`Relocator::read_and_offer`]); larger ones are read again from the disk by the
+/// relocation thread. With [`RELOCATION_QUEUE`] requests waiting, at most 32 MiB of buffers.
+pub const MAX_COPY: usize = 512 << 10;
+
+/// A page-aligned private buffer a read went to, then handed to its relocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PageBuf {
+    mem: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl PageBuf {
+    fn new(len: usize) -> PageBuf {
+        let mem = vec![0u8; len + PAGE];
+        // `align_offset` may give up (usize::MAX); the buffer then stays unaligned, which
+        // only costs the direct write a bounce.
+        let start = mem.as_ptr().align_offset(PAGE).min(PAGE);
+        PageBuf { mem, start, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.mem
+            .get(self.start..self.start + self.len)
+            .unwrap_or(&[])
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.mem
+            .get_mut(self.start..self.start + self.len)
+            .unwrap_or(&mut [])
+    }
+
+    /// The concatenation of `parts`.
+    fn concat(parts: &[PageBuf]) -> PageBuf {
+        let mut out = PageBuf::new(parts.iter().map(|p| p.len).sum());
+        let mut at = 0;
+        for p in parts {
+            if let Some(dst) = out.bytes_mut().get_mut(at..at + p.len) {
+                dst.copy_from_slice(p.bytes());
+            }
+            at += p.len;
+        }
+        out
+    }
+}
+
+/// One relocation request: a range, the extents a read found backing it, and, when the read
+/// went to a private buffer, that buffer (so that the relocation does not read the scattered
+/// blocks from the disk a second time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Req {
+    lba: Lba,
+    extents: Vec<Extent>,
+    data: Option<PageBuf>,
+}
+
+impl Req {
+    fn blocks(&self) -> u64 {
+        self.extents.iter().map(Extent::blocks).sum()
+    }
+}
+
 /// Sorts relocation requests by LBA and joins those whose ranges follow each other (up to
 /// `max_blocks` blocks per result), so that one relocation writes one longer run with one
 /// journal record. A joined request's extents are the concatenation of its parts', with
 /// physically contiguous runs at the seams merged, as the map itself would report them
-/// (the relocation only commits if the map still resolves to exactly these extents).
-/// Exact repeats are dropped; overlapping requests are kept apart (the later one then finds
-/// the map changed and does nothing).
-fn merge_adjacent(mut reqs: Vec<(Lba, Vec<Extent>)>, max_blocks: u64) -> Vec<(Lba, Vec<Extent>)> {
-    reqs.sort_by_key(|(lba, _)| lba.0);
+/// (the relocation only commits if the map still resolves to exactly these extents); it has
+/// data when every part had. Exact repeats are dropped; overlapping requests are kept apart
+/// (the later one then finds the map changed and does nothing).
+fn merge_adjacent(mut reqs: Vec<Req>, max_blocks: u64) -> Vec<Req> {
+    reqs.sort_by_key(|r| r.lba.0);
     // The same range read twice before the thread got to it.
-    reqs.dedup();
-    let mut out: Vec<(Lba, Vec<Extent>, u64)> = Vec::with_capacity(reqs.len());
-    for (lba, ex) in reqs {
-        let blocks: u64 = ex.iter().map(Extent::blocks).sum();
-        if let Some((start, cur, n)) = out.last_mut() {
-            if start.0.checked_add(*n) == Some(lba.0) && *n + blocks <= max_blocks {
-                for e in ex {
-                    match (cur.last_mut(), e) {
+    reqs.dedup_by(|a, b| a.lba == b.lba && a.extents == b.extents);
+    // Each result with its length in blocks and its parts' data (None once a part had none).
+    let mut out: Vec<(Req, u64, Option<Vec<PageBuf>>)> = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        let blocks = r.blocks();
+        if let Some((cur, n, parts)) = out.last_mut() {
+            if cur.lba.0.checked_add(*n) == Some(r.lba.0) && *n + blocks <= max_blocks {
+                for e in r.extents {
+                    match (cur.extents.last_mut(), e) {
                         (
                             Some(Extent::Mapped { pba, blocks: b }),
                             Extent::Mapped {
@@ -100,16 +169,41 @@ fn merge_adjacent(mut reqs: Vec<(Lba, Vec<Extent>)>, max_blocks: u64) -> Vec<(Lb
                                 blocks: nb,
                             },
                         ) if pba.0.checked_add(*b) == Some(next.0) => *b += nb,
-                        _ => cur.push(e),
+                        _ => cur.extents.push(e),
                     }
                 }
                 *n += blocks;
+                *parts = match (parts.take(), r.data) {
+                    (Some(mut p), Some(d)) => {
+                        p.push(d);
+                        Some(p)
+                    }
+                    _ => None,
+                };
                 continue;
             }
         }
-        out.push((lba, ex, blocks));
+        let parts = r.data.map(|d| vec![d]);
+        out.push((
+            Req {
+                lba: r.lba,
+                extents: r.extents,
+                data: None,
+            },
+            blocks,
+            parts,
+        ));
     }
-    out.into_iter().map(|(lba, ex, _)| (lba, ex)).collect()
+    out.into_iter()
+        .map(|(mut r, _, parts)| {
+            r.data = match parts {
+                Some(mut p) if p.len() == 1 => p.pop(),
+                Some(p) => Some(PageBuf::concat(&p)),
+                None => None,
+            };
+            r
+        })
+        .collect()
 }
 
 /// Whether the map still resolves `lba..` to exactly `extents` (what the read saw).
@@ -154,13 +248,13 @@ fn fragmented_stretches(lba: Lba, extents: &[Extent], max_avg_run: u64) -> Vec<(
 /// ranges ([`merge_adjacent`]) and relocates each result. A stale request (its range was
 /// relocated or written since the read) would otherwise make the whole merged relocation it
 /// joins find the map changed and do nothing.
-fn relocate_batch(img: &Image, mut batch: Vec<(Lba, Vec<Extent>)>) {
-    batch.retain(|(lba, ex)| is_current(img, *lba, ex));
-    for (lba, ex) in merge_adjacent(batch, MAX_MERGED_BLOCKS) {
-        match img.relocate_extents(lba, &ex) {
-            Ok(true) => log::trace!("relocated {} runs at LBA {}", ex.len(), lba.0),
+fn relocate_batch(img: &Image, mut batch: Vec<Req>) {
+    batch.retain(|r| is_current(img, r.lba, &r.extents));
+    for r in merge_adjacent(batch, MAX_MERGED_BLOCKS) {
+        match img.relocate_extents_from(r.lba, &r.extents, r.data.as_ref().map(PageBuf::bytes)) {
+            Ok(true) => log::trace!("relocated {} runs at LBA {}", r.extents.len(), r.lba.0),
             Ok(false) => {}
-            Err(e) => log::debug!("relocation at LBA {} failed: {e}", lba.0),
+            Err(e) => log::debug!("relocation at LBA {} failed: {e}", r.lba.0),
         }
     }
 }
@@ -185,12 +279,7 @@ struct Defrag {
 impl Defrag {
     /// Relocates windows while the device stays idle; returns when a request arrives (the
     /// activity counter moved or a relocation request is waiting) or there is nothing to do.
-    fn run(
-        &mut self,
-        img: &Image,
-        activity: &AtomicU64,
-        rx: &Receiver<(Lba, Vec<Extent>)>,
-    ) -> Option<(Lba, Vec<Extent>)> {
+    fn run(&mut self, img: &Image, activity: &AtomicU64, rx: &Receiver<Req>) -> Option<Req> {
         let now = activity.load(Ordering::Relaxed);
         if now != self.seen {
             self.seen = now;
@@ -264,7 +353,7 @@ pub struct Relocator {
     block_size: u64,
     activity: Arc<AtomicU64>,
     stats: Arc<DefragStats>,
-    tx: Option<SyncSender<(Lba, Vec<Extent>)>>,
+    tx: Option<SyncSender<Req>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -275,7 +364,7 @@ impl Relocator {
         if !policy.is_active() || image.is_read_only() {
             return Ok(None);
         }
-        let (tx, rx) = sync_channel::<(Lba, Vec<Extent>)>(RELOCATION_QUEUE);
+        let (tx, rx) = sync_channel::<Req>(RELOCATION_QUEUE);
         let img = Arc::clone(image);
         let activity = Arc::new(AtomicU64::new(0));
         let stats = Arc::new(DefragStats::default());
@@ -350,19 +439,81 @@ impl Relocator {
         self.min_runs
     }
 
+    /// Reads `segs` at byte `offset` of `image` (tracing the extents into `trace`, as
+    /// [`Image::read_vectored`] does, and returning its seq) and offers the range for
+    /// relocation when the read found enough data-block runs ([`offer`](Self::offer)).
+    ///
+    /// With `O_DIRECT`, reading the scattered blocks again would cost the disk as much as the
+    /// read itself: a whole-block read of up to [`MAX_COPY`] bytes that the map shows
+    /// fragmented is read into a private buffer instead, copied into `segs`, and handed to
+    /// the relocation. Never a copy taken from `segs`: guest memory can change under a read,
+    /// and a relocation must write exactly the old blocks' content.
+    pub fn read_and_offer(
+        &self,
+        image: &Image,
+        offset: u64,
+        segs: &[IoSeg<'_>],
+        trace: &mut Vec<Extent>,
+    ) -> Result<crate::units::Seq, crate::image::ImageError> {
+        let len = total_len(segs);
+        if !self.wants_copy(image, offset, len) {
+            let seq = image.read_vectored(offset, segs, Some(&mut *trace))?;
+            self.offer(offset, trace, None);
+            return Ok(seq);
+        }
+        let mut buf = PageBuf::new(len as usize);
+        let seq = image.read_vectored(
+            offset,
+            &[IoSeg::from_mut_slice(buf.bytes_mut())],
+            Some(&mut *trace),
+        )?;
+        let mut at = 0usize;
+        for s in segs {
+            s.copy_from(0, buf.bytes().get(at..at + s.len()).unwrap_or_default());
+            at += s.len();
+        }
+        self.offer(offset, trace, Some(buf));
+        Ok(seq)
+    }
+
+    /// Whether a read of `len` bytes at `offset` should go through a private buffer: a
+    /// direct image, whole blocks, at most [`MAX_COPY`], and at least `min_runs` data-block
+    /// runs in the map now (a hint: the read's own trace decides what is offered).
+    fn wants_copy(&self, image: &Image, offset: u64, len: u64) -> bool {
+        if !image.is_direct()
+            || self.min_runs == usize::MAX
+            || offset % self.block_size != 0
+            || len % self.block_size != 0
+            || len == 0
+            || len > MAX_COPY as u64
+        {
+            return false;
+        }
+        matches!(
+            image.resolve(Lba(offset / self.block_size), len / self.block_size),
+            Ok(ex) if ex.len() >= self.min_runs && ex.iter().all(|e| matches!(e, Extent::Mapped { .. }))
+        )
+    }
+
     /// Offers the extents `trace` that a completed read at byte `offset` found; queued when
-    /// they are enough data-block runs, dropped when the queue is full.
-    pub fn offer(&self, offset: u64, trace: &[Extent]) {
+    /// they are enough data-block runs, dropped when the queue is full. `data`, a private
+    /// copy of exactly those blocks' content, spares the relocation reading them again.
+    fn offer(&self, offset: u64, trace: &[Extent], data: Option<PageBuf>) {
         if trace.len() < self.min_runs || !trace.iter().all(|e| matches!(e, Extent::Mapped { .. }))
         {
             return;
         }
-        let lba = Lba(offset / self.block_size);
-        if let Some(tx) = &self.tx {
-            match tx.try_send((lba, trace.to_vec())) {
-                Ok(()) | Err(TrySendError::Full(_)) => {}
-                Err(TrySendError::Disconnected(_)) => log::debug!("relocation thread gone"),
-            }
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let req = Req {
+            lba: Lba(offset / self.block_size),
+            extents: trace.to_vec(),
+            data,
+        };
+        match tx.try_send(req) {
+            Ok(()) | Err(TrySendError::Full(_)) => {}
+            Err(TrySendError::Disconnected(_)) => log::debug!("relocation thread gone"),
         }
     }
 
@@ -387,6 +538,18 @@ mod tests {
     use crate::image::CreateOptions;
     use crate::units::{BlockSize, Pba};
 
+    fn req(lba: u64, extents: Vec<Extent>) -> Req {
+        Req {
+            lba: Lba(lba),
+            extents,
+            data: None,
+        }
+    }
+
+    fn plain(reqs: Vec<Req>) -> Vec<(Lba, Vec<Extent>)> {
+        reqs.into_iter().map(|r| (r.lba, r.extents)).collect()
+    }
+
     fn m(pba: u64, blocks: u64) -> Extent {
         Extent::Mapped {
             pba: Pba(pba),
@@ -397,11 +560,11 @@ mod tests {
     #[test]
     fn adjacent_ranges_merge_in_lba_order_and_seams_coalesce() {
         let reqs = vec![
-            (Lba(8), vec![m(100, 4), m(7, 4)]),
-            (Lba(0), vec![m(50, 2), m(90, 6)]),
-            (Lba(16), vec![m(11, 8)]),
+            req(8, vec![m(100, 4), m(7, 4)]),
+            req(0, vec![m(50, 2), m(90, 6)]),
+            req(16, vec![m(11, 8)]),
         ];
-        let got = merge_adjacent(reqs, 512);
+        let got = plain(merge_adjacent(reqs, 512));
         assert_eq!(
             got,
             vec![(Lba(0), vec![m(50, 2), m(90, 6), m(100, 4), m(7, 12)])],
@@ -412,15 +575,15 @@ mod tests {
     #[test]
     fn gaps_overlaps_and_the_size_limit_keep_requests_apart() {
         let reqs = vec![
-            (Lba(0), vec![m(10, 8)]),
-            (Lba(9), vec![m(30, 8)]),  // gap at 8
-            (Lba(9), vec![m(30, 8)]),  // repeated: dropped
-            (Lba(12), vec![m(40, 2)]), // overlaps 9..17
-            (Lba(17), vec![m(60, 8)]), // does not follow 12..14: a new start
-            (Lba(25), vec![m(80, 8)]), // follows 17..25
-            (Lba(33), vec![m(90, 8)]), // would take 17.. past 16 blocks
+            req(0, vec![m(10, 8)]),
+            req(9, vec![m(30, 8)]),  // gap at 8
+            req(9, vec![m(30, 8)]),  // repeated: dropped
+            req(12, vec![m(40, 2)]), // overlaps 9..17
+            req(17, vec![m(60, 8)]), // does not follow 12..14: a new start
+            req(25, vec![m(80, 8)]), // follows 17..25
+            req(33, vec![m(90, 8)]), // would take 17.. past 16 blocks
         ];
-        let got = merge_adjacent(reqs, 16);
+        let got = plain(merge_adjacent(reqs, 16));
         assert_eq!(
             got,
             vec![
@@ -450,12 +613,12 @@ mod tests {
         for b in (0..64u64).step_by(2) {
             img.write_at(b * 4096, &[2u8; 4096]).unwrap();
         }
-        let reqs: Vec<(Lba, Vec<Extent>)> = (0..4u64)
-            .map(|i| (Lba(i * 16), img.resolve(Lba(i * 16), 16).unwrap()))
+        let reqs: Vec<Req> = (0..4u64)
+            .map(|i| req(i * 16, img.resolve(Lba(i * 16), 16).unwrap()))
             .collect();
-        assert!(reqs.iter().all(|(_, ex)| ex.len() == 16));
+        assert!(reqs.iter().all(|r| r.extents.len() == 16));
         // The first range is relocated on its own; its request, read before that, is stale.
-        assert!(img.relocate_extents(reqs[0].0, &reqs[0].1).unwrap());
+        assert!(img.relocate_extents(reqs[0].lba, &reqs[0].extents).unwrap());
         relocate_batch(&img, reqs);
         let runs = img.resolve(Lba(0), 64).unwrap();
         assert!(runs.len() <= 2, "{runs:?}");
@@ -589,5 +752,75 @@ mod tests {
         wait_for("defragmentation once quiet", || {
             r.defrag_stats().relocations.load(Ordering::Relaxed) > 0
         });
+    }
+
+    /// With `O_DIRECT`, a fragmented read goes through a private buffer that the relocation
+    /// then writes: the guest gets the right bytes, the relocation writes the old blocks'
+    /// content even when the guest's buffer is changed right after the read, and only
+    /// reads that the map shows fragmented take that path.
+    #[test]
+    fn direct_reads_hand_their_private_buffer_to_the_relocation() {
+        // The temporary directory must support O_DIRECT (as in the ring's tests).
+        let dir = tempfile::tempdir().unwrap();
+        let (img, want) = fragmented(dir.path());
+        Arc::try_unwrap(img).ok().unwrap().close().unwrap();
+        let img = Arc::new(
+            Image::open_with_options(
+                &dir.path().join("d.rrow"),
+                crate::image::OpenMode::ReadWrite,
+                &crate::image::OpenOptions {
+                    direct: true,
+                    shared_lock: false,
+                },
+            )
+            .unwrap(),
+        );
+        assert!(img.is_direct());
+        let mut r = Relocator::start(&img, RelocPolicy::on_read(4)).unwrap().unwrap();
+        assert!(r.wants_copy(&img, 0, 64 << 10));
+        assert!(!r.wants_copy(&img, 512, 64 << 10), "not whole blocks");
+        assert!(!r.wants_copy(&img, 300 << 12, 64 << 10), "never written: not data blocks");
+        // Two 64 KiB reads in odd-sized segments, the guest's buffer scribbled on at once.
+        for part in 0..2usize {
+            let mut guest = vec![0u8; 64 << 10];
+            let (a, b) = guest.split_at_mut(5000);
+            let segs = [IoSeg::from_mut_slice(a), IoSeg::from_mut_slice(b)];
+            let mut trace = Vec::new();
+            r.read_and_offer(&img, (part * (64 << 10)) as u64, &segs, &mut trace)
+                .unwrap();
+            assert_eq!(trace.len(), 16);
+            assert!(guest[..] == want[part * (64 << 10)..(part + 1) * (64 << 10)]);
+            guest.fill(0x5c);
+        }
+        r.stop();
+        let runs = img.resolve(Lba(0), 32).unwrap();
+        assert_eq!(runs.len(), 1, "both reads relocated as one run: {runs:?}");
+        let mut got = vec![0u8; 128 << 10];
+        img.read_at(0, &mut got).unwrap();
+        assert!(got[..] == want[..128 << 10], "the relocation wrote other data");
+    }
+
+    #[test]
+    fn joined_requests_carry_their_data_only_when_every_part_has_some() {
+        let with = |lba: u64, pba: u64, byte: u8| {
+            let mut d = PageBuf::new(2 * 4096);
+            d.bytes_mut().fill(byte);
+            Req {
+                lba: Lba(lba),
+                extents: vec![m(pba, 1), m(pba + 10, 1)],
+                data: Some(d),
+            }
+        };
+        let got = merge_adjacent(vec![with(2, 50, 2), with(0, 30, 1), with(4, 70, 3)], 512);
+        assert_eq!(got.len(), 1);
+        let data = got[0].data.as_ref().unwrap().bytes();
+        assert_eq!(data.len(), 6 * 4096);
+        assert_eq!(data.as_ptr().align_offset(PAGE), 0, "page-aligned");
+        for (i, b) in [1u8, 2, 3].iter().enumerate() {
+            assert!(data[i * 8192..(i + 1) * 8192].iter().all(|x| x == b));
+        }
+        let got = merge_adjacent(vec![with(0, 30, 1), req(2, vec![m(50, 1), m(60, 1)])], 512);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].data.is_none(), "a part without data: the thread reads the blocks");
     }
 }

@@ -119,6 +119,10 @@ pub enum BatchRead {
     Alone,
 }
 
+/// Alignment of a relocation's buffer: a page, which `O_DIRECT` accepts on the file systems
+/// in use (a coarser requirement only makes the I/O go through the bounce buffer).
+const RELOCATE_ALIGN: usize = 4096;
+
 /// What [`Image::write_many`] did with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchWrite {
@@ -1506,6 +1510,20 @@ impl Image {
     /// later and on another thread than the read. Returns whether it committed; `false`
     /// when the map changed meanwhile or `expected` is not all data blocks.
     pub fn relocate_extents(&self, lba: Lba, expected: &[Extent]) -> Result<bool, ImageError> {
+        self.relocate_extents_from(lba, expected, None)
+    }
+
+    /// As [`relocate_extents`](Self::relocate_extents), with the blocks' content already at
+    /// hand: `data`, when it is exactly as long as `expected`, is written instead of reading
+    /// the old blocks again (a reader that just read them, e.g. into guest memory, hands over
+    /// a private copy). The caller vouches that `data` is the content of `expected`; the
+    /// commit still happens only if the map holds `expected`.
+    pub fn relocate_extents_from(
+        &self,
+        lba: Lba,
+        expected: &[Extent],
+        data: Option<&[u8]>,
+    ) -> Result<bool, ImageError> {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
@@ -1517,10 +1535,27 @@ impl Image {
         if self.resolve(lba, blocks)? != expected {
             return Ok(false);
         }
-        let mut buf = vec![0u8; (blocks * self.sh.bs.bytes_u64()) as usize];
+        if let Some(data) = data.filter(|d| d.len() as u64 == blocks * self.sh.bs.bytes_u64()) {
+            return self.relocate(lba.0, expected, data);
+        }
+        // Page-aligned, so that with `O_DIRECT` the scattered reads go to the disk together
+        // through the ring and the run is written with one call, not through the bounce
+        // buffer piece by piece (any other buffer would still work, slowly).
+        let len = (blocks * self.sh.bs.bytes_u64()) as usize;
+        let mut mem = vec![0u8; len + RELOCATE_ALIGN];
+        let start = mem
+            .as_ptr()
+            .align_offset(RELOCATE_ALIGN)
+            .min(RELOCATE_ALIGN);
+        let buf = mem
+            .get_mut(start..start + len)
+            .ok_or(ImageError::BadBuffer {
+                expected: len as u64,
+                got: 0,
+            })?;
         self.sh
-            .read_extents(expected, 0, &[IoSeg::from_mut_slice(&mut buf)])?;
-        self.relocate(lba.0, expected, &buf)
+            .read_extents(expected, 0, &[IoSeg::from_mut_slice(buf)])?;
+        self.relocate(lba.0, expected, buf)
     }
 
     /// Appends `data` (the current content of LBAs `lba..`, backed by `expected`) as one new
