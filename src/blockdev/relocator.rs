@@ -776,10 +776,15 @@ mod tests {
             .unwrap(),
         );
         assert!(img.is_direct());
-        let mut r = Relocator::start(&img, RelocPolicy::on_read(4)).unwrap().unwrap();
+        let mut r = Relocator::start(&img, RelocPolicy::on_read(4))
+            .unwrap()
+            .unwrap();
         assert!(r.wants_copy(&img, 0, 64 << 10));
         assert!(!r.wants_copy(&img, 512, 64 << 10), "not whole blocks");
-        assert!(!r.wants_copy(&img, 300 << 12, 64 << 10), "never written: not data blocks");
+        assert!(
+            !r.wants_copy(&img, 300 << 12, 64 << 10),
+            "never written: not data blocks"
+        );
         // Two 64 KiB reads in odd-sized segments, the guest's buffer scribbled on at once.
         for part in 0..2usize {
             let mut guest = vec![0u8; 64 << 10];
@@ -797,7 +802,10 @@ mod tests {
         assert_eq!(runs.len(), 1, "both reads relocated as one run: {runs:?}");
         let mut got = vec![0u8; 128 << 10];
         img.read_at(0, &mut got).unwrap();
-        assert!(got[..] == want[..128 << 10], "the relocation wrote other data");
+        assert!(
+            got[..] == want[..128 << 10],
+            "the relocation wrote other data"
+        );
     }
 
     #[test]
@@ -821,6 +829,9 @@ mod tests {
         }
         let got = merge_adjacent(vec![with(0, 30, 1), req(2, vec![m(50, 1), m(60, 1)])], 512);
         assert_eq!(got.len(), 1);
-        assert!(got[0].data.is_none(), "a part without data: the thread reads the blocks");
+        assert!(
+            got[0].data.is_none(),
+            "a part without data: the thread reads the blocks"
+        );
     }
 }
