@@ -265,6 +265,12 @@ fn overwrite(img: &Image, seed: u64) {
     img.discard(0, 64 << 10).unwrap();
 }
 
+/// A block-id recorder of `img` into `log`, synced only on flushes and at the end.
+fn recorder(img: &Arc<Image>, log: &Path) -> RecordingDevice {
+    RecordingDevice::with_sync_interval(Arc::clone(img), log, RecordMode::BlockId, Duration::ZERO)
+        .unwrap()
+}
+
 fn record(img: &Arc<Image>, log: &Path, mode: RecordMode, reqs: &[Req]) -> Vec<Seen> {
     let dev =
         RecordingDevice::with_sync_interval(Arc::clone(img), log, mode, Duration::ZERO).unwrap();
@@ -662,13 +668,7 @@ fn daemon_initiated_flushes_are_neither_recorded_nor_matched() {
     let log = dir.path().join("internal.log");
     let data = vec![0x42u8; BS as usize];
     let w = |index| RequestCtx { queue: 0, index };
-    let dev = RecordingDevice::with_sync_interval(
-        Arc::clone(&img),
-        &log,
-        RecordMode::BlockId,
-        Duration::ZERO,
-    )
-    .unwrap();
+    let dev = recorder(&img, &log);
     dev.write(&w(0), 0, &[IoSeg::from_slice(&data)]).unwrap();
     dev.flush(&RequestCtx::INTERNAL).unwrap();
     let mut buf = vec![0u8; BS as usize];
@@ -750,15 +750,9 @@ fn relocation_while_recording_keeps_the_log_replayable() {
         .flat_map(|_| (0..16u64).map(|i| Req::q0(Op::read(i * (64 << 10), 64 << 10))))
         .collect();
     let log = dir.path().join("reloc.log");
-    let dev = RecordingDevice::with_sync_interval(
-        Arc::clone(&img),
-        &log,
-        RecordMode::BlockId,
-        Duration::ZERO,
-    )
-    .unwrap()
-    .with_relocation(RelocPolicy::on_read(4))
-    .unwrap();
+    let dev = recorder(&img, &log)
+        .with_relocation(RelocPolicy::on_read(4))
+        .unwrap();
     let recorded = run(&dev, &reqs);
     // The relocation thread works on its own schedule; finishing the recording waits for the
     // relocations already queued.
@@ -828,13 +822,7 @@ fn batched_writes_are_recorded_with_their_own_blocks_and_replay() {
             reqs.push(Req::q0(Op::Flush));
         }
     }
-    let dev = RecordingDevice::with_sync_interval(
-        Arc::clone(&img),
-        &log,
-        RecordMode::BlockId,
-        Duration::ZERO,
-    )
-    .unwrap();
+    let dev = recorder(&img, &log);
     let recorded = run_with(&dev, &reqs, 16);
     let stats = dev.finish().unwrap();
     assert_eq!(stats.records as usize, reqs.len());

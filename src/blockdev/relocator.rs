@@ -81,7 +81,7 @@ const PAGE: usize = 4096;
 
 /// The largest `O_DIRECT` read that goes through a private buffer handed to its relocation
 /// ([`Relocator::read_and_offer`]); larger ones are read again from the disk by the
-/// relocation thread. With [`RELOCATION_QUEUE`] requests waiting, at most 32 MiB of buffers.
+/// relocation thread. With the 64 requests the queue holds, at most 32 MiB of buffers.
 pub const MAX_COPY: usize = 512 << 10;
 
 /// A page-aligned private buffer a read went to, then handed to its relocation.
@@ -441,7 +441,7 @@ impl Relocator {
 
     /// Reads `segs` at byte `offset` of `image` (tracing the extents into `trace`, as
     /// [`Image::read_vectored`] does, and returning its seq) and offers the range for
-    /// relocation when the read found enough data-block runs ([`offer`](Self::offer)).
+    /// relocation when the read found enough data-block runs.
     ///
     /// With `O_DIRECT`, reading the scattered blocks again would cost the disk as much as the
     /// read itself: a whole-block read of up to [`MAX_COPY`] bytes that the map shows
