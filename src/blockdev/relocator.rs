@@ -15,7 +15,9 @@
 //! write, discard or write-zeroes; relocations take no seq).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{
+    sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -336,12 +338,15 @@ impl Defrag {
                     return None;
                 }
             }
-            // Give way to the guest at once.
+            // Give way to the guest at once, and to a stop (the device is going away: the
+            // thread's owner waits for it, so it must not finish a walk of the disk first).
             if activity.load(Ordering::Relaxed) != self.seen {
                 return None;
             }
-            if let Ok(r) = rx.try_recv() {
-                return Some(r);
+            match rx.try_recv() {
+                Ok(r) => return Some(r),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {}
             }
         }
     }
@@ -832,6 +837,47 @@ mod tests {
         assert!(
             got[0].data.is_none(),
             "a part without data: the thread reads the blocks"
+        );
+    }
+
+    /// A stop (the sender dropped) ends a walk after the window in progress: the device's
+    /// owner waits for the thread, so it must not walk the rest of the disk first.
+    #[test]
+    fn a_stop_ends_the_walk_after_one_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CreateOptions {
+            size: 8 << 20,
+            block_size: BlockSize::new(4096).unwrap(),
+            base: None,
+        };
+        let img = Image::create(&dir.path().join("w.rrow"), &opts).unwrap();
+        img.write_at(0, &vec![1u8; 4 << 20]).unwrap();
+        for b in (0..1024u64).step_by(2) {
+            img.write_at(b * 4096, &[2u8; 4096]).unwrap();
+        }
+        let stats = Arc::new(DefragStats::default());
+        let mut d = Defrag {
+            idle_after: Duration::ZERO,
+            cursor: 0,
+            pass_seq: Seq(0),
+            pass_moved: 0,
+            pass_blocks: 0,
+            done_at: None,
+            seen: 0,
+            quiet_since: Instant::now(),
+            stats: Arc::clone(&stats),
+        };
+        let activity = AtomicU64::new(0);
+        let (tx, rx) = sync_channel::<Req>(1);
+        drop(tx);
+        assert!(d.run(&img, &activity, &rx).is_none());
+        assert_eq!(d.cursor, MAX_MERGED_BLOCKS, "one window, then the stop");
+        assert_eq!(stats.relocations.load(Ordering::Relaxed), 1);
+        assert_eq!(img.resolve(Lba(0), 512).unwrap().len(), 1);
+        assert_eq!(
+            img.resolve(Lba(512), 512).unwrap().len(),
+            512,
+            "second window untouched"
         );
     }
 }
