@@ -279,6 +279,21 @@ struct Defrag {
 }
 
 impl Defrag {
+    /// A walk that starts at LBA 0 once the device has been idle for `idle_after`.
+    fn new(idle_after: Duration, stats: Arc<DefragStats>) -> Defrag {
+        Defrag {
+            idle_after,
+            cursor: 0,
+            pass_seq: Seq(0),
+            pass_moved: 0,
+            pass_blocks: 0,
+            done_at: None,
+            seen: 0,
+            quiet_since: Instant::now(),
+            stats,
+        }
+    }
+
     /// Relocates windows while the device stays idle; returns when a request arrives (the
     /// activity counter moved or a relocation request is waiting) or there is nothing to do.
     fn run(&mut self, img: &Image, activity: &AtomicU64, rx: &Receiver<Req>) -> Option<Req> {
@@ -373,17 +388,9 @@ impl Relocator {
         let img = Arc::clone(image);
         let activity = Arc::new(AtomicU64::new(0));
         let stats = Arc::new(DefragStats::default());
-        let mut defrag = policy.idle_after.map(|idle_after| Defrag {
-            idle_after,
-            cursor: 0,
-            pass_seq: Seq(0),
-            pass_moved: 0,
-            pass_blocks: 0,
-            done_at: None,
-            seen: 0,
-            quiet_since: Instant::now(),
-            stats: Arc::clone(&stats),
-        });
+        let mut defrag = policy
+            .idle_after
+            .map(|idle_after| Defrag::new(idle_after, Arc::clone(&stats)));
         let act = Arc::clone(&activity);
         let thread = std::thread::Builder::new()
             .name("rr-row-relocate".into())
@@ -543,6 +550,16 @@ mod tests {
     use crate::image::CreateOptions;
     use crate::units::{BlockSize, Pba};
 
+    /// A new image of `size` bytes in 4 KiB blocks.
+    fn new_image(path: &std::path::Path, size: u64) -> Image {
+        let opts = CreateOptions {
+            size,
+            block_size: BlockSize::new(4096).unwrap(),
+            base: None,
+        };
+        Image::create(path, &opts).unwrap()
+    }
+
     fn req(lba: u64, extents: Vec<Extent>) -> Req {
         Req {
             lba: Lba(lba),
@@ -607,12 +624,7 @@ mod tests {
     #[test]
     fn a_stale_request_does_not_spoil_the_merged_relocation() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = CreateOptions {
-            size: 1 << 20,
-            block_size: BlockSize::new(4096).unwrap(),
-            base: None,
-        };
-        let img = Image::create(&dir.path().join("r.rrow"), &opts).unwrap();
+        let img = new_image(&dir.path().join("r.rrow"), 1 << 20);
         // 64 blocks written whole, then every other one overwritten: 64 runs.
         img.write_at(0, &vec![1u8; 64 * 4096]).unwrap();
         for b in (0..64u64).step_by(2) {
@@ -666,12 +678,7 @@ mod tests {
     /// An image of 1024 blocks with its first 256 written whole, then every other one of
     /// them overwritten (256 runs); returns it with the content of those 256 blocks.
     fn fragmented(dir: &std::path::Path) -> (Arc<Image>, Vec<u8>) {
-        let opts = CreateOptions {
-            size: 4 << 20,
-            block_size: BlockSize::new(4096).unwrap(),
-            base: None,
-        };
-        let img = Image::create(&dir.join("d.rrow"), &opts).unwrap();
+        let img = new_image(&dir.join("d.rrow"), 4 << 20);
         let mut want: Vec<u8> = (0..256 * 4096).map(|i| (i / 4096) as u8).collect();
         img.write_at(0, &want).unwrap();
         for b in (0..256usize).step_by(2) {
@@ -845,28 +852,13 @@ mod tests {
     #[test]
     fn a_stop_ends_the_walk_after_one_window() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = CreateOptions {
-            size: 8 << 20,
-            block_size: BlockSize::new(4096).unwrap(),
-            base: None,
-        };
-        let img = Image::create(&dir.path().join("w.rrow"), &opts).unwrap();
+        let img = new_image(&dir.path().join("w.rrow"), 8 << 20);
         img.write_at(0, &vec![1u8; 4 << 20]).unwrap();
         for b in (0..1024u64).step_by(2) {
             img.write_at(b * 4096, &[2u8; 4096]).unwrap();
         }
         let stats = Arc::new(DefragStats::default());
-        let mut d = Defrag {
-            idle_after: Duration::ZERO,
-            cursor: 0,
-            pass_seq: Seq(0),
-            pass_moved: 0,
-            pass_blocks: 0,
-            done_at: None,
-            seen: 0,
-            quiet_since: Instant::now(),
-            stats: Arc::clone(&stats),
-        };
+        let mut d = Defrag::new(Duration::ZERO, Arc::clone(&stats));
         let activity = AtomicU64::new(0);
         let (tx, rx) = sync_channel::<Req>(1);
         drop(tx);
