@@ -179,6 +179,90 @@ pub fn slice_segs<'a>(segs: &[IoSeg<'a>], start: u64, len: u64) -> Option<Vec<Io
     Some(out)
 }
 
+/// Copies `src` into the concatenated segments starting `at` bytes in (as much as both
+/// hold).
+pub fn scatter(segs: &[IoSeg<'_>], at: u64, src: &[u8]) {
+    let mut pos = 0usize;
+    for s in slice_segs(segs, at, src.len() as u64).unwrap_or_default() {
+        if let Some(part) = src.get(pos..pos + s.len()) {
+            s.copy_from(0, part);
+        }
+        pos += s.len();
+    }
+}
+
+/// Fills `dst` from the concatenated segments starting `at` bytes in.
+pub fn gather(segs: &[IoSeg<'_>], at: u64, dst: &mut [u8]) {
+    let mut pos = 0usize;
+    for s in slice_segs(segs, at, dst.len() as u64).unwrap_or_default() {
+        if let Some(part) = dst.get_mut(pos..pos + s.len()) {
+            s.copy_to(0, part);
+        }
+        pos += s.len();
+    }
+}
+
+/// Alignment of a [`PageBuf`]: a page, which `O_DIRECT` accepts on the file systems in use
+/// (a coarser requirement only sends the I/O through the engine's bounce buffer).
+const PAGE: usize = 4096;
+
+/// A page-aligned heap buffer (a window into an over-sized vector; no `unsafe`), so that an
+/// `O_DIRECT` image reads into it and writes from it as it is, without a bounce buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBuf {
+    mem: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl PageBuf {
+    /// `len` zeroed bytes.
+    pub fn new(len: usize) -> PageBuf {
+        let mem = vec![0u8; len + PAGE];
+        // `align_offset` may give up (usize::MAX); the buffer then stays unaligned, which
+        // only costs direct I/O a bounce.
+        let start = mem.as_ptr().align_offset(PAGE).min(PAGE);
+        PageBuf { mem, start, len }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.mem
+            .get(self.start..self.start + self.len)
+            .unwrap_or(&[])
+    }
+
+    /// The bytes, writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.mem
+            .get_mut(self.start..self.start + self.len)
+            .unwrap_or(&mut [])
+    }
+
+    /// The concatenation of `parts`.
+    pub fn concat(parts: &[PageBuf]) -> PageBuf {
+        let mut out = PageBuf::new(parts.iter().map(PageBuf::len).sum());
+        let mut at = 0;
+        for p in parts {
+            if let Some(dst) = out.bytes_mut().get_mut(at..at + p.len) {
+                dst.copy_from_slice(p.bytes());
+            }
+            at += p.len;
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use log::{error, info, warn};
 
 use crate::image::{BatchWrite, Image, WriteOutcome};
-use crate::iobuf::{total_len, IoSeg};
+use crate::iobuf::{scatter, total_len, IoSeg};
 use crate::record::format::{
     hash_segs, BodyRef, ExtentsRef, IndexKeying, LogHeader, LogStreams, RecordRef, WriteHash,
     HASH_LEN, MAX_READ_DATA, VERSION,
@@ -272,12 +272,7 @@ impl RecordingDevice {
             .image
             .read_vectored(offset, &[IoSeg::from_mut_slice(&mut buf)], None)
             .map_err(BlockError::from)?;
-        let mut pos = 0usize;
-        for s in segs {
-            let part = buf.get(pos..pos + s.len()).unwrap_or_default();
-            s.copy_from(0, part);
-            pos += s.len();
-        }
+        scatter(segs, 0, &buf);
         Ok((seq, buf))
     }
 }

@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::image::{Extent, Image};
-use crate::iobuf::{total_len, IoSeg};
+use crate::iobuf::{scatter, total_len, IoSeg, PageBuf};
 use crate::units::{Lba, Seq};
 
 /// Relocation requests waiting for the background thread; more are dropped (a later read of
@@ -78,56 +78,10 @@ pub struct DefragStats {
     pub blocks: AtomicU64,
 }
 
-/// Alignment of a copied read: a page, so that an `O_DIRECT` image writes it as it is.
-const PAGE: usize = 4096;
-
 /// The largest `O_DIRECT` read that goes through a private buffer handed to its relocation
 /// ([`Relocator::read_and_offer`]); larger ones are read again from the disk by the
 /// relocation thread. With the 64 requests the queue holds, at most 32 MiB of buffers.
 pub const MAX_COPY: usize = 512 << 10;
-
-/// A page-aligned private buffer a read went to, then handed to its relocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct PageBuf {
-    mem: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl PageBuf {
-    fn new(len: usize) -> PageBuf {
-        let mem = vec![0u8; len + PAGE];
-        // `align_offset` may give up (usize::MAX); the buffer then stays unaligned, which
-        // only costs the direct write a bounce.
-        let start = mem.as_ptr().align_offset(PAGE).min(PAGE);
-        PageBuf { mem, start, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        self.mem
-            .get(self.start..self.start + self.len)
-            .unwrap_or(&[])
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self.mem
-            .get_mut(self.start..self.start + self.len)
-            .unwrap_or(&mut [])
-    }
-
-    /// The concatenation of `parts`.
-    fn concat(parts: &[PageBuf]) -> PageBuf {
-        let mut out = PageBuf::new(parts.iter().map(|p| p.len).sum());
-        let mut at = 0;
-        for p in parts {
-            if let Some(dst) = out.bytes_mut().get_mut(at..at + p.len) {
-                dst.copy_from_slice(p.bytes());
-            }
-            at += p.len;
-        }
-        out
-    }
-}
 
 /// One relocation request: a range, the extents a read found backing it, and, when the read
 /// went to a private buffer, that buffer (so that the relocation does not read the scattered
@@ -479,11 +433,7 @@ impl Relocator {
             &[IoSeg::from_mut_slice(buf.bytes_mut())],
             Some(&mut *trace),
         )?;
-        let mut at = 0usize;
-        for s in segs {
-            s.copy_from(0, buf.bytes().get(at..at + s.len()).unwrap_or_default());
-            at += s.len();
-        }
+        scatter(segs, 0, buf.bytes());
         self.offer(offset, trace, Some(buf));
         Ok(seq)
     }
@@ -835,7 +785,7 @@ mod tests {
         assert_eq!(got.len(), 1);
         let data = got[0].data.as_ref().unwrap().bytes();
         assert_eq!(data.len(), 6 * 4096);
-        assert_eq!(data.as_ptr().align_offset(PAGE), 0, "page-aligned");
+        assert_eq!(data.as_ptr().align_offset(4096), 0, "page-aligned");
         for (i, b) in [1u8, 2, 3].iter().enumerate() {
             assert!(data[i * 8192..(i + 1) * 8192].iter().all(|x| x == b));
         }

@@ -110,7 +110,6 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
     })
 }
 
-/// Opens the image, creating it first when it does not exist and `--size` is given.
 /// What the relocation thread does: `--relocate-on-read` and `--defrag-idle-ms`.
 fn reloc_policy(a: &ServeArgs) -> RelocPolicy {
     RelocPolicy {
@@ -119,6 +118,7 @@ fn reloc_policy(a: &ServeArgs) -> RelocPolicy {
     }
 }
 
+/// Opens the image, creating it first when it does not exist and `--size` is given.
 fn open_image(a: &ServeArgs) -> Result<Image, CliError> {
     let mode = if a.read_only || a.replay.is_some() {
         OpenMode::ReadOnly

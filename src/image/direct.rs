@@ -28,7 +28,7 @@ use std::path::Path;
 
 use super::io::{preadv_full, pwritev_all};
 use super::ImageError;
-use crate::iobuf::{slice_segs, total_len, IoSeg};
+use crate::iobuf::{gather, scatter, total_len, IoSeg};
 
 /// Alignment assumed when the kernel does not report one (`STATX_DIOALIGN` needs Linux 6.1).
 const FALLBACK_ALIGN: u64 = 4096;
@@ -183,28 +183,6 @@ impl DirectFile {
     /// Alignment of the bounce buffer: both requirements, and at least a page's worth.
     fn bounce_align(&self) -> usize {
         self.mem_align.max(self.off_align).max(FALLBACK_ALIGN) as usize
-    }
-}
-
-/// Copies `src` into the concatenated segments starting `at` bytes in.
-fn scatter(segs: &[IoSeg<'_>], at: u64, src: &[u8]) {
-    let mut pos = 0usize;
-    for s in slice_segs(segs, at, src.len() as u64).unwrap_or_default() {
-        if let Some(part) = src.get(pos..pos + s.len()) {
-            s.copy_from(0, part);
-        }
-        pos += s.len();
-    }
-}
-
-/// Fills `dst` from the concatenated segments starting `at` bytes in.
-fn gather(segs: &[IoSeg<'_>], at: u64, dst: &mut [u8]) {
-    let mut pos = 0usize;
-    for s in slice_segs(segs, at, dst.len() as u64).unwrap_or_default() {
-        if let Some(part) = dst.get_mut(pos..pos + s.len()) {
-            s.copy_to(0, part);
-        }
-        pos += s.len();
     }
 }
 

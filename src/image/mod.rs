@@ -65,7 +65,7 @@ use map::Map;
 pub use reclaim::{RebornBuilder, RebornIndex, ReclaimPlan, ReclaimReport};
 use shared::{Base, Shared};
 
-use crate::iobuf::{total_len, IoSeg};
+use crate::iobuf::{total_len, IoSeg, PageBuf};
 use crate::units::{BlockSize, Lba, Pba, Seq};
 
 /// Journal bytes after which a flush also takes a checkpoint.
@@ -118,10 +118,6 @@ pub enum BatchRead {
     /// could not tell its outcome).
     Alone,
 }
-
-/// Alignment of a relocation's buffer: a page, which `O_DIRECT` accepts on the file systems
-/// in use (a coarser requirement only makes the I/O go through the bounce buffer).
-const RELOCATE_ALIGN: usize = 4096;
 
 /// What [`Image::write_many`] did with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1541,21 +1537,10 @@ impl Image {
         // Page-aligned, so that with `O_DIRECT` the scattered reads go to the disk together
         // through the ring and the run is written with one call, not through the bounce
         // buffer piece by piece (any other buffer would still work, slowly).
-        let len = (blocks * self.sh.bs.bytes_u64()) as usize;
-        let mut mem = vec![0u8; len + RELOCATE_ALIGN];
-        let start = mem
-            .as_ptr()
-            .align_offset(RELOCATE_ALIGN)
-            .min(RELOCATE_ALIGN);
-        let buf = mem
-            .get_mut(start..start + len)
-            .ok_or(ImageError::BadBuffer {
-                expected: len as u64,
-                got: 0,
-            })?;
+        let mut buf = PageBuf::new((blocks * self.sh.bs.bytes_u64()) as usize);
         self.sh
-            .read_extents(expected, 0, &[IoSeg::from_mut_slice(buf)])?;
-        self.relocate(lba.0, expected, buf)
+            .read_extents(expected, 0, &[IoSeg::from_mut_slice(buf.bytes_mut())])?;
+        self.relocate(lba.0, expected, buf.bytes())
     }
 
     /// Appends `data` (the current content of LBAs `lba..`, backed by `expected`) as one new
