@@ -120,9 +120,16 @@ fn an_idle_daemon_defragments_and_reads_the_same() {
     let image = dir.path().join("g.rrow");
     let mut opts = ServeOpts::new(&image, SIZE);
     // No relocation on read: whatever is contiguous afterwards, the idle walk made so.
-    opts.extra = ["--relocate-on-read", "0", "--defrag-idle-ms", "100"]
-        .map(String::from)
-        .to_vec();
+    opts.extra = [
+        "--relocate-on-read",
+        "0",
+        "--defrag-idle-ms",
+        "100",
+        "--defrag-rate",
+        "64",
+    ]
+    .map(String::from)
+    .to_vec();
     let d = start_rr_row(dir.path(), &opts);
     let socket = d.socket().to_owned();
     let log = d.log_path().to_owned();

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use crate::image::{BatchRead, BatchWrite, Image};
-use crate::iobuf::IoSeg;
+use crate::iobuf::{total_len, IoSeg};
 
 use super::relocator::{RelocPolicy, Relocator};
 use super::retainer::{RetainError, Retainer};
@@ -170,9 +170,15 @@ impl BlockDevice for ImageDevice {
 
     fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
-        self.image
-            .write_many(&plain)
-            .into_iter()
+        let done = self.image.write_many(&plain);
+        // Marked once the map holds the writes (as in `write`), so that a walk that looked at
+        // a window before they landed looks again.
+        if let Some(r) = &self.reloc {
+            for q in reqs {
+                r.note_written(q.offset, total_len(q.segs));
+            }
+        }
+        done.into_iter()
             .zip(reqs)
             .map(|(r, q)| match r {
                 Ok(BatchWrite::Done(_)) => Ok(()),
@@ -183,10 +189,11 @@ impl BlockDevice for ImageDevice {
     }
 
     fn write(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
-        self.image
-            .write_vectored(offset, segs)
-            .map(|_| ())
-            .map_err(BlockError::from)
+        let res = self.image.write_vectored(offset, segs);
+        if let Some(r) = &self.reloc {
+            r.note_written(offset, total_len(segs));
+        }
+        res.map(|_| ()).map_err(BlockError::from)
     }
 
     fn flush(&self, _ctx: &RequestCtx) -> Result<(), BlockError> {

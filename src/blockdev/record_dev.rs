@@ -241,6 +241,9 @@ impl RecordingDevice {
         res: &Result<WriteOutcome, BlockError>,
         hash: [u8; HASH_LEN],
     ) {
+        if let Some(r) = &self.reloc {
+            r.note_written(offset, len);
+        }
         let (seq, first_pba, blocks) = match res {
             Ok(o) => (o.seq, o.first_pba, o.blocks),
             Err(_) => (self.image.seq(), Default::default(), 0),

@@ -8,11 +8,13 @@
 //! frees or changes an old block, so record logs that name the old blocks stay valid.
 //!
 //! The same thread also defragments while the device is idle ([`RelocPolicy::idle_after`]):
-//! once no batch of requests has ended for that long, it walks the disk in windows of
-//! [`MAX_MERGED_BLOCKS`] blocks and relocates every stretch of data blocks whose runs average
-//! under [`DEFRAG_MAX_AVG_RUN`] bytes, one window at a time, stopping as soon as a request
-//! arrives. A walk that found nothing to do is not repeated until the disk's seq moves (a
-//! write, discard or write-zeroes; relocations take no seq).
+//! once no batch of requests has ended for that long, it walks the windows of
+//! [`MAX_MERGED_BLOCKS`] blocks that were written since it last looked at them
+//! ([`Relocator::note_written`]; every window once after the start) and relocates every
+//! stretch of data blocks whose runs average under [`DEFRAG_MAX_AVG_RUN`] bytes, one window
+//! at a time, stopping as soon as a request arrives, and no faster than
+//! [`RelocPolicy::idle_rate`] when that is set. A walk costs what was written since the last
+//! one, not the size of the disk.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{
@@ -50,6 +52,9 @@ pub struct RelocPolicy {
     pub on_read_min_runs: usize,
     /// Defragment the disk once no batch of requests has ended for this long; `None`: never.
     pub idle_after: Option<Duration>,
+    /// The most bytes per second the idle defragmenter relocates, on average over its
+    /// windows; `None`: as fast as the disk goes.
+    pub idle_rate: Option<u64>,
 }
 
 impl RelocPolicy {
@@ -58,6 +63,7 @@ impl RelocPolicy {
         RelocPolicy {
             on_read_min_runs: min_runs,
             idle_after: None,
+            idle_rate: None,
         }
     }
 
@@ -70,8 +76,10 @@ impl RelocPolicy {
 /// Counters of the idle defragmenter, for logs and tests.
 #[derive(Debug, Default)]
 pub struct DefragStats {
-    /// Complete walks over the disk.
+    /// Complete walks over the windows written since the previous walk.
     pub passes: AtomicU64,
+    /// Windows looked at (each costs one map lookup).
+    pub windows: AtomicU64,
     /// Stretches relocated.
     pub relocations: AtomicU64,
     /// Blocks relocated.
@@ -96,6 +104,79 @@ struct Req {
 impl Req {
     fn blocks(&self) -> u64 {
         self.extents.iter().map(Extent::blocks).sum()
+    }
+}
+
+/// One bit per window of [`MAX_MERGED_BLOCKS`] blocks: set when the window was written since
+/// the idle defragmenter last looked at it. Lock-free: writers set bits, the defragmenter
+/// clears one before it looks at its window, so a write during the look marks it again.
+/// 64 KiB for a 1 TiB disk of 4 KiB blocks.
+#[derive(Debug)]
+struct WindowMarks {
+    words: Vec<AtomicU64>,
+    windows: u64,
+}
+
+impl WindowMarks {
+    /// Marks for a disk of `blocks` blocks, every window marked (an image may come fragmented
+    /// from an earlier run).
+    fn all(blocks: u64) -> WindowMarks {
+        let windows = blocks.div_ceil(MAX_MERGED_BLOCKS);
+        let words = (0..windows.div_ceil(64))
+            .map(|w| {
+                let left = windows - w * 64;
+                AtomicU64::new(if left >= 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << left) - 1
+                })
+            })
+            .collect();
+        WindowMarks { words, windows }
+    }
+
+    /// Marks the windows that blocks `first..first + blocks` touch (past the end: ignored).
+    fn mark(&self, first: u64, blocks: u64) {
+        if blocks == 0 || first / MAX_MERGED_BLOCKS >= self.windows {
+            return;
+        }
+        let lo = first / MAX_MERGED_BLOCKS;
+        let hi = (first.saturating_add(blocks - 1) / MAX_MERGED_BLOCKS).min(self.windows - 1);
+        for w in lo..=hi {
+            self.set(w);
+        }
+    }
+
+    fn set(&self, window: u64) {
+        if let Some(word) = self.words.get((window / 64) as usize) {
+            // A bit already set (the common case for a busy window) costs a load only.
+            let bit = 1u64 << (window % 64);
+            if word.load(Ordering::Relaxed) & bit == 0 {
+                word.fetch_or(bit, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The first marked window at or after `from`, if any.
+    fn next(&self, from: u64) -> Option<u64> {
+        let mut i = (from / 64) as usize;
+        let mut mask = u64::MAX.checked_shl((from % 64) as u32).unwrap_or(0);
+        while let Some(word) = self.words.get(i) {
+            let v = word.load(Ordering::Relaxed) & mask;
+            if v != 0 {
+                return Some(i as u64 * 64 + u64::from(v.trailing_zeros()));
+            }
+            i += 1;
+            mask = u64::MAX;
+        }
+        None
+    }
+
+    /// Clears `window`'s mark (before the window is looked at).
+    fn clear(&self, window: u64) {
+        if let Some(word) = self.words.get((window / 64) as usize) {
+            word.fetch_and(!(1u64 << (window % 64)), Ordering::Relaxed);
+        }
     }
 }
 
@@ -218,38 +299,65 @@ fn relocate_batch(img: &Image, mut batch: Vec<Req>) {
 /// The idle defragmenter's state on the relocation thread.
 struct Defrag {
     idle_after: Duration,
-    /// Where the walk goes on.
+    /// Bytes per second, at most.
+    rate: Option<u64>,
+    /// The windows written since they were last looked at.
+    marks: Arc<WindowMarks>,
+    /// The next window the walk looks at.
     cursor: u64,
-    /// The seq when the current walk started, and the stretches and blocks it relocated.
-    pass_seq: Seq,
+    /// The windows the current walk looked at, and the stretches and blocks it relocated.
+    pass_windows: u64,
     pass_moved: u64,
     pass_blocks: u64,
-    /// A walk that moved nothing ended with the disk at this seq: nothing to do until it moves.
-    done_at: Option<Seq>,
+    /// A relocation failed with the disk at this seq: no walk until the seq moves.
+    failed_at: Option<Seq>,
     /// The activity counter as last seen, and since when it has not moved.
     seen: u64,
     quiet_since: Instant,
+    /// With a rate: no window before this.
+    next_at: Option<Instant>,
     stats: Arc<DefragStats>,
 }
 
 impl Defrag {
-    /// A walk that starts at LBA 0 once the device has been idle for `idle_after`.
-    fn new(idle_after: Duration, stats: Arc<DefragStats>) -> Defrag {
+    /// A walk over the windows `marks` holds, once the device has been idle for `idle_after`,
+    /// relocating at most `rate` bytes per second.
+    fn new(
+        idle_after: Duration,
+        rate: Option<u64>,
+        marks: Arc<WindowMarks>,
+        stats: Arc<DefragStats>,
+    ) -> Defrag {
         Defrag {
             idle_after,
+            rate: rate.filter(|&r| r > 0),
+            marks,
             cursor: 0,
-            pass_seq: Seq(0),
+            pass_windows: 0,
             pass_moved: 0,
             pass_blocks: 0,
-            done_at: None,
+            failed_at: None,
             seen: 0,
             quiet_since: Instant::now(),
+            next_at: None,
             stats,
         }
     }
 
-    /// Relocates windows while the device stays idle; returns when a request arrives (the
-    /// activity counter moved or a relocation request is waiting) or there is nothing to do.
+    /// How long the thread may wait for a request before it calls [`Defrag::run`] again: the
+    /// idle poll, or less when the rate lets the next window go sooner.
+    fn wait(&self) -> Duration {
+        match self.next_at {
+            Some(t) => t
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), IDLE_POLL),
+            None => IDLE_POLL,
+        }
+    }
+
+    /// Relocates marked windows while the device stays idle; returns when a request arrives
+    /// (the activity counter moved or a relocation request is waiting), when the rate asks
+    /// for a pause, or when no window is marked.
     fn run(&mut self, img: &Image, activity: &AtomicU64, rx: &Receiver<Req>) -> Option<Req> {
         let now = activity.load(Ordering::Relaxed);
         if now != self.seen {
@@ -257,24 +365,53 @@ impl Defrag {
             self.quiet_since = Instant::now();
             return None;
         }
-        if self.quiet_since.elapsed() < self.idle_after || self.done_at == Some(img.seq()) {
+        if self.quiet_since.elapsed() < self.idle_after
+            || self.failed_at.is_some_and(|s| s == img.seq())
+            || self.next_at.is_some_and(|t| Instant::now() < t)
+        {
             return None;
         }
+        self.failed_at = None;
         let bs = img.block_size().bytes_u64();
         let max_avg_run = (DEFRAG_MAX_AVG_RUN / bs).max(2);
         let end = img.size() / bs;
         loop {
-            if self.cursor == 0 {
-                self.pass_seq = img.seq();
+            let Some(w) = self.marks.next(self.cursor) else {
+                // The end of the disk: a walk is complete.
+                if self.pass_windows > 0 {
+                    self.stats.passes.fetch_add(1, Ordering::Relaxed);
+                    if self.pass_moved > 0 {
+                        log::info!(
+                            "idle defragmentation: relocated {} fragmented stretches ({} MiB) in {} written windows",
+                            self.pass_moved,
+                            (self.pass_blocks * bs) >> 20,
+                            self.pass_windows
+                        );
+                    }
+                }
+                self.pass_windows = 0;
                 self.pass_moved = 0;
                 self.pass_blocks = 0;
-            }
-            let n = MAX_MERGED_BLOCKS.min(end - self.cursor);
-            if let Ok(extents) = img.resolve(Lba(self.cursor), n) {
-                for (lba, ex) in fragmented_stretches(Lba(self.cursor), &extents, max_avg_run) {
+                if self.cursor == 0 {
+                    return None;
+                }
+                self.cursor = 0;
+                continue;
+            };
+            // Cleared before the look: a write meanwhile marks the window again.
+            self.marks.clear(w);
+            self.cursor = w + 1;
+            self.pass_windows += 1;
+            self.stats.windows.fetch_add(1, Ordering::Relaxed);
+            let first = w * MAX_MERGED_BLOCKS;
+            let n = MAX_MERGED_BLOCKS.min(end.saturating_sub(first));
+            let mut moved = 0;
+            if let Ok(extents) = img.resolve(Lba(first), n) {
+                for (lba, ex) in fragmented_stretches(Lba(first), &extents, max_avg_run) {
                     match img.relocate_extents(lba, &ex) {
                         Ok(true) => {
                             let blocks: u64 = ex.iter().map(Extent::blocks).sum();
+                            moved += blocks;
                             self.pass_moved += 1;
                             self.pass_blocks += blocks;
                             self.stats.relocations.fetch_add(1, Ordering::Relaxed);
@@ -284,28 +421,18 @@ impl Defrag {
                         Err(e) => {
                             log::debug!("defragmentation at LBA {} failed: {e}", lba.0);
                             // Try again after the next write rather than in a loop.
-                            self.done_at = Some(img.seq());
+                            self.marks.set(w);
+                            self.failed_at = Some(img.seq());
                             return None;
                         }
                     }
                 }
             }
-            self.cursor += n;
-            if self.cursor >= end {
-                self.cursor = 0;
-                self.stats.passes.fetch_add(1, Ordering::Relaxed);
-                if self.pass_moved > 0 {
-                    log::info!(
-                        "idle defragmentation: relocated {} fragmented stretches ({} MiB)",
-                        self.pass_moved,
-                        (self.pass_blocks * bs) >> 20
-                    );
-                }
-                if self.pass_moved == 0 && img.seq() == self.pass_seq {
-                    log::debug!("defragmentation: nothing left to do");
-                    self.done_at = Some(self.pass_seq);
-                    return None;
-                }
+            if let Some(rate) = self.rate.filter(|_| moved > 0) {
+                let now = Instant::now();
+                let base = self.next_at.map_or(now, |t| t.max(now));
+                self.next_at =
+                    Some(base + Duration::from_secs_f64((moved * bs) as f64 / rate as f64));
             }
             // Give way to the guest at once, and to a stop (the device is going away: the
             // thread's owner waits for it, so it must not finish a walk of the disk first).
@@ -317,6 +444,9 @@ impl Defrag {
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) => {}
             }
+            if self.next_at.is_some_and(|t| Instant::now() < t) {
+                return None;
+            }
         }
     }
 }
@@ -326,6 +456,8 @@ pub struct Relocator {
     min_runs: usize,
     block_size: u64,
     activity: Arc<AtomicU64>,
+    /// The windows written since the idle defragmenter looked at them; `None` when it is off.
+    marks: Option<Arc<WindowMarks>>,
     stats: Arc<DefragStats>,
     tx: Option<SyncSender<Req>>,
     thread: Option<JoinHandle<()>>,
@@ -342,9 +474,13 @@ impl Relocator {
         let img = Arc::clone(image);
         let activity = Arc::new(AtomicU64::new(0));
         let stats = Arc::new(DefragStats::default());
-        let mut defrag = policy
+        let block_size = image.block_size().bytes_u64();
+        let marks = policy
             .idle_after
-            .map(|idle_after| Defrag::new(idle_after, Arc::clone(&stats)));
+            .map(|_| Arc::new(WindowMarks::all(image.size() / block_size)));
+        let mut defrag = policy.idle_after.zip(marks.clone()).map(|(idle_after, m)| {
+            Defrag::new(idle_after, policy.idle_rate, m, Arc::clone(&stats))
+        });
         let act = Arc::clone(&activity);
         let thread = std::thread::Builder::new()
             .name("rr-row-relocate".into())
@@ -354,7 +490,7 @@ impl Relocator {
                         Ok(r) => r,
                         Err(_) => return,
                     },
-                    Some(d) => match rx.recv_timeout(IDLE_POLL) {
+                    Some(d) => match rx.recv_timeout(d.wait()) {
                         Ok(r) => r,
                         Err(RecvTimeoutError::Disconnected) => return,
                         Err(RecvTimeoutError::Timeout) => match d.run(&img, &act, &rx) {
@@ -380,8 +516,9 @@ impl Relocator {
             } else {
                 usize::MAX
             },
-            block_size: image.block_size().bytes_u64(),
+            block_size,
             activity,
+            marks,
             stats,
             tx: Some(tx),
             thread: Some(thread),
@@ -392,6 +529,17 @@ impl Relocator {
     /// for its idle time again. One relaxed atomic add.
     pub fn note_activity(&self) {
         self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Notes that `len` bytes at byte `offset` were written (or are being written): the idle
+    /// defragmenter looks at their windows in its next walk. Nothing when it is off; a few
+    /// relaxed atomic operations otherwise.
+    pub fn note_written(&self, offset: u64, len: u64) {
+        if let Some(m) = &self.marks {
+            let first = offset / self.block_size;
+            let last = offset.saturating_add(len.max(1) - 1) / self.block_size;
+            m.mark(first, last - first + 1);
+        }
     }
 
     /// The idle defragmenter's counters (all zero when it is off).
@@ -662,11 +810,13 @@ mod tests {
         let policy = RelocPolicy {
             on_read_min_runs: 0,
             idle_after: Some(Duration::from_millis(30)),
+            idle_rate: None,
         };
         let r = Relocator::start(&img, policy).unwrap().unwrap();
         let st = r.defrag_stats();
-        // The walk that finds nothing left to do is the second one.
-        wait_for("two walks", || st.passes.load(Ordering::Relaxed) >= 2);
+        wait_for("a walk", || st.passes.load(Ordering::Relaxed) >= 1);
+        // The first walk after the start looks at every window of the disk (4 MiB: 2).
+        assert_eq!(st.windows.load(Ordering::Relaxed), 2);
         assert!(st.relocations.load(Ordering::Relaxed) >= 1);
         assert!(st.blocks.load(Ordering::Relaxed) >= 256);
         let runs = img.resolve(Lba(0), 256).unwrap();
@@ -681,18 +831,25 @@ mod tests {
             first.iter().all(|&b| b == 0),
             "the old version is still there"
         );
-        // Nothing left: later walks move nothing until the disk changes.
+        // Nothing written: no more walks, not even a look at a window.
         let passes = st.passes.load(Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(st.passes.load(Ordering::Relaxed), passes);
-        // A new fragmenting write, then quiet: the stretch is relocated again.
+        assert_eq!(st.windows.load(Ordering::Relaxed), 2);
+        // A new fragmenting write (noted as the device notes its writes), then quiet: the
+        // stretch is relocated again, and the walk looks at that one window only.
         for b in (0..64u64).step_by(2) {
             img.write_at(b * 4096, &[9u8; 4096]).unwrap();
+            r.note_written(b * 4096, 4096);
         }
         assert!(img.resolve(Lba(0), 256).unwrap().len() > 60);
         wait_for("the next walk", || {
             img.resolve(Lba(0), 256).unwrap().len() <= 2
         });
+        wait_for("the walk's end", || {
+            st.passes.load(Ordering::Relaxed) > passes
+        });
+        assert_eq!(st.windows.load(Ordering::Relaxed), 3);
     }
 
     #[test]
@@ -702,6 +859,7 @@ mod tests {
         let policy = RelocPolicy {
             on_read_min_runs: 0,
             idle_after: Some(Duration::from_secs(2)),
+            idle_rate: None,
         };
         let r = Relocator::start(&img, policy).unwrap().unwrap();
         let busy_until = Instant::now() + Duration::from_millis(600);
@@ -808,12 +966,13 @@ mod tests {
             img.write_at(b * 4096, &[2u8; 4096]).unwrap();
         }
         let stats = Arc::new(DefragStats::default());
-        let mut d = Defrag::new(Duration::ZERO, Arc::clone(&stats));
+        let marks = Arc::new(WindowMarks::all(2048));
+        let mut d = Defrag::new(Duration::ZERO, None, marks, Arc::clone(&stats));
         let activity = AtomicU64::new(0);
         let (tx, rx) = sync_channel::<Req>(1);
         drop(tx);
         assert!(d.run(&img, &activity, &rx).is_none());
-        assert_eq!(d.cursor, MAX_MERGED_BLOCKS, "one window, then the stop");
+        assert_eq!(d.cursor, 1, "one window, then the stop");
         assert_eq!(stats.relocations.load(Ordering::Relaxed), 1);
         assert_eq!(img.resolve(Lba(0), 512).unwrap().len(), 1);
         assert_eq!(
@@ -821,5 +980,131 @@ mod tests {
             512,
             "second window untouched"
         );
+    }
+
+    #[test]
+    fn window_marks_cover_written_ranges_and_only_the_disk() {
+        // 100 windows: the last word holds 36 bits.
+        let m = WindowMarks::all(100 * MAX_MERGED_BLOCKS - 7);
+        assert_eq!(m.windows, 100);
+        assert_eq!(m.next(0), Some(0));
+        assert_eq!(m.next(99), Some(99));
+        assert_eq!(m.next(100), None);
+        for w in 0..100 {
+            m.clear(w);
+        }
+        assert_eq!(m.next(0), None, "no bit past the last window was set");
+        // One block in window 3; a range from the last block of window 5 into window 7;
+        // a range running past the end of the disk; a range wholly past it.
+        m.mark(3 * MAX_MERGED_BLOCKS + 17, 1);
+        m.mark(6 * MAX_MERGED_BLOCKS - 1, MAX_MERGED_BLOCKS + 2);
+        m.mark(99 * MAX_MERGED_BLOCKS, 10 * MAX_MERGED_BLOCKS);
+        m.mark(200 * MAX_MERGED_BLOCKS, 1);
+        m.mark(64 * MAX_MERGED_BLOCKS, 0);
+        let mut got = Vec::new();
+        let mut at = 0;
+        while let Some(w) = m.next(at) {
+            got.push(w);
+            at = w + 1;
+        }
+        assert_eq!(got, [3, 5, 6, 7, 99]);
+        m.clear(6);
+        assert_eq!(m.next(6), Some(7));
+        m.mark(u64::MAX - 3, 10);
+        assert_eq!(
+            m.next(8),
+            Some(99),
+            "a range at the end of u64 marks nothing"
+        );
+    }
+
+    /// Writes the first 64 blocks of window `w` whole, then every other one of them again
+    /// (64 runs).
+    fn fragment_window(img: &Image, w: u64) {
+        let at = w * MAX_MERGED_BLOCKS * 4096;
+        img.write_at(at, &vec![1u8; 64 * 4096]).unwrap();
+        for b in (0..64u64).step_by(2) {
+            img.write_at(at + b * 4096, &[2u8; 4096]).unwrap();
+        }
+        assert_eq!(
+            img.resolve(Lba(w * MAX_MERGED_BLOCKS), 64).unwrap().len(),
+            64
+        );
+    }
+
+    /// An image of `windows` windows with the listed ones fragmented ([`fragment_window`]).
+    fn fragmented_windows(dir: &std::path::Path, windows: u64, which: &[u64]) -> Image {
+        let img = new_image(&dir.join("f.rrow"), windows * MAX_MERGED_BLOCKS * 4096);
+        for &w in which {
+            fragment_window(&img, w);
+        }
+        img
+    }
+
+    /// After the first walk, a walk looks at the windows marked written and no others.
+    #[test]
+    fn a_walk_looks_at_the_written_windows_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = fragmented_windows(dir.path(), 32, &[4, 20]);
+        let stats = Arc::new(DefragStats::default());
+        let marks = Arc::new(WindowMarks::all(32 * MAX_MERGED_BLOCKS));
+        let mut d = Defrag::new(Duration::ZERO, None, Arc::clone(&marks), Arc::clone(&stats));
+        let activity = AtomicU64::new(0);
+        let (_tx, rx) = sync_channel::<Req>(1);
+        assert!(d.run(&img, &activity, &rx).is_none());
+        assert_eq!(
+            stats.windows.load(Ordering::Relaxed),
+            32,
+            "every window once"
+        );
+        assert_eq!(stats.relocations.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.passes.load(Ordering::Relaxed), 1);
+        // Nothing marked: nothing looked at.
+        assert!(d.run(&img, &activity, &rx).is_none());
+        assert_eq!(stats.windows.load(Ordering::Relaxed), 32);
+        assert_eq!(stats.passes.load(Ordering::Relaxed), 1);
+        // Window 9 fragmented and marked, window 30 marked but whole.
+        fragment_window(&img, 9);
+        img.write_at(30 * MAX_MERGED_BLOCKS * 4096, &[4u8; 8192])
+            .unwrap();
+        marks.mark(9 * MAX_MERGED_BLOCKS, 64);
+        marks.mark(30 * MAX_MERGED_BLOCKS, 2);
+        assert!(d.run(&img, &activity, &rx).is_none());
+        assert_eq!(stats.windows.load(Ordering::Relaxed), 34);
+        assert_eq!(stats.relocations.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.passes.load(Ordering::Relaxed), 2);
+        assert!(img.resolve(Lba(9 * MAX_MERGED_BLOCKS), 64).unwrap().len() <= 2);
+    }
+
+    /// With a rate, the walk pauses after a window until its bytes' share of time has
+    /// passed, and a call before then relocates nothing.
+    #[test]
+    fn a_rate_paces_the_walk_window_by_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = fragmented_windows(dir.path(), 4, &[0, 1, 2]);
+        let stats = Arc::new(DefragStats::default());
+        let marks = Arc::new(WindowMarks::all(4 * MAX_MERGED_BLOCKS));
+        // 64 blocks of 4 KiB per window at 1 MiB/s: 250 ms per window.
+        let mut d = Defrag::new(Duration::ZERO, Some(1 << 20), marks, Arc::clone(&stats));
+        let activity = AtomicU64::new(0);
+        let (_tx, rx) = sync_channel::<Req>(1);
+        let t0 = Instant::now();
+        assert!(d.run(&img, &activity, &rx).is_none());
+        assert_eq!(
+            stats.relocations.load(Ordering::Relaxed),
+            1,
+            "one window, then a pause"
+        );
+        let next = d.next_at.expect("a pause");
+        assert!(next >= t0 + Duration::from_millis(250));
+        assert!(d.wait() <= IDLE_POLL && !d.wait().is_zero());
+        if Instant::now() < next {
+            assert!(d.run(&img, &activity, &rx).is_none());
+            assert_eq!(stats.relocations.load(Ordering::Relaxed), 1, "still paused");
+        }
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        assert!(d.run(&img, &activity, &rx).is_none());
+        assert_eq!(stats.relocations.load(Ordering::Relaxed), 2);
+        assert!(d.next_at.unwrap() >= next + Duration::from_millis(250));
     }
 }

@@ -243,14 +243,25 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4, value_name = "RUNS")]
     pub relocate_on_read: usize,
     /// Defragment while idle: once no request has been served for this many milliseconds, a
-    /// background thread walks the disk and rewrites every stretch of data blocks whose
+    /// background thread looks at the 2 MiB windows written since it last looked (every
+    /// window once after the start) and rewrites every stretch of data blocks whose
     /// physical runs average under 64 KiB as one contiguous run, stopping at the next
-    /// request; it walks again only after new writes. Content, seq and old block ids are
-    /// kept (history and record logs stay valid), so the file grows by what it rewrites
-    /// until a reclaim, and the host's disk sees that I/O while the guest is idle. 0 (the
-    /// default) turns it off. Same modes as --relocate-on-read.
+    /// request. Content, seq and old block ids are kept (history and record logs stay
+    /// valid), so the file grows by what it rewrites until a reclaim, and the host's disk
+    /// sees that I/O while the guest is idle. 0 (the default) turns it off. Same modes as
+    /// --relocate-on-read.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub defrag_idle_ms: u64,
+
+    /// The most the idle defragmenter (--defrag-idle-ms) rewrites, in MiB per second on
+    /// average, for hosts whose disk is shared; 0 (the default): no limit.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "MIB_PER_S",
+        requires = "defrag_idle_ms"
+    )]
+    pub defrag_rate: u64,
     /// Retention while serving: a background thread gives back the versions that only states
     /// older than the last N operations need (as `rr-row reclaim --keep-from SEQ-N` would),
     /// checking every second and reclaiming once the seq has moved on by N/4 (at least 1024).

@@ -110,11 +110,13 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
     })
 }
 
-/// What the relocation thread does: `--relocate-on-read` and `--defrag-idle-ms`.
+/// What the relocation thread does: `--relocate-on-read`, `--defrag-idle-ms` and
+/// `--defrag-rate`.
 fn reloc_policy(a: &ServeArgs) -> RelocPolicy {
     RelocPolicy {
         on_read_min_runs: a.relocate_on_read,
         idle_after: (a.defrag_idle_ms > 0).then(|| Duration::from_millis(a.defrag_idle_ms)),
+        idle_rate: (a.defrag_rate > 0).then(|| a.defrag_rate.saturating_mul(1 << 20)),
     }
 }
 
