@@ -405,6 +405,7 @@ impl Defrag {
             self.stats.windows.fetch_add(1, Ordering::Relaxed);
             let first = w * MAX_MERGED_BLOCKS;
             let n = MAX_MERGED_BLOCKS.min(end.saturating_sub(first));
+            let started = Instant::now();
             let mut moved = 0;
             if let Ok(extents) = img.resolve(Lba(first), n) {
                 for (lba, ex) in fragmented_stretches(Lba(first), &extents, max_avg_run) {
@@ -429,8 +430,8 @@ impl Defrag {
                 }
             }
             if let Some(rate) = self.rate.filter(|_| moved > 0) {
-                let now = Instant::now();
-                let base = self.next_at.map_or(now, |t| t.max(now));
+                // The window's own time counts toward its share: the pause is what is left.
+                let base = self.next_at.map_or(started, |t| t.max(started));
                 self.next_at =
                     Some(base + Duration::from_secs_f64((moved * bs) as f64 / rate as f64));
             }
