@@ -188,6 +188,70 @@ fn used_idx(vring: &VringRwLock<GuestMem>) -> u16 {
     vring.queue_used_idx().unwrap()
 }
 
+/// The frontend's GET_VRING_BASE (the ring marked not ready, then `stop_vring`) returns only
+/// once the request the worker took is in the used ring, and a stopped ring gives the worker
+/// nothing more.
+#[test]
+fn get_vring_base_waits_for_the_requests_in_flight() {
+    let s = setup();
+    let m = s.mem.memory();
+    let chains = vec![chain(&m, 0, VIRTIO_BLK_T_IN, 0, 4096, 0x30_0000)];
+    let vring = queue(&s, &chains, true);
+    let held = s.dev.hold.write().unwrap();
+    std::thread::scope(|sc| {
+        let worker = sc.spawn(|| {
+            s.backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+                .unwrap()
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.dev.reads_started.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the read never reached the device"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vring.set_queue_ready(false);
+        let stopper = sc.spawn(|| {
+            s.backend.stop_vring(0).unwrap();
+            used_idx(&vring)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !stopper.is_finished(),
+            "GET_VRING_BASE returned with a read in flight"
+        );
+        assert_eq!(used_idx(&vring), 0);
+        drop(held);
+        assert_eq!(
+            stopper.join().unwrap(),
+            1,
+            "the read is in the used ring when the stop returns"
+        );
+        worker.join().unwrap();
+    });
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(),
+        STATUS_OK
+    );
+    // A stopped ring with a new request published: a kick takes nothing.
+    let s = setup();
+    let m = s.mem.memory();
+    let vring = queue(
+        &s,
+        &[chain(&m, 0, VIRTIO_BLK_T_IN, 0, 4096, 0x30_0000)],
+        true,
+    );
+    vring.set_queue_ready(false);
+    s.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert_eq!(used_idx(&vring), 0);
+    assert_eq!(s.dev.reads_started.load(Ordering::SeqCst), 0);
+    s.backend.stop_vring(0).unwrap();
+}
+
 #[test]
 fn a_batch_is_completed_and_signalled_once() {
     // 4 request threads: the batch's requests run in parallel, still one signal per batch.

@@ -16,7 +16,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -265,6 +265,59 @@ pub struct BlkBackend {
     pools: Vec<BatchPool>,
     /// Per queue: its polling window and when it last went idle (only its worker locks it).
     polls: Vec<Mutex<QueuePoll>>,
+    /// Per queue: whether its worker holds chains it has not completed yet.
+    in_flight: Vec<InFlight>,
+}
+
+/// How long `GET_VRING_BASE` waits for a queue's requests in flight to complete before it
+/// fails (a host disk that hangs longer than this).
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether a queue's worker holds chains it took from the available ring and has not put in
+/// the used ring yet. [`VhostUserBackend::stop_vring`] (the frontend's `GET_VRING_BASE`) waits
+/// until it does not: the ring state reported then must account for every request taken, and
+/// nothing may be written to the used ring after it (the frontend may be migrating, and guest
+/// memory written after that is not logged).
+#[derive(Debug, Default)]
+struct InFlight {
+    busy: Mutex<bool>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    fn set(&self, busy: bool) {
+        *self.busy.lock().unwrap_or_else(PoisonError::into_inner) = busy;
+        if !busy {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until nothing is in flight, at most `limit`; says whether that happened.
+    fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        while *busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            busy = self
+                .idle
+                .wait_timeout(busy, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+/// Clears a queue's in-flight mark when a batch is done (or given up).
+struct Completing<'a>(&'a InFlight);
+
+impl Drop for Completing<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
 }
 
 /// Per-queue request counters ([`RequestCtx::index`]). The daemon keeps one set for its whole
@@ -354,6 +407,7 @@ impl BlkBackend {
                 })
             })
             .collect();
+        let in_flight = (0..cfg.num_queues).map(|_| InFlight::default()).collect();
         Ok(BlkBackend {
             dev,
             cfg,
@@ -368,6 +422,7 @@ impl BlkBackend {
             warnings: Arc::default(),
             pools,
             polls,
+            in_flight,
         })
     }
 
@@ -412,9 +467,18 @@ impl BlkBackend {
             .read()
             .map_err(|_| io::Error::other("guest memory lock poisoned"))?
             .memory();
+        let in_flight = self
+            .in_flight
+            .get(usize::from(queue))
+            .ok_or_else(|| io::Error::other("queue index out of range"))?;
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
-            match state.get_queue_mut().iter(mem.clone()) {
+            let q = state.get_queue_mut();
+            // Stopped (GET_VRING_BASE): take nothing more.
+            if !q.ready() {
+                return Ok(false);
+            }
+            let chains: Vec<_> = match q.iter(mem.clone()) {
                 Ok(iter) => iter.collect(),
                 Err(e) => {
                     // A corrupt available ring: the guest broke the queue; leave it stalled.
@@ -423,11 +487,18 @@ impl BlkBackend {
                     }
                     return Ok(false);
                 }
+            };
+            // Marked while the ring is locked: a stop that marks the queue not ready after
+            // this waits for these chains; one before it left them in the ring.
+            if !chains.is_empty() {
+                in_flight.set(true);
             }
+            chains
         };
         if chains.is_empty() {
             return Ok(true);
         }
+        let _completing = Completing(in_flight);
         let params = self.exec_params();
         let pool = self
             .pools
@@ -690,6 +761,29 @@ impl VhostUserBackend for BlkBackend {
             .write()
             .map_err(|_| io::Error::other("guest memory lock poisoned"))? = mem;
         Ok(())
+    }
+
+    /// `GET_VRING_BASE`: the queue is already marked not ready (its worker takes nothing
+    /// more); waits until the chains its worker took are in the used ring, so the ring base
+    /// the frontend gets accounts for all of them and nothing is written to the ring after.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Some(f) = usize::try_from(queue_index)
+            .ok()
+            .and_then(|i| self.in_flight.get(i))
+        else {
+            return Ok(());
+        };
+        if f.wait_idle(STOP_WAIT) {
+            return Ok(());
+        }
+        error!(
+            "queue {queue_index}: requests still in flight after {} s; cannot stop the ring",
+            STOP_WAIT.as_secs()
+        );
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("queue {queue_index}: requests still in flight"),
+        ))
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

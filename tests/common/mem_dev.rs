@@ -30,6 +30,10 @@ pub struct MemDevice {
     pub write_many_calls: Mutex<Vec<usize>>,
     /// The largest write the device asks to get in a batch (when `batched`).
     pub write_batch_max: std::sync::atomic::AtomicU64,
+    /// Write-locked by a test to keep reads waiting inside the device.
+    pub hold: std::sync::RwLock<()>,
+    /// Reads that entered the device.
+    pub reads_started: AtomicUsize,
 }
 
 impl MemDevice {
@@ -47,6 +51,8 @@ impl MemDevice {
             read_many_calls: Mutex::new(Vec::new()),
             write_many_calls: Mutex::new(Vec::new()),
             write_batch_max: std::sync::atomic::AtomicU64::new(u64::MAX),
+            hold: std::sync::RwLock::new(()),
+            reads_started: AtomicUsize::new(0),
         })
     }
 
@@ -82,6 +88,8 @@ impl BlockDevice for MemDevice {
         self.read_only
     }
     fn read(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
+        self.reads_started.fetch_add(1, Ordering::SeqCst);
+        let _held = self.hold.read().unwrap_or_else(|e| e.into_inner());
         self.seen(ctx);
         let r = self.range(offset, total_len(segs))?;
         let data = self.data.lock().unwrap();
