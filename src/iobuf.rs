@@ -206,8 +206,9 @@ pub fn gather(segs: &[IoSeg<'_>], at: u64, dst: &mut [u8]) {
 /// (a coarser requirement only sends the I/O through the engine's bounce buffer).
 const PAGE: usize = 4096;
 
-/// A page-aligned heap buffer (a window into an over-sized vector; no `unsafe`), so that an
-/// `O_DIRECT` image reads into it and writes from it as it is, without a bounce buffer.
+/// An aligned heap buffer (a window into an over-sized vector; no `unsafe`), page-aligned
+/// unless made with [`PageBuf::aligned`], so that an `O_DIRECT` image reads into it and
+/// writes from it as it is, without a bounce buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageBuf {
     mem: Vec<u8>,
@@ -216,13 +217,23 @@ pub struct PageBuf {
 }
 
 impl PageBuf {
-    /// `len` zeroed bytes.
+    /// `len` zeroed bytes, page-aligned.
     pub fn new(len: usize) -> PageBuf {
-        let mem = vec![0u8; len + PAGE];
-        // `align_offset` may give up (usize::MAX); the buffer then stays unaligned, which
-        // only costs direct I/O a bounce.
-        let start = mem.as_ptr().align_offset(PAGE).min(PAGE);
-        PageBuf { mem, start, len }
+        // `align_offset` may give up; the buffer then stays unaligned, which only costs
+        // direct I/O a bounce.
+        Self::aligned(len, PAGE).unwrap_or_else(|| PageBuf {
+            mem: vec![0u8; len],
+            start: 0,
+            len,
+        })
+    }
+
+    /// `len` zeroed bytes starting at a multiple of `align` (a power of two); `None` when the
+    /// allocation's address cannot be aligned so.
+    pub fn aligned(len: usize, align: usize) -> Option<PageBuf> {
+        let mem = vec![0u8; len.checked_add(align)?];
+        let start = mem.as_ptr().align_offset(align);
+        (start <= align).then_some(PageBuf { mem, start, len })
     }
 
     /// Length in bytes.
@@ -282,5 +293,26 @@ mod tests {
         assert!(!s[1].zero(1, 2));
         drop(s);
         assert_eq!(b, [0, 0, 2, 2]);
+    }
+
+    #[test]
+    fn aligned_buffers_start_where_asked_and_hold_len_zeroed_bytes() {
+        for (len, align) in [(0, 512), (1, 512), (4096, 4096), (100_000, 65536)] {
+            let mut b = PageBuf::aligned(len, align).unwrap();
+            assert_eq!(b.len(), len);
+            assert_eq!(
+                b.bytes().as_ptr().align_offset(align),
+                0,
+                "{len} at {align}"
+            );
+            assert!(b.bytes().iter().all(|&x| x == 0));
+            b.bytes_mut().fill(7);
+            assert!(b.bytes().iter().all(|&x| x == 7));
+        }
+        assert!(
+            PageBuf::aligned(usize::MAX, 4096).is_none(),
+            "too large: no panic"
+        );
+        assert_eq!(PageBuf::new(8192).bytes().as_ptr().align_offset(4096), 0);
     }
 }

@@ -49,7 +49,7 @@ impl std::fmt::Debug for ImageDevice {
             .field("read_only", &self.image.is_read_only())
             .field(
                 "relocate_min_runs",
-                &self.reloc.as_ref().map(Relocator::min_runs),
+                &self.reloc.as_ref().and_then(Relocator::min_runs),
             )
             .finish()
     }
@@ -123,7 +123,7 @@ impl BlockDevice for ImageDevice {
     }
 
     fn read(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
-        let Some(r) = self.reloc.as_ref().filter(|r| r.min_runs() != usize::MAX) else {
+        let Some(r) = self.reloc.as_ref().filter(|r| r.min_runs().is_some()) else {
             return self
                 .image
                 .read_vectored(offset, segs, None)
@@ -155,7 +155,11 @@ impl BlockDevice for ImageDevice {
     fn read_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
         // Reads relocation may want go on their own, with the trace it needs.
-        let max = self.reloc.as_ref().map_or(usize::MAX, Relocator::min_runs);
+        let max = self
+            .reloc
+            .as_ref()
+            .and_then(Relocator::min_runs)
+            .unwrap_or(usize::MAX);
         self.image
             .read_many(&plain, max)
             .into_iter()

@@ -548,10 +548,10 @@ impl Relocator {
         &self.stats
     }
 
-    /// The fewest runs that make a read's range worth relocating; `usize::MAX` when reads
-    /// relocate nothing.
-    pub fn min_runs(&self) -> usize {
-        self.min_runs
+    /// The fewest runs that make a read's range worth relocating; `None` when reads relocate
+    /// nothing (only the idle defragmenter runs).
+    pub fn min_runs(&self) -> Option<usize> {
+        (self.min_runs != usize::MAX).then_some(self.min_runs)
     }
 
     /// Reads `segs` at byte `offset` of `image` (tracing the extents into `trace`, as

@@ -28,7 +28,7 @@ use std::path::Path;
 
 use super::io::{preadv_full, pwritev_all};
 use super::ImageError;
-use crate::iobuf::{gather, scatter, total_len, IoSeg};
+use crate::iobuf::{gather, scatter, total_len, IoSeg, PageBuf};
 
 /// Alignment assumed when the kernel does not report one (`STATX_DIOALIGN` needs Linux 6.1).
 const FALLBACK_ALIGN: u64 = 4096;
@@ -186,49 +186,28 @@ impl DirectFile {
     }
 }
 
-/// A heap buffer with an aligned window inside it (no `unsafe`: the window is found with
-/// `align_offset` in an over-sized vector).
-struct AlignedBuf {
-    mem: Vec<u8>,
-    start: usize,
-    align: usize,
-}
-
-impl AlignedBuf {
-    fn new(align: usize) -> io::Result<AlignedBuf> {
-        let mem = vec![0u8; BOUNCE_BYTES + align];
-        let start = mem.as_ptr().align_offset(align);
-        if start > align {
-            return Err(io::Error::other("cannot align the bounce buffer"));
-        }
-        Ok(AlignedBuf { mem, start, align })
-    }
-
-    fn window(&mut self) -> &mut [u8] {
-        self.mem
-            .get_mut(self.start..self.start + BOUNCE_BYTES)
-            .unwrap_or(&mut [])
-    }
-}
-
-/// Runs `f` with this thread's aligned bounce buffer (made, or remade for a larger alignment,
-/// on first use).
+/// Runs `f` with this thread's aligned bounce buffer of [`BOUNCE_BYTES`] (made, or remade
+/// for a larger alignment, on first use).
 fn with_bounce<R>(align: usize, f: impl FnOnce(&mut [u8]) -> io::Result<R>) -> io::Result<R> {
     thread_local! {
-        static BOUNCE: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
+        static BOUNCE: RefCell<Option<(usize, PageBuf)>> = const { RefCell::new(None) };
     }
+    let fresh = || {
+        PageBuf::aligned(BOUNCE_BYTES, align)
+            .ok_or_else(|| io::Error::other("cannot align the bounce buffer"))
+    };
     BOUNCE.with(|b| match b.try_borrow_mut() {
         Ok(mut slot) => {
-            if !matches!(slot.as_ref(), Some(s) if s.align >= align) {
-                *slot = Some(AlignedBuf::new(align)?);
+            if !matches!(slot.as_ref(), Some((a, _)) if *a >= align) {
+                *slot = Some((align, fresh()?));
             }
             match slot.as_mut() {
-                Some(buf) => f(buf.window()),
-                None => f(AlignedBuf::new(align)?.window()),
+                Some((_, buf)) => f(buf.bytes_mut()),
+                None => f(fresh()?.bytes_mut()),
             }
         }
         // Not reached (nothing re-enters while the buffer is lent), but stay correct.
-        Err(_) => f(AlignedBuf::new(align)?.window()),
+        Err(_) => f(fresh()?.bytes_mut()),
     })
 }
 
