@@ -1211,20 +1211,30 @@ mod tests {
             "{pbas:?}"
         );
         assert_eq!(img.seq().0, seq0 + 5);
+        let img = reads_as_model_before_and_after_reopening(img, dir.path(), &model);
+        assert_eq!(img.seq().0, seq0 + 5);
+    }
+
+    /// The disk reads as `model`, and does so again once flushed, closed, checked clean and
+    /// reopened (durable like any write); returns the reopened image.
+    fn reads_as_model_before_and_after_reopening(
+        img: Image,
+        dir: &std::path::Path,
+        model: &[u8],
+    ) -> Image {
         let mut got = vec![0u8; DISK_BLOCKS * BS];
         img.read_at(0, &mut got).unwrap();
         assert!(got == model, "the disk after the batch");
-        // Durable like any write: flushed, closed, checked and read back.
         img.flush().unwrap();
         img.close().unwrap();
-        let path = dir.path().join("img.rrimg");
+        let path = dir.join("img.rrimg");
         let report = Image::check(&path, false).unwrap();
         assert!(report.is_clean(), "{report:?}");
         let img = Image::open(&path, crate::image::OpenMode::ReadWrite).unwrap();
         let mut got = vec![0u8; DISK_BLOCKS * BS];
         img.read_at(0, &mut got).unwrap();
         assert!(got == model, "the disk after reopening");
-        assert_eq!(img.seq().0, seq0 + 5);
+        img
     }
 
     /// A direct batch of 300 single-block writes (1.2 MiB) goes to the disk as two merged
@@ -1267,16 +1277,7 @@ mod tests {
             let l = lbas[k] as usize * BS;
             model[l..l + BS].copy_from_slice(&v[at + k * BS..at + (k + 1) * BS]);
         }
-        let mut got = vec![0u8; DISK_BLOCKS * BS];
-        img.read_at(0, &mut got).unwrap();
-        assert!(got == model, "the disk after the batch");
-        img.flush().unwrap();
-        img.close().unwrap();
-        let path = dir.path().join("img.rrimg");
-        let img = Image::open(&path, crate::image::OpenMode::ReadOnly).unwrap();
-        let mut got = vec![0u8; DISK_BLOCKS * BS];
-        img.read_at(0, &mut got).unwrap();
-        assert!(got == model, "the disk after reopening");
+        reads_as_model_before_and_after_reopening(img, dir.path(), &model);
     }
 
     #[test]
