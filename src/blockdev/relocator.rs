@@ -10,11 +10,11 @@
 //! The same thread also defragments while the device is idle ([`RelocPolicy::idle_after`]):
 //! once no batch of requests has ended for that long, it walks the windows of
 //! [`MAX_MERGED_BLOCKS`] blocks that were written since it last looked at them
-//! ([`Relocator::note_written`]; every window once after the start) and relocates every
-//! stretch of data blocks whose runs average under [`DEFRAG_MAX_AVG_RUN`] bytes, one window
-//! at a time, stopping as soon as a request arrives, and no faster than
-//! [`RelocPolicy::idle_rate`] when that is set. A walk costs what was written since the last
-//! one, not the size of the disk.
+//! ([`Relocator::note_written`]; every window once after the start) and relocates every piece
+//! of [`DEFRAG_PIECE`] bytes that a read of it would find in at least [`DEFRAG_MIN_RUNS`]
+//! physical runs of data blocks (adjacent pieces together), one window at a time, stopping as
+//! soon as a request arrives, and no faster than [`RelocPolicy::idle_rate`] when that is set.
+//! A walk costs what was written since the last one, not the size of the disk.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{
@@ -36,10 +36,15 @@ const RELOCATION_QUEUE: usize = 64;
 /// the idle defragmenter.
 pub const MAX_MERGED_BLOCKS: u64 = 512;
 
-/// The idle defragmenter relocates a stretch of data blocks whose physical runs average fewer
-/// bytes than this (16 blocks of 4 KiB): a 128 KiB read of it takes more than two disk
-/// requests.
-pub const DEFRAG_MAX_AVG_RUN: u64 = 64 << 10;
+/// The idle defragmenter looks at pieces of this many bytes (aligned in the disk): the size
+/// of a large guest read.
+pub const DEFRAG_PIECE: u64 = 128 << 10;
+
+/// A piece is relocated when its data blocks lie in at least this many physical runs (as
+/// `serve --relocate-on-read`'s default): so at least two writes landed inside it, and a
+/// walk rewrites at most 64 KiB per 4 KiB written, where a rule over the whole window would
+/// rewrite 2 MiB for a few scattered writes.
+pub const DEFRAG_MIN_RUNS: usize = 4;
 
 /// How often the relocation thread looks whether the device went idle.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -249,35 +254,47 @@ fn is_current(img: &Image, lba: Lba, extents: &[Extent]) -> bool {
     matches!(img.resolve(lba, blocks), Ok(now) if now == extents)
 }
 
-/// The stretches of `extents` (starting at `lba`) that are all data blocks and fragmented
-/// enough to relocate: at least two runs averaging under `max_avg_run` blocks. Zero and base
-/// extents end a stretch (a relocation covers data blocks only).
-fn fragmented_stretches(lba: Lba, extents: &[Extent], max_avg_run: u64) -> Vec<(Lba, Vec<Extent>)> {
-    let mut out = Vec::new();
-    let mut at = lba.0;
-    let mut cur: Vec<Extent> = Vec::new();
-    let mut start = at;
-    let mut take = |start: u64, cur: &mut Vec<Extent>| {
-        let blocks: u64 = cur.iter().map(Extent::blocks).sum();
-        let runs = cur.len() as u64;
-        if runs >= 2 && blocks < runs.saturating_mul(max_avg_run) {
-            out.push((Lba(start), std::mem::take(cur)));
-        } else {
-            cur.clear();
-        }
-    };
-    for e in extents {
-        if matches!(e, Extent::Mapped { .. }) {
-            if cur.is_empty() {
-                start = at;
+/// The ranges of a window worth relocating, as (first LBA, blocks): `extents` (resolved from
+/// `lba`) are cut into pieces of `piece` blocks aligned in the disk; a piece is picked when it
+/// holds only data blocks in at least `min_runs` runs (the extents that overlap it); adjacent
+/// picked pieces form one range.
+fn fragmented_ranges(lba: Lba, extents: &[Extent], piece: u64, min_runs: usize) -> Vec<(Lba, u64)> {
+    let piece = piece.max(1);
+    let end = lba.0 + extents.iter().map(Extent::blocks).sum::<u64>();
+    let mut out: Vec<(Lba, u64)> = Vec::new();
+    let mut i = 0; // first extent that may overlap the piece
+    let mut at = lba.0; // where extent `i` starts
+    let mut p = lba.0 - lba.0 % piece;
+    while p < end {
+        let (lo, hi) = (p.max(lba.0), (p + piece).min(end));
+        let (mut runs, mut data, mut j, mut pos) = (0usize, true, i, at);
+        while let Some(e) = extents.get(j) {
+            if pos >= hi {
+                break;
             }
-            cur.push(*e);
-        } else {
-            take(start, &mut cur);
+            if pos + e.blocks() > lo {
+                runs += 1;
+                data &= matches!(e, Extent::Mapped { .. });
+            }
+            pos += e.blocks();
+            j += 1;
         }
-        at += e.blocks();
+        if data && runs >= min_runs {
+            match out.last_mut() {
+                Some((s, n)) if s.0 + *n == lo => *n += hi - lo,
+                _ => out.push((Lba(lo), hi - lo)),
+            }
+        }
+        // Move past the extents that end inside this piece.
+        while let Some(e) = extents.get(i) {
+            if at + e.blocks() > hi {
+                break;
+            }
+            at += e.blocks();
+            i += 1;
+        }
+        p += piece;
     }
-    take(start, &mut cur);
     out
 }
 
@@ -373,7 +390,7 @@ impl Defrag {
         }
         self.failed_at = None;
         let bs = img.block_size().bytes_u64();
-        let max_avg_run = (DEFRAG_MAX_AVG_RUN / bs).max(2);
+        let piece = (DEFRAG_PIECE / bs).max(1);
         let end = img.size() / bs;
         loop {
             let Some(w) = self.marks.next(self.cursor) else {
@@ -408,7 +425,12 @@ impl Defrag {
             let started = Instant::now();
             let mut moved = 0;
             if let Ok(extents) = img.resolve(Lba(first), n) {
-                for (lba, ex) in fragmented_stretches(Lba(first), &extents, max_avg_run) {
+                for (lba, blocks) in fragmented_ranges(Lba(first), &extents, piece, DEFRAG_MIN_RUNS)
+                {
+                    // The range's own extents, cut at its ends, as the relocation expects.
+                    let Ok(ex) = img.resolve(lba, blocks) else {
+                        continue;
+                    };
                     match img.relocate_extents(lba, &ex) {
                         Ok(true) => {
                             let blocks: u64 = ex.iter().map(Extent::blocks).sum();
@@ -747,31 +769,38 @@ mod tests {
     }
 
     #[test]
-    fn fragmented_stretches_are_data_runs_split_at_holes_and_averaging_short() {
+    fn fragmented_ranges_are_pieces_of_data_blocks_in_enough_runs() {
         let z = |blocks| Extent::Zero { blocks };
+        // Pieces of 8 blocks, 3 runs or more; the extents start at LBA 4 (mid-piece).
         let ex = vec![
             m(10, 1),
             m(20, 1),
-            m(30, 2), // 4 blocks in 3 runs: relocated
-            z(4),
-            m(40, 64), // one long run: left
-            z(1),
-            m(50, 20),
-            m(80, 20), // 40 blocks in 2 runs, average 20 >= 16: left
+            m(30, 2), // LBAs 4..8: 3 runs in the piece 0..8 (from 4): picked
+            m(40, 3),
+            m(50, 3),
+            m(60, 2), // 8..16: 3 runs: picked, joined to the first
+            m(70, 8), // 16..24: one run: left
+            m(80, 2),
             z(2),
-            m(90, 3),
-            m(99, 3), // 6 blocks in 2 runs: relocated
+            m(90, 4), // 24..32: a hole: left
+            m(100, 1),
+            m(110, 1),
+            m(120, 6), // 32..40: 3 runs: picked
+            m(130, 7), // 40..47: one run (the extents end at 47): left
         ];
-        let got = fragmented_stretches(Lba(100), &ex, 16);
         assert_eq!(
-            got,
-            vec![
-                (Lba(100), vec![m(10, 1), m(20, 1), m(30, 2)]),
-                (Lba(100 + 4 + 4 + 64 + 1 + 40 + 2), vec![m(90, 3), m(99, 3)]),
-            ]
+            fragmented_ranges(Lba(4), &ex, 8, 3),
+            vec![(Lba(4), 12), (Lba(32), 8)]
         );
-        assert!(fragmented_stretches(Lba(0), &[m(1, 1)], 16).is_empty());
-        assert!(fragmented_stretches(Lba(0), &[z(8)], 16).is_empty());
+        // A run that spans two pieces counts in both.
+        let ex = vec![m(1, 1), m(5, 1), m(9, 10), m(30, 1), m(40, 1)];
+        assert_eq!(fragmented_ranges(Lba(0), &ex, 8, 3), vec![(Lba(0), 14)]);
+        assert_eq!(fragmented_ranges(Lba(0), &ex, 8, 4), vec![]);
+        // One write inside a whole piece makes 3 runs: not enough at 4.
+        let ex = vec![m(0, 3), m(99, 1), m(4, 4)];
+        assert!(fragmented_ranges(Lba(0), &ex, 8, DEFRAG_MIN_RUNS).is_empty());
+        assert!(fragmented_ranges(Lba(0), &[z(8)], 8, 1).is_empty());
+        assert!(fragmented_ranges(Lba(0), &[], 8, 1).is_empty());
     }
 
     /// An image of 1024 blocks with its first 256 written whole, then every other one of
@@ -842,6 +871,8 @@ mod tests {
         for b in (0..64u64).step_by(2) {
             img.write_at(b * 4096, &[9u8; 4096]).unwrap();
             r.note_written(b * 4096, 4096);
+            // As the device's end of batch does: no walk while the writes go on.
+            r.note_activity();
         }
         assert!(img.resolve(Lba(0), 256).unwrap().len() > 60);
         wait_for("the next walk", || {
@@ -1107,5 +1138,52 @@ mod tests {
         assert!(d.run(&img, &activity, &rx).is_none());
         assert_eq!(stats.relocations.load(Ordering::Relaxed), 2);
         assert!(d.next_at.unwrap() >= next + Duration::from_millis(250));
+    }
+
+    /// Scattered writes, one inside each 128 KiB piece, leave the window as it is (the old
+    /// rule over the whole window rewrote its 2 MiB for 64 KiB written); two writes inside
+    /// one piece get that piece, and only it, relocated.
+    #[test]
+    fn a_walk_rewrites_only_the_pieces_that_reads_would_find_fragmented() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = new_image(&dir.path().join("p.rrow"), 2 * MAX_MERGED_BLOCKS * 4096);
+        img.write_at(0, &vec![1u8; (MAX_MERGED_BLOCKS * 4096) as usize])
+            .unwrap();
+        let piece = DEFRAG_PIECE / 4096;
+        for p in 0..MAX_MERGED_BLOCKS / piece {
+            img.write_at((p * piece + 10) * 4096, &[2u8; 4096]).unwrap();
+        }
+        let runs = |img: &Image| img.resolve(Lba(0), MAX_MERGED_BLOCKS).unwrap().len();
+        assert_eq!(runs(&img), 1 + 2 * 16);
+        let stats = Arc::new(DefragStats::default());
+        let marks = Arc::new(WindowMarks::all(2 * MAX_MERGED_BLOCKS));
+        let mut d = Defrag::new(Duration::ZERO, None, Arc::clone(&marks), Arc::clone(&stats));
+        let activity = AtomicU64::new(0);
+        let (_tx, rx) = sync_channel::<Req>(1);
+        assert!(d.run(&img, &activity, &rx).is_none());
+        assert_eq!(stats.relocations.load(Ordering::Relaxed), 0);
+        assert_eq!(runs(&img), 33, "nothing rewritten for scattered writes");
+        // Two more writes inside piece 3 (LBAs 96..128): five runs there.
+        img.write_at((3 * piece + 20) * 4096, &[3u8; 4096]).unwrap();
+        img.write_at((3 * piece + 25) * 4096, &[3u8; 4096]).unwrap();
+        marks.mark(3 * piece, piece);
+        assert!(d.run(&img, &activity, &rx).is_none());
+        assert_eq!(stats.relocations.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            stats.blocks.load(Ordering::Relaxed),
+            piece,
+            "one piece moved"
+        );
+        assert_eq!(img.resolve(Lba(3 * piece), piece).unwrap().len(), 1);
+        let mut got = vec![0u8; (piece * 4096) as usize];
+        img.read_at(3 * piece * 4096, &mut got).unwrap();
+        for (b, chunk) in got.chunks(4096).enumerate() {
+            let want = match b {
+                10 => 2,
+                20 | 25 => 3,
+                _ => 1,
+            };
+            assert!(chunk.iter().all(|&x| x == want), "block {b} of the piece");
+        }
     }
 }

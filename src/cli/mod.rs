@@ -244,9 +244,9 @@ pub struct ServeArgs {
     pub relocate_on_read: usize,
     /// Defragment while idle: once no request has been served for this many milliseconds, a
     /// background thread looks at the 2 MiB windows written since it last looked (every
-    /// window once after the start) and rewrites every stretch of data blocks whose
-    /// physical runs average under 64 KiB as one contiguous run, stopping at the next
-    /// request. Content, seq and old block ids are kept (history and record logs stay
+    /// window once after the start) and rewrites, as one contiguous run, every 128 KiB
+    /// piece whose data blocks lie in 4 or more physical runs (adjacent pieces together),
+    /// stopping at the next request. Content, seq and old block ids are kept (history and record logs stay
     /// valid), so the file grows by what it rewrites until a reclaim, and the host's disk
     /// sees that I/O while the guest is idle. 0 (the default) turns it off. Same modes as
     /// --relocate-on-read.
