@@ -1073,38 +1073,67 @@ mod tests {
         img
     }
 
+    /// A defragmenter over a disk of `blocks` blocks that is idle at once, with its counters,
+    /// its marks and a request queue nobody sends to.
+    struct Walker {
+        d: Defrag,
+        stats: Arc<DefragStats>,
+        marks: Arc<WindowMarks>,
+        activity: AtomicU64,
+        rx: Receiver<Req>,
+        _tx: SyncSender<Req>,
+    }
+
+    impl Walker {
+        fn new(blocks: u64, rate: Option<u64>) -> Walker {
+            let stats = Arc::new(DefragStats::default());
+            let marks = Arc::new(WindowMarks::all(blocks));
+            let d = Defrag::new(Duration::ZERO, rate, Arc::clone(&marks), Arc::clone(&stats));
+            let (tx, rx) = sync_channel::<Req>(1);
+            Walker {
+                d,
+                stats,
+                marks,
+                activity: AtomicU64::new(0),
+                rx,
+                _tx: tx,
+            }
+        }
+
+        /// One call of the walk; says whether it handed back a request (never here).
+        fn run(&mut self, img: &Image) -> bool {
+            self.d.run(img, &self.activity, &self.rx).is_some()
+        }
+
+        fn count(&self, c: fn(&DefragStats) -> &AtomicU64) -> u64 {
+            c(&self.stats).load(Ordering::Relaxed)
+        }
+    }
+
     /// After the first walk, a walk looks at the windows marked written and no others.
     #[test]
     fn a_walk_looks_at_the_written_windows_only() {
         let dir = tempfile::tempdir().unwrap();
         let img = fragmented_windows(dir.path(), 32, &[4, 20]);
-        let stats = Arc::new(DefragStats::default());
-        let marks = Arc::new(WindowMarks::all(32 * MAX_MERGED_BLOCKS));
-        let mut d = Defrag::new(Duration::ZERO, None, Arc::clone(&marks), Arc::clone(&stats));
-        let activity = AtomicU64::new(0);
-        let (_tx, rx) = sync_channel::<Req>(1);
-        assert!(d.run(&img, &activity, &rx).is_none());
-        assert_eq!(
-            stats.windows.load(Ordering::Relaxed),
-            32,
-            "every window once"
-        );
-        assert_eq!(stats.relocations.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.passes.load(Ordering::Relaxed), 1);
+        let mut w = Walker::new(32 * MAX_MERGED_BLOCKS, None);
+        assert!(!w.run(&img));
+        assert_eq!(w.count(|s| &s.windows), 32, "every window once");
+        assert_eq!(w.count(|s| &s.relocations), 2);
+        assert_eq!(w.count(|s| &s.passes), 1);
         // Nothing marked: nothing looked at.
-        assert!(d.run(&img, &activity, &rx).is_none());
-        assert_eq!(stats.windows.load(Ordering::Relaxed), 32);
-        assert_eq!(stats.passes.load(Ordering::Relaxed), 1);
+        assert!(!w.run(&img));
+        assert_eq!(w.count(|s| &s.windows), 32);
+        assert_eq!(w.count(|s| &s.passes), 1);
         // Window 9 fragmented and marked, window 30 marked but whole.
         fragment_window(&img, 9);
         img.write_at(30 * MAX_MERGED_BLOCKS * 4096, &[4u8; 8192])
             .unwrap();
-        marks.mark(9 * MAX_MERGED_BLOCKS, 64);
-        marks.mark(30 * MAX_MERGED_BLOCKS, 2);
-        assert!(d.run(&img, &activity, &rx).is_none());
-        assert_eq!(stats.windows.load(Ordering::Relaxed), 34);
-        assert_eq!(stats.relocations.load(Ordering::Relaxed), 3);
-        assert_eq!(stats.passes.load(Ordering::Relaxed), 2);
+        w.marks.mark(9 * MAX_MERGED_BLOCKS, 64);
+        w.marks.mark(30 * MAX_MERGED_BLOCKS, 2);
+        assert!(!w.run(&img));
+        assert_eq!(w.count(|s| &s.windows), 34);
+        assert_eq!(w.count(|s| &s.relocations), 3);
+        assert_eq!(w.count(|s| &s.passes), 2);
         assert!(img.resolve(Lba(9 * MAX_MERGED_BLOCKS), 64).unwrap().len() <= 2);
     }
 
@@ -1114,30 +1143,22 @@ mod tests {
     fn a_rate_paces_the_walk_window_by_window() {
         let dir = tempfile::tempdir().unwrap();
         let img = fragmented_windows(dir.path(), 4, &[0, 1, 2]);
-        let stats = Arc::new(DefragStats::default());
-        let marks = Arc::new(WindowMarks::all(4 * MAX_MERGED_BLOCKS));
         // 64 blocks of 4 KiB per window at 1 MiB/s: 250 ms per window.
-        let mut d = Defrag::new(Duration::ZERO, Some(1 << 20), marks, Arc::clone(&stats));
-        let activity = AtomicU64::new(0);
-        let (_tx, rx) = sync_channel::<Req>(1);
+        let mut w = Walker::new(4 * MAX_MERGED_BLOCKS, Some(1 << 20));
         let t0 = Instant::now();
-        assert!(d.run(&img, &activity, &rx).is_none());
-        assert_eq!(
-            stats.relocations.load(Ordering::Relaxed),
-            1,
-            "one window, then a pause"
-        );
-        let next = d.next_at.expect("a pause");
+        assert!(!w.run(&img));
+        assert_eq!(w.count(|s| &s.relocations), 1, "one window, then a pause");
+        let next = w.d.next_at.expect("a pause");
         assert!(next >= t0 + Duration::from_millis(250));
-        assert!(d.wait() <= IDLE_POLL && !d.wait().is_zero());
+        assert!(w.d.wait() <= IDLE_POLL && !w.d.wait().is_zero());
         if Instant::now() < next {
-            assert!(d.run(&img, &activity, &rx).is_none());
-            assert_eq!(stats.relocations.load(Ordering::Relaxed), 1, "still paused");
+            assert!(!w.run(&img));
+            assert_eq!(w.count(|s| &s.relocations), 1, "still paused");
         }
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
-        assert!(d.run(&img, &activity, &rx).is_none());
-        assert_eq!(stats.relocations.load(Ordering::Relaxed), 2);
-        assert!(d.next_at.unwrap() >= next + Duration::from_millis(250));
+        assert!(!w.run(&img));
+        assert_eq!(w.count(|s| &s.relocations), 2);
+        assert!(w.d.next_at.unwrap() >= next + Duration::from_millis(250));
     }
 
     /// Scattered writes, one inside each 128 KiB piece, leave the window as it is (the old
@@ -1155,25 +1176,17 @@ mod tests {
         }
         let runs = |img: &Image| img.resolve(Lba(0), MAX_MERGED_BLOCKS).unwrap().len();
         assert_eq!(runs(&img), 1 + 2 * 16);
-        let stats = Arc::new(DefragStats::default());
-        let marks = Arc::new(WindowMarks::all(2 * MAX_MERGED_BLOCKS));
-        let mut d = Defrag::new(Duration::ZERO, None, Arc::clone(&marks), Arc::clone(&stats));
-        let activity = AtomicU64::new(0);
-        let (_tx, rx) = sync_channel::<Req>(1);
-        assert!(d.run(&img, &activity, &rx).is_none());
-        assert_eq!(stats.relocations.load(Ordering::Relaxed), 0);
+        let mut w = Walker::new(2 * MAX_MERGED_BLOCKS, None);
+        assert!(!w.run(&img));
+        assert_eq!(w.count(|s| &s.relocations), 0);
         assert_eq!(runs(&img), 33, "nothing rewritten for scattered writes");
         // Two more writes inside piece 3 (LBAs 96..128): five runs there.
         img.write_at((3 * piece + 20) * 4096, &[3u8; 4096]).unwrap();
         img.write_at((3 * piece + 25) * 4096, &[3u8; 4096]).unwrap();
-        marks.mark(3 * piece, piece);
-        assert!(d.run(&img, &activity, &rx).is_none());
-        assert_eq!(stats.relocations.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            stats.blocks.load(Ordering::Relaxed),
-            piece,
-            "one piece moved"
-        );
+        w.marks.mark(3 * piece, piece);
+        assert!(!w.run(&img));
+        assert_eq!(w.count(|s| &s.relocations), 1);
+        assert_eq!(w.count(|s| &s.blocks), piece, "one piece moved");
         assert_eq!(img.resolve(Lba(3 * piece), piece).unwrap().len(), 1);
         let mut got = vec![0u8; (piece * 4096) as usize];
         img.read_at(3 * piece * 4096, &mut got).unwrap();
