@@ -92,6 +92,14 @@ impl ImageDevice {
         Ok(self)
     }
 
+    /// Tells the idle defragmenter that a write at `offset` landed (once the map holds it, so
+    /// that a walk that looked at its window before looks again).
+    fn note_written(&self, offset: u64, segs: &[IoSeg<'_>]) {
+        if let Some(r) = &self.reloc {
+            r.note_written(offset, total_len(segs));
+        }
+    }
+
     /// The image, for callers that need more than the block interface.
     pub fn image(&self) -> &Image {
         &self.image
@@ -174,18 +182,15 @@ impl BlockDevice for ImageDevice {
 
     fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
-        let done = self.image.write_many(&plain);
-        // Marked once the map holds the writes (as in `write`), so that a walk that looked at
-        // a window before they landed looks again.
-        if let Some(r) = &self.reloc {
-            for q in reqs {
-                r.note_written(q.offset, total_len(q.segs));
-            }
-        }
-        done.into_iter()
+        self.image
+            .write_many(&plain)
+            .into_iter()
             .zip(reqs)
             .map(|(r, q)| match r {
-                Ok(BatchWrite::Done(_)) => Ok(()),
+                Ok(BatchWrite::Done(_)) => {
+                    self.note_written(q.offset, q.segs);
+                    Ok(())
+                }
                 Ok(BatchWrite::Alone) => self.write(q.ctx, q.offset, q.segs),
                 Err(e) => Err(e.into()),
             })
@@ -194,9 +199,7 @@ impl BlockDevice for ImageDevice {
 
     fn write(&self, _ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
         let res = self.image.write_vectored(offset, segs);
-        if let Some(r) = &self.reloc {
-            r.note_written(offset, total_len(segs));
-        }
+        self.note_written(offset, segs);
         res.map(|_| ()).map_err(BlockError::from)
     }
 

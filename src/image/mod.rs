@@ -1252,12 +1252,12 @@ impl Image {
     /// Writes several requests at once, each as [`write_vectored`](Self::write_vectored)
     /// would: every request of whole, aligned blocks gets its new blocks, all their data is
     /// written, and the records of those that landed are committed in request order under
-    /// one hold of the journal lock. Where two requests overlap, the later one wins. Each run of
-    /// adjacent new blocks (consecutive requests allocated one after the other) is written
-    /// as one vectored write: with a direct (`O_DIRECT`) descriptor, runs of up to
+    /// one hold of the journal lock. Where two requests overlap, the later one wins. Each
+    /// run of adjacent new blocks (consecutive requests allocated one after the other) is
+    /// written as one vectored write: with a direct (`O_DIRECT`) descriptor, runs of up to
     /// [`MAX_DIRECT_RUN`] bytes all go to the disk in one io_uring submission (the writes
-    /// overlap, with no thread per request); buffered, one `pwritev` per run. A request that is not whole blocks, or whose buffers are not aligned for
-    /// `O_DIRECT`, is left to the caller ([`BatchWrite::Alone`]), as is every request when a
+    /// overlap, with no thread per request); buffered, one `pwritev` per run. A request that
+    /// is not whole blocks, or whose buffers are not aligned for `O_DIRECT`, is left to the caller ([`BatchWrite::Alone`]), as is every request when a
     /// direct image's thread has no ring. A request whose data did not land fails alone; its
     /// blocks go back to the allocator. Results in request order.
     pub fn write_many(&self, reqs: &[(u64, &[IoSeg<'_>])]) -> Vec<Result<BatchWrite, ImageError>> {
