@@ -9,6 +9,9 @@
 //!   `serve --replay` serves the same request stream: every request completes as it did while
 //!   recording and every read returns the very bytes it returned then; SIGTERM exits 0; the
 //!   image's seq and its export are unchanged and `rr-row check` finds it clean.
+//! - `a_recorded_direct_run_replays_byte_for_byte_after_the_disk_was_overwritten`: the same,
+//!   recorded with `--direct`, where a batch's reads go to the image together and are
+//!   recorded from what the batch resolved (the daemon's debug log shows they did).
 //! - `a_divergent_stream_exits_2_and_names_the_request`: request k of the replayed stream reads
 //!   another sector: requests before k match, k and every later one fail with EIO, the daemon
 //!   logs the divergence at the recorded request index of k, and exits 2.
@@ -368,6 +371,21 @@ fn prefix(batches: &[Vec<Op>], n: usize) -> Vec<Vec<Op>> {
 
 #[test]
 fn a_recorded_run_replays_byte_for_byte_after_the_disk_was_overwritten() {
+    recorded_run_replays_after_overwrite(&[]);
+}
+
+#[test]
+fn a_recorded_direct_run_replays_byte_for_byte_after_the_disk_was_overwritten() {
+    // With --direct the recorder reads a batch's reads together (one read_many, one io_uring
+    // submission) and records each with the extents the batch resolved.
+    let batched = recorded_run_replays_after_overwrite(&["--direct"]);
+    assert!(batched > 100, "only {batched} reads went through read_many");
+}
+
+/// Records a mixed two-queue workload with `serve --record` (and `record_extra`), overwrites
+/// the disk in a plain session, replays it and compares; returns how many reads the recorder
+/// logged as batched.
+fn recorded_run_replays_after_overwrite(record_extra: &[&str]) -> usize {
     let dir = tempdir();
     let d = dir.path();
     let image = d.join("disk.rrow");
@@ -376,8 +394,18 @@ fn a_recorded_run_replays_byte_for_byte_after_the_disk_was_overwritten() {
 
     // Record.
     let streams = vec![stream(100, 400), stream(101, 400)];
-    let daemon = start_rr_row(d, &serve_opts(&image, 2, &["--record", path_str(&log)]));
+    let mut args = vec!["--record", path_str(&log)];
+    args.extend_from_slice(record_extra);
+    let mut opts = serve_opts(&image, 2, &args);
+    // The batched path logs each request it prepares at debug level.
+    opts.rust_log = Some("info,rr_row::virtio_blk::execute=debug");
+    let daemon = start_rr_row(d, &opts);
     let recorded = drive(daemon.socket(), streams.clone());
+    let batched = daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(": read sector") && l.ends_with("(batched)"))
+        .count();
     stop(daemon, libc::SIGTERM, 0);
     let reads_ok = recorded
         .iter()
@@ -474,6 +502,7 @@ fn a_recorded_run_replays_byte_for_byte_after_the_disk_was_overwritten() {
     );
     let (code, out, err) = rr_row(&["check".as_ref(), arg(&image)]);
     assert_eq!(code, 0, "rr-row check after the replay: {out}{err}");
+    batched
 }
 
 #[test]

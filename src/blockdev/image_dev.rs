@@ -169,7 +169,7 @@ impl BlockDevice for ImageDevice {
             .and_then(Relocator::min_runs)
             .unwrap_or(usize::MAX);
         self.image
-            .read_many(&plain, max)
+            .read_many(&plain, max, None)
             .into_iter()
             .zip(reqs)
             .map(|(r, q)| match r {

@@ -2,8 +2,8 @@
 //!
 //! Each request is executed on the image, then appended to the record log
 //! ([`crate::record`]): a read with the extents of block ids that supplied its data (traced by
-//! [`Image::read_vectored`], consistent with the seq it returns), or with the data itself in
-//! full mode; a write with the PBAs it was redirected to and a hash of its data; the others
+//! [`Image::read_vectored`], consistent with the seq it returns, or for a batch of reads with
+//! `O_DIRECT` by [`Image::read_many`]), or with the data itself in full mode; a write with the PBAs it was redirected to and a hash of its data; the others
 //! with their ranges. Requests the virtio layer refused arrive through
 //! [`BlockDevice::rejected`] and are recorded too. A guest flush makes the log durable before
 //! it completes.
@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 
-use crate::image::{BatchWrite, Image, WriteOutcome};
+use crate::image::{BatchRead, BatchTrace, BatchWrite, Image, WriteOutcome};
 use crate::iobuf::{scatter, total_len, IoSeg};
 use crate::record::format::{
     hash_segs, BodyRef, ExtentsRef, IndexKeying, LogHeader, LogStreams, RecordRef, WriteHash,
@@ -343,6 +343,56 @@ impl BlockDevice for RecordingDevice {
     fn write(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
         let hash = hash_segs(self.log.header().write_hash, segs);
         self.write_hashed(ctx, offset, segs, hash)
+    }
+
+    /// As for a plain image ([`super::image_dev::ImageDevice`]), with `O_DIRECT` a batch's
+    /// reads go to the disk together; in block-id mode only (a full-mode record carries the
+    /// data, read into a private buffer one request at a time).
+    fn prefers_batched_reads(&self) -> bool {
+        self.mode == RecordMode::BlockId && self.image.is_direct()
+    }
+
+    /// Reads the batch with one [`Image::read_many`] and records each read with the extents
+    /// and the seq it was resolved at, as [`read`](Self::read) records one read; the reads the
+    /// batch leaves alone go through `read` (which records them).
+    fn read_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
+        if self.mode != RecordMode::BlockId {
+            return reqs
+                .iter()
+                .map(|q| self.read(q.ctx, q.offset, q.segs))
+                .collect();
+        }
+        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
+        // Reads relocation may want go on their own, with the trace it needs.
+        let max = self
+            .reloc
+            .as_ref()
+            .and_then(Relocator::min_runs)
+            .unwrap_or(usize::MAX);
+        let mut trace = BatchTrace::default();
+        let done = self.image.read_many(&plain, max, Some(&mut trace));
+        done.into_iter()
+            .zip(reqs)
+            .enumerate()
+            .map(|(i, (r, q))| {
+                let r = match r {
+                    Ok(BatchRead::Alone) => return self.read(q.ctx, q.offset, q.segs),
+                    Ok(BatchRead::Done) => Ok(()),
+                    Err(e) => Err(BlockError::from(e)),
+                };
+                let (seq, extents) = match (&r, trace.extents.get(i)) {
+                    (Ok(()), Some(ex)) => (trace.seq, &ex[..]),
+                    (Ok(()), None) => (trace.seq, &[][..]),
+                    (Err(_), _) => (self.image.seq(), &[][..]),
+                };
+                let body = BodyRef::Read {
+                    extents: ExtentsRef::Image(extents),
+                    data: None,
+                };
+                self.record(q.ctx, q.offset, total_len(q.segs), status_of(&r), seq, body);
+                r
+            })
+            .collect()
     }
 
     /// As for a plain image ([`super::image_dev::ImageDevice`]): the batch's writes go to

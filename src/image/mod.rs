@@ -119,6 +119,19 @@ pub enum BatchRead {
     Alone,
 }
 
+/// What [`Image::read_many`] resolved, for a caller that records it (`serve --record`): the
+/// same facts [`Image::read_vectored`]'s trace and seq give for one request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchTrace {
+    /// The image's seq when the batch was resolved (all of it under one hold of the map):
+    /// every request of the batch read the state after that operation.
+    pub seq: Seq,
+    /// Each request's extents, in request order: the block ids its data came from. Empty
+    /// for a request that was not read in the batch ([`BatchRead::Alone`], an error) or
+    /// that has no bytes.
+    pub extents: Vec<Vec<Extent>>,
+}
+
 /// What [`Image::write_many`] did with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchWrite {
@@ -1161,11 +1174,14 @@ impl Image {
     /// `max_extents` extents or more (or as many as relocation on read wants, when that is
     /// on) is left for the caller to read on its own ([`BatchRead::Alone`]), as is every
     /// request of the batch when the submission fails as a whole or a reclaim ran beside it.
-    /// Results in request order.
+    /// Results in request order. With `trace`, also the seq the batch was resolved at and
+    /// each request's extents (those of a request that is [`BatchRead::Done`] are exactly the
+    /// blocks its data came from).
     pub fn read_many(
         &self,
         reqs: &[(u64, &[IoSeg<'_>])],
         max_extents: usize,
+        trace: Option<&mut BatchTrace>,
     ) -> Vec<Result<BatchRead, ImageError>> {
         let bs = self.sh.bs.bytes_u64();
         let gen = self.sh.reclaim_gen.load(Ordering::SeqCst);
@@ -1176,7 +1192,7 @@ impl Image {
         };
         // Resolve every request under one read lock of the map.
         let mut resolved: Vec<Result<Option<Vec<Extent>>, ImageError>> = Vec::new();
-        {
+        let seq = {
             let live = rlock(&self.live);
             for &(offset, segs) in reqs {
                 let len = total_len(segs);
@@ -1189,40 +1205,40 @@ impl Image {
                     })
                 }));
             }
-        }
+            live.seq
+        };
+        let mut traced: Vec<Vec<Extent>> = Vec::new();
         let mut out = Vec::with_capacity(reqs.len());
         let mut batch = shared::ReadBatch::default();
         // For each request gathered: its index and its reads in the batch.
         let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         for (i, (&(offset, segs), r)) in reqs.iter().zip(resolved).enumerate() {
-            let ex = match r {
-                Err(e) => {
-                    out.push(Err(e));
-                    continue;
+            // The extents this request read, kept only for a trace.
+            let mut read = Vec::new();
+            match r {
+                Err(e) => out.push(Err(e)),
+                Ok(None) => out.push(Ok(BatchRead::Done)),
+                Ok(Some(ex)) if ex.len() >= limit => out.push(Ok(BatchRead::Alone)),
+                Ok(Some(ex)) => {
+                    let from = batch.len();
+                    match self
+                        .sh
+                        .gather_extents(&ex, offset % bs, segs, true, &mut batch)
+                    {
+                        Ok(()) => {
+                            spans.push((i, from..batch.len()));
+                            out.push(Ok(BatchRead::Done));
+                            read = ex;
+                        }
+                        Err(e) => {
+                            batch.truncate(from);
+                            out.push(Err(e));
+                        }
+                    }
                 }
-                Ok(None) => {
-                    out.push(Ok(BatchRead::Done));
-                    continue;
-                }
-                Ok(Some(ex)) => ex,
-            };
-            if ex.len() >= limit {
-                out.push(Ok(BatchRead::Alone));
-                continue;
             }
-            let from = batch.len();
-            match self
-                .sh
-                .gather_extents(&ex, offset % bs, segs, true, &mut batch)
-            {
-                Ok(()) => {
-                    spans.push((i, from..batch.len()));
-                    out.push(Ok(BatchRead::Done));
-                }
-                Err(e) => {
-                    batch.truncate(from);
-                    out.push(Err(e));
-                }
+            if trace.is_some() {
+                traced.push(read);
             }
         }
         if !batch.is_empty() {
@@ -1245,6 +1261,16 @@ impl Image {
                     *slot = Ok(BatchRead::Alone);
                 }
             }
+        }
+        if let Some(t) = trace {
+            // Only what was read in the batch is traced.
+            for (ex, r) in traced.iter_mut().zip(&out) {
+                if !matches!(r, Ok(BatchRead::Done)) {
+                    ex.clear();
+                }
+            }
+            t.seq = Seq(seq);
+            t.extents = traced;
         }
         out
     }

@@ -674,7 +674,7 @@ mod tests {
 
     // The engine's read path, through the ring and through preadv, byte for byte.
 
-    use crate::image::{BatchRead, CreateOptions, Extent, Image, ImageError};
+    use crate::image::{BatchRead, BatchTrace, CreateOptions, Extent, Image, ImageError};
     use crate::units::{BlockSize, Lba};
 
     const BS: usize = 4096;
@@ -1020,16 +1020,28 @@ mod tests {
         let many = img.resolve(Lba(20), 12).unwrap().len();
         assert!(many >= 3, "{many}");
         let before = queued();
-        let out = img.read_many(&plain, 3);
+        let mut trace = BatchTrace::default();
+        let out = img.read_many(&plain, 3, Some(&mut trace));
         assert!(queued() > before, "the batch went through the ring");
         drop(segs);
+        assert_eq!(trace.seq, img.seq());
+        assert_eq!(trace.extents.len(), reqs.len());
         for (k, (r, &(off, len, al))) in out.iter().zip(&reqs).enumerate() {
             match (k, r) {
-                (1, Ok(BatchRead::Alone)) => continue,
-                (5, Err(_)) => continue,
+                (1, Ok(BatchRead::Alone)) | (5, Err(_)) => {
+                    assert!(trace.extents[k].is_empty(), "request {k} was not read");
+                    continue;
+                }
                 (_, Ok(BatchRead::Done)) => {}
                 other => panic!("request {k}: {other:?}"),
             }
+            // The trace names what a single read would have traced.
+            let mut one = Vec::new();
+            let mut scratch = vec![0u8; len];
+            img.read_vectored(off, &[IoSeg::from_mut_slice(&mut scratch)], Some(&mut one))
+                .unwrap();
+            assert_eq!(trace.extents[k], one, "request {k}");
+            assert_eq!(one.is_empty(), len == 0, "request {k}");
             let (v, at) = &bufs[k];
             let start = if al { *at } else { *at + 1 };
             assert!(
@@ -1040,7 +1052,7 @@ mod tests {
         // Without the limit the fragmented one is read in the batch too.
         let (mut v, at) = aligned(12 * BS);
         let seg = [IoSeg::from_mut_slice(&mut v[at..at + 12 * BS])];
-        let out = img.read_many(&[(20 * BS as u64, &seg[..])], usize::MAX);
+        let out = img.read_many(&[(20 * BS as u64, &seg[..])], usize::MAX, None);
         assert!(matches!(out[..], [Ok(BatchRead::Done)]), "{out:?}");
         assert!(v[at..at + 12 * BS] == model[20 * BS..32 * BS]);
     }
@@ -1062,6 +1074,7 @@ mod tests {
         let out = img.read_many(
             &[(lba * BS as u64, &sa[..]), (other * BS as u64, &sb[..])],
             usize::MAX,
+            None,
         );
         assert!(
             matches!(out[0], Err(ImageError::Truncated { .. })),
