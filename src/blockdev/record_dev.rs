@@ -3,10 +3,10 @@
 //! Each request is executed on the image, then appended to the record log
 //! ([`crate::record`]): a read with the extents of block ids that supplied its data (traced by
 //! [`Image::read_vectored`], consistent with the seq it returns, or for a batch of reads with
-//! `O_DIRECT` by [`Image::read_many`]), or with the data itself in full mode; a write with the PBAs it was redirected to and a hash of its data; the others
-//! with their ranges. Requests the virtio layer refused arrive through
-//! [`BlockDevice::rejected`] and are recorded too. A guest flush makes the log durable before
-//! it completes.
+//! `O_DIRECT` by [`Image::read_many`]), or with the data itself in full mode; a write with the
+//! PBAs it was redirected to and a hash of its data; the others with their ranges. Requests
+//! the virtio layer refused arrive through [`BlockDevice::rejected`] and are recorded too. A
+//! guest flush makes the log durable before it completes.
 //!
 //! If the log cannot be written (disk full, I/O error), the VM keeps running: the error is
 //! logged once and the log ends at its last complete frame, a valid prefix.

@@ -1283,9 +1283,10 @@ impl Image {
     /// written as one vectored write: with a direct (`O_DIRECT`) descriptor, runs of up to
     /// [`MAX_DIRECT_RUN`] bytes all go to the disk in one io_uring submission (the writes
     /// overlap, with no thread per request); buffered, one `pwritev` per run. A request that
-    /// is not whole blocks, or whose buffers are not aligned for `O_DIRECT`, is left to the caller ([`BatchWrite::Alone`]), as is every request when a
-    /// direct image's thread has no ring. A request whose data did not land fails alone; its
-    /// blocks go back to the allocator. Results in request order.
+    /// is not whole blocks, or whose buffers are not aligned for `O_DIRECT`, is left to the
+    /// caller ([`BatchWrite::Alone`]), as is every request when a direct image's thread has
+    /// no ring. A request whose data did not land fails alone; its blocks go back to the
+    /// allocator. Results in request order.
     pub fn write_many(&self, reqs: &[(u64, &[IoSeg<'_>])]) -> Vec<Result<BatchWrite, ImageError>> {
         if self.read_only {
             return reqs.iter().map(|_| Err(ImageError::ReadOnly)).collect();
