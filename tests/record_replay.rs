@@ -352,6 +352,30 @@ fn overwrite(img: &Image, seed: u64) {
     img.discard(0, 64 << 10).unwrap();
 }
 
+/// A later session overwrites the disk (`overwrite` with `seed`); then `reqs` replayed from
+/// `log` complete as `recorded` (a failed request fails again, maybe with another message)
+/// and the replay reports no divergence.
+fn replays_as_recorded_after_overwrite(
+    img: &Arc<Image>,
+    log: &Path,
+    reqs: &[Req],
+    recorded: &[Seen],
+    seed: u64,
+) {
+    overwrite(img, seed);
+    img.flush().unwrap();
+    let dev = ReplayingDevice::open(Arc::clone(img), log, DivergencePolicy::Stop).unwrap();
+    let replayed = run(&dev, reqs);
+    for (i, (a, b)) in recorded.iter().zip(&replayed).enumerate() {
+        match (a, b) {
+            (Err(_), Err(_)) => {}
+            _ => assert_eq!(a, b, "request {i} ({:?})", reqs[i].op),
+        }
+    }
+    let s = dev.summary();
+    assert!(s.is_clean(), "{s}");
+}
+
 /// A block-id recorder of `img` into `log`, synced only on flushes and at the end.
 fn recorder(img: &Arc<Image>, log: &Path) -> RecordingDevice {
     RecordingDevice::with_sync_interval(Arc::clone(img), log, RecordMode::BlockId, Duration::ZERO)
@@ -930,18 +954,7 @@ fn batched_direct_reads_are_recorded_with_their_extents_and_replay() {
     }
     assert!(mapped > 1000, "{mapped} recorded blocks checked");
 
-    overwrite(&img, 5);
-    img.flush().unwrap();
-    let dev = ReplayingDevice::open(Arc::clone(&img), &log, DivergencePolicy::Stop).unwrap();
-    let replayed = run(&dev, &reqs);
-    for (i, (a, b)) in recorded.iter().zip(&replayed).enumerate() {
-        match (a, b) {
-            (Err(_), Err(_)) => {}
-            _ => assert_eq!(a, b, "request {i} ({:?})", reqs[i].op),
-        }
-    }
-    let s = dev.summary();
-    assert!(s.is_clean(), "{s}");
+    replays_as_recorded_after_overwrite(&img, &log, &reqs, &recorded, 5);
 }
 
 /// Writes handed to the recorder in batches (`write_many`, as a queue worker does) are each
@@ -1036,16 +1049,5 @@ fn batched_writes_are_recorded_with_their_own_blocks_and_replay() {
     }
     assert!(checked > 300, "{checked} whole-block writes checked");
 
-    overwrite(&img, 8);
-    img.flush().unwrap();
-    let dev = ReplayingDevice::open(Arc::clone(&img), &log, DivergencePolicy::Stop).unwrap();
-    let replayed = run(&dev, &reqs);
-    for (i, (a, b)) in recorded.iter().zip(&replayed).enumerate() {
-        match (a, b) {
-            (Err(_), Err(_)) => {}
-            _ => assert_eq!(a, b, "request {i} ({:?})", reqs[i].op),
-        }
-    }
-    let s = dev.summary();
-    assert!(s.is_clean(), "{s}");
+    replays_as_recorded_after_overwrite(&img, &log, &reqs, &recorded, 8);
 }

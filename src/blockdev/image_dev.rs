@@ -161,13 +161,8 @@ impl BlockDevice for ImageDevice {
     }
 
     fn read_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
-        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
-        // Reads relocation may want go on their own, with the trace it needs.
-        let max = self
-            .reloc
-            .as_ref()
-            .and_then(Relocator::min_runs)
-            .unwrap_or(usize::MAX);
+        let plain = BatchReq::ranges(reqs);
+        let max = Relocator::batch_read_limit(self.reloc.as_ref());
         self.image
             .read_many(&plain, max, None)
             .into_iter()
@@ -181,7 +176,7 @@ impl BlockDevice for ImageDevice {
     }
 
     fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
-        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
+        let plain = BatchReq::ranges(reqs);
         self.image
             .write_many(&plain)
             .into_iter()

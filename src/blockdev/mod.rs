@@ -237,3 +237,11 @@ pub struct BatchReq<'a> {
     /// Where the bytes go (a read) or come from (a write).
     pub segs: &'a [IoSeg<'a>],
 }
+
+impl<'a> BatchReq<'a> {
+    /// The batch as the image engine takes it ([`crate::image::Image::read_many`],
+    /// [`crate::image::Image::write_many`]): each request's offset and segments.
+    pub fn ranges(reqs: &[BatchReq<'a>]) -> Vec<(u64, &'a [IoSeg<'a>])> {
+        reqs.iter().map(|r| (r.offset, r.segs)).collect()
+    }
+}

@@ -362,13 +362,8 @@ impl BlockDevice for RecordingDevice {
                 .map(|q| self.read(q.ctx, q.offset, q.segs))
                 .collect();
         }
-        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
-        // Reads relocation may want go on their own, with the trace it needs.
-        let max = self
-            .reloc
-            .as_ref()
-            .and_then(Relocator::min_runs)
-            .unwrap_or(usize::MAX);
+        let plain = BatchReq::ranges(reqs);
+        let max = Relocator::batch_read_limit(self.reloc.as_ref());
         let mut trace = BatchTrace::default();
         let done = self.image.read_many(&plain, max, Some(&mut trace));
         done.into_iter()
@@ -406,7 +401,7 @@ impl BlockDevice for RecordingDevice {
     fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         let wh = self.log.header().write_hash;
         let hashes: Vec<_> = reqs.iter().map(|q| hash_segs(wh, q.segs)).collect();
-        let plain: Vec<(u64, &[IoSeg<'_>])> = reqs.iter().map(|r| (r.offset, r.segs)).collect();
+        let plain = BatchReq::ranges(reqs);
         let done = self.image.write_many(&plain);
         done.into_iter()
             .zip(reqs.iter().zip(hashes))

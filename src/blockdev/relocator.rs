@@ -576,6 +576,12 @@ impl Relocator {
         (self.min_runs != usize::MAX).then_some(self.min_runs)
     }
 
+    /// The `max_extents` of a batch's [`Image::read_many`] for a device with `reloc`: reads
+    /// that relocation on read wants go on their own, with the trace it needs.
+    pub fn batch_read_limit(reloc: Option<&Relocator>) -> usize {
+        reloc.and_then(Relocator::min_runs).unwrap_or(usize::MAX)
+    }
+
     /// Reads `segs` at byte `offset` of `image` (tracing the extents into `trace`, as
     /// [`Image::read_vectored`] does, and returning its seq) and offers the range for
     /// relocation when the read found enough data-block runs.
