@@ -154,22 +154,22 @@ fn run_with(dev: &dyn BlockDevice, reqs: &[Req], batch: usize) -> Vec<Seen> {
         .collect();
     let mut out: Vec<Seen> = Vec::with_capacity(reqs.len());
     let mut i = 0;
-    while i < reqs.len() {
-        let reads = reqs[i..]
+    // How many of the next requests (at most `batch`) are of one kind.
+    let run_of = |from: usize, kind: fn(&Op) -> bool| {
+        reqs[from..]
             .iter()
             .take(batch)
-            .take_while(|r| matches!(r.op, Op::Read { .. }))
-            .count();
+            .take_while(|r| kind(&r.op))
+            .count()
+    };
+    while i < reqs.len() {
+        let reads = run_of(i, |op| matches!(op, Op::Read { .. }));
         if batch > 1 && reads > 0 {
             out.extend(read_batch(dev, &reqs[i..i + reads], &ctxs[i..i + reads]));
             i += reads;
             continue;
         }
-        let writes = reqs[i..]
-            .iter()
-            .take(batch)
-            .take_while(|r| matches!(r.op, Op::Write { .. }))
-            .count();
+        let writes = run_of(i, |op| matches!(op, Op::Write { .. }));
         if batch > 1 && writes > 0 {
             let segs: Vec<Vec<IoSeg<'_>>> = reqs[i..i + writes]
                 .iter()
@@ -178,19 +178,7 @@ fn run_with(dev: &dyn BlockDevice, reqs: &[Req], batch: usize) -> Vec<Seen> {
                     _ => unreachable!(),
                 })
                 .collect();
-            let many: Vec<BatchReq<'_>> = reqs[i..i + writes]
-                .iter()
-                .zip(&ctxs[i..])
-                .zip(&segs)
-                .map(|((r, ctx), segs)| BatchReq {
-                    ctx,
-                    offset: match r.op {
-                        Op::Write { off, .. } => off,
-                        _ => unreachable!(),
-                    },
-                    segs,
-                })
-                .collect();
+            let many = batch_reqs(&reqs[i..i + writes], &ctxs[i..], &segs);
             out.extend(
                 dev.write_many(&many)
                     .into_iter()
@@ -203,6 +191,27 @@ fn run_with(dev: &dyn BlockDevice, reqs: &[Req], batch: usize) -> Vec<Seen> {
         i += 1;
     }
     out
+}
+
+/// A batch of reads or writes as a queue worker hands it to the device: each request with its
+/// context and segments.
+fn batch_reqs<'a>(
+    reqs: &[Req],
+    ctxs: &'a [RequestCtx],
+    segs: &'a [Vec<IoSeg<'a>>],
+) -> Vec<BatchReq<'a>> {
+    reqs.iter()
+        .zip(ctxs)
+        .zip(segs)
+        .map(|((r, ctx), segs)| BatchReq {
+            ctx,
+            offset: match r.op {
+                Op::Read { off, .. } | Op::Write { off, .. } => off,
+                _ => unreachable!("only reads and writes are batched"),
+            },
+            segs,
+        })
+        .collect()
 }
 
 /// Reads (only) handed to the device in one `read_many` call, each segment in a buffer that
@@ -232,20 +241,7 @@ fn read_batch(dev: &dyn BlockDevice, reqs: &[Req], ctxs: &[RequestCtx]) -> Vec<S
                     .collect()
             })
             .collect();
-        let many: Vec<BatchReq<'_>> = reqs
-            .iter()
-            .zip(ctxs)
-            .zip(&segs)
-            .map(|((r, ctx), segs)| BatchReq {
-                ctx,
-                offset: match r.op {
-                    Op::Read { off, .. } => off,
-                    _ => unreachable!(),
-                },
-                segs,
-            })
-            .collect();
-        dev.read_many(&many)
+        dev.read_many(&batch_reqs(reqs, ctxs, &segs))
     };
     res.into_iter()
         .zip(&mem)
@@ -376,6 +372,14 @@ fn replays_as_recorded_after_overwrite(
     assert!(s.is_clean(), "{s}");
 }
 
+/// Every record of the log at `log`, in file order.
+fn log_records(log: &Path) -> Vec<Record> {
+    LogReader::open(log)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// A block-id recorder of `img` into `log`, synced only on flushes and at the end.
 fn recorder(img: &Arc<Image>, log: &Path) -> RecordingDevice {
     RecordingDevice::with_sync_interval(Arc::clone(img), log, RecordMode::BlockId, Duration::ZERO)
@@ -401,10 +405,7 @@ fn record_overwrite_replay(mode: RecordMode, base: bool) {
     assert!(reads > 500, "{reads} reads succeeded");
 
     if base && mode == RecordMode::BlockId {
-        let log_recs: Vec<Record> = LogReader::open(&log)
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let log_recs = log_records(&log);
         let kinds = |want: fn(&LogExtent) -> bool| {
             log_recs.iter().any(|r| match &r.body {
                 RecordBody::Read(b) => b.extents.iter().any(want),
@@ -733,10 +734,7 @@ fn recorded_writes_carry_their_blocks_and_hash() {
         Req::q0(Op::read(5 * BS, 2 * BS as usize)),
     ];
     record(&img, &log, RecordMode::BlockId, &reqs);
-    let recs: Vec<Record> = LogReader::open(&log)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let recs = log_records(&log);
     let RecordBody::Write {
         first_pba,
         blocks,
@@ -819,10 +817,7 @@ fn full_mode_refuses_reads_too_large_to_log_and_records_the_failure() {
     dev.read(&ctx, 0, &[IoSeg::from_mut_slice(&mut big[..64 << 20])])
         .unwrap();
     dev.finish().unwrap();
-    let recs: Vec<Record> = LogReader::open(&log)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let recs = log_records(&log);
     assert_eq!(recs.len(), 2);
     assert_eq!(recs[0].status, 1);
     assert_eq!(recs[0].body, RecordBody::Read(ReadBody::default()));
@@ -920,10 +915,7 @@ fn batched_direct_reads_are_recorded_with_their_extents_and_replay() {
     assert!(reads > 900, "{reads} reads succeeded");
 
     // Every recorded read's mapped blocks hold what the guest got from them.
-    let recs: Vec<Record> = LogReader::open(&log)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let recs = log_records(&log);
     let mut mapped = 0;
     for (r, seen) in recs.iter().zip(&recorded) {
         let (RecordBody::Read(b), Ok(Some(data))) = (&r.body, seen) else {
@@ -1010,10 +1002,7 @@ fn batched_writes_are_recorded_with_their_own_blocks_and_replay() {
     assert_eq!(stats.records as usize, reqs.len());
     assert_eq!(recorded.iter().filter(|s| s.is_err()).count(), 1);
 
-    let recs: Vec<Record> = LogReader::open(&log)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let recs = log_records(&log);
     let mut checked = 0;
     for (r, req) in recs.iter().zip(&reqs) {
         let (
