@@ -19,7 +19,7 @@ use rr_row::blockdev::{
     BatchReq, BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind,
 };
 use rr_row::image::{CreateOptions, Image, OpenMode, OpenOptions};
-use rr_row::iobuf::IoSeg;
+use rr_row::iobuf::{IoSeg, PageBuf};
 use rr_row::record::format::{LogHeader, HASH_LEN, VERSION};
 use rr_row::record::{
     LogExtent, LogReader, LogWriter, ReadBody, Record, RecordBody, RecordMode, ReplayIndex,
@@ -217,16 +217,16 @@ fn batch_reqs<'a>(
 /// Reads (only) handed to the device in one `read_many` call, each segment in a buffer that
 /// starts on a page, as guest memory does.
 fn read_batch(dev: &dyn BlockDevice, reqs: &[Req], ctxs: &[RequestCtx]) -> Vec<Seen> {
-    // Per request, per segment: (memory, where the page-aligned buffer starts, its length).
-    let mut mem: Vec<Vec<(Vec<u8>, usize, usize)>> = reqs
+    // Per request, one page-aligned buffer per segment, filled with a marker the read replaces.
+    let mut mem: Vec<Vec<PageBuf>> = reqs
         .iter()
         .map(|r| match &r.op {
             Op::Read { lens, .. } => lens
                 .iter()
                 .map(|&l| {
-                    let v = vec![0xeeu8; l + 4096];
-                    let at = v.as_ptr().align_offset(4096);
-                    (v, at, l)
+                    let mut b = PageBuf::new(l);
+                    b.bytes_mut().fill(0xee);
+                    b
                 })
                 .collect(),
             _ => unreachable!(),
@@ -237,7 +237,7 @@ fn read_batch(dev: &dyn BlockDevice, reqs: &[Req], ctxs: &[RequestCtx]) -> Vec<S
             .iter_mut()
             .map(|b| {
                 b.iter_mut()
-                    .map(|(v, at, l)| IoSeg::from_mut_slice(&mut v[*at..*at + *l]))
+                    .map(|p| IoSeg::from_mut_slice(p.bytes_mut()))
                     .collect()
             })
             .collect();
@@ -246,14 +246,8 @@ fn read_batch(dev: &dyn BlockDevice, reqs: &[Req], ctxs: &[RequestCtx]) -> Vec<S
     res.into_iter()
         .zip(&mem)
         .map(|(r, b)| {
-            r.map(|()| {
-                Some(
-                    b.iter()
-                        .flat_map(|(v, at, l)| v[*at..*at + *l].iter().copied())
-                        .collect(),
-                )
-            })
-            .map_err(|e| e.to_string())
+            r.map(|()| Some(b.iter().flat_map(|p| p.bytes().iter().copied()).collect()))
+                .map_err(|e| e.to_string())
         })
         .collect()
 }

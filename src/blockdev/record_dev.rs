@@ -375,10 +375,12 @@ impl BlockDevice for RecordingDevice {
                     Ok(BatchRead::Done) => Ok(()),
                     Err(e) => Err(BlockError::from(e)),
                 };
-                let (seq, extents) = match (&r, trace.extents.get(i)) {
-                    (Ok(()), Some(ex)) => (trace.seq, &ex[..]),
-                    (Ok(()), None) => (trace.seq, &[][..]),
-                    (Err(_), _) => (self.image.seq(), &[][..]),
+                let (seq, extents) = match &r {
+                    Ok(()) => (
+                        trace.seq,
+                        trace.extents.get(i).map_or(&[][..], Vec::as_slice),
+                    ),
+                    Err(_) => (self.image.seq(), &[][..]),
                 };
                 let body = BodyRef::Read {
                     extents: ExtentsRef::Image(extents),
