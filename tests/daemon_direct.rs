@@ -165,11 +165,15 @@ fn batches_of_reads_beside_writes_match_the_model() {
     // (sub-block offsets, odd buffers that are bounced) beside 8 writes to the other half of
     // the disk. A batch is what the worker finds published when it looks: usually the whole
     // 32, but a read that arrives alone is read alone. Most must have gone through read_many.
-    let (reads, _) = mixed_batches(21, 8, true);
+    // With --direct the worker is pipelined by default: it hands batches to the request
+    // threads and does not wait for them.
+    let b = mixed_batches(21, 8, &["--direct"]);
     assert!(
-        reads >= 24 * 30 / 2,
-        "only {reads} of 720 reads went through read_many"
+        b.reads >= 24 * 30 / 2,
+        "only {} of 720 reads went through read_many",
+        b.reads
     );
+    assert!(b.handed >= 15, "only {} batches handed over", b.handed);
 }
 
 #[test]
@@ -177,10 +181,11 @@ fn batches_of_writes_beside_reads_match_the_model() {
     // And its writes, in one submission too: batches of 32, 24 writes (mostly whole aligned
     // blocks from aligned buffers, which go to the ring together; some sub-block or from odd
     // buffers, which go alone) beside 8 reads of fragmented data.
-    let (_, writes) = mixed_batches(22, 24, true);
+    let b = mixed_batches(22, 24, &["--direct"]);
     assert!(
-        writes >= 24 * 30 / 4,
-        "only {writes} of 720 writes went through write_many"
+        b.writes >= 24 * 30 / 4,
+        "only {} of 720 writes went through write_many",
+        b.writes
     );
 }
 
@@ -189,12 +194,31 @@ fn buffered_batches_of_writes_beside_reads_match_the_model() {
     // Without --direct too, a batch's writes go to the image together (one pwritev per run
     // of adjacent new blocks); its reads do not (the pool's threads read the page cache
     // faster in parallel).
-    let (reads, writes) = mixed_batches(23, 24, false);
-    assert_eq!(reads, 0, "buffered reads are not batched");
+    let b = mixed_batches(23, 24, &[]);
+    assert_eq!(b.reads, 0, "buffered reads are not batched");
     assert!(
-        writes >= 24 * 30 / 4,
-        "only {writes} of 720 writes went through write_many"
+        b.writes >= 24 * 30 / 4,
+        "only {} of 720 writes went through write_many",
+        b.writes
     );
+    assert_eq!(b.handed, 0, "not pipelined without --direct");
+}
+
+#[test]
+fn pipelined_buffered_batches_match_the_model() {
+    // `--pipeline on` without --direct: the batches' writes go to write_many as above, and
+    // the worker hands each batch over instead of waiting for it.
+    let b = mixed_batches(24, 16, &["--pipeline", "on"]);
+    assert!(b.writes >= 16 * 30 / 8, "only {} batched writes", b.writes);
+    assert!(b.handed >= 15, "only {} batches handed over", b.handed);
+}
+
+#[test]
+fn direct_batches_without_the_pipeline_match_the_model() {
+    // `--direct --pipeline off`: the worker waits for each batch, as before the pipeline.
+    let b = mixed_batches(25, 8, &["--direct", "--pipeline", "off"]);
+    assert!(b.reads >= 24 * 30 / 2, "only {} batched reads", b.reads);
+    assert_eq!(b.handed, 0, "--pipeline off hands nothing over");
 }
 
 #[test]
@@ -256,18 +280,15 @@ fn two_queues_writing_one_request_at_a_time_match_the_model() {
 /// requests in flight have no order) and the rest reads of the other half, all checked
 /// against a model;
 /// then verifies the whole disk, stops the daemon with SIGTERM and checks the image. Returns
-/// how many reads and how many writes the daemon logged as batched.
-fn mixed_batches(seed: u64, writes: usize, direct: bool) -> (usize, usize) {
+/// what the daemon logged.
+fn mixed_batches(seed: u64, writes: usize, extra: &[&str]) -> Batched {
     let dir = common::tempdir();
     let image: PathBuf = dir.path().join("batch.rrow");
     let opts = ServeOpts {
-        extra: if direct {
-            vec!["--direct".into()]
-        } else {
-            Vec::new()
-        },
-        // The batched path logs each request it prepares at debug level.
-        rust_log: Some("info,rr_row::virtio_blk::execute=debug"),
+        extra: extra.iter().map(|a| (*a).into()).collect(),
+        // The batched path logs each request it prepares at debug level, and the worker each
+        // batch it hands over.
+        rust_log: Some("info,rr_row::virtio_blk::execute=debug,rr_row::vhost_user::backend=debug"),
         ..ServeOpts::new(&image, SIZE)
     };
     let d = start_rr_row(dir.path(), &opts);
@@ -349,13 +370,29 @@ fn mixed_batches(seed: u64, writes: usize, direct: bool) -> (usize, usize) {
             .filter(|l| l.contains(what) && l.ends_with("(batched)"))
             .count()
     };
-    let counts = (batched(": read sector"), batched(": write sector"));
-    eprintln!("batched (reads, writes): {counts:?}");
+    let counts = Batched {
+        reads: batched(": read sector"),
+        writes: batched(": write sector"),
+        handed: log
+            .lines()
+            .filter(|l| l.contains("handed to the request threads"))
+            .count(),
+    };
+    eprintln!("{counts:?}");
     let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
     assert!(status.success(), "rr-row serve exited with {status}");
     let (code, out, err) = common::rr_row(&["check".as_ref(), common::arg(&image)]);
     assert_eq!(code, 0, "rr-row check: {out}{err}");
     counts
+}
+
+/// What [`mixed_batches`]'s daemon logged: reads and writes that went through `read_many` and
+/// `write_many`, and batches its worker handed over without waiting (`--pipeline`).
+#[derive(Debug)]
+struct Batched {
+    reads: usize,
+    writes: usize,
+    handed: usize,
 }
 
 /// Runs `rr-row serve --direct ARGS` expecting it to fail before listening; returns stderr.

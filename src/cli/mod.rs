@@ -57,6 +57,19 @@ pub enum OnDivergence {
     Continue,
 }
 
+/// Whether a queue's worker waits for a batch before it takes the next (`serve --pipeline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Pipeline {
+    /// On with `--direct`, off without.
+    #[default]
+    Auto,
+    /// The worker hands each batch to the queue's request threads and takes the next
+    /// requests at once; each thread completes what it ran.
+    On,
+    /// The worker waits until the whole batch is done and completes it together.
+    Off,
+}
+
 /// `rr-row` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -226,6 +239,12 @@ pub struct ServeArgs {
     /// 0 turns polling off; at most 10000.
     #[arg(long, default_value_t = DEFAULT_POLL_US, value_name = "MICROSECONDS")]
     pub poll_us: u64,
+    /// Whether a queue's worker takes new requests while a batch still waits for the disk
+    /// (each request thread then completes what it ran), or waits for the whole batch.
+    /// `auto`: on with --direct, where requests wait for the disk; off without, where the
+    /// worker helps copy in the page cache. Needs --io-threads above 1.
+    #[arg(long, value_enum, default_value_t = Pipeline::Auto)]
+    pub pipeline: Pipeline,
     /// Serve the disk read-only (VIRTIO_BLK_F_RO; writes fail).
     #[arg(long)]
     pub read_only: bool,

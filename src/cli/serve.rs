@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use super::{CliError, CliResult, ServeArgs, MAX_POLL_US};
+use super::{CliError, CliResult, Pipeline, ServeArgs, MAX_POLL_US};
 use crate::blockdev::image_dev::ImageDevice;
 use crate::blockdev::record_dev::RecordingDevice;
 use crate::blockdev::relocator::RelocPolicy;
@@ -105,6 +105,11 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
         backend: BackendConfig {
             io_threads,
             poll_max: Duration::from_micros(a.poll_us),
+            pipeline: match a.pipeline {
+                Pipeline::Auto => a.direct,
+                Pipeline::On => true,
+                Pipeline::Off => false,
+            },
             ..BackendConfig::new(a.queues, a.queue_size, serial_bytes(serial))
         },
     })

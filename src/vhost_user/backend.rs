@@ -7,12 +7,13 @@
 //!
 //! Each queue has its own worker thread (`queues_per_thread`). On a kick the worker takes every
 //! available chain and executes them, sharing them with the queue's [`BatchPool`] helpers when
-//! `io_threads > 1` (so one queue has several requests in flight), lets the device write out
-//! what it buffered
-//! ([`BlockDevice::end_of_batch`]), adds them all to the used ring and signals the
-//! guest once per batch (when `needs_notification` says so). With VIRTIO_RING_F_EVENT_IDX it
-//! keeps draining until `enable_notification()` reports that no new chain arrived meanwhile, so
-//! no kick is lost.
+//! `io_threads > 1` (so one queue has several requests in flight), lets the device write out what
+//! it buffered ([`BlockDevice::end_of_batch`]), adds them all to the used ring and signals the
+//! guest once per batch (when `needs_notification` says so). Pipelined
+//! ([`BackendConfig::pipeline`]), it instead hands the batch's parts to the helpers and goes back
+//! to the ring at once, and each helper completes and signals the part it ran. With
+//! VIRTIO_RING_F_EVENT_IDX it keeps draining until `enable_notification()` reports that no new
+//! chain arrived meanwhile, so no kick is lost.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,6 +77,12 @@ pub struct BackendConfig {
     /// sleeps until the next kick (adaptive, see [`super::poll`]); zero never polls. Only
     /// with VIRTIO_RING_F_EVENT_IDX.
     pub poll_max: Duration,
+    /// Whether a queue's worker hands a batch to its helpers and goes back to the available
+    /// ring at once, each helper completing (and signalling) what it ran, instead of waiting
+    /// for the whole batch. Pays where requests wait for the disk (`O_DIRECT`): the disk
+    /// then always has the next requests, not waves of batches. A batch of one request with
+    /// nothing else in flight still runs on the worker. Needs `io_threads > 1`.
+    pub pipeline: bool,
 }
 
 impl BackendConfig {
@@ -90,6 +97,7 @@ impl BackendConfig {
             max_dwz_sectors: 1 << 22,
             io_threads: 1,
             poll_max: Duration::ZERO,
+            pipeline: false,
         }
     }
 }
@@ -265,21 +273,22 @@ pub struct BlkBackend {
     pools: Vec<BatchPool>,
     /// Per queue: its polling window and when it last went idle (only its worker locks it).
     polls: Vec<Mutex<QueuePoll>>,
-    /// Per queue: whether its worker holds chains it has not completed yet.
-    in_flight: Vec<InFlight>,
+    /// Per queue: whether its worker, or its helpers, hold chains not completed yet.
+    in_flight: Vec<Arc<InFlight>>,
 }
 
 /// How long `GET_VRING_BASE` waits for a queue's requests in flight to complete before it
 /// fails (a host disk that hangs longer than this).
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
-/// Whether a queue's worker holds chains it took from the available ring and has not put in
-/// the used ring yet. [`VhostUserBackend::stop_vring`] (the frontend's `GET_VRING_BASE`) waits
+/// Whether a queue's worker (or, with [`BackendConfig::pipeline`], its helpers) holds chains it
+/// took from the available ring and has not put in the used ring yet: a count of holders, the
+/// worker's batch being one and every item handed to a helper another. [`VhostUserBackend::stop_vring`] (the frontend's `GET_VRING_BASE`) waits
 /// until it does not: the ring state reported then must account for every request taken, and
 /// nothing may be written to the used ring after it (the frontend may be migrating, and guest
 /// memory written after that is not logged).
 ///
-/// The worker sets and clears the mark once per batch, so clearing it wakes the condition
+/// The worker raises and lowers the count once per batch, so lowering it wakes the condition
 /// variable only when a stop is waiting: std's `notify_all` is a `futex` system call even with
 /// nobody to wake, one more per request at queue depth 1.
 #[derive(Debug, Default)]
@@ -290,8 +299,8 @@ struct InFlight {
 
 #[derive(Debug, Default)]
 struct InFlightState {
-    /// The worker holds chains.
-    busy: bool,
+    /// Holders of chains: the worker's batch, and items handed to helpers.
+    holders: usize,
     /// Stops waiting in [`InFlight::wait_idle`].
     waiting: usize,
 }
@@ -301,16 +310,29 @@ impl InFlight {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn set(&self, busy: bool) {
-        let wake = {
+    /// `n` more holders.
+    fn hold(&self, n: usize) {
+        let mut st = self.lock();
+        st.holders += n;
+    }
+
+    /// One holder less; the number left.
+    fn release(&self) -> usize {
+        let (left, wake) = {
             let mut st = self.lock();
-            st.busy = busy;
-            !busy && st.waiting > 0
+            st.holders = st.holders.saturating_sub(1);
+            (st.holders, st.holders == 0 && st.waiting > 0)
         };
-        // A waiter registers under the lock before it checks `busy`: none is missed.
+        // A waiter registers under the lock before it checks `holders`: none is missed.
         if wake {
             self.idle.notify_all();
         }
+        left
+    }
+
+    /// The number of holders now.
+    fn holders(&self) -> usize {
+        self.lock().holders
     }
 
     /// Waits until nothing is in flight, at most `limit`; says whether that happened.
@@ -319,7 +341,7 @@ impl InFlight {
         let mut st = self.lock();
         st.waiting += 1;
         let idle = loop {
-            if !st.busy {
+            if st.holders == 0 {
                 break true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -337,13 +359,41 @@ impl InFlight {
     }
 }
 
-/// Clears a queue's in-flight mark when a batch is done (or given up).
+/// Releases one hold on a queue's in-flight count when a batch or item is done (or given up,
+/// or its handler panicked).
 struct Completing<'a>(&'a InFlight);
 
 impl Drop for Completing<'_> {
     fn drop(&mut self) {
-        self.0.set(false);
+        self.0.release();
     }
+}
+
+/// Puts a batch's (or item's) completions in the used ring and signals the guest if
+/// `needs_notification` says so.
+fn complete(
+    vring: &VringRwLock<GuestMem>,
+    mem: &GuestMemoryMmap,
+    completions: &[Completion],
+    queue: u16,
+    warnings: &Warnings,
+) -> io::Result<()> {
+    {
+        let mut state = vring.get_mut();
+        let q = state.get_queue_mut();
+        // A chain whose handler panicked (a bug, logged by the pool) is not completed.
+        for c in completions {
+            if let Err(e) = q.add_used(mem, c.head_index, c.used_len) {
+                if warnings.first(WARN_ADD_USED) {
+                    warn!("queue {queue}: cannot complete chain {}: {e}", c.head_index);
+                }
+            }
+        }
+    }
+    if vring.needs_notification().unwrap_or(true) {
+        vring.signal_used_queue()?;
+    }
+    Ok(())
 }
 
 /// Per-queue request counters ([`RequestCtx::index`]). The daemon keeps one set for its whole
@@ -433,7 +483,7 @@ impl BlkBackend {
                 })
             })
             .collect();
-        let in_flight = (0..cfg.num_queues).map(|_| InFlight::default()).collect();
+        let in_flight = (0..cfg.num_queues).map(|_| Arc::default()).collect();
         Ok(BlkBackend {
             dev,
             cfg,
@@ -514,17 +564,17 @@ impl BlkBackend {
                     return Ok(false);
                 }
             };
-            // Marked while the ring is locked: a stop that marks the queue not ready after
+            // Held while the ring is locked: a stop that marks the queue not ready after
             // this waits for these chains; one before it left them in the ring.
             if !chains.is_empty() {
-                in_flight.set(true);
+                in_flight.hold(1);
             }
             chains
         };
         if chains.is_empty() {
             return Ok(true);
         }
-        let _completing = Completing(in_flight);
+        let _completing = Completing(in_flight.as_ref());
         let params = self.exec_params();
         let pool = self
             .pools
@@ -586,6 +636,36 @@ impl BlkBackend {
             params,
             queue,
         });
+        // Pipelined: every item goes to a helper, which completes it on its own, and the
+        // worker goes back to the ring. A lone item with nothing else in flight (queue depth
+        // 1) still runs here: a hand-over would only add a wake-up to its latency.
+        let alone = work.len() == 1 && in_flight.holders() == 1;
+        if self.cfg.pipeline && pool.helpers() > 0 && !alone {
+            debug!(
+                "queue {queue}: {} items handed to the request threads",
+                work.len()
+            );
+            in_flight.hold(work.len());
+            let held = Arc::clone(in_flight);
+            let vring = vring.clone();
+            pool.spawn(
+                work,
+                Arc::new(move |w: Work| {
+                    let _done = Completing(held.as_ref());
+                    let completions = exec.work(w);
+                    // As below: the item's journal records reach the kernel before the guest
+                    // sees it complete.
+                    exec.dev.end_of_batch();
+                    if let Err(e) = complete(&vring, &mem, &completions, exec.queue, &exec.warnings)
+                    {
+                        if exec.warnings.first(WARN_ADD_USED) {
+                            warn!("queue {}: cannot signal the guest: {e}", exec.queue);
+                        }
+                    }
+                }),
+            );
+            return Ok(true);
+        }
         // Requests of one batch run in parallel on the queue's pool; they are all completed
         // together below, with one signal.
         let completions: Vec<Completion> = pool
@@ -597,21 +677,7 @@ impl BlkBackend {
         // The batch's journal records reach the kernel in one write before the guest sees any
         // of them complete, so a killed daemon keeps every completed request.
         self.dev.end_of_batch();
-        {
-            let mut state = vring.get_mut();
-            let q = state.get_queue_mut();
-            // A chain whose handler panicked (a bug, logged by the pool) is not completed.
-            for c in &completions {
-                if let Err(e) = q.add_used(&*mem, c.head_index, c.used_len) {
-                    if self.warnings.first(WARN_ADD_USED) {
-                        warn!("queue {queue}: cannot complete chain {}: {e}", c.head_index);
-                    }
-                }
-            }
-        }
-        if vring.needs_notification().unwrap_or(true) {
-            vring.signal_used_queue()?;
-        }
+        complete(vring, &mem, &completions, queue, &self.warnings)?;
         Ok(true)
     }
 
@@ -867,7 +933,7 @@ mod tests {
         let f = Arc::new(InFlight::default());
         // Nothing in flight: no wait.
         assert!(f.wait_idle(Duration::from_secs(10)));
-        f.set(true);
+        f.hold(1);
         // Held: the wait gives up at its limit.
         assert!(!f.wait_idle(Duration::from_millis(20)));
         assert_eq!(f.lock().waiting, 0);
@@ -882,7 +948,7 @@ mod tests {
         while f.lock().waiting == 0 {
             std::thread::yield_now();
         }
-        f.set(false);
+        assert_eq!(f.release(), 0);
         let (idle, waited) = waiter.join().unwrap();
         assert!(idle);
         assert!(waited < Duration::from_secs(10), "{waited:?}");

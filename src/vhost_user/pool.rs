@@ -8,6 +8,10 @@
 //! the same batch is), so they may run in parallel. A batch of one item never wakes a helper,
 //! so a queue at queue depth 1 pays nothing for the pool.
 //!
+//! [`BatchPool::spawn`] is the other way to use the helpers: it hands items over and returns
+//! at once, and each item's work does whatever completing it means. That lets a queue's worker
+//! take the next requests while the earlier ones still wait for the disk.
+//!
 //! Nothing here knows about virtio: items and results are generic.
 
 use std::collections::VecDeque;
@@ -19,6 +23,7 @@ use std::thread::JoinHandle;
 use log::error;
 
 type Job = Arc<dyn Fn() + Send + Sync>;
+type Task = Box<dyn FnOnce() + Send>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks cannot leave its data half-updated (each
@@ -32,6 +37,8 @@ struct PoolState {
     generation: u64,
     /// The current batch's drain function (None between batches).
     job: Option<Job>,
+    /// Items handed over by [`BatchPool::spawn`], oldest first.
+    tasks: VecDeque<Task>,
     shutdown: bool,
 }
 
@@ -160,23 +167,69 @@ impl BatchPool {
         lock(&self.shared.state).job = None;
         results
     }
+
+    /// Hands every item to the helpers and returns without waiting: `work` runs on each item
+    /// on some helper, in the order given as helpers come free, and must itself deliver what
+    /// the item produces. Items are never dropped unrun: the pool runs what is left before its
+    /// threads exit. A panicking item is logged. With no helpers the items run here, in
+    /// order, before this returns.
+    pub fn spawn<T>(&self, items: Vec<T>, work: Arc<dyn Fn(T) + Send + Sync>)
+    where
+        T: Send + 'static,
+    {
+        if self.threads.is_empty() {
+            for t in items {
+                run_task(Box::new({
+                    let work = Arc::clone(&work);
+                    move || work(t)
+                }));
+            }
+            return;
+        }
+        let n = items.len();
+        {
+            let mut st = lock(&self.shared.state);
+            for t in items {
+                let work = Arc::clone(&work);
+                st.tasks.push_back(Box::new(move || work(t)));
+            }
+        }
+        if n == 1 {
+            self.shared.wake.notify_one();
+        } else if n > 1 {
+            self.shared.wake.notify_all();
+        }
+    }
+}
+
+fn run_task(task: Task) {
+    if catch_unwind(AssertUnwindSafe(task)).is_err() {
+        error!("a request handler panicked; its request is not completed");
+    }
 }
 
 fn helper_loop(sh: &PoolShared) {
     let mut seen = 0u64;
     loop {
-        let job = {
+        // Handed-over items first (they are older than any batch their worker runs now),
+        // and all of them before a shutdown.
+        let (task, job) = {
             let mut st = lock(&sh.state);
-            while st.generation == seen && !st.shutdown {
+            while st.tasks.is_empty() && st.generation == seen && !st.shutdown {
                 st = sh.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
-            if st.shutdown {
+            if let Some(t) = st.tasks.pop_front() {
+                (Some(t), None)
+            } else if st.shutdown {
                 return;
+            } else {
+                seen = st.generation;
+                (None, st.job.clone())
             }
-            seen = st.generation;
-            st.job.clone()
         };
-        if let Some(job) = job {
+        if let Some(task) = task {
+            run_task(task);
+        } else if let Some(job) = job {
             job();
         }
     }
@@ -274,6 +327,79 @@ mod tests {
         }
         let want: usize = (0..500usize).map(|r| 1 + r % 9).sum();
         assert_eq!(total.load(Ordering::Relaxed), want);
+    }
+
+    #[test]
+    fn spawned_items_run_on_helpers_and_the_caller_does_not_wait() {
+        let pool = BatchPool::new("t", 2).unwrap();
+        let me = std::thread::current().id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let g = Arc::clone(&gate);
+        let tx = Mutex::new(tx);
+        // Every item blocks until the gate opens: spawn returning at all shows the caller
+        // did not run or wait for them.
+        pool.spawn(
+            (0..6).collect::<Vec<u32>>(),
+            Arc::new(move |x: u32| {
+                let mut open = lock(&g.0);
+                while !*open {
+                    open = g.1.wait(open).unwrap_or_else(PoisonError::into_inner);
+                }
+                drop(open);
+                let _ = lock(&tx).send((x, std::thread::current().id()));
+            }),
+        );
+        *lock(&gate.0) = true;
+        gate.1.notify_all();
+        let mut got: Vec<_> = (0..6)
+            .map(|_| rx.recv_timeout(Duration::from_secs(30)).unwrap())
+            .collect();
+        assert!(got.iter().all(|(_, t)| *t != me));
+        got.sort_unstable_by_key(|(x, _)| *x);
+        assert_eq!(
+            got.iter().map(|(x, _)| *x).collect::<Vec<_>>(),
+            (0..6).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn spawned_items_beside_batches_all_run_even_when_the_pool_is_dropped() {
+        let pool = BatchPool::new("t", 2).unwrap();
+        let total = Arc::new(AtomicUsize::new(0));
+        for round in 0..300usize {
+            let t = Arc::clone(&total);
+            pool.spawn(
+                vec![1usize; 1 + round % 4],
+                Arc::new(move |x: usize| {
+                    t.fetch_add(x, Ordering::Relaxed);
+                }),
+            );
+            let t = Arc::clone(&total);
+            let out = pool.run(
+                vec![1usize; 1 + round % 3],
+                Arc::new(move |x: usize| t.fetch_add(x, Ordering::Relaxed)),
+            );
+            assert_eq!(out.iter().flatten().count(), 1 + round % 3);
+        }
+        // One that panics is logged and the rest still run.
+        pool.spawn(vec![0usize, 1], Arc::new(|x: usize| assert_eq!(x, 1)));
+        drop(pool);
+        let want: usize = (0..300usize).map(|r| 1 + r % 4 + 1 + r % 3).sum();
+        assert_eq!(total.load(Ordering::Relaxed), want);
+    }
+
+    #[test]
+    fn spawn_without_helpers_runs_the_items_here_in_order() {
+        let pool = BatchPool::new("t", 0).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        pool.spawn(
+            vec![3u32, 1, 2],
+            Arc::new(move |x: u32| lock(&s).push((x, std::thread::current().id()))),
+        );
+        let me = std::thread::current().id();
+        assert_eq!(*lock(&seen), vec![(3, me), (1, me), (2, me)]);
     }
 
     #[test]
