@@ -8,8 +8,11 @@ same cache mode: buffered by default (the host page cache is used by all of them
 
   1. create a fresh image per backend, start every daemon, prefill each disk sequentially
      (1 MiB writes, QD8) so reads hit allocated, sequentially laid out data;
-  2. run the workloads in the order below; within a workload the backends run back to back
-     (A B C, A B C, ...), so slow drifts of the machine hit every backend alike;
+  2. run the workloads in the order below; within a workload the backends run back to back,
+     so slow drifts of the machine hit every backend alike, in an order that changes from one
+     workload and repetition to the next along a Williams design: over its rows each backend
+     runs in each position, and right after each other backend, equally often (what one run
+     leaves behind, such as a host still writing back, does not always fall on the same one);
   3. the fragmentation workload first overwrites the whole region with 4 KiB random writes
      (as many bytes as the region holds), unmeasured, then measures a 128 KiB sequential read;
   4. stop the daemons (SIGTERM) and delete the images.
@@ -446,7 +449,7 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
         "",
         f"- Command: `{opts.cmdline}`",
         f"- {opts.reps} repetition(s), runtime {opts.runtime} s after {opts.ramp} s ramp per run, "
-        f"virtual disk {opts.size} on {info['filesystem']} ({info['workdir']}), cache mode: {cache_mode(opts)}, backends interleaved per workload (order rotated per workload and repetition){', sync(2) before each run' if opts.settle else ''}; wall time {elapsed / 60:.1f} min.",
+        f"virtual disk {opts.size} on {info['filesystem']} ({info['workdir']}), cache mode: {cache_mode(opts)}, backends interleaved per workload (order from a carryover-balanced Williams design per workload and repetition){', sync(2) before each run' if opts.settle else ''}; wall time {elapsed / 60:.1f} min.",
         f"- Machine: {info['cpu']}, {info['cpus']} CPUs, kernel {info['kernel']}, {info['qemu_storage_daemon']}.",
         f"- Load average (1 min) before / after: {loads[0]} / {loads[1]} (other jobs share these CPUs; see the spread column).",
         "",
@@ -554,6 +557,49 @@ def write_docs(md_path: Path, block: str, var: str) -> None:
     md_path.write_text(text)
 
 
+def williams_rows(n: int) -> list[list[int]]:
+    """The rows of a Williams design for `n` treatments: a Latin square (each treatment once
+    per row and once per position) in which each treatment directly follows every other one
+    equally often. For odd `n` the square's rows are followed by their reverses (2n rows)."""
+    if n <= 1:
+        return [list(range(n))]
+    first = [0]
+    lo, hi = 1, n - 1
+    for k in range(1, n):
+        if k % 2 == 1:
+            first.append(lo)
+            lo += 1
+        else:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + r) % n for x in first] for r in range(n)]
+    if n % 2 == 1:
+        rows += [list(reversed(row)) for row in rows]
+    return rows
+
+
+def run_order(n: int, index: int) -> list[int]:
+    """The order of `n` backends for the `index`-th (workload, repetition) cell."""
+    rows = williams_rows(n)
+    return rows[index % len(rows)]
+
+
+def self_test() -> int:
+    """Checks `williams_rows` for 1 to 8 backends: every row a permutation, every backend in
+    every position equally often, every ordered pair of backends adjacent equally often."""
+    from collections import Counter
+    for n in range(1, 9):
+        rows = williams_rows(n)
+        assert all(sorted(r) == list(range(n)) for r in rows), (n, rows)
+        for pos in range(n):
+            per = Counter(r[pos] for r in rows)
+            assert len(per) == n and len(set(per.values())) == 1, (n, pos, per)
+        pairs = Counter((r[i], r[i + 1]) for r in rows for i in range(n - 1))
+        assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1, (n, pairs)
+    print("perf-matrix self-test: run orders balanced for 1-8 backends")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     mode = ap.add_mutually_exclusive_group()
@@ -585,7 +631,12 @@ def main() -> int:
     ap.add_argument("--build", action="store_true", help="run `cargo build --release --example perf --bin rr-row` first")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md", help="markdown file to update")
     ap.add_argument("--no-doc", action="store_true", help="print only; do not touch docs/")
+    ap.add_argument("--self-test", action="store_true", help="check the run-order design and exit (no daemon is started)")
     opts = ap.parse_args()
+    if opts.self_test:
+        return self_test()
+    # A `kill` of the driver stops its daemons as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     preset = {"runtime": 5.0, "ramp": 1.0, "reps": 3, "size": "2G"}
     if opts.quick:
         preset = {"runtime": 2.0, "ramp": 0.5, "reps": 1, "size": "1G"}
@@ -683,10 +734,12 @@ def main() -> int:
                         prepared[b.name] = pre is not None
                         state = "FAILED, not measured" if pre is None else f"{time.monotonic() - t:5.1f} s, {pre['total']['iops']:,.0f} IOPS"
                         print(f"   prepare {w.key} on {b.name:<14} ({state})")
-                # Rotate the order per workload and repetition so that no backend always runs
-                # first (right after the previous workload's writes) or last.
-                shift = (rep + wi) % len(backends)
-                for b in backends[shift:] + backends[:shift]:
+                # A carryover-balanced order per workload and repetition (a Williams design):
+                # over its rows every backend runs in every position, and right after every
+                # other backend equally often, so that what one run leaves behind (dirty
+                # pages, a host busy writing back) does not always fall on the same backend.
+                order = run_order(len(backends), (rep - 1) * len(workloads) + wi)
+                for b in [backends[k] for k in order]:
                     if opts.settle:
                         settle()
                     others = [o for o in backends if o is not b and o.proc is not None] if opts.freeze_idle else []

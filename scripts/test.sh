@@ -27,6 +27,9 @@ cargo clippy --all-targets --quiet -- -D warnings
 step "cargo doc --no-deps (warnings denied)"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --quiet
 
+step "perf-matrix run-order self-test"
+python3 scripts/perf-matrix.py --self-test
+
 step "cargo test (all tests, ignored ones included)"
 cargo test --quiet -- --include-ignored "$@"
 
