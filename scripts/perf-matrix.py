@@ -578,10 +578,12 @@ def williams_rows(n: int) -> list[list[int]]:
     return rows
 
 
-def run_order(n: int, index: int) -> list[int]:
-    """The order of `n` backends for the `index`-th (workload, repetition) cell."""
+def run_order(n: int, rep: int, wi: int) -> list[int]:
+    """The order of `n` backends for workload `wi` (0-based) in repetition `rep` (1-based).
+    The row moves on by one per repetition and per workload, so each workload goes through
+    all the rows over as many repetitions as there are rows."""
     rows = williams_rows(n)
-    return rows[index % len(rows)]
+    return rows[(rep - 1 + wi) % len(rows)]
 
 
 def self_test() -> int:
@@ -596,6 +598,12 @@ def self_test() -> int:
             assert len(per) == n and len(set(per.values())) == 1, (n, pos, per)
         pairs = Counter((r[i], r[i + 1]) for r in rows for i in range(n - 1))
         assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1, (n, pairs)
+        # Each workload of a matrix goes through every row over len(rows) repetitions,
+        # whatever the number of workloads.
+        for workloads in (1, 5, 12, 16):
+            for wi in range(workloads):
+                seen = {tuple(run_order(n, rep, wi)) for rep in range(1, len(rows) + 1)}
+                assert len(seen) == len(rows), (n, workloads, wi, seen)
     print("perf-matrix self-test: run orders balanced for 1-8 backends")
     return 0
 
@@ -738,7 +746,7 @@ def main() -> int:
                 # over its rows every backend runs in every position, and right after every
                 # other backend equally often, so that what one run leaves behind (dirty
                 # pages, a host busy writing back) does not always fall on the same backend.
-                order = run_order(len(backends), (rep - 1) * len(workloads) + wi)
+                order = run_order(len(backends), rep, wi)
                 for b in [backends[k] for k in order]:
                     if opts.settle:
                         settle()
@@ -776,7 +784,9 @@ def main() -> int:
                     b.reclaim(opts.rr_row)
                 b.cleanup()
     except KeyboardInterrupt:
-        print("interrupted; reporting what ran", file=sys.stderr)
+        # What ran is printed, but a partial matrix does not replace the one in docs/.
+        print("interrupted; reporting what ran (docs/ left as they were)", file=sys.stderr)
+        opts.no_doc = True
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         for b in backends:
