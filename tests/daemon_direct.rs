@@ -174,6 +174,7 @@ fn batches_of_reads_beside_writes_match_the_model() {
         b.reads
     );
     assert!(b.handed >= 15, "only {} batches handed over", b.handed);
+    assert!(b.pipelined);
 }
 
 #[test]
@@ -202,6 +203,7 @@ fn buffered_batches_of_writes_beside_reads_match_the_model() {
         b.writes
     );
     assert_eq!(b.handed, 0, "not pipelined without --direct");
+    assert!(!b.pipelined);
 }
 
 #[test]
@@ -211,6 +213,7 @@ fn pipelined_buffered_batches_match_the_model() {
     let b = mixed_batches(24, 16, &["--pipeline", "on"]);
     assert!(b.writes >= 16 * 30 / 8, "only {} batched writes", b.writes);
     assert!(b.handed >= 15, "only {} batches handed over", b.handed);
+    assert!(b.pipelined);
 }
 
 #[test]
@@ -219,6 +222,7 @@ fn direct_batches_without_the_pipeline_match_the_model() {
     let b = mixed_batches(25, 8, &["--direct", "--pipeline", "off"]);
     assert!(b.reads >= 24 * 30 / 2, "only {} batched reads", b.reads);
     assert_eq!(b.handed, 0, "--pipeline off hands nothing over");
+    assert!(!b.pipelined);
 }
 
 #[test]
@@ -377,6 +381,9 @@ fn mixed_batches(seed: u64, writes: usize, extra: &[&str]) -> Batched {
             .lines()
             .filter(|l| l.contains("handed to the request threads"))
             .count(),
+        pipelined: log
+            .lines()
+            .any(|l| l.contains("listening on") && l.contains(", pipelined")),
     };
     eprintln!("{counts:?}");
     let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
@@ -393,6 +400,8 @@ struct Batched {
     reads: usize,
     writes: usize,
     handed: usize,
+    /// The daemon said it serves pipelined queues when it started.
+    pipelined: bool,
 }
 
 /// Runs `rr-row serve --direct ARGS` expecting it to fail before listening; returns stderr.

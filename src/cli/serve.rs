@@ -83,6 +83,9 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
             a.poll_us
         )));
     }
+    if a.pipeline == Pipeline::On && io_threads == 1 {
+        warn!("--pipeline on needs --io-threads above 1: the queues are not pipelined");
+    }
     let serial = a.serial.as_deref().unwrap_or("");
     if serial.len() > ID_BYTES {
         return Err(CliError(format!(

@@ -247,10 +247,16 @@ pub fn run(
 ) -> Result<(), DaemonError> {
     let mut listener = listen(&cfg.socket, cfg.socket_mode)?;
     info!(
-        "listening on {} ({} queue(s) of up to {} descriptors, mode {:o})",
+        "listening on {} ({} queue(s) of up to {} descriptors, {} request thread(s) per queue{}, mode {:o})",
         cfg.socket.display(),
         cfg.backend.num_queues,
         cfg.backend.queue_size,
+        cfg.backend.io_threads,
+        if cfg.backend.pipeline && cfg.backend.io_threads > 1 {
+            ", pipelined"
+        } else {
+            ""
+        },
         cfg.socket_mode
     );
     // One set of request counters for the whole run: indices count on across reconnections.
