@@ -117,13 +117,51 @@ fn chain(
     h[0..4].copy_from_slice(&t.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
     m.write_slice(&h, GuestAddress(hdr)).unwrap();
-    let data = 0x20_0000 + i * 0x1_0000;
+    let data = data_at(i).0;
     let dflags = if t == VIRTIO_BLK_T_IN { W } else { 0 };
     vec![
         RawDescriptor::from(SplitDescriptor::new(hdr, 16, N, 0)),
         RawDescriptor::from(SplitDescriptor::new(data, len, dflags | N, 0)),
         RawDescriptor::from(SplitDescriptor::new(status, 1, W, 0)),
     ]
+}
+
+/// A backend over a device that prefers batches, with the driver's FLUSH feature taken if
+/// `writeback`; the device holds at each byte the number of its 512-byte sector, and the
+/// data buffer of each even (write) request `i` of [`writes_and_reads`] holds [`written`]`(i)`.
+fn batched_setup(cfg: BackendConfig, writeback: bool) -> Setup {
+    let s = setup_config(cfg);
+    if writeback {
+        s.backend.acked_features(1 << VIRTIO_BLK_F_FLUSH);
+    }
+    s.dev.batched.store(true, Ordering::SeqCst);
+    for (i, b) in s.dev.data.lock().unwrap().iter_mut().enumerate() {
+        *b = (i / 512) as u8;
+    }
+    let m = s.mem.memory();
+    for i in (0..8).step_by(2) {
+        m.write_slice(&written(i), data_at(i)).unwrap();
+    }
+    s
+}
+
+/// The data buffer of request `i` of [`chain`].
+fn data_at(i: u64) -> GuestAddress {
+    GuestAddress(0x20_0000 + i * 0x1_0000)
+}
+
+/// What write request `i` of [`batched_setup`] writes.
+fn written(i: u64) -> Vec<u8> {
+    vec![0xc0 | i as u8; 4096]
+}
+
+/// Checks that read request `i` (4 KiB at sector `8 i`) of [`batched_setup`] got the device's
+/// data.
+fn assert_read_data(m: &GuestMemoryMmap, i: u64) {
+    let mut got = vec![0u8; 4096];
+    m.read_slice(&mut got, data_at(i)).unwrap();
+    let want: Vec<u8> = (0..4096).map(|b| ((i * 4096 + b) / 512) as u8).collect();
+    assert!(got == want, "read {i} data");
 }
 
 /// `n` requests of 4 KiB at sector `8 i`: writes at even `i`, reads at odd `i`, the status
@@ -187,6 +225,33 @@ fn used_idx(vring: &VringRwLock<GuestMem>) -> u16 {
     vring.queue_used_idx().unwrap()
 }
 
+/// Stops the ring as a frontend's GET_VRING_BASE does (marked not ready, then `stop_vring`, on
+/// another thread) while the device holds requests: the stop must still wait 100 ms later,
+/// with `completed` chains in the used ring. Then releases `held`; returns the used index the
+/// stop left.
+fn stop_while_held(
+    s: &Setup,
+    vring: &VringRwLock<GuestMem>,
+    held: std::sync::RwLockWriteGuard<'_, ()>,
+    completed: u16,
+) -> u16 {
+    vring.set_queue_ready(false);
+    std::thread::scope(|sc| {
+        let stopper = sc.spawn(|| {
+            s.backend.stop_vring(0).unwrap();
+            used_idx(vring)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !stopper.is_finished(),
+            "GET_VRING_BASE returned with requests in flight"
+        );
+        assert_eq!(used_idx(vring), completed);
+        drop(held);
+        stopper.join().unwrap()
+    })
+}
+
 /// The frontend's GET_VRING_BASE (the ring marked not ready, then `stop_vring`) returns only
 /// once the request the worker took is in the used ring, and a stopped ring gives the worker
 /// nothing more.
@@ -211,20 +276,8 @@ fn get_vring_base_waits_for_the_requests_in_flight() {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        vring.set_queue_ready(false);
-        let stopper = sc.spawn(|| {
-            s.backend.stop_vring(0).unwrap();
-            used_idx(&vring)
-        });
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(
-            !stopper.is_finished(),
-            "GET_VRING_BASE returned with a read in flight"
-        );
-        assert_eq!(used_idx(&vring), 0);
-        drop(held);
         assert_eq!(
-            stopper.join().unwrap(),
+            stop_while_held(&s, &vring, held, 0),
             1,
             "the read is in the used ring when the stop returns"
         );
@@ -257,22 +310,16 @@ fn get_vring_base_waits_for_the_requests_in_flight() {
 #[test]
 fn a_pipelined_worker_does_not_wait_for_a_batch_and_each_part_completes_on_its_own() {
     for event_idx in [false, true] {
-        let s = setup_config(BackendConfig {
-            io_threads: 4,
-            pipeline: true,
-            ..BackendConfig::new(1, 256, serial_bytes("b"))
-        });
-        s.backend.acked_features(1 << VIRTIO_BLK_F_FLUSH);
-        s.dev.batched.store(true, Ordering::SeqCst);
-        for (i, b) in s.dev.data.lock().unwrap().iter_mut().enumerate() {
-            *b = (i / 512) as u8;
-        }
+        let s = batched_setup(
+            BackendConfig {
+                io_threads: 4,
+                pipeline: true,
+                ..BackendConfig::new(1, 256, serial_bytes("b"))
+            },
+            true,
+        );
         let m = s.mem.memory();
         let status = |i: u64| 0x30_0000 + i * 16;
-        let data_at = |i: u64| GuestAddress(0x20_0000 + i * 0x1_0000);
-        for i in (0..8).step_by(2) {
-            m.write_slice(&[0xc0 | i as u8; 4096], data_at(i)).unwrap();
-        }
         for i in 0..8u64 {
             m.write_obj(0xffu8, GuestAddress(status(i))).unwrap();
         }
@@ -303,24 +350,11 @@ fn a_pipelined_worker_does_not_wait_for_a_batch_and_each_part_completes_on_its_o
         }
         assert_eq!(*s.dev.read_many_calls.lock().unwrap(), vec![4]);
         assert_eq!(*s.dev.write_many_calls.lock().unwrap(), vec![4]);
-        std::thread::scope(|sc| {
-            vring.set_queue_ready(false);
-            let stopper = sc.spawn(|| {
-                s.backend.stop_vring(0).unwrap();
-                used_idx(&vring)
-            });
-            std::thread::sleep(Duration::from_millis(100));
-            assert!(
-                !stopper.is_finished(),
-                "GET_VRING_BASE returned with reads in flight on the request threads"
-            );
-            drop(held);
-            assert_eq!(
-                stopper.join().unwrap(),
-                8,
-                "all complete when the stop returns"
-            );
-        });
+        assert_eq!(
+            stop_while_held(&s, &vring, held, 4),
+            8,
+            "all complete when the stop returns"
+        );
         if !event_idx {
             // (With EVENT_IDX the driver's used_event, still 0, asked for one signal only.)
             assert!(s.call.read().is_ok(), "the reads were signalled");
@@ -330,10 +364,7 @@ fn a_pipelined_worker_does_not_wait_for_a_batch_and_each_part_completes_on_its_o
                 m.read_obj::<u8>(GuestAddress(status(i))).unwrap(),
                 STATUS_OK
             );
-            let mut got = vec![0u8; 4096];
-            m.read_slice(&mut got, data_at(i)).unwrap();
-            let want: Vec<u8> = (0..4096).map(|b| ((i * 4096 + b) / 512) as u8).collect();
-            assert!(got == want, "read {i} data");
+            assert_read_data(&m, i);
         }
         let mut seen = s.dev.indices.lock().unwrap().clone();
         seen.sort_unstable();
@@ -410,21 +441,15 @@ fn a_batchs_reads_and_writes_go_to_a_device_that_prefers_them_together() {
     // Its refused requests warn: not beside the tests that count warnings.
     let (_alone, _) = captured_alone();
     for (threads, writeback) in [(1, true), (4, true), (4, false)] {
-        let s = setup_threads(threads);
-        if writeback {
-            s.backend.acked_features(1 << VIRTIO_BLK_F_FLUSH);
-        }
-        s.dev.batched.store(true, Ordering::SeqCst);
-        for (i, b) in s.dev.data.lock().unwrap().iter_mut().enumerate() {
-            *b = (i / 512) as u8;
-        }
+        let s = batched_setup(
+            BackendConfig {
+                io_threads: threads,
+                ..BackendConfig::new(1, 256, serial_bytes("b"))
+            },
+            writeback,
+        );
         let m = s.mem.memory();
         let status = |i: u64| 0x30_0000 + i * 16;
-        let data_at = |i: u64| GuestAddress(0x20_0000 + i * 0x1_0000);
-        let written = |i: u64| vec![0xc0 | i as u8; 4096];
-        for i in (0..8).step_by(2) {
-            m.write_slice(&written(i), data_at(i)).unwrap();
-        }
         let mut chains = writes_and_reads(&m, 8);
         chains.push(chain(
             &m,
@@ -473,10 +498,7 @@ fn a_batchs_reads_and_writes_go_to_a_device_that_prefers_them_together() {
                 8..=10 => assert_eq!((st, len), (STATUS_IOERR, 1), "refused request {i}"),
                 _ if i % 2 == 1 => {
                     assert_eq!((st, len), (STATUS_OK, 4097), "read {i}");
-                    let mut got = vec![0u8; 4096];
-                    m.read_slice(&mut got, data_at(i)).unwrap();
-                    let want: Vec<u8> = (0..4096).map(|b| ((i * 4096 + b) / 512) as u8).collect();
-                    assert!(got == want, "read {i} data");
+                    assert_read_data(&m, i);
                 }
                 _ => {
                     assert_eq!((st, len), (STATUS_OK, 1), "write {i}");
