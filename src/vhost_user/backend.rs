@@ -283,10 +283,11 @@ const STOP_WAIT: Duration = Duration::from_secs(30);
 
 /// Whether a queue's worker (or, with [`BackendConfig::pipeline`], its helpers) holds chains it
 /// took from the available ring and has not put in the used ring yet: a count of holders, the
-/// worker's batch being one and every item handed to a helper another. [`VhostUserBackend::stop_vring`] (the frontend's `GET_VRING_BASE`) waits
-/// until it does not: the ring state reported then must account for every request taken, and
-/// nothing may be written to the used ring after it (the frontend may be migrating, and guest
-/// memory written after that is not logged).
+/// worker's batch being one and every item handed to a helper another.
+/// [`VhostUserBackend::stop_vring`] (the frontend's `GET_VRING_BASE`) waits until it does not: the
+/// ring state reported then must account for every request taken, and nothing may be written to
+/// the used ring after it (the frontend may be migrating, and guest memory written after that is
+/// not logged).
 ///
 /// The worker raises and lowers the count once per batch, so lowering it wakes the condition
 /// variable only when a stop is waiting: std's `notify_all` is a `futex` system call even with
