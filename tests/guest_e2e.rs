@@ -10,8 +10,10 @@
 //! image, reads the pattern again, runs `e2fsck -fn`, and checks every file's sum.
 //!
 //! The same two boots also run against qemu-storage-daemon exporting a raw file, which
-//! validates the harness itself, and against `rr-row serve --retain-seqs` on an image whose
-//! whole first history was given back, so that the guest's writes land in reused blocks.
+//! validates the harness itself, against `rr-row serve --retain-seqs` on an image whose
+//! whole first history was given back, so that the guest's writes land in reused blocks, and
+//! against `rr-row serve --direct`, whose queues are pipelined (each request thread completes
+//! and signals the guest on its own).
 //!
 //! Needs the assets of `scripts/guest-assets.sh` (`RR_ROW_TEST_ASSETS`); fails if they are
 //! missing.
@@ -152,21 +154,25 @@ fn image_with_given_back_history(image: &Path) -> u64 {
 }
 
 fn two_boots(backend: Peer) {
-    two_boots_with(backend, false)
+    two_boots_with(backend, false, false)
 }
 
 /// The two boots; with `reuse`, on an rr-row image with given-back history served with
-/// `--retain-seqs`, checking that boot 1's writes took reclaimed blocks.
-fn two_boots_with(backend: Peer, reuse: bool) {
+/// `--retain-seqs`, checking that boot 1's writes took reclaimed blocks; with `direct`, served
+/// with `--direct` (O_DIRECT, pipelined queues), checking that the daemon said so.
+fn two_boots_with(backend: Peer, reuse: bool, direct: bool) {
     let assets = Assets::get();
     let dir = common::tempdir();
     let image = dir.path().join("disk.img");
     backend.prepare_image(&image, DISK_SIZE);
-    let extra: &[&str] = if reuse {
-        &["--retain-seqs", "100000"]
-    } else {
-        &[]
-    };
+    let mut extra: Vec<&str> = Vec::new();
+    if reuse {
+        extra.extend(["--retain-seqs", "100000"]);
+    }
+    if direct {
+        extra.push("--direct");
+    }
+    let extra = &extra[..];
     let reclaimed_before = reuse.then(|| image_with_given_back_history(&image));
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5252_524f_5721);
@@ -214,6 +220,12 @@ fn two_boots_with(backend: Peer, reuse: bool) {
 
     if backend == Peer::RrRow {
         let log = daemon.log_text();
+        assert_eq!(
+            log.lines()
+                .any(|l| l.contains("listening on") && l.contains(", pipelined")),
+            direct,
+            "pipelined queues with --direct only"
+        );
         for q in 0..2 {
             assert!(
                 log.contains(&format!("queue {q} #")),
@@ -278,7 +290,14 @@ fn guest_on_rr_row_writes_pattern_and_ext4_then_finds_them_after_reboot() {
 
 #[test]
 fn guest_on_rr_row_reusing_given_back_blocks_writes_and_finds_its_data_after_reboot() {
-    two_boots_with(Peer::RrRow, true);
+    two_boots_with(Peer::RrRow, true, false);
+}
+
+/// The same two boots with `--direct`: O_DIRECT data I/O and pipelined queues, whose request
+/// threads complete and signal on their own (a lost signal would hang the guest's I/O).
+#[test]
+fn guest_on_rr_row_with_direct_pipelined_queues_writes_and_finds_its_data_after_reboot() {
+    two_boots_with(Peer::RrRow, false, true);
 }
 
 #[test]
