@@ -734,8 +734,29 @@ fn sigkill_keeps_flushed_data_and_recovers_an_ordered_prefix_of_later_writes() {
 
 #[test]
 fn a_frontend_vanishing_with_requests_in_flight_leaves_a_working_daemon() {
+    scenario_frontend_vanishing(&[]);
+}
+
+#[test]
+fn a_frontend_vanishing_with_requests_in_flight_on_pipelined_direct_queues_leaves_a_working_daemon()
+{
+    // With --direct the queues are pipelined: the abandoned requests are still running on
+    // the request threads, which complete them into the old connection's rings, when the
+    // frontend goes away.
+    scenario_frontend_vanishing(&["--direct"]);
+}
+
+/// A frontend submits 48 writes and flushes on each of 2 queues and disconnects without
+/// waiting; the daemon (`rr-row serve EXTRA`) must serve the next frontend, exit cleanly on
+/// SIGTERM and leave a clean image.
+fn scenario_frontend_vanishing(extra: &[&str]) {
     let s = Setup::new(Peer::RrRow);
-    let mut d = s.start(2);
+    let opts = ServeOpts {
+        queues: 2,
+        extra: extra.iter().map(|a| (*a).to_string()).collect(),
+        ..ServeOpts::new(&s.image, SIZE)
+    };
+    let mut d = s.peer.start(s.dir.path(), &opts);
     let socket = d.socket().to_owned();
     with_watchdog("abandoned requests", SESSION, move || {
         let mut c = connect(&socket, 2);
