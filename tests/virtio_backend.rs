@@ -572,6 +572,46 @@ fn only_the_writes_the_device_wants_batched_go_to_write_many() {
     }
 }
 
+/// Pipelined, a batch's reads go to the device in parts of at most 8 (each completed on its
+/// own); not pipelined, in one `read_many`.
+#[test]
+fn a_pipelined_batchs_reads_go_in_parts_of_at_most_eight() {
+    for pipeline in [false, true] {
+        let s = batched_setup(
+            BackendConfig {
+                io_threads: 4,
+                pipeline,
+                ..BackendConfig::new(1, 256, serial_bytes("b"))
+            },
+            true,
+        );
+        let m = s.mem.memory();
+        let chains: Vec<_> = (0..12u64)
+            .map(|i| chain(&m, i, VIRTIO_BLK_T_IN, i * 8, 4096, 0x30_0000 + i * 16))
+            .collect();
+        let vring = queue(&s, &chains, true);
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while used_idx(&vring) < 12 {
+            assert!(Instant::now() < deadline, "the reads never completed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut parts = s.dev.read_many_calls.lock().unwrap().clone();
+        parts.sort_unstable();
+        let want = if pipeline { vec![4, 8] } else { vec![12] };
+        assert_eq!(parts, want, "pipeline={pipeline}");
+        for i in 0..12u64 {
+            assert_eq!(
+                m.read_obj::<u8>(GuestAddress(0x30_0000 + i * 16)).unwrap(),
+                STATUS_OK
+            );
+            assert_read_data(&m, i);
+        }
+    }
+}
+
 /// A lone read is not batched; pipelined or not, it runs on the worker, so it is complete
 /// and signalled when the kick's handling returns.
 #[test]
