@@ -69,12 +69,9 @@ impl<T, R> Batch<T, R> {
             let Some((i, item)) = lock(&self.items).pop_front() else {
                 return;
             };
-            let r = catch_unwind(AssertUnwindSafe(|| (self.work)(item)));
-            if r.is_err() {
-                error!("a request handler panicked; its request is not completed");
-            }
+            let r = guarded(|| (self.work)(item));
             let mut res = lock(&self.results);
-            if let (Ok(r), Some(slot)) = (r, res.0.get_mut(i)) {
+            if let (Some(r), Some(slot)) = (r, res.0.get_mut(i)) {
                 *slot = Some(r);
             }
             res.1 -= 1;
@@ -128,16 +125,7 @@ impl BatchPool {
         let wanted = self.threads.len().min(n.saturating_sub(1));
         if wanted == 0 {
             // Also the single-request case: no wake-up, no allocation beyond the result.
-            return items
-                .into_iter()
-                .map(|t| {
-                    let r = catch_unwind(AssertUnwindSafe(|| work(t)));
-                    if r.is_err() {
-                        error!("a request handler panicked; its request is not completed");
-                    }
-                    r.ok()
-                })
-                .collect();
+            return items.into_iter().map(|t| guarded(|| work(t))).collect();
         }
         let batch = Arc::new(Batch {
             items: Mutex::new(items.into_iter().enumerate().collect()),
@@ -179,10 +167,7 @@ impl BatchPool {
     {
         if self.threads.is_empty() {
             for t in items {
-                run_task(Box::new({
-                    let work = Arc::clone(&work);
-                    move || work(t)
-                }));
+                guarded(|| work(t));
             }
             return;
         }
@@ -202,10 +187,13 @@ impl BatchPool {
     }
 }
 
-fn run_task(task: Task) {
-    if catch_unwind(AssertUnwindSafe(task)).is_err() {
+/// Runs one item's work; a panic in it is logged and gives `None` (the pool keeps working).
+fn guarded<R>(f: impl FnOnce() -> R) -> Option<R> {
+    let r = catch_unwind(AssertUnwindSafe(f));
+    if r.is_err() {
         error!("a request handler panicked; its request is not completed");
     }
+    r.ok()
 }
 
 fn helper_loop(sh: &PoolShared) {
@@ -228,7 +216,7 @@ fn helper_loop(sh: &PoolShared) {
             }
         };
         if let Some(task) = task {
-            run_task(task);
+            guarded(task);
         } else if let Some(job) = job {
             job();
         }
