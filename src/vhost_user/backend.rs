@@ -100,6 +100,12 @@ impl BackendConfig {
             pipeline: false,
         }
     }
+
+    /// Whether the queues are pipelined: [`pipeline`](Self::pipeline) asked for, and helpers
+    /// to hand batches to (`io_threads > 1`).
+    pub fn pipelined(&self) -> bool {
+        self.pipeline && self.io_threads > 1
+    }
 }
 
 /// Errors of the backend.
@@ -325,18 +331,17 @@ impl InFlight {
         st.holders += n;
     }
 
-    /// One holder less; the number left.
-    fn release(&self) -> usize {
-        let (left, wake) = {
+    /// One holder less.
+    fn release(&self) {
+        let wake = {
             let mut st = self.lock();
             st.holders = st.holders.saturating_sub(1);
-            (st.holders, st.holders == 0 && st.waiting > 0)
+            st.holders == 0 && st.waiting > 0
         };
         // A waiter registers under the lock before it checks `holders`: none is missed.
         if wake {
             self.idle.notify_all();
         }
-        left
     }
 
     /// The number of holders now.
@@ -378,15 +383,19 @@ impl Drop for Completing<'_> {
     }
 }
 
-/// Puts a batch's (or item's) completions in the used ring and signals the guest if
-/// `needs_notification` says so.
+/// Lets the device write out what the batch (or item) buffered, then puts its completions in
+/// the used ring and signals the guest if `needs_notification` says so. In that order: the
+/// journal records reach the kernel in one write before the guest sees any of the requests
+/// complete, so a killed daemon keeps every completed request.
 fn complete(
+    dev: &dyn BlockDevice,
     vring: &VringRwLock<GuestMem>,
     mem: &GuestMemoryMmap,
     completions: &[Completion],
     queue: u16,
     warnings: &Warnings,
 ) -> io::Result<()> {
+    dev.end_of_batch();
     {
         let mut state = vring.get_mut();
         let q = state.get_queue_mut();
@@ -603,6 +612,7 @@ impl BlkBackend {
         // one thread serves with one `read_many` or `write_many`. Those items go first, so
         // that the other threads take the single requests while they run.
         let mut work: Vec<Work> = Vec::with_capacity(items.len());
+        let pipelined = self.cfg.pipelined();
         let batch_reads = self.dev.prefers_batched_reads();
         // A device that batches no write, not even an empty one, batches none: its chains
         // need not be parsed twice. In write-through mode every write must be flushed on its
@@ -630,7 +640,6 @@ impl BlkBackend {
             }
             // Pipelined, a batch's reads go in parts of at most PIPELINED_READ_PART, each
             // completed when its own reads are done rather than with the slowest of them all.
-            let pipelined = self.cfg.pipeline && pool.helpers() > 0;
             for (kind, mut group) in [(BatchKind::Read, reads), (BatchKind::Write, writes)] {
                 if pipelined && kind == BatchKind::Read {
                     while group.len() > PIPELINED_READ_PART {
@@ -659,7 +668,7 @@ impl BlkBackend {
         // worker goes back to the ring. A lone item with nothing else in flight (queue depth
         // 1) still runs here: a hand-over would only add a wake-up to its latency.
         let alone = work.len() == 1 && in_flight.holders() == 1;
-        if self.cfg.pipeline && pool.helpers() > 0 && !alone {
+        if pipelined && !alone {
             debug!(
                 "queue {queue}: {} items handed to the request threads",
                 work.len()
@@ -672,11 +681,14 @@ impl BlkBackend {
                 Arc::new(move |w: Work| {
                     let _done = Completing(held.as_ref());
                     let completions = exec.work(w);
-                    // As below: the item's journal records reach the kernel before the guest
-                    // sees it complete.
-                    exec.dev.end_of_batch();
-                    if let Err(e) = complete(&vring, &mem, &completions, exec.queue, &exec.warnings)
-                    {
+                    if let Err(e) = complete(
+                        &*exec.dev,
+                        &vring,
+                        &mem,
+                        &completions,
+                        exec.queue,
+                        &exec.warnings,
+                    ) {
                         if exec.warnings.first(WARN_ADD_USED) {
                             warn!("queue {}: cannot signal the guest: {e}", exec.queue);
                         }
@@ -693,10 +705,7 @@ impl BlkBackend {
             .flatten()
             .flatten()
             .collect();
-        // The batch's journal records reach the kernel in one write before the guest sees any
-        // of them complete, so a killed daemon keeps every completed request.
-        self.dev.end_of_batch();
-        complete(vring, &mem, &completions, queue, &self.warnings)?;
+        complete(&*self.dev, vring, &mem, &completions, queue, &self.warnings)?;
         Ok(true)
     }
 
@@ -967,7 +976,8 @@ mod tests {
         while f.lock().waiting == 0 {
             std::thread::yield_now();
         }
-        assert_eq!(f.release(), 0);
+        f.release();
+        assert_eq!(f.holders(), 0);
         let (idle, waited) = waiter.join().unwrap();
         assert!(idle);
         assert!(waited < Duration::from_secs(10), "{waited:?}");

@@ -252,7 +252,7 @@ pub fn run(
         cfg.backend.num_queues,
         cfg.backend.queue_size,
         cfg.backend.io_threads,
-        if cfg.backend.pipeline && cfg.backend.io_threads > 1 {
+        if cfg.backend.pipelined() {
             ", pipelined"
         } else {
             ""
