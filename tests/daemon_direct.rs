@@ -368,22 +368,15 @@ fn mixed_batches(seed: u64, writes: usize, extra: &[&str]) -> Batched {
         }
         verify_all(&mut q, &model);
     });
-    let log = d.log_text();
-    let batched = |what: &str| {
-        log.lines()
-            .filter(|l| l.contains(what) && l.ends_with("(batched)"))
-            .count()
-    };
     let counts = Batched {
-        reads: batched(": read sector"),
-        writes: batched(": write sector"),
-        handed: log
+        reads: d.batched_requests(": read sector"),
+        writes: d.batched_requests(": write sector"),
+        handed: d
+            .log_text()
             .lines()
             .filter(|l| l.contains("handed to the request threads"))
             .count(),
-        pipelined: log
-            .lines()
-            .any(|l| l.contains("listening on") && l.contains(", pipelined")),
+        pipelined: d.serves_pipelined(),
     };
     eprintln!("{counts:?}");
     let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));

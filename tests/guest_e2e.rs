@@ -219,13 +219,12 @@ fn two_boots_with(backend: Peer, reuse: bool, direct: bool) {
     );
 
     if backend == Peer::RrRow {
-        let log = daemon.log_text();
         assert_eq!(
-            log.lines()
-                .any(|l| l.contains("listening on") && l.contains(", pipelined")),
+            daemon.serves_pipelined(),
             direct,
             "pipelined queues with --direct only"
         );
+        let log = daemon.log_text();
         for q in 0..2 {
             assert!(
                 log.contains(&format!("queue {q} #")),

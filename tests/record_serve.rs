@@ -401,11 +401,7 @@ fn recorded_run_replays_after_overwrite(record_extra: &[&str]) -> usize {
     opts.rust_log = Some("info,rr_row::virtio_blk::execute=debug");
     let daemon = start_rr_row(d, &opts);
     let recorded = drive(daemon.socket(), streams.clone());
-    let batched = daemon
-        .log_text()
-        .lines()
-        .filter(|l| l.contains(": read sector") && l.ends_with("(batched)"))
-        .count();
+    let batched = daemon.batched_requests(": read sector");
     stop(daemon, libc::SIGTERM, 0);
     let reads_ok = recorded
         .iter()

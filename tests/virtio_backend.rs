@@ -225,6 +225,15 @@ fn used_idx(vring: &VringRwLock<GuestMem>) -> u16 {
     vring.queue_used_idx().unwrap()
 }
 
+/// Waits (at most 30 s, then fails naming `what`) until the used ring holds `n` chains.
+fn wait_used(vring: &VringRwLock<GuestMem>, n: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while used_idx(vring) < n {
+        assert!(Instant::now() < deadline, "{what} never completed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Stops the ring as a frontend's GET_VRING_BASE does (marked not ready, then `stop_vring`, on
 /// another thread) while the device holds requests: the stop must still wait 100 ms later,
 /// with `completed` chains in the used ring. Then releases `held`; returns the used index the
@@ -329,11 +338,7 @@ fn a_pipelined_worker_does_not_wait_for_a_batch_and_each_part_completes_on_its_o
         s.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while used_idx(&vring) < 4 {
-            assert!(Instant::now() < deadline, "the writes never completed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_used(&vring, 4, "the writes");
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(used_idx(&vring), 4, "only the writes are complete");
         assert!(
@@ -593,11 +598,7 @@ fn a_pipelined_batchs_reads_go_in_parts_of_at_most_eight() {
         s.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while used_idx(&vring) < 12 {
-            assert!(Instant::now() < deadline, "the reads never completed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_used(&vring, 12, "the reads");
         let mut parts = s.dev.read_many_calls.lock().unwrap().clone();
         parts.sort_unstable();
         let want = if pipeline { vec![4, 8] } else { vec![12] };

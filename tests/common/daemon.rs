@@ -95,6 +95,23 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// How many requests whose debug line contains `what` (e.g. `": read sector"`) went
+    /// through a device batch (`read_many`/`write_many`): the lines `virtio_blk::execute`
+    /// logs at debug level ending in `(batched)`.
+    pub fn batched_requests(&self, what: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(what) && l.ends_with("(batched)"))
+            .count()
+    }
+
+    /// Whether `rr-row serve`'s startup line says its queues are pipelined.
+    pub fn serves_pipelined(&self) -> bool {
+        self.log_text()
+            .lines()
+            .any(|l| l.contains("listening on") && l.contains(", pipelined"))
+    }
+
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child_mut().try_wait(), Ok(None))
