@@ -586,6 +586,11 @@ def run_order(n: int, rep: int, wi: int) -> list[int]:
     return rows[(rep - 1 + wi) % len(rows)]
 
 
+def interrupt(*_args) -> None:
+    """SIGTERM handler: stops the run the way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def self_test() -> int:
     """Checks `williams_rows` for 1 to 8 backends: every row a permutation, every backend in
     every position equally often, every ordered pair of backends adjacent equally often."""
@@ -644,7 +649,7 @@ def main() -> int:
     if opts.self_test:
         return self_test()
     # A `kill` of the driver stops its daemons as Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, interrupt)
     preset = {"runtime": 5.0, "ramp": 1.0, "reps": 3, "size": "2G"}
     if opts.quick:
         preset = {"runtime": 2.0, "ramp": 0.5, "reps": 1, "size": "1G"}
@@ -742,9 +747,7 @@ def main() -> int:
                         prepared[b.name] = pre is not None
                         state = "FAILED, not measured" if pre is None else f"{time.monotonic() - t:5.1f} s, {pre['total']['iops']:,.0f} IOPS"
                         print(f"   prepare {w.key} on {b.name:<14} ({state})")
-                # A carryover-balanced order per workload and repetition (a Williams design):
-                # over its rows every backend runs in every position, and right after every
-                # other backend equally often, so that what one run leaves behind (dirty
+                # A carryover-balanced order (run_order): what one run leaves behind (dirty
                 # pages, a host busy writing back) does not always fall on the same backend.
                 order = run_order(len(backends), rep, wi)
                 for b in [backends[k] for k in order]:
