@@ -21,20 +21,44 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 #[test]
 fn sigkill_keeps_every_completed_write_without_a_flush() {
+    sigkill_keeps_completed_writes(&[]);
+}
+
+/// The same with `O_DIRECT` data and two queues, writing from both: the journal's records go
+/// out through its mapped segment while the other queue's direct writes are in flight.
+#[test]
+fn sigkill_keeps_every_completed_direct_write_without_a_flush() {
+    sigkill_keeps_completed_writes(&["--direct"]);
+}
+
+fn sigkill_keeps_completed_writes(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("k.rrow");
-    let d = start_rr_row(dir.path(), &ServeOpts::new(&image, SIZE));
+    let mut opts = ServeOpts::new(&image, SIZE);
+    opts.queues = 2;
+    opts.extra = extra.iter().map(|s| s.to_string()).collect();
+    let d = start_rr_row(dir.path(), &opts);
     let socket = d.socket().to_owned();
     // Written and completed, never flushed; the connection stays open until the kill, so the
     // daemon has no disconnect on which it would flush.
     let (data, client) = with_watchdog("unflushed writes", LIMIT, move || {
-        let mut c = Client::open(&socket, ClientOpts::default());
-        let mut q = c.queue(0);
+        let mut c = Client::open(
+            &socket,
+            ClientOpts {
+                queues: 2,
+                ..ClientOpts::default()
+            },
+        );
         let mut data = vec![0u8; 4 << 20];
         StdRng::seed_from_u64(1).fill_bytes(&mut data);
-        for (i, chunk) in data.chunks(CHUNK).enumerate() {
-            q.write_ok((i * CHUNK) as u64, 0, chunk);
-        }
+        // Both queues at once: even chunks on queue 0, odd ones on queue 1, each from a
+        // buffer window of its own.
+        c.on_each_queue(|qi, mut q| {
+            for (i, chunk) in data.chunks(CHUNK).enumerate().skip(qi).step_by(2) {
+                q.write_ok((i * CHUNK) as u64, qi * CHUNK, chunk);
+            }
+        });
+        let mut q = c.queue(0);
         // And sub-block writes, which take the read-modify-write path.
         for i in 0..64u64 {
             let off = i * 8192 + 512;

@@ -5,6 +5,7 @@ use super::format::{
     check_seg_header, decode_record, encode_record, encode_seg_header, Decoded, Header, JPos,
     RecKind, Record, LINK_LEN, SEG_HEADER_SIZE,
 };
+use super::segmap::SegMap;
 use super::shared::Shared;
 use super::ImageError;
 
@@ -242,13 +243,70 @@ pub struct Journal {
     pub hdr_copy: u8,
     /// Number of segments in the chain.
     pub segments: u64,
+    /// The current segment's mapping, through which records are written out (see
+    /// [`super::segmap`]).
+    pub map: SegMapState,
+}
+
+/// Whether the journal writes out through a mapping of its current segment.
+pub enum SegMapState {
+    /// Not mapped yet: the next write-out tries to map the current segment.
+    Unmapped,
+    /// Mapped: write-outs to that segment are stores into the mapping.
+    Mapped(SegMap),
+    /// Mapping the segment starting at this slot failed: write-outs to it use `pwrite`.
+    Refused(u64),
+    /// Never map (write-outs always use `pwrite`; tests of that path).
+    #[cfg(test)]
+    Off,
+}
+
+impl SegMapState {
+    /// The mapping of the segment starting at `seg_slot`, made now if it is not mapped yet
+    /// (and mapping it was not refused before).
+    fn for_segment(&mut self, sh: &Shared, seg_slot: u64) -> Option<&mut SegMap> {
+        let stale = match self {
+            #[cfg(test)]
+            SegMapState::Off => return None,
+            SegMapState::Unmapped => true,
+            SegMapState::Mapped(m) => m.seg_slot() != seg_slot,
+            SegMapState::Refused(s) => *s != seg_slot,
+        };
+        if stale {
+            *self = match sh
+                .slot_off(seg_slot)
+                .ok_or_else(|| std::io::Error::other("segment offset overflows"))
+                .and_then(|off| SegMap::new(&sh.file, off, sh.seg_bytes(), seg_slot))
+            {
+                Ok(m) => SegMapState::Mapped(m),
+                Err(e) => {
+                    log::debug!(
+                        "journal segment at slot {seg_slot} not mapped ({e}); using pwrite"
+                    );
+                    SegMapState::Refused(seg_slot)
+                }
+            };
+        }
+        match self {
+            SegMapState::Mapped(m) => Some(m),
+            _ => None,
+        }
+    }
 }
 
 impl Journal {
-    /// Writes buffered records to the file (no sync).
+    /// Writes buffered records to the file (no sync): stores into the mapped segment, or
+    /// `pwrite` where it is not mapped.
     pub fn write_out(&mut self, sh: &Shared) -> Result<(), ImageError> {
         if self.buf.is_empty() {
             return Ok(());
+        }
+        if let Some(m) = self.map.for_segment(sh, self.pos.seg_slot) {
+            if m.write(self.written, &self.buf) {
+                self.written += self.buf.len() as u64;
+                self.buf.clear();
+                return Ok(());
+            }
         }
         let off = sh
             .slot_off(self.pos.seg_slot)
@@ -328,5 +386,72 @@ impl Journal {
         self.written = SEG_HEADER_SIZE;
         self.segments += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SegMapState;
+    use crate::image::{lock, CreateOptions, Image, OpenMode};
+    use crate::units::BlockSize;
+
+    /// Writes enough 4 KiB blocks to roll the journal over several 1 MiB segments, each write
+    /// written out like a batch's end, then forgets the image without closing it (no sync, no
+    /// checkpoint: what a killed daemon leaves) and reopens it.
+    fn writes_survive_without_a_close(mapped: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let opts = CreateOptions {
+            size: 4 << 20,
+            block_size: BlockSize::DEFAULT,
+            base: None,
+        };
+        let img = Image::create(&p, &opts).unwrap();
+        if !mapped {
+            lock(&img.journal).map = SegMapState::Off;
+        }
+        let blocks = (4u64 << 20) / 4096;
+        let rounds = 40_000 / blocks;
+        let mut expect = vec![0u8; 4 << 20];
+        for r in 0..rounds {
+            for b in 0..blocks {
+                let lba = (b * 7 + r) % blocks;
+                let fill = (r * 31 + lba) as u8 | 1;
+                let data = vec![fill; 4096];
+                img.write_at(lba * 4096, &data).unwrap();
+                expect[(lba * 4096) as usize..][..4096].copy_from_slice(&data);
+                img.write_out_journal().unwrap();
+            }
+        }
+        {
+            let j = lock(&img.journal);
+            assert!(
+                j.segments >= 2,
+                "the journal rolled ({} segments)",
+                j.segments
+            );
+            match (&j.map, mapped) {
+                (SegMapState::Mapped(m), true) => assert_eq!(m.seg_slot(), j.pos.seg_slot),
+                (SegMapState::Off, false) => {}
+                _ => panic!("unexpected mapping state (mapped: {mapped})"),
+            }
+        }
+        let seq = img.seq();
+        std::mem::forget(img);
+        let img = Image::open(&p, OpenMode::ReadOnly).unwrap();
+        assert_eq!(img.seq(), seq);
+        let mut got = vec![0u8; 4 << 20];
+        img.read_at(0, &mut got).unwrap();
+        assert!(got == expect, "data read back differs (mapped: {mapped})");
+    }
+
+    #[test]
+    fn records_written_out_through_the_mapping_survive_without_a_close() {
+        writes_survive_without_a_close(true);
+    }
+
+    #[test]
+    fn records_written_out_with_pwrite_survive_without_a_close() {
+        writes_survive_without_a_close(false);
     }
 }

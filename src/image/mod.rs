@@ -45,6 +45,7 @@ mod journal;
 mod map;
 mod prealloc;
 mod reclaim;
+mod segmap;
 mod shared;
 pub mod uring;
 
@@ -854,6 +855,7 @@ impl Image {
             hdr,
             hdr_copy,
             segments,
+            map: journal::SegMapState::Unmapped,
         };
         if rw {
             // Re-seed the chain: nothing a previous run left anywhere can validate after this.
