@@ -1290,6 +1290,33 @@ impl Image {
     /// no ring. A request whose data did not land fails alone; its blocks go back to the
     /// allocator. Results in request order.
     pub fn write_many(&self, reqs: &[(u64, &[IoSeg<'_>])]) -> Vec<Result<BatchWrite, ImageError>> {
+        self.write_many_then(reqs, &mut || {})
+    }
+
+    /// As [`write_many`](Self::write_many), and runs `during` exactly once while the batch's
+    /// data is on its way: with `O_DIRECT`, once the writes are submitted, so that work the
+    /// caller does on the same requests (a recorder's hash of the written data) overlaps the
+    /// disk's instead of delaying it; otherwise before the writes. The checksums of the data,
+    /// which the journal records carry, are computed the same way. `during` must not change
+    /// the requests' buffers.
+    pub fn write_many_then(
+        &self,
+        reqs: &[(u64, &[IoSeg<'_>])],
+        during: &mut dyn FnMut(),
+    ) -> Vec<Result<BatchWrite, ImageError>> {
+        let mut during = Some(during);
+        let out = self.write_many_inner(reqs, &mut during);
+        if let Some(f) = during.take() {
+            f();
+        }
+        out
+    }
+
+    fn write_many_inner(
+        &self,
+        reqs: &[(u64, &[IoSeg<'_>])],
+        during: &mut Option<&mut dyn FnMut()>,
+    ) -> Vec<Result<BatchWrite, ImageError>> {
         if self.read_only {
             return reqs.iter().map(|_| Err(ImageError::ReadOnly)).collect();
         }
@@ -1305,8 +1332,9 @@ impl Image {
         let bs = self.sh.bs.bytes_u64();
         let mut out: Vec<Result<BatchWrite, ImageError>> = Vec::with_capacity(reqs.len());
         let mut ios: Vec<uring::Io<'_>> = Vec::new();
-        // For each write placed: its request, first block, blocks, LBA and data CRC.
-        let mut placed: Vec<(usize, u64, u64, u64, u32)> = Vec::new();
+        // For each write placed: its request, first block, blocks, LBA and data CRC (with
+        // `O_DIRECT` computed while the writes are in flight).
+        let mut placed: Vec<(usize, u64, u64, u64, Option<u32>)> = Vec::new();
         for (i, &(offset, segs)) in reqs.iter().enumerate() {
             let len = total_len(segs);
             if let Err(e) = check_range(self.sh.size, offset, len) {
@@ -1339,7 +1367,8 @@ impl Image {
                 out.push(Err(ImageError::Full));
                 continue;
             };
-            placed.push((i, first, n, offset / bs, io::crc_segs(segs)));
+            let crc = direct.is_none().then(|| io::crc_segs(segs));
+            placed.push((i, first, n, offset / bs, crc));
             ios.push(uring::Io::write(fd, off, segs.to_vec()));
             // Replaced below, once the data has landed and its record is committed.
             out.push(Ok(BatchWrite::Alone));
@@ -1348,12 +1377,31 @@ impl Image {
             return out;
         }
         let landed = match direct {
-            Some(d) => self.write_batch_direct(d, &ios),
-            None => self.write_batch_buffered(&ios),
+            Some(d) => {
+                let mut in_flight = || {
+                    for p in placed.iter_mut() {
+                        if let Some(&(_, segs)) = reqs.get(p.0) {
+                            p.4 = Some(io::crc_segs(segs));
+                        }
+                    }
+                    if let Some(f) = during.take() {
+                        f();
+                    }
+                };
+                self.write_batch_direct(d, &ios, &mut in_flight)
+            }
+            None => {
+                if let Some(f) = during.take() {
+                    f();
+                }
+                self.write_batch_buffered(&ios)
+            }
         };
         drop(ios);
         let mut j = lock(&self.journal);
         for (&(i, first, n, lba, crc), res) in placed.iter().zip(landed) {
+            // Always computed above; the fallback keeps a record's CRC right regardless.
+            let crc = crc.unwrap_or_else(|| reqs.get(i).map_or(0, |&(_, segs)| io::crc_segs(segs)));
             let result = match res {
                 Err(e) => {
                     self.sh.release_data(first, n);
@@ -1398,6 +1446,7 @@ impl Image {
         &self,
         d: &direct::DirectFile,
         ios: &[uring::Io<'_>],
+        during: &mut dyn FnMut(),
     ) -> Vec<std::io::Result<()>> {
         let runs = adjacent_runs(ios, MAX_DIRECT_RUN);
         let mut merged: Vec<uring::Io<'_>> = runs
@@ -1407,7 +1456,7 @@ impl Image {
                 uring::Io::write(fd, off, run_segs(ios, run.clone()))
             })
             .collect();
-        let res = self.sh.write_direct_batch(d, &mut merged);
+        let res = self.sh.write_direct_batch(d, &mut merged, during);
         let mut landed = Vec::with_capacity(ios.len());
         for ((run, w), r) in runs.into_iter().zip(&merged).zip(res) {
             let lens = ios

@@ -359,10 +359,11 @@ impl Shared {
         &self,
         d: &DirectFile,
         ios: &mut [uring::Io<'_>],
+        during: &mut dyn FnMut(),
     ) -> Vec<std::io::Result<()>> {
         let count = ios.len() as u64;
         self.direct_writes.fetch_add(count, Ordering::SeqCst);
-        let landed = ring_writes(d, ios);
+        let landed = ring_writes_then(d, ios, during);
         self.direct_writes.fetch_sub(count, Ordering::SeqCst);
         landed
     }
@@ -639,7 +640,17 @@ impl ReadBatch<'_> {
 /// whole, the others failing with the first error the ring gave (or as writing nothing).
 /// When this thread has no ring, one `pwritev` each.
 fn ring_writes(d: &DirectFile, ios: &mut [uring::Io<'_>]) -> Vec<std::io::Result<()>> {
-    match uring::run_all(ios) {
+    ring_writes_then(d, ios, &mut || {})
+}
+
+/// As [`ring_writes`], running `during` once while the writes are in flight (see
+/// [`uring::run_all_then`]; without a ring, before the writes).
+fn ring_writes_then(
+    d: &DirectFile,
+    ios: &mut [uring::Io<'_>],
+    during: &mut dyn FnMut(),
+) -> Vec<std::io::Result<()>> {
+    match uring::run_all_then(ios, during) {
         Some(res) => {
             let first_err = res.err();
             ios.iter()

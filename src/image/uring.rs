@@ -200,7 +200,24 @@ fn setup() -> io::Result<IoUring> {
 /// once no request is in flight any more (the transfers that had not failed may have
 /// completed or not: their `done` says how far they got).
 pub(crate) fn run_all(reads: &mut [Io<'_>]) -> Option<io::Result<()>> {
-    let (res, broken) = with_ring(|ring| run(ring, reads))?;
+    run_all_then(reads, &mut || {})
+}
+
+/// As [`run_all`], and runs `during` once while the batch is in flight: right after its
+/// first submission, so that the caller's own work on the batch (checksums of the data being
+/// written, say) overlaps the disk's instead of preceding it. `during` must not touch what
+/// the requests read from or write into mutably. It runs exactly once whatever happens: if
+/// nothing could be submitted, after the batch; without a ring (`None`), before this returns.
+pub(crate) fn run_all_then(
+    reads: &mut [Io<'_>],
+    during: &mut dyn FnMut(),
+) -> Option<io::Result<()>> {
+    let mut once = Some(during);
+    let ran = with_ring(|ring| run(ring, reads, &mut once));
+    if let Some(f) = once.take() {
+        f();
+    }
+    let (res, broken) = ran?;
     if broken {
         // Entries the kernel never consumed may still sit in the submission queue: never
         // enter this ring again (closing it does not submit them; nothing is in flight).
@@ -215,7 +232,11 @@ pub(crate) fn run_all(reads: &mut [Io<'_>]) -> Option<io::Result<()>> {
 }
 
 /// The batch on one ring; returns the result and whether the ring must not be used again.
-fn run(ring: &mut IoUring, reads: &mut [Io<'_>]) -> (io::Result<()>, bool) {
+fn run(
+    ring: &mut IoUring,
+    reads: &mut [Io<'_>],
+    during: &mut Option<&mut dyn FnMut()>,
+) -> (io::Result<()>, bool) {
     // One iovec list per read, advanced as the read progresses. Each inner vector is only
     // modified (advanced) when its read has no request in flight, and the outer one never
     // changes length, so the arrays the kernel was given stay where they are.
@@ -301,6 +322,16 @@ fn run(ring: &mut IoUring, reads: &mut [Io<'_>]) -> (io::Result<()>, bool) {
         }
         if in_flight + queued == 0 {
             break;
+        }
+        if let Some(f) = during.take() {
+            // Hand the kernel what is queued, then do the caller's work while it runs. A
+            // refused submission leaves the entries queued: the call below submits them, or
+            // handles the refusal, as it would have without this one. The count of entries
+            // consumed is taken from the queue's length after that call, so it covers both.
+            if queued > 0 {
+                let _ = ring.submit();
+            }
+            f();
         }
         match ring.submit_and_wait(1) {
             Ok(_) => retries = 0,
@@ -611,6 +642,48 @@ mod tests {
         let mut reads = vec![Io::read(-1, 0, vec![]), Io::read(-1, 0, vec![])];
         run_all(&mut reads).unwrap().unwrap();
         assert!(reads.iter().all(|r| r.done == 0 && !r.ended));
+    }
+
+    #[test]
+    fn work_given_to_a_batch_runs_once_after_its_submission() {
+        let t = file_with(&[0u8; 64 << 10]);
+        let fd = t.as_file().as_raw_fd();
+        let a = pattern(8192);
+        let b: Vec<u8> = pattern(4096).iter().map(|x| x ^ 0x33).collect();
+        let mut ios = vec![
+            Io::write(fd, 0, vec![IoSeg::from_slice(&a)]),
+            Io::write(fd, 32768, vec![IoSeg::from_slice(&b)]),
+        ];
+        let before = queued();
+        let mut runs = Vec::new();
+        // The work reads the data being written (as a checksum would) while it is in flight.
+        run_all_then(&mut ios, &mut || {
+            runs.push((
+                queued() - before,
+                a.iter().map(|&x| u64::from(x)).sum::<u64>(),
+            ))
+        })
+        .unwrap()
+        .unwrap();
+        let sum: u64 = a.iter().map(|&x| u64::from(x)).sum();
+        assert_eq!(
+            runs,
+            vec![(2, sum)],
+            "once, with both writes already queued"
+        );
+        assert!(ios
+            .iter()
+            .all(|w| w.done == crate::iobuf::total_len(&w.segs) && !w.ended));
+        drop(ios);
+        let got = std::fs::read(t.path()).unwrap();
+        assert!(got[..8192] == a[..] && got[32768..36864] == b[..]);
+        // Nothing to submit: the work still runs, once.
+        let mut count = 0;
+        let mut empty = vec![Io::write(fd, 0, vec![])];
+        run_all_then(&mut empty, &mut || count += 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(count, 1);
     }
 
     #[test]
@@ -1185,7 +1258,9 @@ mod tests {
             .map(|(&(off, ..), s)| (off, s.as_slice()))
             .collect();
         let before = queued();
-        let out = img.write_many(&plain);
+        let mut during = 0;
+        let out = img.write_many_then(&plain, &mut || during += 1);
+        assert_eq!(during, 1, "the work given to the batch ran once");
         // The three whole-block writes got blocks that follow each other: one write.
         let ring = if direct { 1 } else { 0 };
         assert_eq!(
