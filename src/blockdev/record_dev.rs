@@ -80,11 +80,6 @@ pub struct RecordingDevice {
     append_failed: AtomicBool,
 }
 
-/// Batches of writes with at least this many bytes are hashed while their writes are in
-/// flight; smaller ones before (measured: 1 MiB batches of 128 KiB writes gained, 128 KiB
-/// batches of 4 KiB writes lost; perf-notes.md, section 29).
-const HASH_IN_FLIGHT_MIN: u64 = 512 << 10;
-
 impl RecordingDevice {
     /// Starts recording `image` into a new log at `log_path` (an existing file is refused),
     /// syncing the log every second and on every guest flush.
@@ -407,19 +402,12 @@ impl BlockDevice for RecordingDevice {
     /// the records follow in request order, which is also the order of their seqs.
     fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         let wh = self.log.header().write_hash;
-        // A large batch is hashed while its writes are in flight (with `O_DIRECT`), so the hash
-        // does not delay them; a small one first, as the hashing would then keep the CPU
-        // from the kernel thread that runs the writes (perf-notes.md, section 29).
-        let bytes: u64 = reqs.iter().map(|q| total_len(q.segs)).sum();
+        // Hashed where the engine runs the closure: while a large direct batch's writes are in
+        // flight, before the writes otherwise (`Image::write_many_then`).
         let mut hashes = Vec::new();
-        if bytes < HASH_IN_FLIGHT_MIN {
-            hashes = reqs.iter().map(|q| hash_segs(wh, q.segs)).collect();
-        }
         let plain = BatchReq::ranges(reqs);
         let done = self.image.write_many_then(&plain, &mut || {
-            if hashes.is_empty() {
-                hashes = reqs.iter().map(|q| hash_segs(wh, q.segs)).collect();
-            }
+            hashes = reqs.iter().map(|q| hash_segs(wh, q.segs)).collect();
         });
         if hashes.len() != reqs.len() {
             // `write_many_then` runs the closure exactly once; this only keeps the results

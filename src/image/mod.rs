@@ -1293,12 +1293,12 @@ impl Image {
         self.write_many_then(reqs, &mut || {})
     }
 
-    /// As [`write_many`](Self::write_many), and runs `during` exactly once while the batch's
-    /// data is on its way: with `O_DIRECT`, once the writes are submitted, so that work the
-    /// caller does on the same requests (a recorder's hash of the written data) overlaps the
-    /// disk's instead of delaying it; otherwise before the writes. The checksums of the data,
-    /// which the journal records carry, are computed the same way. `during` must not change
-    /// the requests' buffers.
+    /// As [`write_many`](Self::write_many), and runs `during` exactly once: for a batch of
+    /// [`WORK_IN_FLIGHT_MIN`] bytes or more with `O_DIRECT`, once its writes are submitted, so
+    /// that work the caller does on the same requests (a recorder's hash of the written data)
+    /// overlaps the disk's instead of delaying it; otherwise before the writes. The checksums
+    /// of the data, which the journal records carry, are computed the same way. `during` must
+    /// not change the requests' buffers.
     pub fn write_many_then(
         &self,
         reqs: &[(u64, &[IoSeg<'_>])],
@@ -1332,8 +1332,8 @@ impl Image {
         let bs = self.sh.bs.bytes_u64();
         let mut out: Vec<Result<BatchWrite, ImageError>> = Vec::with_capacity(reqs.len());
         let mut ios: Vec<uring::Io<'_>> = Vec::new();
-        // For each write placed: its request, first block, blocks, LBA and data CRC (with
-        // `O_DIRECT` computed while the writes are in flight).
+        // For each write placed: its request, first block, blocks, LBA and data CRC (computed
+        // below: before the writes, or while they are in flight).
         let mut placed: Vec<(usize, u64, u64, u64, Option<u32>)> = Vec::new();
         for (i, &(offset, segs)) in reqs.iter().enumerate() {
             let len = total_len(segs);
@@ -1367,8 +1367,7 @@ impl Image {
                 out.push(Err(ImageError::Full));
                 continue;
             };
-            let crc = direct.is_none().then(|| io::crc_segs(segs));
-            placed.push((i, first, n, offset / bs, crc));
+            placed.push((i, first, n, offset / bs, None));
             ios.push(uring::Io::write(fd, off, segs.to_vec()));
             // Replaced below, once the data has landed and its record is committed.
             out.push(Ok(BatchWrite::Alone));
@@ -1376,10 +1375,21 @@ impl Image {
         if placed.is_empty() {
             return out;
         }
+        let bytes: u64 = placed.iter().map(|p| p.2 * bs).sum();
+        if direct.is_none() || bytes < WORK_IN_FLIGHT_MIN {
+            for p in placed.iter_mut() {
+                if let Some(&(_, segs)) = reqs.get(p.0) {
+                    p.4 = Some(io::crc_segs(segs));
+                }
+            }
+            if let Some(f) = during.take() {
+                f();
+            }
+        }
         let landed = match direct {
             Some(d) => {
                 let mut in_flight = || {
-                    for p in placed.iter_mut() {
+                    for p in placed.iter_mut().filter(|p| p.4.is_none()) {
                         if let Some(&(_, segs)) = reqs.get(p.0) {
                             p.4 = Some(io::crc_segs(segs));
                         }
@@ -1390,12 +1400,7 @@ impl Image {
                 };
                 self.write_batch_direct(d, &ios, &mut in_flight)
             }
-            None => {
-                if let Some(f) = during.take() {
-                    f();
-                }
-                self.write_batch_buffered(&ios)
-            }
+            None => self.write_batch_buffered(&ios),
         };
         drop(ios);
         let mut j = lock(&self.journal);
@@ -2503,6 +2508,13 @@ fn load_checkpoint(
     }
     Ok(ck)
 }
+
+/// A direct batch of [`Image::write_many_then`] with at least this many bytes has its CRCs
+/// computed, and the caller's work done, while its writes are in flight; a smaller one before
+/// them. Measured: batches of eight 128 KiB writes gained (the CPU work no longer delays the
+/// disk), batches of 32 writes of 4 KiB lost, since a write into reserved space runs on an
+/// io-wq kernel thread that then waits for the CPU (docs/perf-notes.md, section 29).
+pub const WORK_IN_FLIGHT_MIN: u64 = 512 << 10;
 
 /// The longest run of adjacent writes that [`Image::write_many`] merges into one `O_DIRECT`
 /// write: 32 writes of 4 KiB, 8 of 128 KiB.
