@@ -404,15 +404,16 @@ impl BlockDevice for RecordingDevice {
         let wh = self.log.header().write_hash;
         // Hashed where the engine runs the closure: while a large direct batch's writes are in
         // flight, before the writes otherwise (`Image::write_many_then`).
+        let hash_all = || -> Vec<_> { reqs.iter().map(|q| hash_segs(wh, q.segs)).collect() };
         let mut hashes = Vec::new();
         let plain = BatchReq::ranges(reqs);
-        let done = self.image.write_many_then(&plain, &mut || {
-            hashes = reqs.iter().map(|q| hash_segs(wh, q.segs)).collect();
-        });
+        let done = self
+            .image
+            .write_many_then(&plain, &mut || hashes = hash_all());
         if hashes.len() != reqs.len() {
             // `write_many_then` runs the closure exactly once; this only keeps the results
             // matched to their requests if it ever did not.
-            hashes = reqs.iter().map(|q| hash_segs(wh, q.segs)).collect();
+            hashes = hash_all();
         }
         done.into_iter()
             .zip(reqs.iter().zip(hashes))

@@ -266,8 +266,7 @@ pub fn check_layout(
     block_size: u64,
     data_offset: u64,
 ) -> Result<(), ImageError> {
-    // SAFETY: sysconf has no memory effects.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let page = super::io::page_size().unwrap_or(4096);
     let need = d.off_align.max(page);
     if block_size % need != 0 || data_offset % need != 0 {
         return Err(ImageError::DirectUnsuitable {

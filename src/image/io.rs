@@ -156,3 +156,10 @@ fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
     }
     Ok(false)
 }
+
+/// The system's page size, if it reports a sane one (a power of two).
+pub fn page_size() -> Option<u64> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().filter(|p| p.is_power_of_two())
+}

@@ -1376,8 +1376,10 @@ impl Image {
             return out;
         }
         let bytes: u64 = placed.iter().map(|p| p.2 * bs).sum();
-        if direct.is_none() || bytes < WORK_IN_FLIGHT_MIN {
-            for p in placed.iter_mut() {
+        // The records' CRCs and the caller's work: before the writes, or while a large direct
+        // batch's writes are in flight. Does its work once however often it is called.
+        let mut prepare = || {
+            for p in placed.iter_mut().filter(|p| p.4.is_none()) {
                 if let Some(&(_, segs)) = reqs.get(p.0) {
                     p.4 = Some(io::crc_segs(segs));
                 }
@@ -1385,28 +1387,21 @@ impl Image {
             if let Some(f) = during.take() {
                 f();
             }
+        };
+        if direct.is_none() || bytes < WORK_IN_FLIGHT_MIN {
+            prepare();
         }
         let landed = match direct {
-            Some(d) => {
-                let mut in_flight = || {
-                    for p in placed.iter_mut().filter(|p| p.4.is_none()) {
-                        if let Some(&(_, segs)) = reqs.get(p.0) {
-                            p.4 = Some(io::crc_segs(segs));
-                        }
-                    }
-                    if let Some(f) = during.take() {
-                        f();
-                    }
-                };
-                self.write_batch_direct(d, &ios, &mut in_flight)
-            }
+            Some(d) => self.write_batch_direct(d, &ios, &mut prepare),
             None => self.write_batch_buffered(&ios),
         };
+        // Nothing left to do here: `write_batch_direct` runs it exactly once. Kept so that no
+        // record can go out without its CRC.
+        prepare();
         drop(ios);
         let mut j = lock(&self.journal);
         for (&(i, first, n, lba, crc), res) in placed.iter().zip(landed) {
-            // Always computed above; the fallback keeps a record's CRC right regardless.
-            let crc = crc.unwrap_or_else(|| reqs.get(i).map_or(0, |&(_, segs)| io::crc_segs(segs)));
+            let crc = crc.unwrap_or_default();
             let result = match res {
                 Err(e) => {
                     self.sh.release_data(first, n);

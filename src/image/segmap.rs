@@ -49,12 +49,7 @@ impl SegMap {
     /// Maps the `seg_len` bytes of `file` at `off` (the segment starting at `seg_slot`):
     /// allocates their blocks, maps them shared, and locks the pages in memory.
     pub fn new(file: &File, off: u64, seg_len: u64, seg_slot: u64) -> io::Result<SegMap> {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let page = u64::try_from(page)
-            .ok()
-            .filter(|p| p.is_power_of_two())
-            .ok_or_else(|| io::Error::other("no page size"))?;
+        let page = super::io::page_size().ok_or_else(|| io::Error::other("no page size"))?;
         let map_off = off & !(page - 1);
         let delta = off - map_off;
         let map_len = delta
