@@ -707,6 +707,59 @@ fn a_worker_without_event_idx_never_polls() {
 }
 
 #[test]
+fn a_lone_request_polls_for_the_disk_while_its_queue_polls_and_batches_never_do() {
+    let window = Duration::from_micros(64);
+    let reads = |m: &GuestMemoryMmap, n: u64| -> Vec<_> {
+        (0..n)
+            .map(|i| chain(m, i, VIRTIO_BLK_T_IN, i * 8, 4096, 0x30_0000 + i * 16))
+            .collect()
+    };
+    // A lone request runs on the worker, which waits for its disk transfer polling for the
+    // largest window while its queue polls (EVENT_IDX, a window configured)...
+    for (event_idx, poll_max, expect) in [
+        (true, window, window),
+        // ... and sleeps without EVENT_IDX, or with polling off.
+        (false, window, Duration::ZERO),
+        (true, Duration::ZERO, Duration::ZERO),
+    ] {
+        let s = setup_with(1, poll_max);
+        let vring = queue(&s, &reads(&s.mem.memory(), 1), event_idx);
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        assert_eq!(used_idx(&vring), 1);
+        assert_eq!(
+            *s.dev.read_polls.lock().unwrap(),
+            vec![expect],
+            "event_idx {event_idx}, poll_max {poll_max:?}"
+        );
+    }
+    // A batch the worker runs itself sleeps: the kernel may need the CPU for its transfers.
+    let s = setup_with(1, window);
+    let vring = queue(&s, &reads(&s.mem.memory(), 3), true);
+    s.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert_eq!(used_idx(&vring), 3);
+    assert_eq!(*s.dev.read_polls.lock().unwrap(), vec![Duration::ZERO; 3]);
+    // Pipelined, a batch goes to the request threads: none of them polls.
+    let s = setup_config(BackendConfig {
+        io_threads: 4,
+        pipeline: true,
+        poll_max: window,
+        ..BackendConfig::new(1, 256, serial_bytes("b"))
+    });
+    let vring = queue(&s, &reads(&s.mem.memory(), 6), true);
+    s.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    wait_used(&vring, 6, "the batch");
+    let polls = s.dev.read_polls.lock().unwrap().clone();
+    assert_eq!(polls.len(), 6);
+    assert!(polls.iter().all(Duration::is_zero), "{polls:?}");
+}
+
+#[test]
 fn hostile_chains_are_completed_and_warned_about_once_per_kind() {
     let (_alone, log) = captured_alone();
     let s = setup();

@@ -195,6 +195,14 @@ pub trait BlockDevice: Send + Sync {
     /// to the guest: a device that buffers metadata in memory can hand it to the host kernel
     /// here, so that completed requests survive the process being killed. Default: nothing.
     fn end_of_batch(&self) {}
+    /// Lets the calling thread (a queue's worker, about to serve requests itself) poll for up
+    /// to `window` for the completions of the disk transfers it waits for, instead of
+    /// sleeping until it is woken; zero sleeps at once. Default: the engine's per-thread
+    /// setting ([`crate::image::uring::set_completion_poll`]), which every device here
+    /// reads and writes through.
+    fn poll_completions_here(&self, window: std::time::Duration) {
+        crate::image::uring::set_completion_poll(window);
+    }
     /// Whether [`read_many`](Self::read_many) does better than one [`read`](Self::read)
     /// after another, so that a queue worker should hand the device a batch's reads together.
     /// Default: no.

@@ -236,7 +236,9 @@ pub struct ServeArgs {
     /// this long before it sleeps until the guest's next kick (adaptive: the window shrinks
     /// to nothing on a queue whose requests come further apart, and grows back). Saves the
     /// two wake-ups of a kick at low queue depth, at the cost of spinning a CPU meanwhile.
-    /// 0 turns polling off; at most 10000.
+    /// While a queue polls, a lone request (queue depth 1) also waits for the disk by
+    /// polling, for up to this long, instead of sleeping (with --direct, where it waits for
+    /// the disk). 0 turns polling off; at most 10000.
     #[arg(long, default_value_t = DEFAULT_POLL_US, value_name = "MICROSECONDS")]
     pub poll_us: u64,
     /// Whether a queue's worker takes new requests while a batch still waits for the disk

@@ -21,6 +21,10 @@
 //!   this thread waits for them, which it always does) and `IORING_SETUP_SUBMIT_ALL`, or
 //!   without those flags on kernels that refuse them. Its memory is marked `MADV_DONTFORK`, so
 //!   a forked child can never reach it.
+//! - **Polled waits.** A thread given a window with [`set_completion_poll`] (a queue's worker
+//!   serving a lone request) spins on its ring for up to that long before it sleeps, and sends
+//!   its single aligned `O_DIRECT` transfers through the ring so that they can be polled for;
+//!   every other thread sleeps in `io_uring_enter` until a completion arrives.
 //! - **When io_uring cannot be used** (kernel too old, `kernel.io_uring_disabled`, seccomp,
 //!   out of memory...), `run_all` returns `None` and the caller uses `preadv`/`pwritev`; why
 //!   is logged once per process at info level.
@@ -46,6 +50,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Once;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
@@ -72,12 +77,21 @@ pub(crate) const CURRENT_POSITION: u64 = u64::MAX;
 thread_local! {
     static RING: RefCell<Ring> = const { RefCell::new(Ring::Unset) };
     static MIN_EXTENTS: Cell<usize> = const { Cell::new(DEFAULT_MIN_EXTENTS) };
+    static COMPLETION_POLL: Cell<Duration> = const { Cell::new(Duration::ZERO) };
 }
 
 #[cfg(test)]
 thread_local! {
     /// Requests this thread queued (tests check that a path was taken).
     static QUEUED: Cell<u64> = const { Cell::new(0) };
+    /// Waits this thread ended by polling, without sleeping.
+    static POLLED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Requests this thread queued so far (tests check that a path was taken).
+#[cfg(test)]
+pub(crate) fn queued() -> u64 {
+    QUEUED.with(Cell::get)
 }
 
 /// Why io_uring is not used, logged once per process.
@@ -103,6 +117,32 @@ pub fn min_extents() -> usize {
 /// and tests; the default is [`DEFAULT_MIN_EXTENTS`].
 pub fn set_min_extents(n: usize) {
     MIN_EXTENTS.with(|m| m.set(n));
+}
+
+/// How long the calling thread polls for a completion before it sleeps (see
+/// [`set_completion_poll`]).
+pub fn completion_poll() -> Duration {
+    COMPLETION_POLL.with(Cell::get)
+}
+
+/// Lets transfers the calling thread waits for be polled for: for up to `window`, the thread
+/// spins on its ring (one `io_uring_enter` that waits for nothing per turn) instead of
+/// sleeping until the kernel wakes it; zero (every thread's default) sleeps at once. Also
+/// sends the thread's single aligned `O_DIRECT` transfers through its ring, where they can be
+/// polled for ([`uses_ring_for_single`]).
+///
+/// Why: a thread asleep on one CPU while the disk's interrupt arrives on the other is woken
+/// by an inter-processor interrupt, which on a virtual machine costs about as much as a fast
+/// disk's read (docs/perf-notes.md, section 30). A queue's worker serving a lone request (queue
+/// depth 1) polls for as long as it polls its available ring; request threads never do.
+pub fn set_completion_poll(window: Duration) {
+    COMPLETION_POLL.with(|c| c.set(window));
+}
+
+/// Whether a single transfer on the calling thread should go through its ring rather than
+/// `preadv`/`pwritev`: only where it would be polled for ([`set_completion_poll`]).
+pub(crate) fn uses_ring_for_single() -> bool {
+    !completion_poll().is_zero()
 }
 
 /// True when this thread has (or can set up) a ring.
@@ -333,7 +373,13 @@ fn run(
             }
             f();
         }
-        match ring.submit_and_wait(1) {
+        let window = completion_poll();
+        let polled = !window.is_zero() && poll_for_completion(ring, window);
+        match if polled {
+            Ok(0)
+        } else {
+            ring.submit_and_wait(1)
+        } {
             Ok(_) => retries = 0,
             Err(e) => match e.raw_os_error() {
                 Some(libc::EINTR) => {}
@@ -371,6 +417,39 @@ fn run(
         drain(ring, reads, &mut iovs, &mut in_flight, &mut todo, &mut err);
     }
     (err.map_or(Ok(()), Err), false)
+}
+
+/// Submits what is queued, then spins for up to `window` until the ring holds a completion;
+/// says whether one arrived. `false` also when the submission failed: the caller's wait then
+/// submits again and handles the error.
+fn poll_for_completion(ring: &mut IoUring, window: Duration) -> bool {
+    if ring.submit().is_err() {
+        return false;
+    }
+    let start = Instant::now();
+    loop {
+        // Transfers the kernel completed inline (cached data) are there at once.
+        if !ring.completion().is_empty() {
+            #[cfg(test)]
+            POLLED.with(|p| p.set(p.get() + 1));
+            return true;
+        }
+        if start.elapsed() >= window {
+            return false;
+        }
+        std::hint::spin_loop();
+        // SAFETY: submits nothing (to_submit 0) and waits for nothing (min_complete 0): the
+        // kernel only runs the ring's deferred completion work (DEFER_TASKRUN), which posts
+        // the transfers that have finished to the completion queue. No argument.
+        let _ = unsafe {
+            ring.submitter().enter::<libc::sigset_t>(
+                0,
+                0,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
+        };
+    }
 }
 
 /// Takes every completion the ring holds and accounts for it.
@@ -453,10 +532,7 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::fd::AsRawFd;
-
-    fn queued() -> u64 {
-        QUEUED.with(Cell::get)
-    }
+    use std::os::unix::fs::OpenOptionsExt;
 
     fn file_with(data: &[u8]) -> tempfile::NamedTempFile {
         let mut t = tempfile::NamedTempFile::new().unwrap();
@@ -642,6 +718,48 @@ mod tests {
         let mut reads = vec![Io::read(-1, 0, vec![]), Io::read(-1, 0, vec![])];
         run_all(&mut reads).unwrap().unwrap();
         assert!(reads.iter().all(|r| r.done == 0 && !r.ended));
+    }
+
+    #[test]
+    fn a_polled_wait_gets_what_a_sleeping_one_does_and_zero_never_polls() {
+        // O_DIRECT on the build directory's disk file system: completions come from the
+        // disk's interrupt, through the ring's deferred work, as the daemon's do.
+        let data = pattern(64 << 10);
+        let t = tempfile::NamedTempFile::new_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target"))
+            .unwrap();
+        std::fs::write(t.path(), &data).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(t.path())
+            .unwrap();
+        let fd = f.as_raw_fd();
+        let polled = || POLLED.with(Cell::get);
+        for window in [Duration::from_secs(1), Duration::ZERO] {
+            set_completion_poll(window);
+            let before = polled();
+            let mut bufs: Vec<crate::iobuf::PageBuf> =
+                (0..3).map(|_| crate::iobuf::PageBuf::new(4096)).collect();
+            let offs = [40960u64, 0, 8192];
+            let mut ios: Vec<Io<'_>> = bufs
+                .iter_mut()
+                .zip(offs)
+                .map(|(b, off)| Io::read(fd, off, vec![IoSeg::from_mut_slice(b.bytes_mut())]))
+                .collect();
+            run_all(&mut ios).unwrap().unwrap();
+            assert!(ios.iter().all(|r| r.done == 4096 && !r.ended));
+            drop(ios);
+            for (b, off) in bufs.iter().zip(offs) {
+                assert_eq!(b.bytes(), &data[off as usize..off as usize + 4096]);
+            }
+            if window.is_zero() {
+                assert_eq!(polled(), before, "a zero window sleeps");
+            } else {
+                // A second's window outlasts any disk here: every wait ended by polling.
+                assert!(polled() > before, "the wait was polled");
+            }
+        }
+        set_completion_poll(Duration::ZERO);
     }
 
     #[test]

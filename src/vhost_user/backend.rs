@@ -553,9 +553,15 @@ impl BlkBackend {
     }
 
     /// Executes every available chain of one queue, completes them, and signals the guest once.
-    /// Returns false when the available ring is unusable (the guest corrupted it): the queue is
+    /// A lone request run on this thread waits for the disk polling for up to `disk_poll`
+    /// (zero: sleeping). Returns false when the available ring is unusable (the guest corrupted it): the queue is
     /// then left alone, and draining must stop.
-    fn process_queue(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<bool> {
+    fn process_queue(
+        &self,
+        vring: &VringRwLock<GuestMem>,
+        queue: u16,
+        disk_poll: Duration,
+    ) -> io::Result<bool> {
         let mem = self
             .mem
             .read()
@@ -658,6 +664,14 @@ impl BlkBackend {
         } else {
             work.extend(items.into_iter().map(|(ctx, c)| Work::One(ctx, c)));
         }
+        // A lone request (queue depth 1) runs on this thread, which then waits for its disk
+        // transfer polling for `disk_poll` instead of sleeping until the disk's interrupt
+        // wakes it (docs/perf-notes.md, section 30). A batch, or this thread's share of one,
+        // sleeps: the kernel may need the CPU a spinning worker would hold to carry out the
+        // transfers (writes into reserved space run on io_uring's worker threads).
+        let lone = work.len() == 1 && matches!(work.first(), Some(Work::One(..)));
+        self.dev
+            .poll_completions_here(if lone { disk_poll } else { Duration::ZERO });
         let exec = Arc::new(Executor {
             dev: Arc::clone(&self.dev),
             warnings: Arc::clone(&self.warnings),
@@ -716,7 +730,7 @@ impl BlkBackend {
     /// within the window does not kick.
     fn drain(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<()> {
         if !self.event_idx.load(Ordering::Acquire) {
-            self.process_queue(vring, queue)?;
+            self.process_queue(vring, queue, Duration::ZERO)?;
             return Ok(());
         }
         let poll = self
@@ -730,7 +744,16 @@ impl BlkBackend {
         }
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
-            if !self.process_queue(vring, queue)? {
+            // A lone request the worker runs itself polls for the disk's completion for the
+            // largest window while the queue polls at all (a steady stream keeps its window
+            // open, an idle queue closes it): the window's current length follows the
+            // guest's turnaround, not the disk's.
+            let disk_poll = if poll.window.current().is_zero() {
+                Duration::ZERO
+            } else {
+                self.cfg.poll_max
+            };
+            if !self.process_queue(vring, queue, disk_poll)? {
                 return Ok(());
             }
             let idle_from = Instant::now();

@@ -34,6 +34,9 @@ pub struct MemDevice {
     pub hold: std::sync::RwLock<()>,
     /// Reads that entered the device.
     pub reads_started: AtomicUsize,
+    /// For every read, how long the thread that ran it would poll for a disk completion
+    /// (`rr_row::image::uring::completion_poll`, as the queue's worker set it).
+    pub read_polls: Mutex<Vec<std::time::Duration>>,
 }
 
 impl MemDevice {
@@ -53,6 +56,7 @@ impl MemDevice {
             write_batch_max: std::sync::atomic::AtomicU64::new(u64::MAX),
             hold: std::sync::RwLock::new(()),
             reads_started: AtomicUsize::new(0),
+            read_polls: Mutex::new(Vec::new()),
         })
     }
 
@@ -89,6 +93,10 @@ impl BlockDevice for MemDevice {
     }
     fn read(&self, ctx: &RequestCtx, offset: u64, segs: &[IoSeg<'_>]) -> Result<(), BlockError> {
         self.reads_started.fetch_add(1, Ordering::SeqCst);
+        self.read_polls
+            .lock()
+            .unwrap()
+            .push(rr_row::image::uring::completion_poll());
         let _held = self.hold.read().unwrap_or_else(|e| e.into_inner());
         self.seen(ctx);
         let r = self.range(offset, total_len(segs))?;
