@@ -43,10 +43,10 @@ use super::poll::PollWindow;
 use super::pool::BatchPool;
 use crate::blockdev::{BatchReq, BlockDevice, BlockError, RequestCtx};
 use crate::virtio_blk::execute::{
-    finish, peek_type, prepare, write_len, BatchKind, ChainError, Completion, ExecuteError,
+    finish, parse_write, peek_type, prepare, BatchKind, ChainError, Completion, ExecuteError,
     ExecuteParams, EXECUTE_ERROR_KINDS,
 };
-use crate::virtio_blk::request::{Limits, REQUEST_ERROR_KINDS};
+use crate::virtio_blk::request::{Limits, Request, REQUEST_ERROR_KINDS};
 use crate::virtio_blk::{process_chain, BlkConfig, ConfigParams, ID_BYTES};
 
 /// Guest memory as the vhost-user backend crates share it.
@@ -191,13 +191,14 @@ struct Executor {
 }
 
 /// One item of a batch for the pool: a chain, or (for a device that prefers them together)
-/// the batch's reads or its writes, with the guest memory they were taken from.
+/// the batch's reads or its writes, with the guest memory they were taken from and, for
+/// writes, the request each chain was parsed into when the batch was sorted.
 enum Work {
     One(RequestCtx, Chain),
     Batch(
         BatchKind,
         GuestMemoryLoadGuard<GuestMemoryMmap>,
-        Vec<(RequestCtx, Chain)>,
+        Vec<(RequestCtx, Chain, Option<Request>)>,
     ),
 }
 
@@ -222,12 +223,12 @@ impl Executor {
         &self,
         kind: BatchKind,
         mem: &GuestMemoryMmap,
-        chains: Vec<(RequestCtx, Chain)>,
+        chains: Vec<(RequestCtx, Chain, Option<Request>)>,
     ) -> Vec<Completion> {
         let mut out = Vec::with_capacity(chains.len());
         let mut prepared = Vec::with_capacity(chains.len());
-        for (ctx, chain) in chains {
-            match prepare(chain, mem, &*self.dev, ctx, &self.params, kind) {
+        for (ctx, chain, parsed) in chains {
+            match prepare(chain, parsed, mem, &*self.dev, ctx, &self.params, kind) {
                 Ok(r) => prepared.push(r),
                 Err(chain) => out.push(self.run(ctx, chain)),
             }
@@ -631,15 +632,16 @@ impl BlkBackend {
             for (ctx, chain) in items {
                 // Only the header's type decides for reads (a read the batch cannot take is
                 // answered on its own by `prepare`'s caller); a write's length needs the
-                // whole chain parsed.
+                // whole chain parsed, and the parsed request goes with it to `prepare`.
                 match peek_type(&chain) {
-                    Some(VIRTIO_BLK_T_IN) if batch_reads => reads.push((ctx, chain)),
-                    Some(VIRTIO_BLK_T_OUT)
-                        if batch_writes
-                            && write_len(&chain, &params)
-                                .is_some_and(|len| self.dev.prefers_batched_writes(len)) =>
-                    {
-                        writes.push((ctx, chain))
+                    Some(VIRTIO_BLK_T_IN) if batch_reads => reads.push((ctx, chain, None)),
+                    Some(VIRTIO_BLK_T_OUT) if batch_writes => {
+                        match parse_write(&chain, &params)
+                            .filter(|r| self.dev.prefers_batched_writes(r.data_len))
+                        {
+                            Some(req) => writes.push((ctx, chain, Some(req))),
+                            None => singles.push(Work::One(ctx, chain)),
+                        }
                     }
                     _ => singles.push(Work::One(ctx, chain)),
                 }
@@ -657,7 +659,7 @@ impl BlkBackend {
                 if group.len() > 1 {
                     work.push(Work::Batch(kind, mem.clone(), group));
                 } else {
-                    singles.extend(group.into_iter().map(|(ctx, c)| Work::One(ctx, c)));
+                    singles.extend(group.into_iter().map(|(ctx, c, _)| Work::One(ctx, c)));
                 }
             }
             work.extend(singles);

@@ -425,9 +425,10 @@ where
         .map(u32::from_le)
 }
 
-/// The data length of `chain` when it parses as a write request (what [`prepare`] will take
-/// as a write, unless the request is refused or must go alone).
-pub fn write_len<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> Option<u64>
+/// `chain` parsed, when it is a write request (what [`prepare`] will take as a write, unless
+/// the request is refused or must go alone); its `data_len` is the write's length. Hand it
+/// to [`prepare`] so that the chain is not parsed twice.
+pub fn parse_write<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> Option<Request>
 where
     M: Deref + Clone,
     M::Target: GuestMemory,
@@ -435,10 +436,10 @@ where
     Request::parse(chain, &params.limits)
         .ok()
         .filter(|r| r.request_type == RequestType::Out)
-        .map(|r| r.data_len)
 }
 
-/// Parses `chain` and, when it is a well-formed request of `kind` inside the device whose
+/// Parses `chain` (unless `parsed`, what [`Request::parse`] made of it already, is given)
+/// and, when it is a well-formed request of `kind` inside the device whose
 /// buffers are in `mem` (the memory the chain was taken from), prepares it for
 /// [`BlockDevice::read_many`] or [`BlockDevice::write_many`]. Anything else - other request
 /// types, malformed chains, refused requests, and writes to a read-only device or in
@@ -446,6 +447,7 @@ where
 /// untouched, to go through [`process_chain`], which answers it (and reports it) as usual.
 pub fn prepare<'m, M>(
     chain: DescriptorChain<M>,
+    parsed: Option<Request>,
     mem: &'m M::Target,
     dev: &dyn BlockDevice,
     ctx: RequestCtx,
@@ -460,7 +462,7 @@ where
         BatchKind::Read => (RequestType::In, Permissions::Write),
         BatchKind::Write => (RequestType::Out, Permissions::Read),
     };
-    let req = match Request::parse(&chain, &params.limits) {
+    let req = match parsed.map_or_else(|| Request::parse(&chain, &params.limits), Ok) {
         Ok(r) if r.request_type == want => r,
         _ => return Err(chain),
     };
