@@ -714,34 +714,25 @@ fn a_lone_request_polls_for_the_disk_while_its_queue_polls_and_batches_never_do(
             .map(|i| chain(m, i, VIRTIO_BLK_T_IN, i * 8, 4096, 0x30_0000 + i * 16))
             .collect()
     };
-    // A lone request runs on the worker, which waits for its disk transfer polling for the
-    // largest window while its queue polls (EVENT_IDX, a window configured)...
-    for (event_idx, poll_max, expect) in [
-        (true, window, window),
-        // ... and sleeps without EVENT_IDX, or with polling off.
-        (false, window, Duration::ZERO),
-        (true, Duration::ZERO, Duration::ZERO),
-    ] {
+    // `n` reads in one batch on a queue served by its worker alone: the windows they saw.
+    let served = |n: u64, event_idx: bool, poll_max: Duration| -> Vec<Duration> {
         let s = setup_with(1, poll_max);
-        let vring = queue(&s, &reads(&s.mem.memory(), 1), event_idx);
+        let vring = queue(&s, &reads(&s.mem.memory(), n), event_idx);
         s.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
             .unwrap();
-        assert_eq!(used_idx(&vring), 1);
-        assert_eq!(
-            *s.dev.read_polls.lock().unwrap(),
-            vec![expect],
-            "event_idx {event_idx}, poll_max {poll_max:?}"
-        );
-    }
+        assert_eq!(u64::from(used_idx(&vring)), n);
+        let polls = s.dev.read_polls.lock().unwrap().clone();
+        polls
+    };
+    // A lone request runs on the worker, which waits for its disk transfer polling for the
+    // largest window while its queue polls (EVENT_IDX, a window configured)...
+    assert_eq!(served(1, true, window), vec![window]);
+    // ... and sleeps without EVENT_IDX, or with polling off.
+    assert_eq!(served(1, false, window), vec![Duration::ZERO]);
+    assert_eq!(served(1, true, Duration::ZERO), vec![Duration::ZERO]);
     // A batch the worker runs itself sleeps: the kernel may need the CPU for its transfers.
-    let s = setup_with(1, window);
-    let vring = queue(&s, &reads(&s.mem.memory(), 3), true);
-    s.backend
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
-    assert_eq!(used_idx(&vring), 3);
-    assert_eq!(*s.dev.read_polls.lock().unwrap(), vec![Duration::ZERO; 3]);
+    assert_eq!(served(3, true, window), vec![Duration::ZERO; 3]);
     // Pipelined, a batch goes to the request threads: none of them polls.
     let s = setup_config(BackendConfig {
         io_threads: 4,
