@@ -129,7 +129,7 @@ pub fn completion_poll() -> Duration {
 /// spins on its ring (one `io_uring_enter` that waits for nothing per turn) instead of
 /// sleeping until the kernel wakes it; zero (every thread's default) sleeps at once. Also
 /// sends the thread's single aligned `O_DIRECT` transfers through its ring, where they can be
-/// polled for ([`uses_ring_for_single`]).
+/// polled for.
 ///
 /// Why: a thread asleep on one CPU while the disk's interrupt arrives on the other is woken
 /// by an inter-processor interrupt, which on a virtual machine costs about as much as a fast
