@@ -555,8 +555,8 @@ impl BlkBackend {
 
     /// Executes every available chain of one queue, completes them, and signals the guest once.
     /// A lone request run on this thread waits for the disk polling for up to `disk_poll`
-    /// (zero: sleeping). Returns false when the available ring is unusable (the guest corrupted it): the queue is
-    /// then left alone, and draining must stop.
+    /// (zero: sleeping). Returns false when the available ring is unusable (the guest
+    /// corrupted it): the queue is then left alone, and draining must stop.
     fn process_queue(
         &self,
         vring: &VringRwLock<GuestMem>,
