@@ -98,12 +98,23 @@ impl DirectFile {
     /// One aligned transfer through this thread's io_uring ring when the thread polls for
     /// completions ([`uring::set_completion_poll`]: a queue's worker serving a lone request),
     /// so that its wait is polled instead of slept; `None` (nothing transferred) otherwise, or
-    /// without a ring. Returns the bytes transferred, as `preadv` would.
-    fn single_through_ring(&self, io: Io<'_>) -> Option<io::Result<u64>> {
+    /// without a ring. Returns the bytes transferred, as `preadv` would. Nothing is built
+    /// for the ring unless it is used: the other threads' transfers pay one thread-local read.
+    fn single_through_ring(
+        &self,
+        segs: &[IoSeg<'_>],
+        off: u64,
+        write: bool,
+    ) -> Option<io::Result<u64>> {
         if !uring::uses_ring_for_single() {
             return None;
         }
-        let mut ios = [io];
+        let (fd, segs) = (self.raw_fd(), segs.to_vec());
+        let mut ios = [if write {
+            Io::write(fd, off, segs)
+        } else {
+            Io::read(fd, off, segs)
+        }];
         let r = uring::run_all(&mut ios)?;
         Some(r.map(|()| ios.iter().map(|i| i.done).sum()))
     }
@@ -112,7 +123,7 @@ impl DirectFile {
     /// file (less than the total only at end of file), like [`preadv_full`].
     pub fn read(&self, segs: &[IoSeg<'_>], off: u64) -> io::Result<u64> {
         if self.is_aligned(segs, off) {
-            if let Some(r) = self.single_through_ring(Io::read(self.raw_fd(), off, segs.to_vec())) {
+            if let Some(r) = self.single_through_ring(segs, off, false) {
                 return r;
             }
             return preadv_full(&self.file, segs, off);
@@ -151,11 +162,9 @@ impl DirectFile {
     /// (data blocks always are); the segments themselves may be anywhere.
     pub fn write(&self, segs: &[IoSeg<'_>], off: u64) -> io::Result<()> {
         if self.is_aligned(segs, off) {
-            let len = total_len(segs);
-            let io = Io::write(self.raw_fd(), off, segs.to_vec());
-            if let Some(r) = self.single_through_ring(io) {
+            if let Some(r) = self.single_through_ring(segs, off, true) {
                 return match r? {
-                    n if n == len => Ok(()),
+                    n if n == total_len(segs) => Ok(()),
                     _ => Err(io::Error::new(
                         io::ErrorKind::WriteZero,
                         "the direct write stopped short",
