@@ -47,11 +47,14 @@ fn old_versions_are_given_back_while_the_guest_writes() {
     let image = dir.path().join("r.rrow");
     let mut opts = ServeOpts::new(&image, SIZE);
     // Keep the states of the last 1024 operations (a half pass over the disk), punching
-    // holes over what is given back (reuse, the default, is tested below).
+    // holes over what is given back (reuse, the default, is tested below). No space reserved
+    // ahead of the data (64 MiB by default), which would count in the allocated size below.
     opts.extra = vec![
         "--retain-seqs".into(),
         "1024".into(),
         "--punch-reclaimed".into(),
+        "--preallocate".into(),
+        "0".into(),
     ];
     let d = start_rr_row(dir.path(), &opts);
     let socket = d.socket().to_owned();

@@ -624,7 +624,8 @@ fn preallocation_with_direct_io_reserves_without_caching() {
     let path = d.path().join("pre.rrow");
     create_image(&path, 32 << 20, BS as u32).close().unwrap();
     let img = Image::open_with_options(&path, OpenMode::ReadWrite, &DIRECT).unwrap();
-    img.set_preallocate(16 << 20).unwrap();
+    // Asked to cache as well: a direct image only reserves.
+    img.set_preallocate(16 << 20, true).unwrap();
     for i in 0..4u64 {
         write_split(&img, i * mb as u64, &pattern(i, mb), 0, &[]);
     }

@@ -213,7 +213,7 @@ fn read_only_images_never_relocate() {
     let len = std::fs::metadata(&p).unwrap().len();
     let img = Image::open(&p, OpenMode::ReadOnly).unwrap();
     img.set_relocate_on_read(Some(2));
-    img.set_preallocate(1 << 20).unwrap();
+    img.set_preallocate(1 << 20, true).unwrap();
     let mut all = vec![0u8; BLOCKS * BS];
     img.read_at(0, &mut all).unwrap();
     assert_eq!(all, model);
@@ -222,12 +222,14 @@ fn read_only_images_never_relocate() {
     assert_eq!(std::fs::metadata(&p).unwrap().len(), len);
 }
 
-#[test]
-fn preallocation_extends_the_file_and_changes_nothing_else() {
+/// Preallocation reserves the file ahead of the allocation counter (the default), or with
+/// `cache` also reads it into the page cache; either way the content, a reopen after a crash
+/// and `check` are unchanged.
+fn preallocation_changes_nothing_but_the_file_length(cache: bool) {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("p.rrow");
     let img = create(&p);
-    img.set_preallocate(8 << 20).unwrap();
+    img.set_preallocate(8 << 20, cache).unwrap();
     let model = fragment(&img, 5);
     // The thread works in the background: wait (bounded) until it has extended the file.
     // Without it the file ends near 3 MiB (1 MiB journal segment, 2 MiB of data blocks).
@@ -238,6 +240,27 @@ fn preallocation_extends_the_file_and_changes_nothing_else() {
             >= 8 << 20),
         "preallocation never happened"
     );
+    // The last MiB of the file lies past every written slot: only the cached mode reads it
+    // into the page cache (readahead may complete after the call returns).
+    let len = std::fs::metadata(&p).unwrap().len();
+    let tail = len - (1 << 20);
+    if cache {
+        assert!(
+            wait_until(Duration::from_secs(30), || resident_pages(
+                &p,
+                tail,
+                1 << 20
+            ) > 0),
+            "the reserved range never entered the page cache"
+        );
+    } else {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            resident_pages(&p, tail, 1 << 20),
+            0,
+            "reserving read the range into the page cache"
+        );
+    }
     let seq = img.seq();
     let mut all = vec![0u8; BLOCKS * BS];
     img.read_at(0, &mut all).unwrap();
@@ -252,6 +275,16 @@ fn preallocation_extends_the_file_and_changes_nothing_else() {
     img.close().unwrap();
     let rep = Image::check(&p, false).unwrap();
     assert_eq!(rep.status, "clean", "{:?}", rep.problems);
+}
+
+#[test]
+fn preallocation_reserves_ahead_and_changes_nothing_else() {
+    preallocation_changes_nothing_but_the_file_length(false);
+}
+
+#[test]
+fn preallocation_with_cached_pages_changes_nothing_else() {
+    preallocation_changes_nothing_but_the_file_length(true);
 }
 
 /// How many of the file's pages in `[off, off + len)` are in the page cache (mincore over a

@@ -297,13 +297,19 @@ pub struct ServeArgs {
     /// the file system but costs a `fallocate` per run (docs/perf-notes.md).
     #[arg(long, requires = "retain_seqs")]
     pub punch_reclaimed: bool,
-    /// Keep this much of the image file ahead of its end reserved and in the page cache
-    /// (a background thread), so appended writes copy into cached pages. 0 turns it off: the
-    /// default for buffered I/O, since the prepared pages are small folios, which halves the
-    /// speed of later large reads of that data (docs/perf-notes.md). With --direct only
-    /// reserved (not cached), 64M by default: appends inside the file run in parallel.
-    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
-    pub preallocate: Option<u64>,
+    /// Keep this much of the image file ahead of its end reserved (`fallocate`, from a
+    /// background thread), so that appended writes land inside the file: buffered, they skip
+    /// the size update of an extending write; with --direct, ext4 runs them in parallel. 0
+    /// turns it off. The file is up to this much longer than its data.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "64M")]
+    pub preallocate: u64,
+    /// Also read the reserved range into the page cache (buffered I/O only), so that small
+    /// writes copy into prepared pages: faster random and mixed writes where fresh memory is
+    /// dear (a VM whose balloon reports free pages), but the prepared pages are small folios,
+    /// which slow later large reads of that data, and the thread takes CPU while writes
+    /// stream (docs/perf-notes.md, sections 2 and 31).
+    #[arg(long, conflicts_with = "direct")]
+    pub preallocate_cached: bool,
     /// Leave superseded block versions (overwritten, discarded or relocated data) in the
     /// host page cache. By default a background thread drops them once a sync has made them
     /// clean, so their pages serve new writes (docs/perf-notes.md); history reads of them

@@ -43,10 +43,6 @@ fn default_io_threads() -> u16 {
     })
 }
 
-/// `--preallocate` with `--direct` when not given: reserved ahead of the allocation counter so
-/// appends are writes inside the file, which ext4 runs in parallel.
-const DIRECT_PREALLOCATE: u64 = 64 << 20;
-
 /// Request threads per queue with `--direct`: each waits for the device rather than copying
 /// in the page cache, so more of them keep more requests in flight (qemu-storage-daemon keeps
 /// a whole batch in flight through io_uring). 16 against 8: 4 KiB random reads and writes at
@@ -192,10 +188,7 @@ pub fn serve(a: &ServeArgs) -> CliResult {
     let cfg = daemon_config(a)?;
     let image = open_image(a)?;
     if a.replay.is_none() {
-        let window = a
-            .preallocate
-            .unwrap_or(if a.direct { DIRECT_PREALLOCATE } else { 0 });
-        if let Err(e) = image.set_preallocate(window) {
+        if let Err(e) = image.set_preallocate(a.preallocate, a.preallocate_cached) {
             warn!("{e}; writes work without it, more slowly");
         }
         // With --direct no data block is in the page cache: nothing to drop.

@@ -1043,21 +1043,23 @@ impl Image {
         self.relocate_min_extents.store(v, Ordering::Relaxed);
     }
 
-    /// Keeps about `bytes` of the file just ahead of the allocation counter reserved and in
-    /// the page cache, from a background thread (0, the default, turns it off). Writes then
-    /// copy into cached pages instead of fresh ones; the file is up to `bytes` longer than
-    /// its allocated slots (read as zeros, reused by the next open). Read-only images ignore
-    /// it.
-    pub fn set_preallocate(&self, bytes: u64) -> Result<(), ImageError> {
+    /// Keeps about `bytes` of the file just ahead of the allocation counter reserved, from a
+    /// background thread (0, the default, turns it off), so that appends are writes inside
+    /// the file: they neither extend it nor change its size on every write, and with direct
+    /// I/O ext4 runs them in parallel. With `cache`, an image with buffered data I/O also has
+    /// the reserved range read into the page cache, so writes copy into cached pages instead
+    /// of fresh ones (small folios, which slow later large reads of that data;
+    /// docs/perf-notes.md, sections 2 and 31); direct images never cache it. The file is up
+    /// to `bytes` longer than its allocated slots (read as zeros, reused by the next open).
+    /// Read-only images ignore it.
+    pub fn set_preallocate(&self, bytes: u64, cache: bool) -> Result<(), ImageError> {
         if self.read_only {
             return Ok(());
         }
-        // With direct I/O only reserve: appends then land inside the file, and ext4 runs
-        // aligned O_DIRECT writes inside the file in parallel (extending ones one at a time).
         self.sh
             .prealloc
             .reserve_only
-            .store(self.is_direct(), Ordering::Relaxed);
+            .store(self.is_direct() || !cache, Ordering::Relaxed);
         self.sh.prealloc.window.store(bytes, Ordering::Relaxed);
         let mut p = lock(&self.prealloc);
         if bytes > 0 && p.is_none() {

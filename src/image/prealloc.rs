@@ -1,13 +1,19 @@
 //! Background preparation of the file area just ahead of the allocation counter.
 //!
-//! Every write of a redirect-on-write image lands in slots that were never written, so a
-//! buffered write must first get fresh page-cache pages (and the filesystem must allocate
-//! blocks) - on a host that backs guest memory lazily, touching a page the guest has not used
-//! for a while is the dominant cost of a write (docs/perf-notes.md). A [`Preallocator`] keeps a
-//! window of slots ahead of the counter ready: `fallocate` reserves their blocks (extending the
-//! file; it never shrinks it nor touches data already there) and `readahead` brings the
-//! zero-filled pages into the page cache, so the write that later takes those slots copies
-//! into cached pages, like an overwrite of a raw file.
+//! Every write of a redirect-on-write image lands in slots that were never written. A
+//! [`Preallocator`] keeps a window of slots ahead of the counter reserved: `fallocate` (mode 0)
+//! allocates their blocks and extends the file, never shrinking it nor touching data already
+//! there. Appends are then writes inside the file: a buffered write does not change the file's
+//! size (and so skips the inode update an extending write makes every time), and ext4 runs
+//! aligned `O_DIRECT` writes inside the file in parallel where it runs extending ones one at a
+//! time (docs/perf-notes.md, sections 9 and 31).
+//!
+//! Optionally (not `reserve_only`, buffered images only) the thread also `readahead`s the
+//! reserved range, which brings its zero-filled pages into the page cache, so the write that
+//! later takes those slots copies into cached pages, like an overwrite of a raw file: on a host
+//! that backs guest memory lazily, touching a page the guest has not used for a while is the
+//! dominant cost of a small write. The price is small folios, which slow later large reads of
+//! that data, and the thread's own CPU.
 //!
 //! Neither call changes any byte of the file as read back: slots past the counter read as
 //! zeros before and after, and a slot that a writer already took is left as it is. So the
@@ -30,9 +36,8 @@ pub struct PreallocState {
     pub window: AtomicU64,
     /// Slots below this are prepared (or were taken before the thread got there).
     pub prepared: AtomicU64,
-    /// Only reserve (`fallocate`), without reading the range into the page cache: what an
-    /// image with direct data I/O wants (its appends then land inside the file, which lets
-    /// ext4 run them in parallel).
+    /// Only reserve (`fallocate`), without reading the range into the page cache: the
+    /// default, and always so for an image with direct data I/O.
     pub reserve_only: AtomicBool,
     stop: AtomicBool,
     wake: Mutex<()>,
