@@ -187,6 +187,13 @@ fn bad_arguments_fail_with_a_clear_message() {
         serve_fails(d, &["--size", "1M", "--serial", "012345678901234567890"]).contains("--serial")
     );
     assert!(serve_fails(d, &["--size", "1M", "--socket-mode", "9x"]).contains("--socket-mode"));
+    // Page-cache preparation has no meaning when data bypasses the page cache.
+    let direct_cached = serve_fails(d, &["--size", "1M", "--direct", "--preallocate-cached"]);
+    assert!(
+        direct_cached.contains("cannot be used with")
+            && direct_cached.contains("--preallocate-cached"),
+        "{direct_cached}"
+    );
     assert!(
         !d.join("disk.rrow").exists(),
         "nothing is created on bad arguments"
