@@ -25,6 +25,7 @@ GROUPS = [
     ("write_4k_flush", "raw_pwrite_fdatasync"),
     ("resolve", None),
     ("journal", None),
+    ("record", None),
 ]
 
 

@@ -1,7 +1,8 @@
 //! Criterion micro-benchmarks of the image engine (`rr_row::image::Image`), each next to the
 //! same operation on a plain raw file with `pread`/`pwrite` in the same group, so the report
 //! shows the ratio directly; plus the engine's hot paths on their own (map lookup, allocation
-//! and journal append without data, flush).
+//! and journal append without data, flush), and the recorder's per-write work (the hash of the
+//! data, the record appended to a log).
 //!
 //! Every file lives in a fresh temporary directory under `target/` (same filesystem as the
 //! build, buffered I/O: the host page cache serves both sides). The working sets are small
@@ -24,7 +25,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use rr_row::image::{uring, CreateOptions, Image};
 use rr_row::iobuf::IoSeg;
-use rr_row::units::{BlockSize, Lba};
+use rr_row::record::format::{hash_segs, BodyRef, WriteHash};
+use rr_row::record::{IndexKeying, LogHeader, LogStreams, LogWriter, RecordMode, RecordRef};
+use rr_row::units::{BlockSize, Lba, Pba, Seq};
 
 /// Block size of the engine images and of random I/O.
 const BS: usize = 4096;
@@ -386,6 +389,65 @@ fn flush(c: &mut Criterion) {
     }
 }
 
+/// The recorder's work per write beside the engine's: the hash of the data (4 KiB and 128 KiB,
+/// in two segments as a guest's chain may give them), and one write record appended to a log
+/// (encoding into the thread's frame; a frame goes to the file every 64 KiB of records).
+fn record(c: &mut Criterion) {
+    let mut g = c.benchmark_group("record");
+    let mut rng = StdRng::seed_from_u64(17);
+    for (label, len) in [("4k", BS), ("128k", SEQ)] {
+        let mut data = vec![0u8; len];
+        rng.fill_bytes(&mut data);
+        let (a, b) = data.split_at(len / 2);
+        let segs = [IoSeg::from_slice(a), IoSeg::from_slice(b)];
+        g.throughput(Throughput::Bytes(len as u64));
+        for (name, alg) in [("xxh3", WriteHash::Xxh3_128), ("blake3", WriteHash::Blake3)] {
+            g.bench_function(format!("hash_{label}_{name}"), |b| {
+                b.iter(|| hash_segs(alg, &segs))
+            });
+        }
+    }
+    let dir = tmp_dir();
+    let header = LogHeader {
+        version: rr_row::record::format::VERSION,
+        mode: RecordMode::BlockId,
+        block_size: BlockSize::DEFAULT,
+        image_uuid: [1; 16],
+        start_seq: Seq(0),
+        image_size: REGION,
+        created_unix_ns: 0,
+        write_hash: WriteHash::default(),
+        indices: IndexKeying::Continuous,
+        streams: LogStreams::PerThread,
+    };
+    let log = LogWriter::create(&dir.path().join("bench.rrlog"), &header, Duration::ZERO)
+        .expect("create log");
+    let blocks = REGION / BS as u64;
+    let (mut index, mut pba) = (0u64, 0u64);
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("append_write_record", |b| {
+        b.iter(|| {
+            index += 1;
+            pba += 1;
+            let rec = RecordRef {
+                queue: 0,
+                index,
+                sector: rng.gen_range(0..blocks) * (BS as u64 / 512),
+                len: BS as u64,
+                status: 0,
+                seq: Seq(index),
+                body: BodyRef::Write {
+                    first_pba: Pba(pba),
+                    blocks: 1,
+                    hash: [index as u8; 16],
+                },
+            };
+            log.append_ref(&rec).expect("append")
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -397,6 +459,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = write_4k_random, read_4k_random, write_128k_seq, read_128k_seq, read_128k_extents, resolve, journal, flush
+    targets = write_4k_random, read_4k_random, write_128k_seq, read_128k_seq, read_128k_extents, resolve, journal, flush, record
 }
 criterion_main!(benches);

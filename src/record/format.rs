@@ -1051,7 +1051,7 @@ pub fn hash_segs(alg: WriteHash, segs: &[IoSeg<'_>]) -> [u8; HASH_LEN] {
     }
     enum Hasher {
         Blake3(Box<blake3::Hasher>),
-        Xxh3(Box<xxhash_rust::xxh3::Xxh3>),
+        Xxh3(Box<twox_hash::XxHash3_128>),
     }
     BOUNCE.with(|b| {
         let mut fallback = Vec::new();
@@ -1076,11 +1076,11 @@ pub fn hash_segs(alg: WriteHash, segs: &[IoSeg<'_>]) -> [u8; HASH_LEN] {
                 pos += s.len();
             }
             let data = buf.get(..pos).unwrap_or_default();
-            return xxhash_rust::xxh3::xxh3_128(data).to_le_bytes();
+            return twox_hash::XxHash3_128::oneshot(data).to_le_bytes();
         }
         let mut h = match alg {
             WriteHash::Blake3 => Hasher::Blake3(Box::default()),
-            WriteHash::Xxh3_128 => Hasher::Xxh3(Box::default()),
+            WriteHash::Xxh3_128 => Hasher::Xxh3(Box::new(twox_hash::XxHash3_128::new())),
         };
         for s in segs {
             let mut off = 0;
@@ -1096,14 +1096,14 @@ pub fn hash_segs(alg: WriteHash, segs: &[IoSeg<'_>]) -> [u8; HASH_LEN] {
                     Hasher::Blake3(h) => {
                         h.update(chunk);
                     }
-                    Hasher::Xxh3(h) => h.update(chunk),
+                    Hasher::Xxh3(h) => h.write(chunk),
                 }
                 off += n;
             }
         }
         match h {
             Hasher::Blake3(h) => truncate_hash(&h.finalize()),
-            Hasher::Xxh3(h) => h.digest128().to_le_bytes(),
+            Hasher::Xxh3(h) => h.finish_128().to_le_bytes(),
         }
     })
 }
@@ -1297,8 +1297,23 @@ mod tests {
         assert_eq!(hash_segs(WriteHash::Xxh3_128, &segs), xxh);
         assert_ne!(hash_segs(WriteHash::Xxh3_128, &segs[..1]), xxh);
         assert_ne!(xxh, whole);
-        // Data that fits in the bounce buffer is hashed in one call: the same hash.
-        for len in [0usize, 1, 4096, 16 * 1024, 16 * 1024 + 1] {
+        // Data that fits in the bounce buffer is hashed in one call: the same hash, and the
+        // same as another implementation's (xxhash-rust) on both sides of XXH3's size classes.
+        for len in [
+            0usize,
+            1,
+            16,
+            17,
+            128,
+            129,
+            240,
+            241,
+            1024,
+            4096,
+            16 * 1024,
+            16 * 1024 + 1,
+            40_000,
+        ] {
             let data = &data[..len];
             let (a, b) = data.split_at(len / 3);
             let segs = [IoSeg::from_slice(a), IoSeg::from_slice(b)];
