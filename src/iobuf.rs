@@ -7,6 +7,13 @@
 
 use std::marker::PhantomData;
 
+use smallvec::SmallVec;
+
+/// The scatter-gather list of one request: up to four segments inline (a guest's read or
+/// write has one or two data buffers), on the heap beyond, so building one per request costs
+/// no allocation in the common case.
+pub type IoSegs<'a> = SmallVec<[IoSeg<'a>; 4]>;
+
 /// One segment of a scatter-gather list: memory valid for reads and writes of `len()` bytes for
 /// the lifetime `'a`.
 #[derive(Clone, Copy, Debug)]
@@ -158,8 +165,8 @@ pub fn total_len(segs: &[IoSeg<'_>]) -> u64 {
 /// Splits a scatter-gather list at byte range `[start, start + len)`, returning the segments
 /// that cover exactly that range (empty when `len == 0`), or `None` when the range is out of
 /// bounds.
-pub fn slice_segs<'a>(segs: &[IoSeg<'a>], start: u64, len: u64) -> Option<Vec<IoSeg<'a>>> {
-    let mut out = Vec::new();
+pub fn slice_segs<'a>(segs: &[IoSeg<'a>], start: u64, len: u64) -> Option<IoSegs<'a>> {
+    let mut out = IoSegs::new();
     let mut pos = 0u64;
     let end = start.checked_add(len)?;
     for s in segs {

@@ -29,7 +29,7 @@ use std::path::Path;
 use super::io::{preadv_full, pwritev_all};
 use super::uring::{self, Io};
 use super::ImageError;
-use crate::iobuf::{gather, scatter, total_len, IoSeg, PageBuf};
+use crate::iobuf::{gather, scatter, total_len, IoSeg, IoSegs, PageBuf};
 
 /// Alignment assumed when the kernel does not report one (`STATX_DIOALIGN` needs Linux 6.1).
 const FALLBACK_ALIGN: u64 = 4096;
@@ -109,7 +109,7 @@ impl DirectFile {
         if !uring::uses_ring_for_single() {
             return None;
         }
-        let (fd, segs) = (self.raw_fd(), segs.to_vec());
+        let (fd, segs) = (self.raw_fd(), IoSegs::from_slice(segs));
         let mut ios = [if write {
             Io::write(fd, off, segs)
         } else {

@@ -66,7 +66,7 @@ use map::Map;
 pub use reclaim::{RebornBuilder, RebornIndex, ReclaimPlan, ReclaimReport};
 use shared::{Base, Shared};
 
-use crate::iobuf::{total_len, IoSeg, PageBuf};
+use crate::iobuf::{total_len, IoSeg, IoSegs, PageBuf};
 use crate::units::{BlockSize, Lba, Pba, Seq};
 
 /// Journal bytes after which a flush also takes a checkpoint.
@@ -1370,7 +1370,7 @@ impl Image {
                 continue;
             };
             placed.push((i, first, n, offset / bs, None));
-            ios.push(uring::Io::write(fd, off, segs.to_vec()));
+            ios.push(uring::Io::write(fd, off, IoSegs::from_slice(segs)));
             // Replaced below, once the data has landed and its record is committed.
             out.push(Ok(BatchWrite::Alone));
         }
@@ -2562,7 +2562,7 @@ fn run_results(
 }
 
 /// The segments of the writes `run` of `ios`, one after the other.
-fn run_segs<'a>(ios: &[uring::Io<'a>], run: std::ops::Range<usize>) -> Vec<IoSeg<'a>> {
+fn run_segs<'a>(ios: &[uring::Io<'a>], run: std::ops::Range<usize>) -> IoSegs<'a> {
     ios.get(run)
         .unwrap_or(&[])
         .iter()

@@ -15,7 +15,7 @@ use super::io::{preadv_full, pwritev_all};
 use super::prealloc::PreallocState;
 use super::uring;
 use super::{Extent, ImageError};
-use crate::iobuf::{slice_segs, total_len, IoSeg};
+use crate::iobuf::{slice_segs, total_len, IoSeg, IoSegs};
 use crate::units::{BlockSize, Pba};
 
 /// The read-only base image.
@@ -341,7 +341,7 @@ impl Shared {
         }
         let others = self.direct_writes.fetch_add(1, Ordering::SeqCst);
         let res = if others > 0 {
-            let mut ios = [uring::Io::write(d.raw_fd(), off, segs.to_vec())];
+            let mut ios = [uring::Io::write(d.raw_fd(), off, IoSegs::from_slice(segs))];
             ring_writes(d, &mut ios)
                 .pop()
                 .unwrap_or_else(|| d.write(segs, off))

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 
 use super::io::advance;
-use crate::iobuf::{as_iovecs, IoSeg};
+use crate::iobuf::{as_iovecs, IoSegs};
 
 /// Mapped extents from which a read goes through io_uring by default (fewer: one `preadv`
 /// each). Chosen by measurement: docs/perf-notes.md, section 13.
@@ -159,7 +159,7 @@ pub(crate) struct Io<'a> {
     pub off: u64,
     /// For a read, where the bytes go: memory valid for writes; for a write, where they come
     /// from: memory valid for reads (IoSeg's contract).
-    pub segs: Vec<IoSeg<'a>>,
+    pub segs: IoSegs<'a>,
     /// A write of the segments instead of a read into them.
     pub write: bool,
     /// Bytes transferred (set by [`run_all`]).
@@ -171,11 +171,11 @@ pub(crate) struct Io<'a> {
 
 impl<'a> Io<'a> {
     /// A read into `segs` from `off` of `fd`.
-    pub fn read(fd: RawFd, off: u64, segs: Vec<IoSeg<'a>>) -> Self {
+    pub fn read(fd: RawFd, off: u64, segs: impl Into<IoSegs<'a>>) -> Self {
         Io {
             fd,
             off,
-            segs,
+            segs: segs.into(),
             write: false,
             done: 0,
             ended: false,
@@ -183,7 +183,7 @@ impl<'a> Io<'a> {
     }
 
     /// A write of `segs` at `off` of `fd`.
-    pub fn write(fd: RawFd, off: u64, segs: Vec<IoSeg<'a>>) -> Self {
+    pub fn write(fd: RawFd, off: u64, segs: impl Into<IoSegs<'a>>) -> Self {
         Io {
             write: true,
             ..Io::read(fd, off, segs)
@@ -530,6 +530,7 @@ fn wait_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iobuf::IoSeg;
     use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;

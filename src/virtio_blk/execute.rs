@@ -15,7 +15,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::blockdev::{BlockDevice, BlockError, RejectedRequest, RequestCtx, RequestKind};
-use crate::iobuf::IoSeg;
+use crate::iobuf::{IoSeg, IoSegs};
 use crate::units::SECTOR_SIZE;
 
 use super::request::{DataSegment, Limits, Request, RequestError, RequestType};
@@ -124,8 +124,8 @@ pub fn guest_segs<'m, M: GuestMemory + ?Sized>(
     mem: &'m M,
     data: &[DataSegment],
     access: Permissions,
-) -> Result<Vec<IoSeg<'m>>, ExecuteError> {
-    let mut segs = Vec::with_capacity(data.len());
+) -> Result<IoSegs<'m>, ExecuteError> {
+    let mut segs = IoSegs::new();
     for d in data {
         let bad = || ExecuteError::GuestMemory {
             addr: d.addr.0,
@@ -399,7 +399,7 @@ pub struct Prepared<'m> {
     /// Byte offset on the device.
     pub offset: u64,
     /// The guest buffers to fill (a read) or to write from (a write).
-    pub segs: Vec<IoSeg<'m>>,
+    pub segs: IoSegs<'m>,
     head_index: u16,
     status_addr: GuestAddress,
     /// Bytes written into guest buffers on success (the data of a read; 0 for a write).
