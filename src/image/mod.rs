@@ -626,6 +626,7 @@ impl Image {
             prealloc: Arc::default(),
             drop_state: Arc::default(),
             reclaimed: RwLock::default(),
+            has_reclaimed: std::sync::atomic::AtomicBool::new(false),
             punched: Mutex::default(),
             reclaim_gen: AtomicU64::new(0),
             reuse: std::sync::atomic::AtomicBool::new(false),

@@ -57,6 +57,11 @@ pub struct Shared {
     pub drop_state: Arc<DropState>,
     /// The history horizon and the reclaimed slots.
     pub reclaimed: RwLock<ReclaimedSet>,
+    /// Set under `reclaimed`'s write lock by the first [`Shared::add_reclaimed`] and never
+    /// cleared: until then the set is empty and the horizon 0, and the lookups every write's
+    /// commit and every block-id read make skip the lock (a read lock is an atomic update of
+    /// a cache line that all request threads share).
+    pub has_reclaimed: AtomicBool,
     /// Reclaimed runs this process punched holes over (sorted, merged): a reclaim beside
     /// writers punches only what is not a hole yet.
     pub punched: std::sync::Mutex<Vec<(u64, u64)>>,
@@ -165,6 +170,9 @@ impl Shared {
 
     /// True when some slot of `[pba, pba + n)` is reclaimed.
     pub fn any_reclaimed(&self, pba: u64, n: u64) -> bool {
+        if !self.has_reclaimed.load(Ordering::Acquire) {
+            return false;
+        }
         self.reclaimed
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -222,6 +230,9 @@ impl Shared {
 
     /// The history horizon (0: nothing reclaimed).
     pub fn horizon(&self) -> u64 {
+        if !self.has_reclaimed.load(Ordering::Acquire) {
+            return 0;
+        }
         self.reclaimed
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -230,6 +241,9 @@ impl Shared {
 
     /// The first reclaimed slot in `[pba, pba + n)`, if any.
     pub fn first_reclaimed(&self, pba: u64, n: u64) -> Option<u64> {
+        if !self.has_reclaimed.load(Ordering::Acquire) {
+            return None;
+        }
         self.reclaimed
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -240,6 +254,8 @@ impl Shared {
     /// Adds reclaimed runs and raises the horizon.
     pub fn add_reclaimed(&self, add: &Reclaimed) {
         let mut r = self.reclaimed.write().unwrap_or_else(|e| e.into_inner());
+        // Before the set changes, under the lock: whoever sees the flag clear saw the set empty.
+        self.has_reclaimed.store(true, Ordering::Release);
         r.horizon = r.horizon.max(add.horizon);
         for &(s, c) in &add.runs {
             r.runs.insert(s, c);
