@@ -16,7 +16,7 @@ use rr_row::vhost_user::{BackendConfig, BlkBackend, GuestMem};
 use rr_row::virtio_blk::{serial_bytes, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -532,6 +532,44 @@ fn a_batchs_reads_and_writes_go_to_a_device_that_prefers_them_together() {
             .collect();
         assert_eq!(refused.len(), 3, "{refused:?}");
     }
+}
+
+#[test]
+fn a_batchs_other_requests_run_alone_each_once() {
+    // A flush among a batch's reads and writes: the flush, which no batch takes, runs alone,
+    // once, and the reads and the writes still reach the device together, each once.
+    let s = batched_setup(
+        BackendConfig {
+            io_threads: 2,
+            ..BackendConfig::new(1, 256, serial_bytes("b"))
+        },
+        true,
+    );
+    let m = s.mem.memory();
+    let mut chains = writes_and_reads(&m, 4);
+    chains.push(chain(&m, 4, VIRTIO_BLK_T_FLUSH, 0, 0, 0x30_0000 + 4 * 16));
+    let vring = queue(&s, &chains, true);
+    s.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert_eq!(used_idx(&vring), 5);
+    assert_eq!(*s.dev.read_many_calls.lock().unwrap(), vec![2]);
+    assert_eq!(*s.dev.write_many_calls.lock().unwrap(), vec![2]);
+    assert_eq!(s.dev.flushes.load(Ordering::SeqCst), 1, "the flush, once");
+    for i in 0..5u64 {
+        let st: u8 = m.read_obj(GuestAddress(0x30_0000 + i * 16)).unwrap();
+        assert_eq!(st, STATUS_OK, "request {i}");
+    }
+    for i in [1u64, 3] {
+        assert_read_data(&m, i);
+    }
+    let mut seen = s.dev.indices.lock().unwrap().clone();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..4).collect::<Vec<u64>>(),
+        "each read and write exactly once"
+    );
 }
 
 #[test]
