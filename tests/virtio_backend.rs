@@ -164,6 +164,17 @@ fn assert_read_data(m: &GuestMemoryMmap, i: u64) {
     assert!(got == want, "read {i} data");
 }
 
+/// Checks that the device saw requests `0..n` (its reads, writes and refusals), each once.
+fn assert_each_once(s: &Setup, n: u64) {
+    let mut seen = s.dev.indices.lock().unwrap().clone();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..n).collect::<Vec<u64>>(),
+        "each request exactly once"
+    );
+}
+
 /// `n` requests of 4 KiB at sector `8 i`: writes at even `i`, reads at odd `i`, the status
 /// of request `i` at `0x30_0000 + 16 i`.
 fn writes_and_reads(m: &GuestMemoryMmap, n: u64) -> Vec<Vec<RawDescriptor>> {
@@ -371,13 +382,7 @@ fn a_pipelined_worker_does_not_wait_for_a_batch_and_each_part_completes_on_its_o
             );
             assert_read_data(&m, i);
         }
-        let mut seen = s.dev.indices.lock().unwrap().clone();
-        seen.sort_unstable();
-        assert_eq!(
-            seen,
-            (0..8).collect::<Vec<u64>>(),
-            "each request exactly once"
-        );
+        assert_each_once(&s, 8);
     }
 }
 
@@ -515,13 +520,7 @@ fn a_batchs_reads_and_writes_go_to_a_device_that_prefers_them_together() {
                 }
             }
         }
-        let mut seen = s.dev.indices.lock().unwrap().clone();
-        seen.sort_unstable();
-        assert_eq!(
-            seen,
-            (0..11).collect::<Vec<u64>>(),
-            "each request exactly once"
-        );
+        assert_each_once(&s, 11);
         let refused: Vec<u64> = s
             .dev
             .rejected
@@ -563,13 +562,7 @@ fn a_batchs_other_requests_run_alone_each_once() {
     for i in [1u64, 3] {
         assert_read_data(&m, i);
     }
-    let mut seen = s.dev.indices.lock().unwrap().clone();
-    seen.sort_unstable();
-    assert_eq!(
-        seen,
-        (0..4).collect::<Vec<u64>>(),
-        "each read and write exactly once"
-    );
+    assert_each_once(&s, 4);
 }
 
 #[test]
