@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use super::cache::DropState;
 use super::direct::DirectFile;
@@ -168,16 +168,18 @@ impl Shared {
         added
     }
 
+    /// The reclaimed set, read-locked; `None` while nothing was ever reclaimed (the set is
+    /// then empty and the horizon 0), without taking the lock ([`Shared::has_reclaimed`]).
+    fn reclaimed_set(&self) -> Option<RwLockReadGuard<'_, ReclaimedSet>> {
+        self.has_reclaimed
+            .load(Ordering::Acquire)
+            .then(|| self.reclaimed.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// True when some slot of `[pba, pba + n)` is reclaimed.
     pub fn any_reclaimed(&self, pba: u64, n: u64) -> bool {
-        if !self.has_reclaimed.load(Ordering::Acquire) {
-            return false;
-        }
-        self.reclaimed
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .runs
-            .overlaps(pba, n)
+        self.reclaimed_set()
+            .is_some_and(|r| r.runs.overlaps(pba, n))
     }
 
     /// Makes the reclaimed slots in `[pba, pba + n)` live again: a record naming them was
@@ -230,25 +232,12 @@ impl Shared {
 
     /// The history horizon (0: nothing reclaimed).
     pub fn horizon(&self) -> u64 {
-        if !self.has_reclaimed.load(Ordering::Acquire) {
-            return 0;
-        }
-        self.reclaimed
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .horizon
+        self.reclaimed_set().map_or(0, |r| r.horizon)
     }
 
     /// The first reclaimed slot in `[pba, pba + n)`, if any.
     pub fn first_reclaimed(&self, pba: u64, n: u64) -> Option<u64> {
-        if !self.has_reclaimed.load(Ordering::Acquire) {
-            return None;
-        }
-        self.reclaimed
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .runs
-            .first_in(pba, n)
+        self.reclaimed_set().and_then(|r| r.runs.first_in(pba, n))
     }
 
     /// Adds reclaimed runs and raises the horizon.
