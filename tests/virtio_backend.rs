@@ -126,11 +126,16 @@ fn chain(
     ]
 }
 
-/// A backend over a device that prefers batches, with the driver's FLUSH feature taken if
-/// `writeback`; the device holds at each byte the number of its 512-byte sector, and the
-/// data buffer of each even (write) request `i` of [`writes_and_reads`] holds [`written`]`(i)`.
-fn batched_setup(cfg: BackendConfig, writeback: bool) -> Setup {
-    let s = setup_config(cfg);
+/// A backend over a device that prefers batches (`io_threads` request threads, `pipeline`d or
+/// not), with the driver's FLUSH feature taken if `writeback`; the device holds at each byte
+/// the number of its 512-byte sector, and the data buffer of each even (write) request `i` of
+/// [`writes_and_reads`] holds [`written`]`(i)`.
+fn batched_setup(io_threads: u16, pipeline: bool, writeback: bool) -> Setup {
+    let s = setup_config(BackendConfig {
+        io_threads,
+        pipeline,
+        ..BackendConfig::new(1, 256, serial_bytes("b"))
+    });
     if writeback {
         s.backend.acked_features(1 << VIRTIO_BLK_F_FLUSH);
     }
@@ -330,14 +335,7 @@ fn get_vring_base_waits_for_the_requests_in_flight() {
 #[test]
 fn a_pipelined_worker_does_not_wait_for_a_batch_and_each_part_completes_on_its_own() {
     for event_idx in [false, true] {
-        let s = batched_setup(
-            BackendConfig {
-                io_threads: 4,
-                pipeline: true,
-                ..BackendConfig::new(1, 256, serial_bytes("b"))
-            },
-            true,
-        );
+        let s = batched_setup(4, true, true);
         let m = s.mem.memory();
         let status = |i: u64| 0x30_0000 + i * 16;
         for i in 0..8u64 {
@@ -451,13 +449,7 @@ fn a_batchs_reads_and_writes_go_to_a_device_that_prefers_them_together() {
     // Its refused requests warn: not beside the tests that count warnings.
     let (_alone, _) = captured_alone();
     for (threads, writeback) in [(1, true), (4, true), (4, false)] {
-        let s = batched_setup(
-            BackendConfig {
-                io_threads: threads,
-                ..BackendConfig::new(1, 256, serial_bytes("b"))
-            },
-            writeback,
-        );
+        let s = batched_setup(threads, false, writeback);
         let m = s.mem.memory();
         let status = |i: u64| 0x30_0000 + i * 16;
         let mut chains = writes_and_reads(&m, 8);
@@ -537,13 +529,7 @@ fn a_batchs_reads_and_writes_go_to_a_device_that_prefers_them_together() {
 fn a_batchs_other_requests_run_alone_each_once() {
     // A flush among a batch's reads and writes: the flush, which no batch takes, runs alone,
     // once, and the reads and the writes still reach the device together, each once.
-    let s = batched_setup(
-        BackendConfig {
-            io_threads: 2,
-            ..BackendConfig::new(1, 256, serial_bytes("b"))
-        },
-        true,
-    );
+    let s = batched_setup(2, false, true);
     let m = s.mem.memory();
     let mut chains = writes_and_reads(&m, 4);
     chains.push(chain(&m, 4, VIRTIO_BLK_T_FLUSH, 0, 0, 0x30_0000 + 4 * 16));
@@ -613,14 +599,7 @@ fn only_the_writes_the_device_wants_batched_go_to_write_many() {
 #[test]
 fn a_pipelined_batchs_reads_go_in_parts_of_at_most_eight() {
     for pipeline in [false, true] {
-        let s = batched_setup(
-            BackendConfig {
-                io_threads: 4,
-                pipeline,
-                ..BackendConfig::new(1, 256, serial_bytes("b"))
-            },
-            true,
-        );
+        let s = batched_setup(4, pipeline, true);
         let m = s.mem.memory();
         let chains: Vec<_> = (0..12u64)
             .map(|i| chain(&m, i, VIRTIO_BLK_T_IN, i * 8, 4096, 0x30_0000 + i * 16))
