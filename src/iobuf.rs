@@ -162,6 +162,57 @@ pub fn total_len(segs: &[IoSeg<'_>]) -> u64 {
         .fold(0u64, |a, s| a.saturating_add(s.len() as u64))
 }
 
+/// Bytes of the per-thread buffer [`copy_out`] copies data through.
+pub const GATHER_LEN: usize = 16 * 1024;
+
+/// Copies the bytes of `segs` out, in order, through a per-thread buffer of [`GATHER_LEN`]
+/// bytes, and hands them to `f`: all of them in one call when they fit (every 4 KiB write,
+/// however many segments it came in), else in pieces of at most that many bytes. The
+/// segments may be guest memory, which must not be borrowed as a Rust slice; this is how
+/// their data gets checksummed or hashed. The buffer is reused (zeroing a fresh one per
+/// write cost more than the copy itself for 4 KiB writes); a call from inside `f` gets a
+/// buffer of its own. Returns false, having handed out only what came before, if a segment
+/// could not be copied (which the segments' own lengths rule out).
+pub fn copy_out(segs: &[IoSeg<'_>], f: &mut dyn FnMut(&[u8])) -> bool {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; GATHER_LEN]);
+    }
+    BUF.with(|b| {
+        let mut own = Vec::new();
+        let mut guard = b.try_borrow_mut();
+        let buf = match guard.as_deref_mut() {
+            Ok(v) => v.as_mut_slice(),
+            Err(_) => {
+                own.resize(GATHER_LEN, 0);
+                own.as_mut_slice()
+            }
+        };
+        let mut fill = 0;
+        for s in segs {
+            let mut off = 0;
+            while off < s.len() {
+                let n = (s.len() - off).min(buf.len() - fill);
+                let Some(dst) = buf.get_mut(fill..fill + n) else {
+                    return false;
+                };
+                if !s.copy_to(off, dst) {
+                    return false;
+                }
+                fill += n;
+                off += n;
+                if fill == buf.len() {
+                    f(buf);
+                    fill = 0;
+                }
+            }
+        }
+        if fill > 0 {
+            f(buf.get(..fill).unwrap_or_default());
+        }
+        true
+    })
+}
+
 /// Splits a scatter-gather list at byte range `[start, start + len)`, returning the segments
 /// that cover exactly that range (empty when `len == 0`), or `None` when the range is out of
 /// bounds.
@@ -321,5 +372,61 @@ mod tests {
             "too large: no panic"
         );
         assert_eq!(PageBuf::new(8192).bytes().as_ptr().align_offset(4096), 0);
+    }
+
+    /// The pieces `copy_out` hands out, as (length, bytes).
+    fn copied_out(segs: &[IoSeg<'_>]) -> (Vec<usize>, Vec<u8>) {
+        let (mut lens, mut bytes) = (Vec::new(), Vec::new());
+        assert!(copy_out(segs, &mut |p| {
+            lens.push(p.len());
+            bytes.extend_from_slice(p);
+        }));
+        (lens, bytes)
+    }
+
+    #[test]
+    fn copy_out_hands_out_the_data_in_order_whole_when_it_fits() {
+        let data: Vec<u8> = (0..3 * GATHER_LEN + 100)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect();
+        // Cut into segments of uneven sizes, some empty, as a guest's chain may give them.
+        for cuts in [
+            vec![0, 4096],
+            vec![0, 512, 512, 1000, 4096],
+            vec![0, GATHER_LEN],
+            vec![0, 1, GATHER_LEN + 1],
+            vec![0, 100, GATHER_LEN - 1, GATHER_LEN + 7, 3 * GATHER_LEN + 100],
+            vec![0, 0],
+        ] {
+            let segs: Vec<IoSeg<'_>> = cuts
+                .windows(2)
+                .map(|w| IoSeg::from_slice(&data[w[0]..w[1]]))
+                .collect();
+            let total = *cuts.last().unwrap();
+            let (lens, bytes) = copied_out(&segs);
+            assert_eq!(bytes, &data[..total], "{cuts:?}");
+            // Full pieces but the last; one piece when it all fits; none for no data.
+            let want: Vec<usize> = (0..total.div_ceil(GATHER_LEN))
+                .map(|k| (total - k * GATHER_LEN).min(GATHER_LEN))
+                .collect();
+            assert_eq!(lens, want, "{cuts:?}");
+        }
+    }
+
+    #[test]
+    fn copy_out_inside_copy_out_gets_its_own_buffer() {
+        let a = vec![1u8; 5000];
+        let b = vec![2u8; 3000];
+        let (sa, sb) = ([IoSeg::from_slice(&a)], [IoSeg::from_slice(&b)]);
+        let mut outer = Vec::new();
+        assert!(copy_out(&sa, &mut |p| {
+            let (_, inner) = copied_out(&sb);
+            assert_eq!(inner, b);
+            outer.extend_from_slice(p);
+        }));
+        assert_eq!(
+            outer, a,
+            "the outer data was not overwritten by the inner call"
+        );
     }
 }

@@ -22,7 +22,7 @@ use crate::image::{BatchRead, BatchTrace, BatchWrite, Image, WriteOutcome};
 use crate::iobuf::{scatter, total_len, IoSeg};
 use crate::record::format::{
     hash_segs, BodyRef, ExtentsRef, IndexKeying, LogHeader, LogStreams, RecordRef, WriteHash,
-    HASH_LEN, MAX_READ_DATA, VERSION,
+    WriteHasher, HASH_LEN, MAX_READ_DATA, VERSION,
 };
 use crate::record::writer::DEFAULT_SYNC_INTERVAL;
 
@@ -398,26 +398,26 @@ impl BlockDevice for RecordingDevice {
         batched_writes_pay(&self.image, len)
     }
 
-    /// Each write's hash is taken before it is written (as [`write`](Self::write) does);
-    /// the records follow in request order, which is also the order of their seqs.
+    /// Each write's hash is taken before it is written (as [`write`](Self::write) does), or
+    /// while a large direct batch's writes are in flight, from the data the engine copies out
+    /// for its own checksum (`Image::write_many_seeing`): guest memory is read once for both.
+    /// The records follow in request order, which is also the order of their seqs.
     fn write_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {
         let wh = self.log.header().write_hash;
-        // Hashed where the engine runs the closure: while a large direct batch's writes are in
-        // flight, before the writes otherwise (`Image::write_many_then`).
-        let hash_all = || -> Vec<_> { reqs.iter().map(|q| hash_segs(wh, q.segs)).collect() };
-        let mut hashes = Vec::new();
+        let mut hashers: Vec<Option<WriteHasher>> = reqs.iter().map(|_| None).collect();
         let plain = BatchReq::ranges(reqs);
-        let done = self
-            .image
-            .write_many_then(&plain, &mut || hashes = hash_all());
-        if hashes.len() != reqs.len() {
-            // `write_many_then` runs the closure exactly once; this only keeps the results
-            // matched to their requests if it ever did not.
-            hashes = hash_all();
-        }
+        let done = self.image.write_many_seeing(&plain, &mut |i, piece| {
+            if let (Some(h), Some(q)) = (hashers.get_mut(i), reqs.get(i)) {
+                h.get_or_insert_with(|| WriteHasher::new(wh, total_len(q.segs)))
+                    .update(piece);
+            }
+        });
         done.into_iter()
-            .zip(reqs.iter().zip(hashes))
-            .map(|(r, (q, hash))| {
+            .zip(reqs.iter().zip(hashers))
+            .map(|(r, (q, h))| {
+                // The engine showed only the writes it placed; the others are hashed here,
+                // still before they are written.
+                let hash = h.map_or_else(|| hash_segs(wh, q.segs), WriteHasher::finish);
                 let res = match r {
                     Ok(BatchWrite::Alone) => {
                         return self.write_hashed(q.ctx, q.offset, q.segs, hash)

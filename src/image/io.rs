@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use crate::iobuf::{as_iovecs, IoSeg};
+use crate::iobuf::{as_iovecs, copy_out, IoSeg};
 
 const IOV_MAX: usize = 1024;
 
@@ -99,31 +99,12 @@ pub fn pwritev_all(file: &File, segs: &[IoSeg<'_>], offset: u64) -> io::Result<(
     Ok(())
 }
 
-/// crc32c of the bytes of `segs`, copied through a small bounce buffer (the segments may be
-/// guest memory, which must not be borrowed as a Rust slice).
-/// The bounce buffer is per thread and reused (zeroing a fresh one per write cost more than
-/// the copy itself for 4 KiB writes).
+/// crc32c of the bytes of `segs` (copied out through [`copy_out`]'s per-thread buffer: the
+/// segments may be guest memory, which must not be borrowed as a Rust slice).
 pub fn crc_segs(segs: &[IoSeg<'_>]) -> u32 {
-    thread_local! {
-        static TMP: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 16 * 1024]);
-    }
-    TMP.with(|t| {
-        let mut tmp = t.borrow_mut();
-        let mut crc = 0u32;
-        for s in segs {
-            let mut off = 0usize;
-            while off < s.len() {
-                let n = (s.len() - off).min(tmp.len());
-                let Some(dst) = tmp.get_mut(..n) else { break };
-                if !s.copy_to(off, dst) {
-                    break;
-                }
-                crc = crc32c::crc32c_append(crc, dst);
-                off += n;
-            }
-        }
-        crc
-    })
+    let mut crc = 0u32;
+    copy_out(segs, &mut |piece| crc = crc32c::crc32c_append(crc, piece));
+    crc
 }
 
 /// Takes an exclusive `flock` on the file (read-write opens); false when another open file

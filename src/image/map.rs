@@ -167,6 +167,34 @@ impl Map {
         }
     }
 
+    /// Reads the entries of `lba .. lba + blocks` and throws them away: one load per cache
+    /// line of a dense chunk, a lookup of the first entry of a sparse one. It brings the lines
+    /// (and their pages' translations) into the caches, so that a later [`set`](Self::set) of
+    /// them, made under the image's map lock, does not wait for memory there.
+    pub fn warm(&self, lba: u64, blocks: u64) {
+        const PER_LINE: u64 = 64 / 8;
+        let end = lba.saturating_add(blocks).min(self.blocks);
+        let mut l = lba;
+        while l < end {
+            let ci = (l >> CHUNK_SHIFT) as usize;
+            let chunk_end = ((ci as u64 + 1) << CHUNK_SHIFT).min(end);
+            match self.dir.get(ci) {
+                Some(Chunk::Dense(d)) => {
+                    let mut o = l & (CHUNK - 1);
+                    while ((ci as u64) << CHUNK_SHIFT) | o < chunk_end {
+                        std::hint::black_box(d.get(o as usize).copied());
+                        o = (o | (PER_LINE - 1)) + 1;
+                    }
+                }
+                Some(c @ Chunk::Sparse(_)) => {
+                    std::hint::black_box(c.get(l & (CHUNK - 1)));
+                }
+                _ => {}
+            }
+            l = chunk_end;
+        }
+    }
+
     /// Sets the entry of `lba` (ignored when out of range).
     pub fn set(&mut self, lba: u64, v: u64) {
         if lba >= self.blocks {
@@ -354,6 +382,35 @@ mod tests {
         assert!(matches!(m.dir[1], Chunk::Empty));
         assert_eq!(m.mapped(), 0);
         assert_eq!(m.memory_bytes(), Map::new(3 * CHUNK).memory_bytes());
+    }
+
+    #[test]
+    fn warming_reads_any_range_of_any_chunk_and_changes_nothing() {
+        // Chunk 0 dense, chunk 1 sparse, chunk 2 empty, and a partial last chunk.
+        let mut m = Map::new(3 * CHUNK + 100);
+        m.set_range(0, CHUNK, Some(1000), ZERO);
+        m.set_range(CHUNK + 10, 5, Some(50), ZERO);
+        m.set(3 * CHUNK + 99, ZERO);
+        assert!(matches!(m.dir[0], Chunk::Dense(_)));
+        assert!(matches!(m.dir[1], Chunk::Sparse(_)));
+        let (runs, mapped, bytes) = (m.runs(), m.mapped(), m.memory_bytes());
+        for (lba, blocks) in [
+            (0, 1),
+            (7, 9),
+            (CHUNK - 3, 20),
+            (CHUNK + 10, 5),
+            (0, 4 * CHUNK),
+            (3 * CHUNK + 90, 1000),
+            (4 * CHUNK, 8),
+            (5, u64::MAX),
+            (u64::MAX - 1, u64::MAX),
+            (9, 0),
+        ] {
+            m.warm(lba, blocks);
+        }
+        assert_eq!(m.runs(), runs);
+        assert_eq!((m.mapped(), m.memory_bytes()), (mapped, bytes));
+        assert_eq!(m.get(3 * CHUNK + 99), ZERO);
     }
 
     #[test]

@@ -1293,32 +1293,31 @@ impl Image {
     /// no ring. A request whose data did not land fails alone; its blocks go back to the
     /// allocator. Results in request order.
     pub fn write_many(&self, reqs: &[(u64, &[IoSeg<'_>])]) -> Vec<Result<BatchWrite, ImageError>> {
-        self.write_many_then(reqs, &mut || {})
+        self.write_many_inner(reqs, &mut |_, _| {})
     }
 
-    /// As [`write_many`](Self::write_many), and runs `during` exactly once: for a batch of
-    /// [`WORK_IN_FLIGHT_MIN`] bytes or more with `O_DIRECT`, once its writes are submitted, so
-    /// that work the caller does on the same requests (a recorder's hash of the written data)
-    /// overlaps the disk's instead of delaying it; otherwise before the writes. The checksums
-    /// of the data, which the journal records carry, are computed the same way. `during` must
-    /// not change the requests' buffers.
-    pub fn write_many_then(
+    /// As [`write_many`](Self::write_many), and shows the caller the data of every write the
+    /// batch places, as it copies that data out for the checksum its journal record carries:
+    /// `see(i, piece)` for request `i`, the pieces of a request in order and adding up to its
+    /// length, all of it in one piece up to [`crate::iobuf::GATHER_LEN`] bytes. A caller that
+    /// needs the data too (a recorder's hash of it) then does not copy it out of guest memory
+    /// a second time. This happens for a batch of [`WORK_IN_FLIGHT_MIN`] bytes or more with
+    /// `O_DIRECT` once its writes are submitted, so that the work overlaps the disk's instead
+    /// of delaying it; otherwise before the writes. Requests the batch leaves to the caller
+    /// ([`BatchWrite::Alone`]) or refuses are not shown. `see` must not change the requests'
+    /// buffers.
+    pub fn write_many_seeing(
         &self,
         reqs: &[(u64, &[IoSeg<'_>])],
-        during: &mut dyn FnMut(),
+        see: &mut dyn FnMut(usize, &[u8]),
     ) -> Vec<Result<BatchWrite, ImageError>> {
-        let mut during = Some(during);
-        let out = self.write_many_inner(reqs, &mut during);
-        if let Some(f) = during.take() {
-            f();
-        }
-        out
+        self.write_many_inner(reqs, see)
     }
 
     fn write_many_inner(
         &self,
         reqs: &[(u64, &[IoSeg<'_>])],
-        during: &mut Option<&mut dyn FnMut()>,
+        see: &mut dyn FnMut(usize, &[u8]),
     ) -> Vec<Result<BatchWrite, ImageError>> {
         if self.read_only {
             return reqs.iter().map(|_| Err(ImageError::ReadOnly)).collect();
@@ -1379,23 +1378,34 @@ impl Image {
             return out;
         }
         let bytes: u64 = placed.iter().map(|p| p.2 * bs).sum();
-        // The records' CRCs and the caller's work: before the writes, or while a large direct
-        // batch's writes are in flight. Does its work once however often it is called.
+        // The records' CRCs, the data shown to the caller with them: before the writes, or
+        // while a large direct batch's writes are in flight. Does its work once however often
+        // it is called.
         let mut prepare = || {
             for p in placed.iter_mut().filter(|p| p.4.is_none()) {
                 if let Some(&(_, segs)) = reqs.get(p.0) {
-                    p.4 = Some(io::crc_segs(segs));
+                    let mut crc = 0u32;
+                    crate::iobuf::copy_out(segs, &mut |piece| {
+                        crc = crc32c::crc32c_append(crc, piece);
+                        see(p.0, piece);
+                    });
+                    p.4 = Some(crc);
                 }
-            }
-            if let Some(f) = during.take() {
-                f();
             }
         };
         if direct.is_none() || bytes < WORK_IN_FLIGHT_MIN {
             prepare();
         }
         let landed = match direct {
-            Some(d) => self.write_batch_direct(d, &ios, &mut prepare),
+            Some(d) => {
+                // While the disk works, also bring the map entries the commits below will set
+                // into the caches (a cache miss per write under the map's write lock otherwise).
+                let mut in_flight = || {
+                    prepare();
+                    self.warm_map(reqs);
+                };
+                self.write_batch_direct(d, &ios, &mut in_flight)
+            }
             None => self.write_batch_buffered(&ios),
         };
         // Nothing left to do here: `write_batch_direct` runs it exactly once. Kept so that no
@@ -1421,6 +1431,16 @@ impl Image {
         drop(j);
         self.background_sync();
         out
+    }
+
+    /// Reads the live map's entries of the blocks `reqs` write, so that their commits find
+    /// them in the caches ([`Map::warm`]).
+    fn warm_map(&self, reqs: &[(u64, &[IoSeg<'_>])]) {
+        let bs = self.sh.bs.bytes_u64();
+        let live = rlock(&self.live);
+        for &(offset, segs) in reqs {
+            live.map.warm(offset / bs, total_len(segs).div_ceil(bs));
+        }
     }
 
     /// The data of [`Self::write_many`] through the page cache: one `pwritev` per run of
@@ -2507,8 +2527,8 @@ fn load_checkpoint(
     Ok(ck)
 }
 
-/// A direct batch of [`Image::write_many_then`] with at least this many bytes has its CRCs
-/// computed, and the caller's work done, while its writes are in flight; a smaller one before
+/// A direct batch of [`Image::write_many_seeing`] with at least this many bytes has its CRCs
+/// computed (and its data shown to the caller) while its writes are in flight; a smaller one before
 /// them. Measured: batches of eight 128 KiB writes gained (the CPU work no longer delays the
 /// disk), batches of 32 writes of 4 KiB lost, since a write into reserved space runs on an
 /// io-wq kernel thread that then waits for the CPU (docs/perf-notes.md, section 29).

@@ -1377,9 +1377,8 @@ mod tests {
             .map(|(&(off, ..), s)| (off, s.as_slice()))
             .collect();
         let before = queued();
-        let mut during = 0;
-        let out = img.write_many_then(&plain, &mut || during += 1);
-        assert_eq!(during, 1, "the work given to the batch ran once");
+        let mut seen: Vec<Vec<u8>> = vec![Vec::new(); reqs.len()];
+        let out = img.write_many_seeing(&plain, &mut |i, piece| seen[i].extend_from_slice(piece));
         // The three whole-block writes got blocks that follow each other: one write.
         let ring = if direct { 1 } else { 0 };
         assert_eq!(
@@ -1402,10 +1401,20 @@ mod tests {
                     // What the device does with it: write it on its own.
                     img.write_vectored(off, &segs[k]).unwrap();
                 }
-                ('e', Err(ImageError::OutOfRange { .. })) => continue,
+                ('e', Err(ImageError::OutOfRange { .. })) => {
+                    assert!(seen[k].is_empty(), "request {k}: refused, yet shown");
+                    continue;
+                }
                 other => panic!("request {k}: {other:?}"),
             }
             let (v, start) = &bufs[k];
+            // The caller was shown, once, the data of exactly the writes the batch placed.
+            let shown: &[u8] = if want == 'd' {
+                &v[*start..start + len]
+            } else {
+                &[]
+            };
+            assert_eq!(seen[k], shown, "request {k}");
             model[off as usize..off as usize + len].copy_from_slice(&v[*start..start + len]);
         }
         // Committed in request order, one seq each, before the ones written alone, in blocks

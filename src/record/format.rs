@@ -9,7 +9,7 @@
 //! decodes on its own and a torn tail costs at most one frame.
 
 use crate::image::Extent;
-use crate::iobuf::IoSeg;
+use crate::iobuf::{copy_out, IoSeg};
 use crate::units::{BlockSize, Lba, Pba, Seq};
 
 use super::RecordError;
@@ -1039,73 +1039,75 @@ pub fn truncate_hash(h: &blake3::Hash) -> [u8; HASH_LEN] {
     out
 }
 
+/// The hash kept for the data of a write, fed its bytes as they come, in one or more pieces.
+/// Data that comes in one piece (what [`copy_out`] makes of every write up to its 16 KiB, so
+/// every 4 KiB write) is hashed with XXH3's one-shot function, which costs about half of
+/// feeding a streaming hasher and needs no hasher state.
+pub struct WriteHasher {
+    alg: WriteHash,
+    total: u64,
+    state: HasherState,
+}
+
+enum HasherState {
+    Start,
+    Blake3(Box<blake3::Hasher>),
+    Xxh3(Box<twox_hash::XxHash3_128>),
+    Done([u8; HASH_LEN]),
+}
+
+impl WriteHasher {
+    /// A hasher for `total` bytes of write data, hashed with `alg`.
+    pub fn new(alg: WriteHash, total: u64) -> Self {
+        Self {
+            alg,
+            total,
+            state: HasherState::Start,
+        }
+    }
+
+    /// Feeds the next `piece` of the data. The pieces must add up to the `total` given to
+    /// [`new`](Self::new): data that came whole is hashed at once, and nothing more is taken.
+    pub fn update(&mut self, piece: &[u8]) {
+        if matches!(self.state, HasherState::Start) {
+            self.state = match self.alg {
+                WriteHash::Xxh3_128 if piece.len() as u64 == self.total => {
+                    HasherState::Done(twox_hash::XxHash3_128::oneshot(piece).to_le_bytes())
+                }
+                WriteHash::Xxh3_128 => HasherState::Xxh3(Box::new(twox_hash::XxHash3_128::new())),
+                WriteHash::Blake3 => HasherState::Blake3(Box::default()),
+            };
+        }
+        match &mut self.state {
+            HasherState::Blake3(h) => {
+                h.update(piece);
+            }
+            HasherState::Xxh3(h) => h.write(piece),
+            HasherState::Done(_) | HasherState::Start => {}
+        }
+    }
+
+    /// The hash of everything fed.
+    pub fn finish(self) -> [u8; HASH_LEN] {
+        match self.state {
+            HasherState::Done(h) => h,
+            HasherState::Blake3(h) => truncate_hash(&h.finalize()),
+            HasherState::Xxh3(h) => h.finish_128().to_le_bytes(),
+            HasherState::Start => match self.alg {
+                WriteHash::Xxh3_128 => twox_hash::XxHash3_128::oneshot(&[]).to_le_bytes(),
+                WriteHash::Blake3 => truncate_hash(&blake3::hash(&[])),
+            },
+        }
+    }
+}
+
 /// The hash kept for the data of a write, computed over its scatter-gather segments (copied
-/// out in chunks: guest memory is never borrowed as a Rust slice). The bounce buffer is per
-/// thread, so it is not zeroed again for every request; data that fits in it (every 4 KiB
-/// write) is gathered there and hashed in one call, which for XXH3 costs about half of feeding
-/// a streaming hasher (and needs no hasher state).
+/// out through [`copy_out`]'s per-thread buffer: guest memory is never borrowed as a Rust
+/// slice).
 pub fn hash_segs(alg: WriteHash, segs: &[IoSeg<'_>]) -> [u8; HASH_LEN] {
-    const BOUNCE_LEN: usize = 16 * 1024;
-    thread_local! {
-        static BOUNCE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; BOUNCE_LEN]);
-    }
-    enum Hasher {
-        Blake3(Box<blake3::Hasher>),
-        Xxh3(Box<twox_hash::XxHash3_128>),
-    }
-    BOUNCE.with(|b| {
-        let mut fallback = Vec::new();
-        let mut guard = b.try_borrow_mut();
-        let buf = match guard.as_deref_mut() {
-            Ok(v) => v,
-            // Not reachable (nothing in here hashes again); a fresh buffer keeps it correct.
-            Err(_) => {
-                fallback.resize(BOUNCE_LEN, 0);
-                &mut fallback
-            }
-        };
-        if alg == WriteHash::Xxh3_128 && crate::iobuf::total_len(segs) <= buf.len() as u64 {
-            let mut pos = 0;
-            for s in segs {
-                let Some(dst) = buf.get_mut(pos..pos + s.len()) else {
-                    break;
-                };
-                if !s.copy_to(0, dst) {
-                    break;
-                }
-                pos += s.len();
-            }
-            let data = buf.get(..pos).unwrap_or_default();
-            return twox_hash::XxHash3_128::oneshot(data).to_le_bytes();
-        }
-        let mut h = match alg {
-            WriteHash::Blake3 => Hasher::Blake3(Box::default()),
-            WriteHash::Xxh3_128 => Hasher::Xxh3(Box::new(twox_hash::XxHash3_128::new())),
-        };
-        for s in segs {
-            let mut off = 0;
-            while off < s.len() {
-                let n = (s.len() - off).min(buf.len());
-                let Some(chunk) = buf.get_mut(..n) else {
-                    break;
-                };
-                if !s.copy_to(off, chunk) {
-                    break;
-                }
-                match &mut h {
-                    Hasher::Blake3(h) => {
-                        h.update(chunk);
-                    }
-                    Hasher::Xxh3(h) => h.write(chunk),
-                }
-                off += n;
-            }
-        }
-        match h {
-            Hasher::Blake3(h) => truncate_hash(&h.finalize()),
-            Hasher::Xxh3(h) => h.finish_128().to_le_bytes(),
-        }
-    })
+    let mut h = WriteHasher::new(alg, crate::iobuf::total_len(segs));
+    copy_out(segs, &mut |piece| h.update(piece));
+    h.finish()
 }
 
 #[cfg(test)]
@@ -1327,6 +1329,33 @@ mod tests {
                 truncate_hash(&blake3::hash(data)),
                 "{len} bytes"
             );
+        }
+    }
+
+    proptest! {
+        /// However a write's data is cut into pieces, the hasher gives the hash of the whole
+        /// (checked against another implementation for XXH3); one piece takes the one-shot
+        /// path, several the streaming one.
+        #[test]
+        fn write_hasher_takes_any_pieces(
+            len in 0usize..40_000,
+            cuts in proptest::collection::vec(0usize..40_000, 0..4),
+        ) {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 + i / 97) as u8).collect();
+            let mut at: Vec<usize> = cuts.into_iter().map(|c| c % (len + 1)).collect();
+            at.push(0);
+            at.push(len);
+            at.sort_unstable();
+            for (alg, want) in [
+                (WriteHash::Xxh3_128, xxhash_rust::xxh3::xxh3_128(&data).to_le_bytes()),
+                (WriteHash::Blake3, truncate_hash(&blake3::hash(&data))),
+            ] {
+                let mut h = WriteHasher::new(alg, len as u64);
+                for w in at.windows(2) {
+                    h.update(&data[w[0]..w[1]]);
+                }
+                prop_assert_eq!(h.finish(), want, "{:?} cut at {:?}", alg, at);
+            }
         }
     }
 
