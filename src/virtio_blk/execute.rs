@@ -433,9 +433,30 @@ where
     M: Deref + Clone,
     M::Target: GuestMemory,
 {
+    parse_as(chain, params, RequestType::Out)
+}
+
+/// As [`parse_write`], for a read request; its `data_len` is the read's length.
+pub fn parse_read<M>(chain: &DescriptorChain<M>, params: &ExecuteParams) -> Option<Request>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    parse_as(chain, params, RequestType::In)
+}
+
+fn parse_as<M>(
+    chain: &DescriptorChain<M>,
+    params: &ExecuteParams,
+    t: RequestType,
+) -> Option<Request>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
     Request::parse(chain, &params.limits)
         .ok()
-        .filter(|r| r.request_type == RequestType::Out)
+        .filter(|r| r.request_type == t)
 }
 
 /// Parses `chain` (unless `parsed`, what [`Request::parse`] made of it already, is given)
