@@ -294,9 +294,10 @@ const PIPELINED_READ_PART: usize = 8;
 
 /// The most bytes of reads in one part (a read larger than this is a part of its own): large
 /// reads held back until their part's slowest one is done leave the disk idle between waves.
-/// 128 KiB reads at QD8 one per part ran 12% faster than eight per part, while one 4 KiB read
-/// per part cost 17% at QD32 (docs/perf-notes.md, section 34); with this limit 4 KiB reads
-/// still go eight to a part.
+/// With `--direct`, 128 KiB reads after random overwrite (each many disk reads) gained 10-20%
+/// from it; sequential 128 KiB reads one per part ran 12% faster in one A/B and within the
+/// noise in two more, while one 4 KiB read per part cost 17% at QD32 (docs/perf-notes.md,
+/// section 34); with this limit 4 KiB reads still go eight to a part.
 const PIPELINED_READ_PART_BYTES: u64 = 64 << 10;
 
 /// Cuts a batch's reads, in order, into parts of at most [`PIPELINED_READ_PART`] reads and
