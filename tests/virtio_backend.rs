@@ -163,9 +163,16 @@ fn written(i: u64) -> Vec<u8> {
 /// Checks that read request `i` (4 KiB at sector `8 i`) of [`batched_setup`] got the device's
 /// data.
 fn assert_read_data(m: &GuestMemoryMmap, i: u64) {
-    let mut got = vec![0u8; 4096];
+    assert_read_data_len(m, i, 4096);
+}
+
+/// As [`assert_read_data`], for a read of `len` bytes at sector `8 i`.
+fn assert_read_data_len(m: &GuestMemoryMmap, i: u64, len: u32) {
+    let mut got = vec![0u8; len as usize];
     m.read_slice(&mut got, data_at(i)).unwrap();
-    let want: Vec<u8> = (0..4096).map(|b| ((i * 4096 + b) / 512) as u8).collect();
+    let want: Vec<u8> = (0..u64::from(len))
+        .map(|b| ((i * 4096 + b) / 512) as u8)
+        .collect();
     assert!(got == want, "read {i} data");
 }
 
@@ -654,12 +661,7 @@ fn a_pipelined_batchs_large_reads_go_in_parts_of_their_own() {
             m.read_obj::<u8>(GuestAddress(0x30_0000 + i * 16)).unwrap(),
             STATUS_OK
         );
-        let mut got = vec![0u8; len as usize];
-        m.read_slice(&mut got, data_at(i)).unwrap();
-        let want: Vec<u8> = (0..u64::from(len))
-            .map(|b| ((i * 4096 + b) / 512) as u8)
-            .collect();
-        assert!(got == want, "read {i} data");
+        assert_read_data_len(&m, i, len);
     }
 }
 

@@ -102,8 +102,17 @@ pub fn pwritev_all(file: &File, segs: &[IoSeg<'_>], offset: u64) -> io::Result<(
 /// crc32c of the bytes of `segs` (copied out through [`copy_out`]'s per-thread buffer: the
 /// segments may be guest memory, which must not be borrowed as a Rust slice).
 pub fn crc_segs(segs: &[IoSeg<'_>]) -> u32 {
+    crc_segs_seeing(segs, &mut |_| {})
+}
+
+/// As [`crc_segs`], handing each piece of the copied data to `see` too (in order, as
+/// [`copy_out`] cuts it), so a caller that needs the data does not copy it out again.
+pub fn crc_segs_seeing(segs: &[IoSeg<'_>], see: &mut dyn FnMut(&[u8])) -> u32 {
     let mut crc = 0u32;
-    copy_out(segs, &mut |piece| crc = crc32c::crc32c_append(crc, piece));
+    copy_out(segs, &mut |piece| {
+        crc = crc32c::crc32c_append(crc, piece);
+        see(piece);
+    });
     crc
 }
 

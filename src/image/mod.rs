@@ -1384,12 +1384,7 @@ impl Image {
         let mut prepare = || {
             for p in placed.iter_mut().filter(|p| p.4.is_none()) {
                 if let Some(&(_, segs)) = reqs.get(p.0) {
-                    let mut crc = 0u32;
-                    crate::iobuf::copy_out(segs, &mut |piece| {
-                        crc = crc32c::crc32c_append(crc, piece);
-                        see(p.0, piece);
-                    });
-                    p.4 = Some(crc);
+                    p.4 = Some(io::crc_segs_seeing(segs, &mut |piece| see(p.0, piece)));
                 }
             }
         };
