@@ -445,6 +445,61 @@ fn a_batch_is_completed_and_signalled_once() {
     }
 }
 
+/// A memory table the frontend sends while the queues serve (`SET_MEM_TABLE`: vhost-user-backend
+/// replaces the contents of the shared `GuestMemoryAtomic`, then calls `update_memory`) is what
+/// the next batch reads, for every request thread: the queue's copy of the region table is made
+/// anew, not kept from before.
+#[test]
+fn a_new_memory_table_is_what_the_next_batch_reads() {
+    for threads in [1, 4] {
+        let s = setup_threads(threads);
+        let m = s.mem.memory();
+        m.write_slice(&[0xaa; 4096], data_at(0)).unwrap();
+        let vring = queue(
+            &s,
+            &[chain(&m, 0, VIRTIO_BLK_T_OUT, 0, 4096, 0x30_0000)],
+            false,
+        );
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        wait_used(&vring, 1, "the write in the first memory");
+        // New memory at the same guest addresses, holding a queue of its own: two writes
+        // of other data. The old memory still holds the old queue, with its chain in it.
+        let fresh = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        s.mem.lock().unwrap().replace(fresh);
+        s.backend.update_memory(s.mem.clone()).unwrap();
+        let m2 = s.mem.memory();
+        for i in 1..3u64 {
+            m2.write_slice(&[0xb0 | i as u8; 4096], data_at(i)).unwrap();
+        }
+        let chains: Vec<_> = (1..3u64)
+            .map(|i| chain(&m2, i, VIRTIO_BLK_T_OUT, i * 8, 4096, 0x30_0000 + i * 16))
+            .collect();
+        let vring2 = queue(&s, &chains, false);
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring2), 0)
+            .unwrap();
+        wait_used(&vring2, 2, "the writes in the new memory");
+        for i in 1..3u64 {
+            assert_eq!(
+                m2.read_obj::<u8>(GuestAddress(0x30_0000 + i * 16)).unwrap(),
+                STATUS_OK
+            );
+        }
+        let data = s.dev.data.lock().unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 0xaa), "threads={threads}");
+        for i in 1..3usize {
+            assert!(
+                data[i * 4096..(i + 1) * 4096]
+                    .iter()
+                    .all(|&b| b == 0xb0 | i as u8),
+                "write {i} took its data from the new memory (threads={threads})"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_batchs_reads_and_writes_go_to_a_device_that_prefers_them_together() {
     // 8 well-formed requests (reads at odd i, writes at even i), a read past the end, a read

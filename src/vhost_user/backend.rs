@@ -33,7 +33,7 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -197,7 +197,7 @@ enum Work {
     One(RequestCtx, Chain),
     Batch(
         BatchKind,
-        GuestMemoryLoadGuard<GuestMemoryMmap>,
+        QueueMem,
         Vec<(RequestCtx, Chain, Option<Request>)>,
     ),
 }
@@ -282,6 +282,8 @@ pub struct BlkBackend {
     polls: Vec<Mutex<QueuePoll>>,
     /// Per queue: whether its worker, or its helpers, hold chains not completed yet.
     in_flight: Vec<Arc<InFlight>>,
+    /// Per queue: the guest memory its chains hold (only its worker locks it).
+    queue_mems: Vec<QueueMemSlot>,
 }
 
 /// The most reads of a batch in one part with [`BackendConfig::pipeline`]: a part completes
@@ -473,7 +475,44 @@ impl RequestCounters {
 }
 
 /// A chain as popped from a queue, with the guest memory it refers to.
-type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+type Chain = DescriptorChain<QueueMem>;
+
+/// Guest memory as a queue's chains hold it: the queue's own copy of the region table (the
+/// regions themselves, and their mappings, are shared), with its reference count on a cache
+/// line of its own.
+///
+/// virtio-queue's `AvailIter` gives every chain a clone of the memory handle it pops with, and
+/// the chain drops it when done: two atomic updates of the handle's reference count per
+/// request, on the queue's worker and on the request thread that completes it. vm-memory's own
+/// handle (`GuestMemoryLoadGuard`, an `Arc<GuestMemoryMmap>`) keeps that count on the cache
+/// line of the region table that every guest-address lookup reads, and shares it between
+/// queues, so lookups missed whenever another CPU had just taken or dropped a chain (10% of a
+/// recording daemon's samples in `to_region_addr`; docs/perf-notes.md, section 35).
+#[derive(Clone)]
+struct QueueMem(Arc<AlignedMem>);
+
+/// A region table aligned so that, inside its `Arc`, it does not share a cache line (nor the
+/// adjacent-line prefetch pair) with the reference counts before it.
+#[repr(align(128))]
+struct AlignedMem(GuestMemoryMmap);
+
+impl QueueMem {
+    fn new(mem: &GuestMemoryMmap) -> Self {
+        QueueMem(Arc::new(AlignedMem(mem.clone())))
+    }
+}
+
+impl std::ops::Deref for QueueMem {
+    type Target = GuestMemoryMmap;
+
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.0 .0
+    }
+}
+
+/// A queue's [`QueueMem`], with the memory snapshot it was copied from (kept, so that the
+/// snapshot's address cannot be reused by a later one while it is compared with).
+type QueueMemSlot = Mutex<Option<(Arc<GuestMemoryMmap>, QueueMem)>>;
 
 impl BlkBackend {
     /// A backend serving `dev` with guest memory `mem` (the same object given to the
@@ -536,6 +575,7 @@ impl BlkBackend {
             })
             .collect();
         let in_flight = (0..cfg.num_queues).map(|_| Arc::default()).collect();
+        let queue_mems = (0..cfg.num_queues).map(|_| Mutex::new(None)).collect();
         Ok(BlkBackend {
             dev,
             cfg,
@@ -551,7 +591,33 @@ impl BlkBackend {
             pools,
             polls,
             in_flight,
+            queue_mems,
         })
+    }
+
+    /// The guest memory `queue`'s chains are to hold: its [`QueueMem`], made anew when the
+    /// frontend's memory table has changed since the queue's last batch.
+    fn queue_mem(&self, queue: u16) -> io::Result<QueueMem> {
+        let current = self
+            .mem
+            .read()
+            .map_err(|_| io::Error::other("guest memory lock poisoned"))?
+            .memory();
+        let mut slot = self
+            .queue_mems
+            .get(usize::from(queue))
+            .ok_or_else(|| io::Error::other("queue index out of range"))?
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((from, mem)) = slot.as_ref() {
+            if std::ptr::eq(Arc::as_ptr(from), &*current) {
+                return Ok(mem.clone());
+            }
+        }
+        let from = current.into_inner();
+        let mem = QueueMem::new(&from);
+        *slot = Some((from, mem.clone()));
+        Ok(mem)
     }
 
     /// The virtio feature bits offered.
@@ -596,11 +662,7 @@ impl BlkBackend {
         queue: u16,
         disk_poll: Duration,
     ) -> io::Result<bool> {
-        let mem = self
-            .mem
-            .read()
-            .map_err(|_| io::Error::other("guest memory lock poisoned"))?
-            .memory();
+        let mem = self.queue_mem(queue)?;
         let in_flight = self
             .in_flight
             .get(usize::from(queue))
@@ -945,6 +1007,11 @@ impl VhostUserBackend for BlkBackend {
             .mem
             .write()
             .map_err(|_| io::Error::other("guest memory lock poisoned"))? = mem;
+        // No queue keeps the old table (and its mappings) alive until its next batch: chains
+        // in flight hold their own handle.
+        for slot in &self.queue_mems {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
         Ok(())
     }
 
