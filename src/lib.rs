@@ -1,7 +1,8 @@
 //! RR-Row: a redirect-on-write VM disk for record/replay, served as a vhost-user-blk backend.
 //!
 //! Layers, each depending only on the ones below it:
-//! - [`units`], [`iobuf`]: units and scatter-gather segments.
+//! - [`units`], [`iobuf`], [`crc`]: units, scatter-gather segments, the CRC-32C of every
+//!   on-disk and log structure.
 //! - [`image`]: the on-disk redirect-on-write image engine. Knows nothing of virtio.
 //! - [`record`]: the record log format (block ids instead of data). Knows nothing of virtio.
 //! - [`blockdev`]: the [`blockdev::BlockDevice`] trait the virtio layer executes against, and
@@ -14,6 +15,7 @@
 
 pub mod blockdev;
 pub mod cli;
+pub mod crc;
 pub mod image;
 pub mod iobuf;
 pub mod record;

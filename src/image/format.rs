@@ -150,7 +150,7 @@ pub enum HeaderFault {
 impl Header {
     /// The chain seed of an image's first journal record.
     pub fn chain_seed(uuid: &[u8; 16]) -> u32 {
-        crc32c::crc32c_append(crc32c::crc32c(b"RRROWJNL"), uuid)
+        crate::crc::crc32c_append(crate::crc::crc32c(b"RRROWJNL"), uuid)
     }
 
     /// The position of the journal's very first record (byte 64 of segment 0), with its chain
@@ -207,7 +207,7 @@ impl Header {
         let plen = path.len().min(MAX_BASE_PATH);
         put(&mut b, 160, &(plen as u32).to_le_bytes());
         put(&mut b, 168, path.get(..plen).unwrap_or(&[]));
-        let crc = crc32c::crc32c(&b[..HEADER_SIZE - 4]);
+        let crc = crate::crc::crc32c(&b[..HEADER_SIZE - 4]);
         put(&mut b, HEADER_SIZE - 4, &crc.to_le_bytes());
         b
     }
@@ -227,7 +227,7 @@ impl Header {
             return Err(inv("short header"));
         }
         let stored = rd_u32(b, HEADER_SIZE - 4).unwrap_or(0);
-        let crc_ok = crc32c::crc32c(b.get(..HEADER_SIZE - 4).unwrap_or(&[])) == stored;
+        let crc_ok = crate::crc::crc32c(b.get(..HEADER_SIZE - 4).unwrap_or(&[])) == stored;
         if version > VERSION {
             // A future version may lay the rest out differently: report the version first.
             return Err(HeaderFault::Version(version));
@@ -341,7 +341,7 @@ pub fn encode_seg_header(uuid: &[u8; 16], seg_index: u64) -> [u8; SEG_HEADER_SIZ
     put(&mut b, 0, &SEG_MAGIC);
     put(&mut b, 8, uuid);
     put(&mut b, 24, &seg_index.to_le_bytes());
-    let crc = crc32c::crc32c(&b[..60]);
+    let crc = crate::crc::crc32c(&b[..60]);
     put(&mut b, 60, &crc.to_le_bytes());
     b
 }
@@ -352,7 +352,7 @@ pub fn check_seg_header(b: &[u8], uuid: &[u8; 16], seg_index: u64) -> Result<(),
         return Err("journal segment header has a bad magic".into());
     }
     let stored = rd_u32(b, 60).ok_or("short segment header")?;
-    if crc32c::crc32c(b.get(..60).ok_or("short segment header")?) != stored {
+    if crate::crc::crc32c(b.get(..60).ok_or("short segment header")?) != stored {
         return Err("journal segment header checksum mismatch".into());
     }
     if b.get(8..24) != Some(&uuid[..]) {
@@ -531,7 +531,7 @@ pub fn encode_record(rec: &Record, prev_crc: u32) -> (Vec<u8>, u32) {
             }
         }
     }
-    let crc = crc32c::crc32c_append(prev_crc, &b);
+    let crc = crate::crc::crc32c_append(prev_crc, &b);
     b.extend_from_slice(&crc.to_le_bytes());
     (b, crc)
 }
@@ -579,7 +579,7 @@ pub fn decode_record(b: &[u8], prev_crc: u32) -> Result<Decoded, String> {
     }
     let body = b.get(..len - 4).unwrap_or(&[]);
     let stored = rd_u32(b, len - 4).unwrap_or(0);
-    let crc = crc32c::crc32c_append(prev_crc, body);
+    let crc = crate::crc::crc32c_append(prev_crc, body);
     if crc != stored {
         return Ok(Decoded::Invalid {
             what: "record checksum mismatch".into(),
@@ -731,7 +731,7 @@ impl Checkpoint {
                 b.extend_from_slice(&c.to_le_bytes());
             }
         }
-        let crc = crc32c::crc32c(&b);
+        let crc = crate::crc::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         (b, crc)
     }
@@ -744,7 +744,7 @@ impl Checkpoint {
         }
         let body = b.get(..b.len() - 4).unwrap_or(&[]);
         let stored = rd_u32(b, b.len() - 4).unwrap_or(0);
-        if crc32c::crc32c(body) != stored {
+        if crate::crc::crc32c(body) != stored {
             return Err("checkpoint checksum mismatch".into());
         }
         if b.get(0..8) != Some(&CKPT_MAGIC[..]) {

@@ -110,7 +110,7 @@ pub fn crc_segs(segs: &[IoSeg<'_>]) -> u32 {
 pub fn crc_segs_seeing(segs: &[IoSeg<'_>], see: &mut dyn FnMut(&[u8])) -> u32 {
     let mut crc = 0u32;
     copy_out(segs, &mut |piece| {
-        crc = crc32c::crc32c_append(crc, piece);
+        crc = crate::crc::crc32c_append(crc, piece);
         see(piece);
     });
     crc

@@ -1555,7 +1555,7 @@ impl Image {
             self.sh.release_data(first, n);
             ImageError::io("cannot write data blocks", e)
         })?;
-        let outcome = self.commit_write(&mut j, lba, n, first, crc32c::crc32c(&buf))?;
+        let outcome = self.commit_write(&mut j, lba, n, first, crate::crc::crc32c(&buf))?;
         drop(j);
         self.background_sync();
         Ok(outcome)
@@ -1678,7 +1678,7 @@ impl Image {
             self.sh.release_data(first, n);
             ImageError::io("cannot write relocated blocks", e)
         })?;
-        let crc = crc32c::crc32c(data);
+        let crc = crate::crc::crc32c(data);
         let mut j = lock(&self.journal);
         if j.failed {
             return Err(ImageError::Failed);
@@ -1883,7 +1883,7 @@ impl Image {
                 lba: l,
                 blocks: 1,
                 pba: Some(slot),
-                data_crc: crc32c::crc32c(&buf),
+                data_crc: crate::crc::crc32c(&buf),
             });
         }
         let mut rp = rmw_pieces.into_iter();
@@ -2502,7 +2502,7 @@ fn load_checkpoint(
     }
     let mut b = vec![0u8; c.len as usize];
     sh.pread_padded(&mut b, off)?;
-    if crc32c::crc32c(b.get(..b.len().saturating_sub(4)).unwrap_or(&[]))
+    if crate::crc::crc32c(b.get(..b.len().saturating_sub(4)).unwrap_or(&[]))
         != format::rd_u32(&b, b.len().saturating_sub(4)).unwrap_or(0)
         || format::rd_u32(&b, b.len().saturating_sub(4)) != Some(c.crc)
     {

@@ -435,7 +435,7 @@ impl Shared {
             if self.pread_padded(chunk, off + done)? < len {
                 return Ok(None);
             }
-            crc = crc32c::crc32c_append(crc, chunk);
+            crc = crate::crc::crc32c_append(crc, chunk);
             done += len as u64;
         }
         Ok(Some(crc))

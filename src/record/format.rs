@@ -222,7 +222,7 @@ impl LogHeader {
         h[48..56].copy_from_slice(&self.image_size.to_le_bytes());
         h[56..64].copy_from_slice(&self.created_unix_ns.to_le_bytes());
         // 64..76: reserved, zero.
-        let crc = crc32c::crc32c(&h[..HEADER_LEN - 4]);
+        let crc = crate::crc::crc32c(&h[..HEADER_LEN - 4]);
         h[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
         h
     }
@@ -257,7 +257,7 @@ impl LogHeader {
             return Err(RecordError::BadHeader("version 0".into()));
         }
         let stored = u32::from_le_bytes([h[76], h[77], h[78], h[79]]);
-        let computed = crc32c::crc32c(&h[..HEADER_LEN - 4]);
+        let computed = crate::crc::crc32c(&h[..HEADER_LEN - 4]);
         if stored != computed {
             return Err(RecordError::HeaderChecksum { stored, computed });
         }
@@ -1019,7 +1019,7 @@ pub fn frame_header(payload: &[u8]) -> Result<[u8; FRAME_HEADER_LEN], RecordErro
         .filter(|&l| l <= MAX_FRAME_PAYLOAD)
         .ok_or(RecordError::Encode("frame payload larger than 1 GiB"))?;
     let len_bytes = len.to_le_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&len_bytes), payload);
+    let crc = crate::crc::crc32c_append(crate::crc::crc32c(&len_bytes), payload);
     let mut h = [0u8; FRAME_HEADER_LEN];
     h[..4].copy_from_slice(&len_bytes);
     h[4..].copy_from_slice(&crc.to_le_bytes());
@@ -1028,7 +1028,7 @@ pub fn frame_header(payload: &[u8]) -> Result<[u8; FRAME_HEADER_LEN], RecordErro
 
 /// Checks a frame: `len_bytes` are its first four bytes, `crc` the stored checksum.
 pub fn frame_crc_ok(len_bytes: [u8; 4], crc: u32, payload: &[u8]) -> bool {
-    crc32c::crc32c_append(crc32c::crc32c(&len_bytes), payload) == crc
+    crate::crc::crc32c_append(crate::crc::crc32c(&len_bytes), payload) == crc
 }
 
 /// A BLAKE3 hash as kept for written data in [`WriteHash::Blake3`] logs: truncated to
@@ -1178,7 +1178,7 @@ mod tests {
     fn header_with_unknown_mode_or_features_is_refused() {
         let mut b = header().encode();
         b[16] = 9;
-        let crc = crc32c::crc32c(&b[..76]);
+        let crc = crate::crc::crc32c(&b[..76]);
         b[76..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             LogHeader::decode(&b),
@@ -1186,7 +1186,7 @@ mod tests {
         ));
         let mut b = header().encode();
         b[12] |= 4;
-        let crc = crc32c::crc32c(&b[..76]);
+        let crc = crate::crc::crc32c(&b[..76]);
         b[76..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             LogHeader::decode(&b),
@@ -1232,7 +1232,7 @@ mod tests {
         // Per-connection indices need one ordered stream: bit 1 without bit 0 is refused.
         let mut b = h.encode();
         b[12] = 2;
-        let crc = crc32c::crc32c(&b[..76]);
+        let crc = crate::crc::crc32c(&b[..76]);
         b[76..].copy_from_slice(&crc.to_le_bytes());
         let e = LogHeader::decode(&b).unwrap_err().to_string();
         assert!(e.contains("per-thread streams"), "{e}");
@@ -1368,7 +1368,7 @@ mod tests {
         }
         let mut b = header().encode();
         b[17] = 9;
-        let crc = crc32c::crc32c(&b[..76]);
+        let crc = crate::crc::crc32c(&b[..76]);
         b[76..].copy_from_slice(&crc.to_le_bytes());
         let e = LogHeader::decode(&b).unwrap_err().to_string();
         assert!(e.contains("unknown write hash 9"), "{e}");
