@@ -244,6 +244,13 @@ fn queue(s: &Setup, chains: &[Vec<RawDescriptor>], event_idx: bool) -> VringRwLo
     vring
 }
 
+/// The guest's kick on queue 0: the worker's `handle_event` for `vring`, which must succeed.
+fn kick(s: &Setup, vring: &VringRwLock<GuestMem>) {
+    s.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(vring), 0)
+        .unwrap();
+}
+
 fn used_idx(vring: &VringRwLock<GuestMem>) -> u16 {
     vring.queue_used_idx().unwrap()
 }
@@ -328,9 +335,7 @@ fn get_vring_base_waits_for_the_requests_in_flight() {
         true,
     );
     vring.set_queue_ready(false);
-    s.backend
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
+    kick(&s, &vring);
     assert_eq!(used_idx(&vring), 0);
     assert_eq!(s.dev.reads_started.load(Ordering::SeqCst), 0);
     s.backend.stop_vring(0).unwrap();
@@ -351,9 +356,7 @@ fn a_pipelined_worker_does_not_wait_for_a_batch_and_each_part_completes_on_its_o
         let vring = queue(&s, &writes_and_reads(&m, 8), event_idx);
         let held = s.dev.hold.write().unwrap();
         // The worker returns with the reads still held by the device: it did not wait.
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        kick(&s, &vring);
         wait_used(&vring, 4, "the writes");
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(used_idx(&vring), 4, "only the writes are complete");
@@ -400,9 +403,7 @@ fn a_batch_is_completed_and_signalled_once() {
         let status = |i: u64| 0x30_0000 + i * 16;
         let chains = writes_and_reads(&m, 8);
         let vring = queue(&s, &chains, event_idx);
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        kick(&s, &vring);
         assert_eq!(used_idx(&vring), 8, "event_idx={event_idx}");
         for i in 0..8u64 {
             assert_eq!(
@@ -437,9 +438,7 @@ fn a_batch_is_completed_and_signalled_once() {
             assert_eq!(len, if i % 2 == 0 { 1 } else { 4097 });
         }
         // A second kick with nothing new completes nothing and signals nothing.
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        kick(&s, &vring);
         assert_eq!(used_idx(&vring), 8);
         assert!(s.call.read().is_err(), "no signal without completions");
     }
@@ -460,9 +459,7 @@ fn a_new_memory_table_is_what_the_next_batch_reads() {
             &[chain(&m, 0, VIRTIO_BLK_T_OUT, 0, 4096, 0x30_0000)],
             false,
         );
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        kick(&s, &vring);
         wait_used(&vring, 1, "the write in the first memory");
         // New memory at the same guest addresses, holding a queue of its own: two writes
         // of other data. The old memory still holds the old queue, with its chain in it.
@@ -477,9 +474,7 @@ fn a_new_memory_table_is_what_the_next_batch_reads() {
             .map(|i| chain(&m2, i, VIRTIO_BLK_T_OUT, i * 8, 4096, 0x30_0000 + i * 16))
             .collect();
         let vring2 = queue(&s, &chains, false);
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring2), 0)
-            .unwrap();
+        kick(&s, &vring2);
         wait_used(&vring2, 2, "the writes in the new memory");
         for i in 1..3u64 {
             assert_eq!(
@@ -535,9 +530,7 @@ fn a_batchs_reads_and_writes_go_to_a_device_that_prefers_them_together() {
             status(10),
         ));
         let vring = queue(&s, &chains, true);
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        kick(&s, &vring);
         assert_eq!(used_idx(&vring), 11);
         assert_eq!(*s.dev.read_many_calls.lock().unwrap(), vec![4]);
         if writeback {
@@ -596,9 +589,7 @@ fn a_batchs_other_requests_run_alone_each_once() {
     let mut chains = writes_and_reads(&m, 4);
     chains.push(chain(&m, 4, VIRTIO_BLK_T_FLUSH, 0, 0, 0x30_0000 + 4 * 16));
     let vring = queue(&s, &chains, true);
-    s.backend
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
+    kick(&s, &vring);
     assert_eq!(used_idx(&vring), 5);
     assert_eq!(*s.dev.read_many_calls.lock().unwrap(), vec![2]);
     assert_eq!(*s.dev.write_many_calls.lock().unwrap(), vec![2]);
@@ -635,9 +626,7 @@ fn only_the_writes_the_device_wants_batched_go_to_write_many() {
         })
         .collect();
     let vring = queue(&s, &chains, true);
-    s.backend
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
+    kick(&s, &vring);
     assert_eq!(used_idx(&vring), 5);
     assert_eq!(*s.dev.write_many_calls.lock().unwrap(), vec![3]);
     let data = s.dev.data.lock().unwrap();
@@ -667,9 +656,7 @@ fn a_pipelined_batchs_reads_go_in_parts_of_at_most_eight() {
             .map(|i| chain(&m, i, VIRTIO_BLK_T_IN, i * 8, 4096, 0x30_0000 + i * 16))
             .collect();
         let vring = queue(&s, &chains, true);
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        kick(&s, &vring);
         wait_used(&vring, 12, "the reads");
         let mut parts = s.dev.read_many_calls.lock().unwrap().clone();
         parts.sort_unstable();
@@ -702,9 +689,7 @@ fn a_pipelined_batchs_large_reads_go_in_parts_of_their_own() {
         })
         .collect();
     let vring = queue(&s, &chains, true);
-    s.backend
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
+    kick(&s, &vring);
     wait_used(&vring, lens.len() as u16, "the reads");
     let mut parts = s.dev.read_many_calls.lock().unwrap().clone();
     parts.sort_unstable();
@@ -737,9 +722,7 @@ fn a_batch_of_one_read_is_not_batched() {
             &[chain(&m, 0, VIRTIO_BLK_T_IN, 0, 4096, 0x30_0000)],
             true,
         );
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        kick(&s, &vring);
         assert_eq!(used_idx(&vring), 1, "pipeline={pipeline}");
         assert_eq!(
             m.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(),
@@ -775,9 +758,7 @@ fn a_request_published_while_the_worker_polls_is_served_without_a_kick() {
             .unwrap();
     });
     let started = Instant::now();
-    s.backend
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
+    kick(&s, &vring);
     let took = started.elapsed();
     publisher.join().unwrap();
     assert_eq!(used_idx(&vring), 2, "the polled request was served");
@@ -806,9 +787,7 @@ fn a_worker_without_event_idx_never_polls() {
     let chains = vec![chain(&m, 0, VIRTIO_BLK_T_IN, 0, 4096, 0x30_0000)];
     let vring = queue(&s, &chains, false);
     let started = Instant::now();
-    s.backend
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
+    kick(&s, &vring);
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(used_idx(&vring), 1);
 }
@@ -825,9 +804,7 @@ fn a_lone_request_polls_for_the_disk_while_its_queue_polls_and_batches_never_do(
     let served = |n: u64, event_idx: bool, poll_max: Duration| -> Vec<Duration> {
         let s = setup_with(1, poll_max);
         let vring = queue(&s, &reads(&s.mem.memory(), n), event_idx);
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        kick(&s, &vring);
         assert_eq!(u64::from(used_idx(&vring)), n);
         let polls = s.dev.read_polls.lock().unwrap().clone();
         polls
@@ -848,9 +825,7 @@ fn a_lone_request_polls_for_the_disk_while_its_queue_polls_and_batches_never_do(
         ..BackendConfig::new(1, 256, serial_bytes("b"))
     });
     let vring = queue(&s, &reads(&s.mem.memory(), 6), true);
-    s.backend
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
+    kick(&s, &vring);
     wait_used(&vring, 6, "the batch");
     let polls = s.dev.read_polls.lock().unwrap().clone();
     assert_eq!(polls.len(), 6);
@@ -886,9 +861,7 @@ fn hostile_chains_are_completed_and_warned_about_once_per_kind() {
     m.write_obj(0xeeu8, GuestAddress(status(6))).unwrap();
 
     let vring = queue(&s, &chains, true);
-    s.backend
-        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-        .unwrap();
+    kick(&s, &vring);
     assert_eq!(used_idx(&vring), 7, "every chain is completed");
     for i in 0..3 {
         assert_eq!(
