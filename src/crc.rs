@@ -1,6 +1,6 @@
 //! CRC-32C (Castagnoli, the iSCSI polynomial: reflected, initial value and final xor
 //! `0xffff_ffff`), the checksum of every image header, journal record, data block and record-log
-//! frame (docs/format.md, docs/record-format.md).
+//! frame (docs/format.md, docs/record-log.md).
 //!
 //! Computed with `crc-fast`, which chooses at run time the fastest method the CPU offers
 //! (carry-less multiplication folding with VPCLMULQDQ and AVX-512, or with PCLMULQDQ; the SSE4.2
