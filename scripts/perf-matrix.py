@@ -248,8 +248,32 @@ def run_checked(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
 
 
+# Below this much free space in the work directory a failed run is taken for a full file system.
+LOW_SPACE = 1 << 30
+
+
+def out_of_space(free: int, daemon_log: str) -> bool:
+    """Whether a run that failed did so because the work directory's file system filled up:
+    little space left, or the daemon said so (its images may have been deleted since)."""
+    return free < LOW_SPACE or "No space left on device" in daemon_log
+
+
+def check_space_after_failure(opts: argparse.Namespace, backend: Backend) -> None:
+    """Stops the matrix (RuntimeError; docs/ are left as they were) when a failed run is the
+    file system filling up: every later run would fail too, and a matrix of failures replaces
+    nothing useful."""
+    free = shutil.disk_usage(opts.workdir).free
+    log = tail(backend.log, 200) if backend.log else ""
+    if out_of_space(free, log):
+        raise RuntimeError(
+            f"the file system of {opts.workdir} is full ({free / 2**30:.1f} GiB free now): rr-row "
+            f"images grow by every write of a repetition (26.6 GiB each on a 1 GiB disk with --direct "
+            f"at 5 s per run); free space, or use --workdir, --runtime or --reps")
+
+
 def run_perf(opts: argparse.Namespace, backend: Backend, args: tuple[str, ...], measured: bool) -> dict | None:
-    """Runs the load generator once; returns its JSON report, or None when the run failed."""
+    """Runs the load generator once; returns its JSON report, or None when the run failed
+    (raises RuntimeError when the failure is a full file system)."""
     cmd = [str(opts.perf), "--socket", str(backend.socket), "--json", "--timeout", "30", "--seed", str(opts.seed)]
     if measured:
         cmd += ["--runtime", str(opts.runtime), "--ramp", str(opts.ramp)]
@@ -259,9 +283,11 @@ def run_perf(opts: argparse.Namespace, backend: Backend, args: tuple[str, ...], 
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
         print(f"  error: perf against {backend.name} did not finish in {limit:.0f} s", file=sys.stderr)
+        check_space_after_failure(opts, backend)
         return None
     if r.returncode != 0:
         print(f"  error: perf against {backend.name} failed ({r.returncode}): {r.stderr.strip()}", file=sys.stderr)
+        check_space_after_failure(opts, backend)
         return None
     try:
         return json.loads(r.stdout)
@@ -609,7 +635,12 @@ def self_test() -> int:
             for wi in range(workloads):
                 seen = {tuple(run_order(n, rep, wi)) for rep in range(1, len(rows) + 1)}
                 assert len(seen) == len(rows), (n, workloads, wi, seen)
-    print("perf-matrix self-test: run orders balanced for 1-8 backends")
+    # A failed run is a full file system when space is low or the daemon said so.
+    enospc = "ERROR rr_row::vhost_user::backend] queue 0 request #7 failed: request failed: device error: cannot write data blocks: No space left on device (os error 28)"
+    assert out_of_space(LOW_SPACE - 1, "")
+    assert out_of_space(100 * LOW_SPACE, enospc)
+    assert not out_of_space(100 * LOW_SPACE, "ERROR ... Input/output error")
+    print("perf-matrix self-test: run orders balanced for 1-8 backends; a full file system is recognised")
     return 0
 
 
@@ -675,8 +706,11 @@ def main() -> int:
     # A redirect-on-write image keeps every version while it is served (reclaim runs on a
     # stopped image, after each repetition here): every write of a repetition appends, and the faster rr-row writes, the more it appends. Measured peak:
     # about 14x the disk size per rr-row image in one repetition of the default matrix (2 GiB
-    # disk: 25-28 GiB each, 2026-11-26), so ask for 16x per rr-row backend plus 2x for each
-    # qemu-storage-daemon image. A full disk makes every later run fail.
+    # disk: 25-28 GiB each, 2026-11-26; 1 GiB disk with --direct: 26.6 GiB, 2026-11-27: the
+    # growth is what the writes of a repetition add, more than a multiple of the disk), so ask
+    # for 16x per rr-row backend plus 2x for each qemu-storage-daemon image. The file system
+    # may still fill up (it may be shared): a failed run then stops the matrix
+    # (check_space_after_failure) instead of failing every later run.
     n_rr = sum(1 for b in opts.backends.split(",") if b.strip() == "rr-row") * (2 if opts.record else 1)
     n_qsd = sum(1 for b in opts.backends.split(",") if b.strip() in ("raw", "qcow2"))
     need = opts.size_bytes * (16 * n_rr + 2 * n_qsd)
