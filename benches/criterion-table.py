@@ -26,6 +26,7 @@ GROUPS = [
     ("resolve", None),
     ("journal", None),
     ("record", None),
+    ("crc32c", None),
 ]
 
 
