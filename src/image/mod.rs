@@ -1293,7 +1293,7 @@ impl Image {
     /// no ring. A request whose data did not land fails alone; its blocks go back to the
     /// allocator. Results in request order.
     pub fn write_many(&self, reqs: &[(u64, &[IoSeg<'_>])]) -> Vec<Result<BatchWrite, ImageError>> {
-        self.write_many_inner(reqs, &mut |_, _| {})
+        self.write_many_seeing(reqs, &mut |_, _| {})
     }
 
     /// As [`write_many`](Self::write_many), and shows the caller the data of every write the
@@ -1307,14 +1307,6 @@ impl Image {
     /// ([`BatchWrite::Alone`]) or refuses are not shown. `see` must not change the requests'
     /// buffers.
     pub fn write_many_seeing(
-        &self,
-        reqs: &[(u64, &[IoSeg<'_>])],
-        see: &mut dyn FnMut(usize, &[u8]),
-    ) -> Vec<Result<BatchWrite, ImageError>> {
-        self.write_many_inner(reqs, see)
-    }
-
-    fn write_many_inner(
         &self,
         reqs: &[(u64, &[IoSeg<'_>])],
         see: &mut dyn FnMut(usize, &[u8]),
