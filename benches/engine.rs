@@ -396,8 +396,7 @@ fn record(c: &mut Criterion) {
     let mut g = c.benchmark_group("record");
     let mut rng = StdRng::seed_from_u64(17);
     for (label, len) in [("4k", BS), ("128k", SEQ)] {
-        let mut data = vec![0u8; len];
-        rng.fill_bytes(&mut data);
+        let data = pattern(len, 17);
         let (a, b) = data.split_at(len / 2);
         let segs = [IoSeg::from_slice(a), IoSeg::from_slice(b)];
         g.throughput(Throughput::Bytes(len as u64));
@@ -453,10 +452,8 @@ fn record(c: &mut Criterion) {
 /// computes the same values with the SSE4.2 instruction only.
 fn checksum(c: &mut Criterion) {
     let mut g = c.benchmark_group("crc32c");
-    let mut rng = StdRng::seed_from_u64(19);
     for (label, len) in [("4k", BS), ("128k", SEQ)] {
-        let mut data = vec![0u8; len];
-        rng.fill_bytes(&mut data);
+        let data = pattern(len, 19);
         g.throughput(Throughput::Bytes(len as u64));
         g.bench_function(format!("rr_row_{label}"), |b| {
             b.iter(|| rr_row::crc::crc32c(&data))
