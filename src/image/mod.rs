@@ -1301,9 +1301,9 @@ impl Image {
     /// `see(i, piece)` for request `i`, the pieces of a request in order and adding up to its
     /// length, all of it in one piece up to [`crate::iobuf::GATHER_LEN`] bytes. A caller that
     /// needs the data too (a recorder's hash of it) then does not copy it out of guest memory
-    /// a second time. This happens for a batch of [`WORK_IN_FLIGHT_MIN`] bytes or more with
-    /// `O_DIRECT` once its writes are submitted, so that the work overlaps the disk's instead
-    /// of delaying it; otherwise before the writes. Requests the batch leaves to the caller
+    /// a second time. With `O_DIRECT` this happens once the batch's writes are submitted, so
+    /// that the work overlaps the disk's instead of delaying it (docs/perf-notes.md, section
+    /// 39); buffered, before the writes. Requests the batch leaves to the caller
     /// ([`BatchWrite::Alone`]) or refuses are not shown. `see` must not change the requests'
     /// buffers.
     pub fn write_many_seeing(
@@ -1369,10 +1369,8 @@ impl Image {
         if placed.is_empty() {
             return out;
         }
-        let bytes: u64 = placed.iter().map(|p| p.2 * bs).sum();
-        // The records' CRCs, the data shown to the caller with them: before the writes, or
-        // while a large direct batch's writes are in flight. Does its work once however often
-        // it is called.
+        // The records' CRCs, the data shown to the caller with them: before buffered writes,
+        // while direct ones are in flight. Does its work once however often it is called.
         let mut prepare = || {
             for p in placed.iter_mut().filter(|p| p.4.is_none()) {
                 if let Some(&(_, segs)) = reqs.get(p.0) {
@@ -1380,7 +1378,7 @@ impl Image {
                 }
             }
         };
-        if direct.is_none() || bytes < WORK_IN_FLIGHT_MIN {
+        if direct.is_none() {
             prepare();
         }
         let landed = match direct {
@@ -2513,13 +2511,6 @@ fn load_checkpoint(
     }
     Ok(ck)
 }
-
-/// A direct batch of [`Image::write_many_seeing`] with at least this many bytes has its CRCs
-/// computed (and its data shown to the caller) while its writes are in flight; a smaller one before
-/// them. Measured: batches of eight 128 KiB writes gained (the CPU work no longer delays the
-/// disk), batches of 32 writes of 4 KiB lost, since a write into reserved space runs on an
-/// io-wq kernel thread that then waits for the CPU (docs/perf-notes.md, section 29).
-pub const WORK_IN_FLIGHT_MIN: u64 = 512 << 10;
 
 /// The longest run of adjacent writes that [`Image::write_many`] merges into one `O_DIRECT`
 /// write: 32 writes of 4 KiB, 8 of 128 KiB.
