@@ -178,7 +178,7 @@ impl BatchPool {
         }
         // One helper woken per item, and no more than are asleep: a helper that is awake
         // takes what is queued before it sleeps again, and waking every helper for a few
-        // items (16 per queue with `--direct`) only has the others wake to find nothing.
+        // items (15 per queue with `--direct`) only has the others wake to find nothing.
         let wake = {
             let mut st = lock(&self.shared.state);
             let n = items.len();
