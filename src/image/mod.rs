@@ -1378,9 +1378,6 @@ impl Image {
                 }
             }
         };
-        if direct.is_none() {
-            prepare();
-        }
         let landed = match direct {
             Some(d) => {
                 // While the disk works, also bring the map entries the commits below will set
@@ -1391,9 +1388,12 @@ impl Image {
                 };
                 self.write_batch_direct(d, &ios, &mut in_flight)
             }
-            None => self.write_batch_buffered(&ios),
+            None => {
+                prepare();
+                self.write_batch_buffered(&ios)
+            }
         };
-        // Nothing left to do here: `write_batch_direct` runs it exactly once. Kept so that no
+        // Nothing left to do here: both arms above ran it. Kept so that no
         // record can go out without its CRC.
         prepare();
         drop(ios);
