@@ -175,6 +175,22 @@ fn batches_of_reads_beside_writes_match_the_model() {
     );
     assert!(b.handed >= 15, "only {} batches handed over", b.handed);
     assert!(b.pipelined);
+    // Pipelined, the reads of few extents go on the queue's io_uring ring (the others, and
+    // the fragmented ones relocation on read takes, to the request threads).
+    assert!(
+        b.ring >= 15,
+        "only {} batches put reads on the ring",
+        b.ring
+    );
+}
+
+#[test]
+fn direct_reads_without_the_ring_match_the_model() {
+    // `--ring-reads off`: every read goes to the request threads.
+    let b = mixed_batches(26, 8, &["--direct", "--ring-reads", "off"]);
+    assert!(b.reads >= 24 * 30 / 2, "only {} batched reads", b.reads);
+    assert!(b.pipelined);
+    assert_eq!(b.ring, 0, "--ring-reads off puts no read on the ring");
 }
 
 #[test]
@@ -223,6 +239,7 @@ fn direct_batches_without_the_pipeline_match_the_model() {
     assert!(b.reads >= 24 * 30 / 2, "only {} batched reads", b.reads);
     assert_eq!(b.handed, 0, "--pipeline off hands nothing over");
     assert!(!b.pipelined);
+    assert_eq!(b.ring, 0, "not pipelined: no read on the ring");
 }
 
 #[test]
@@ -377,6 +394,11 @@ fn mixed_batches(seed: u64, writes: usize, extra: &[&str]) -> Batched {
             .filter(|l| l.contains("handed to the request threads"))
             .count(),
         pipelined: d.serves_pipelined(),
+        ring: d
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("reads on the ring") && !l.contains(": 0 reads"))
+            .count(),
     };
     eprintln!("{counts:?}");
     let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
@@ -395,6 +417,8 @@ struct Batched {
     handed: usize,
     /// The daemon said it serves pipelined queues when it started.
     pipelined: bool,
+    /// Batches whose worker put reads on the queue's io_uring ring.
+    ring: usize,
 }
 
 /// Runs `rr-row serve --direct ARGS` expecting it to fail before listening; returns stderr.

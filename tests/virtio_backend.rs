@@ -989,3 +989,224 @@ fn a_used_ring_outside_guest_memory_is_survived() {
             .expect("a broken ring must not kill the worker");
     }
 }
+
+/// A device that delegates to an image device but never vouches for a ring read's data
+/// afterwards, as when a reclaim ran beside every read; counts the ordinary reads.
+struct NeverCurrent(
+    rr_row::blockdev::image_dev::ImageDevice,
+    Arc<std::sync::atomic::AtomicU64>,
+);
+
+impl rr_row::blockdev::BlockDevice for NeverCurrent {
+    fn capacity(&self) -> u64 {
+        self.0.capacity()
+    }
+    fn block_size(&self) -> u32 {
+        self.0.block_size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.0.is_read_only()
+    }
+    fn read(
+        &self,
+        ctx: &rr_row::blockdev::RequestCtx,
+        offset: u64,
+        segs: &[rr_row::iobuf::IoSeg<'_>],
+    ) -> Result<(), rr_row::blockdev::BlockError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.read(ctx, offset, segs)
+    }
+    fn write(
+        &self,
+        ctx: &rr_row::blockdev::RequestCtx,
+        offset: u64,
+        segs: &[rr_row::iobuf::IoSeg<'_>],
+    ) -> Result<(), rr_row::blockdev::BlockError> {
+        self.0.write(ctx, offset, segs)
+    }
+    fn flush(
+        &self,
+        ctx: &rr_row::blockdev::RequestCtx,
+    ) -> Result<(), rr_row::blockdev::BlockError> {
+        self.0.flush(ctx)
+    }
+    fn discard(
+        &self,
+        ctx: &rr_row::blockdev::RequestCtx,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), rr_row::blockdev::BlockError> {
+        self.0.discard(ctx, offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        ctx: &rr_row::blockdev::RequestCtx,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), rr_row::blockdev::BlockError> {
+        self.0.write_zeroes(ctx, offset, len, unmap)
+    }
+    fn prefers_batched_reads(&self) -> bool {
+        self.0.prefers_batched_reads()
+    }
+    fn plan_read(
+        &self,
+        ctx: &rr_row::blockdev::RequestCtx,
+        offset: u64,
+        segs: &[rr_row::iobuf::IoSeg<'_>],
+    ) -> Result<Option<rr_row::image::ReadPlan>, rr_row::blockdev::BlockError> {
+        self.0.plan_read(ctx, offset, segs)
+    }
+}
+
+/// Pipelined reads of a direct image on the queue's io_uring ring: `n` reads of 4 KiB at
+/// sector `8 i` (the image's first 12 blocks hold each sector's number, the rest was never
+/// written), one read past the end, and a kick; then the ring's completions are handed to
+/// the backend as its event loop would. Returns the guest memory, how many completion events
+/// the ring raised, and (for a device that never vouches for a ring read) how many reads the
+/// request threads ran.
+fn ring_reads_served(current: bool, registered: bool, n: u64) -> (GuestMemoryMmap, u32, u64) {
+    use rr_row::blockdev::image_dev::ImageDevice;
+    use rr_row::image::{CreateOptions, Image, OpenMode, OpenOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring.rrow");
+    let img = Image::create(
+        &path,
+        &CreateOptions {
+            size: CAPACITY,
+            block_size: rr_row::units::BlockSize::DEFAULT,
+            base: None,
+        },
+    )
+    .unwrap();
+    let data: Vec<u8> = (0..12 * 4096u64).map(|b| (b / 512) as u8).collect();
+    img.write_at(0, &data).unwrap();
+    img.close().unwrap();
+    let img = Image::open_with_options(
+        &path,
+        OpenMode::ReadWrite,
+        &OpenOptions {
+            direct: true,
+            shared_lock: false,
+        },
+    )
+    .unwrap();
+    let image_dev = ImageDevice::new(img);
+    let reread = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let dev: Arc<dyn rr_row::blockdev::BlockDevice> = if current {
+        Arc::new(image_dev)
+    } else {
+        Arc::new(NeverCurrent(image_dev, reread.clone()))
+    };
+    let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+    let mem = GuestMemoryAtomic::new(mmap);
+    let backend = BlkBackend::new(
+        dev,
+        BackendConfig {
+            io_threads: 4,
+            pipeline: true,
+            ring_reads: true,
+            ..BackendConfig::new(1, 256, serial_bytes("r"))
+        },
+        mem.clone(),
+    )
+    .unwrap();
+    let fds = backend.ring_read_fds();
+    assert_eq!(fds.len(), 1, "one ring for the one queue");
+    let (q, fd) = fds[0];
+    assert_eq!(q, 0);
+    if registered {
+        backend.ring_registered(0);
+    }
+    let m = mem.memory();
+    let mut chains: Vec<Vec<RawDescriptor>> = (0..n)
+        .map(|i| chain(&m, i, VIRTIO_BLK_T_IN, i * 8, 4096, 0x30_0000 + i * 16))
+        .collect();
+    chains.push(chain(
+        &m,
+        n,
+        VIRTIO_BLK_T_IN,
+        CAPACITY / 512,
+        4096,
+        0x30_0000 + n * 16,
+    ));
+    for i in 0..=n {
+        m.write_slice(&[0xee; 4096], data_at(i)).unwrap();
+    }
+    let s = Setup {
+        mem: mem.clone(),
+        dev: MemDevice::new(512, 0, false),
+        backend,
+        call: EventFd::new(EFD_NONBLOCK).unwrap(),
+    };
+    let vring = queue(&s, &chains, true);
+    kick(&s, &vring);
+    // The worker's event loop: the ring's eventfd wakes it for the ring's event.
+    let mut events = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while u64::from(used_idx(&vring)) < n + 1 {
+        assert!(Instant::now() < deadline, "ring reads never completed");
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a 10 ms timeout.
+        if unsafe { libc::poll(&mut pfd, 1, 10) } == 1 {
+            events += 1;
+            s.backend
+                .handle_event(
+                    s.backend.ring_event(),
+                    EventSet::IN,
+                    std::slice::from_ref(&vring),
+                    0,
+                )
+                .unwrap();
+        }
+    }
+    drop(s);
+    ((*m).clone(), events, reread.load(Ordering::SeqCst))
+}
+
+#[test]
+fn ring_reads_complete_with_the_disks_data_through_the_rings_event() {
+    let n = 16u64;
+    for (current, registered) in [(true, true), (false, true), (true, false)] {
+        let (m, events, reread) = ring_reads_served(current, registered, n);
+        for i in 0..n {
+            let status: u8 = m.read_obj(GuestAddress(0x30_0000 + i * 16)).unwrap();
+            assert_eq!(status, STATUS_OK, "read {i} ({current}, {registered})");
+            let mut got = vec![0u8; 4096];
+            m.read_slice(&mut got, data_at(i)).unwrap();
+            // Blocks 0..12 hold their sectors' numbers; the others were never written.
+            let want: Vec<u8> = (0..4096u64)
+                .map(|b| {
+                    if i < 12 {
+                        ((i * 4096 + b) / 512) as u8
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            assert!(got == want, "read {i} data ({current}, {registered})");
+        }
+        let past: u8 = m.read_obj(GuestAddress(0x30_0000 + n * 16)).unwrap();
+        assert_eq!(past, STATUS_IOERR, "the read past the end fails as always");
+        if registered {
+            // The written blocks' reads went to the disk through the ring, which raised its
+            // event (the never-written ones completed while planned); reads the device did
+            // not vouch for were read again by the request threads, right all the same.
+            assert!(events > 0, "the ring's event was raised ({current})");
+            if !current {
+                // The 12 written blocks' reads (the one past the end never reaches the
+                // device, the never-written ones completed while planned).
+                assert_eq!(reread, 12, "each ring read was read again");
+            }
+        } else {
+            // An unregistered ring is never used: the request threads served every read.
+            assert_eq!(events, 0);
+        }
+    }
+}

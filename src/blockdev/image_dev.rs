@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::image::{BatchRead, BatchWrite, Image};
+use crate::image::{BatchRead, BatchWrite, Image, ReadPlan};
 use crate::iobuf::{total_len, IoSeg};
 
 use super::relocator::{RelocPolicy, Relocator};
@@ -158,6 +158,24 @@ impl BlockDevice for ImageDevice {
     /// page cache faster side by side (docs/perf-notes.md, section 22).
     fn prefers_batched_writes(&self, len: u64) -> bool {
         batched_writes_pay(&self.image, len)
+    }
+
+    /// With `O_DIRECT`, a read of fewer extents than relocation on read wants goes to the
+    /// caller's ring; buffered reads are page-cache copies, better run by the pool's threads.
+    fn plan_read(
+        &self,
+        _ctx: &RequestCtx,
+        offset: u64,
+        segs: &[IoSeg<'_>],
+    ) -> Result<Option<ReadPlan>, BlockError> {
+        let max = Relocator::batch_read_limit(self.reloc.as_ref());
+        self.image
+            .plan_read(offset, segs, max)
+            .map_err(BlockError::from)
+    }
+
+    fn plan_current(&self, plan: &ReadPlan) -> bool {
+        self.image.plan_current(plan)
     }
 
     fn read_many(&self, reqs: &[BatchReq<'_>]) -> Vec<Result<(), BlockError>> {

@@ -215,6 +215,26 @@ pub trait BlockDevice: Send + Sync {
     fn prefers_batched_writes(&self, _len: u64) -> bool {
         false
     }
+    /// Resolves a read into disk transfers that the caller submits itself and completes
+    /// later (a queue worker keeping many reads in flight on one ring, without a thread per
+    /// read): see [`crate::image::Image::plan_read`], whose contract the plan carries (the
+    /// caller keeps `segs`' memory valid until every transfer completed). `Ok(None)` when this
+    /// device cannot, or when the read is better served by [`read`](Self::read) (which the
+    /// caller then calls). Default: `Ok(None)`.
+    fn plan_read(
+        &self,
+        _ctx: &RequestCtx,
+        _offset: u64,
+        _segs: &[IoSeg<'_>],
+    ) -> Result<Option<crate::image::ReadPlan>, BlockError> {
+        Ok(None)
+    }
+    /// After every transfer of a plan from [`plan_read`](Self::plan_read) completed whole:
+    /// whether the bytes read are the request's answer; if not, the caller reads it again
+    /// with [`read`](Self::read). Default: false.
+    fn plan_current(&self, _plan: &crate::image::ReadPlan) -> bool {
+        false
+    }
     /// Reads several independent requests (of one batch: none depends on another); results
     /// in request order, each what [`read`](Self::read) would have returned. Default: one
     /// `read` after another.

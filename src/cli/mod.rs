@@ -70,6 +70,17 @@ pub enum Pipeline {
     Off,
 }
 
+/// Whether pipelined queues keep reads in flight on a ring of their own (`serve --ring-reads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum RingReadsArg {
+    /// The queue's worker submits reads to its io_uring ring and completes them as the disk
+    /// finishes them.
+    #[default]
+    On,
+    /// Each read goes to a request thread that waits for the disk.
+    Off,
+}
+
 /// `rr-row` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -247,6 +258,12 @@ pub struct ServeArgs {
     /// worker helps copy in the page cache. Needs --io-threads above 1.
     #[arg(long, value_enum, default_value_t = Pipeline::Auto)]
     pub pipeline: Pipeline,
+    /// Pipelined (the --direct default), whether a queue's worker keeps reads in flight on an
+    /// io_uring ring of its own and completes each as the disk finishes it (on), or hands
+    /// each read to a request thread that waits for the disk (off). Reads relocation on read
+    /// takes, and reads while recording or replaying, always go to the request threads.
+    #[arg(long, value_enum, default_value_t = RingReadsArg::On)]
+    pub ring_reads: RingReadsArg,
     /// Serve the disk read-only (VIRTIO_BLK_F_RO; writes fail).
     #[arg(long)]
     pub read_only: bool,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use super::{CliError, CliResult, Pipeline, ServeArgs, MAX_POLL_US};
+use super::{CliError, CliResult, Pipeline, RingReadsArg, ServeArgs, MAX_POLL_US};
 use crate::blockdev::image_dev::ImageDevice;
 use crate::blockdev::record_dev::RecordingDevice;
 use crate::blockdev::relocator::RelocPolicy;
@@ -109,6 +109,7 @@ fn daemon_config(a: &ServeArgs) -> Result<DaemonConfig, CliError> {
                 Pipeline::On => true,
                 Pipeline::Off => false,
             },
+            ring_reads: a.ring_reads == RingReadsArg::On,
             ..BackendConfig::new(a.queues, a.queue_size, serial_bytes(serial))
         },
     })

@@ -43,6 +43,7 @@ mod freelist;
 mod io;
 mod journal;
 mod map;
+mod plan;
 mod prealloc;
 mod reclaim;
 mod segmap;
@@ -63,6 +64,7 @@ use format::{
 };
 use journal::{Journal, Step, Stop, Walker};
 use map::Map;
+pub use plan::{ReadPlan, Transfer};
 pub use reclaim::{RebornBuilder, RebornIndex, ReclaimPlan, ReclaimReport};
 use shared::{Base, Shared};
 

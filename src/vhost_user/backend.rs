@@ -41,10 +41,11 @@ use vmm_sys_util::event::{
 
 use super::poll::PollWindow;
 use super::pool::BatchPool;
+use super::ring_reads::{Done, RingReads};
 use crate::blockdev::{BatchReq, BlockDevice, BlockError, RequestCtx};
 use crate::virtio_blk::execute::{
-    finish, parse_read, parse_write, peek_type, prepare, BatchKind, ChainError, Completion,
-    ExecuteError, ExecuteParams, EXECUTE_ERROR_KINDS,
+    finish, finish_pending, parse_read, parse_write, peek_type, prepare, prepare_ref, BatchKind,
+    ChainError, Completion, ExecuteError, ExecuteParams, Pending, EXECUTE_ERROR_KINDS,
 };
 use crate::virtio_blk::request::{Limits, Request, REQUEST_ERROR_KINDS};
 use crate::virtio_blk::{process_chain, BlkConfig, ConfigParams, ID_BYTES};
@@ -83,6 +84,12 @@ pub struct BackendConfig {
     /// then always has the next requests, not waves of batches. A batch of one request with
     /// nothing else in flight still runs on the worker. Needs `io_threads > 1`.
     pub pipeline: bool,
+    /// Pipelined, whether a queue's worker keeps the reads the device can plan
+    /// ([`BlockDevice::plan_read`]) in flight on an io_uring ring of its own and completes
+    /// them as the disk finishes them ([`super::ring_reads`]), instead of handing each to a
+    /// helper that waits for it. The daemon must register each queue's ring with the queue's
+    /// event loop ([`BlkBackend::ring_read_fds`]) for it to be used.
+    pub ring_reads: bool,
 }
 
 impl BackendConfig {
@@ -98,6 +105,7 @@ impl BackendConfig {
             io_threads: 1,
             poll_max: Duration::ZERO,
             pipeline: false,
+            ring_reads: false,
         }
     }
 
@@ -136,7 +144,7 @@ fn warn_bit(e: &ChainError) -> u32 {
     }
 }
 
-const _: () = assert!(REQUEST_ERROR_KINDS + EXECUTE_ERROR_KINDS <= WARN_BROKEN);
+const _: () = assert!(REQUEST_ERROR_KINDS + EXECUTE_ERROR_KINDS <= WARN_RING);
 
 /// Once-per-kind warning state of one connection, shared with the request threads.
 #[derive(Default)]
@@ -177,6 +185,7 @@ impl Warnings {
 }
 
 /// Warning bits past the request error kinds.
+const WARN_RING: u32 = 60;
 const WARN_BROKEN: u32 = 61;
 const WARN_ADD_USED: u32 = 62;
 const WARN_AVAIL: u32 = 63;
@@ -284,6 +293,23 @@ pub struct BlkBackend {
     in_flight: Vec<Arc<InFlight>>,
     /// Per queue: the guest memory its chains hold (only its worker locks it).
     queue_mems: Vec<QueueMemSlot>,
+    /// Per queue: its ring of reads in flight ([`BackendConfig::ring_reads`]; only its
+    /// worker locks it), and whether the daemon registered the ring's eventfd with the
+    /// queue's event loop (the ring is used only then).
+    ring_reads: Vec<(Mutex<Option<RingReads<RingItem>>>, AtomicBool)>,
+}
+
+/// A read in flight on a queue's ring: its context, its chain (which keeps the guest memory
+/// the read goes into mapped, and answers the request the ordinary way if the ring's read
+/// does not stand), and what completing it takes.
+type RingItem = (RequestCtx, Chain, Pending);
+
+impl Drop for BlkBackend {
+    /// The rings first: each waits for the reads it has in flight before the chains and the
+    /// device they read into and from go.
+    fn drop(&mut self) {
+        self.ring_reads.clear();
+    }
 }
 
 /// The most reads of a batch in one part with [`BackendConfig::pipeline`]: a part completes
@@ -450,6 +476,45 @@ fn complete(
     Ok(())
 }
 
+/// Hands `work` to the queue's helpers, each item completed (and signalled) by the helper
+/// that runs it, and holding the queue's in-flight count until then.
+fn hand_over(
+    pool: &BatchPool,
+    exec: Arc<Executor>,
+    vring: &VringRwLock<GuestMem>,
+    mem: QueueMem,
+    in_flight: &Arc<InFlight>,
+    work: Vec<Work>,
+) {
+    debug!(
+        "queue {}: {} items handed to the request threads",
+        exec.queue,
+        work.len()
+    );
+    in_flight.hold(work.len());
+    let held = Arc::clone(in_flight);
+    let vring = vring.clone();
+    pool.spawn(
+        work,
+        Arc::new(move |w: Work| {
+            let _done = Completing(held.as_ref());
+            let completions = exec.work(w);
+            if let Err(e) = complete(
+                &*exec.dev,
+                &vring,
+                &mem,
+                &completions,
+                exec.queue,
+                &exec.warnings,
+            ) {
+                if exec.warnings.first(WARN_ADD_USED) {
+                    warn!("queue {}: cannot signal the guest: {e}", exec.queue);
+                }
+            }
+        }),
+    );
+}
+
 /// Per-queue request counters ([`RequestCtx::index`]). The daemon keeps one set for its whole
 /// run, so indices count on across frontend reconnections and a queue and an index name one
 /// request of the run (what a record log relies on, docs/record-log.md).
@@ -576,6 +641,21 @@ impl BlkBackend {
             .collect();
         let in_flight = (0..cfg.num_queues).map(|_| Arc::default()).collect();
         let queue_mems = (0..cfg.num_queues).map(|_| Mutex::new(None)).collect();
+        let want_rings = cfg.ring_reads && cfg.pipelined() && dev.prefers_batched_reads();
+        let ring_reads = (0..cfg.num_queues)
+            .map(|q| {
+                let ring = want_rings
+                    .then(|| match RingReads::new() {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            info!("queue {q}: no io_uring ring for reads ({e}); request threads serve them");
+                            None
+                        }
+                    })
+                    .flatten();
+                (Mutex::new(ring), AtomicBool::new(false))
+            })
+            .collect();
         Ok(BlkBackend {
             dev,
             cfg,
@@ -592,7 +672,43 @@ impl BlkBackend {
             polls,
             in_flight,
             queue_mems,
+            ring_reads,
         })
+    }
+
+    /// The event the queues' rings of reads are registered under in each worker's event loop
+    /// (past the queues' and the exit event's).
+    pub fn ring_event(&self) -> u16 {
+        self.cfg.num_queues + 1
+    }
+
+    /// Per queue with a ring of reads ([`BackendConfig::ring_reads`]): the queue and the
+    /// ring's completion eventfd, which the daemon registers with the queue's event loop
+    /// under [`ring_event`](Self::ring_event) and then reports with
+    /// [`ring_registered`](Self::ring_registered).
+    pub fn ring_read_fds(&self) -> Vec<(u16, std::os::fd::RawFd)> {
+        self.ring_reads
+            .iter()
+            .enumerate()
+            .filter_map(|(q, (ring, _))| {
+                let ring = ring.lock().unwrap_or_else(PoisonError::into_inner);
+                Some((u16::try_from(q).ok()?, ring.as_ref()?.event_fd()))
+            })
+            .collect()
+    }
+
+    /// The queue's ring of reads now wakes its worker: from here on the worker uses it.
+    pub fn ring_registered(&self, queue: u16) {
+        if let Some((_, on)) = self.ring_reads.get(usize::from(queue)) {
+            on.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether `queue`'s worker puts reads on its ring.
+    fn ring_on(&self, queue: u16) -> bool {
+        self.ring_reads
+            .get(usize::from(queue))
+            .is_some_and(|(_, on)| on.load(Ordering::Acquire))
     }
 
     /// The guest memory `queue`'s chains are to hold: its [`QueueMem`], made anew when the
@@ -708,6 +824,15 @@ impl BlkBackend {
                 .ok_or_else(|| io::Error::other("queue index out of range"))?;
             items.push((RequestCtx { queue, index }, chain));
         }
+        // Reads go on the queue's ring, unless one request is all there is in flight (queue
+        // depth 1: it runs here, and waits for the disk polling, below).
+        let lone_request = items.len() == 1 && in_flight.holders() == 1;
+        if !lone_request && self.ring_on(queue) {
+            items = self.submit_ring_reads(vring, queue, &mem, items, &params, in_flight)?;
+            if items.is_empty() {
+                return Ok(true);
+            }
+        }
         // A device that does better with batches (O_DIRECT: every transfer waits for the
         // disk; small buffered writes: adjacent new blocks take one system call) gets the
         // batch's reads together and its writes together, each as one item of the pool that
@@ -787,32 +912,7 @@ impl BlkBackend {
         // 1) still runs here: a hand-over would only add a wake-up to its latency.
         let alone = work.len() == 1 && in_flight.holders() == 1;
         if pipelined && !alone {
-            debug!(
-                "queue {queue}: {} items handed to the request threads",
-                work.len()
-            );
-            in_flight.hold(work.len());
-            let held = Arc::clone(in_flight);
-            let vring = vring.clone();
-            pool.spawn(
-                work,
-                Arc::new(move |w: Work| {
-                    let _done = Completing(held.as_ref());
-                    let completions = exec.work(w);
-                    if let Err(e) = complete(
-                        &*exec.dev,
-                        &vring,
-                        &mem,
-                        &completions,
-                        exec.queue,
-                        &exec.warnings,
-                    ) {
-                        if exec.warnings.first(WARN_ADD_USED) {
-                            warn!("queue {}: cannot signal the guest: {e}", exec.queue);
-                        }
-                    }
-                }),
-            );
+            hand_over(pool, exec, vring, mem, in_flight, work);
             return Ok(true);
         }
         // Requests of one batch run in parallel on the queue's pool; they are all completed
@@ -825,6 +925,159 @@ impl BlkBackend {
             .collect();
         complete(&*self.dev, vring, &mem, &completions, queue, &self.warnings)?;
         Ok(true)
+    }
+
+    /// Puts every read of `items` that the device plans ([`BlockDevice::plan_read`]) on the
+    /// queue's ring, each holding the queue's in-flight count until it completes; returns the
+    /// other items, for the usual way. Reads the plan served whole (no disk transfer left)
+    /// are completed here.
+    fn submit_ring_reads(
+        &self,
+        vring: &VringRwLock<GuestMem>,
+        queue: u16,
+        mem: &QueueMem,
+        items: Vec<(RequestCtx, Chain)>,
+        params: &ExecuteParams,
+        in_flight: &Arc<InFlight>,
+    ) -> io::Result<Vec<(RequestCtx, Chain)>> {
+        let Some((slot, _)) = self.ring_reads.get(usize::from(queue)) else {
+            return Ok(items);
+        };
+        let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(ring) = guard.as_mut() else {
+            return Ok(items);
+        };
+        let mut rest = Vec::with_capacity(items.len());
+        let mut completions = Vec::new();
+        for (ctx, chain) in items {
+            let planned = match peek_type(&chain) {
+                Some(VIRTIO_BLK_T_IN) => parse_read(&chain, params)
+                    .and_then(|req| {
+                        prepare_ref(
+                            &chain,
+                            Some(req),
+                            mem,
+                            &*self.dev,
+                            ctx,
+                            params,
+                            BatchKind::Read,
+                        )
+                    })
+                    .and_then(|p| match self.dev.plan_read(&ctx, p.offset, &p.segs) {
+                        Ok(Some(plan)) => Some((p.pending(), plan)),
+                        // Not for the ring, or an error the ordinary read reports.
+                        Ok(None) | Err(_) => None,
+                    }),
+                _ => None,
+            };
+            let Some((pending, plan)) = planned else {
+                rest.push((ctx, chain));
+                continue;
+            };
+            if plan.transfers.is_empty() {
+                // Served while planning (zeroed blocks): nothing for the disk.
+                let c = finish_pending(&pending, Ok(()), &**mem, &*self.dev);
+                if let Some(e) = &c.error {
+                    self.warnings
+                        .report(queue, ctx.index, e, c.status.is_none());
+                }
+                completions.push(c);
+                continue;
+            }
+            in_flight.hold(1);
+            // SAFETY: the plan's iovecs point into guest memory of `chain`'s memory handle
+            // (checked by `prepare_ref`), which the ring keeps with the read until its last
+            // transfer completed; the handle keeps every region of that memory mapped. The
+            // descriptors are the device's, which `self` holds, and `Drop for BlkBackend`
+            // drops the rings (waiting for their transfers) before anything else.
+            if let Err(((ctx, chain, _), _)) = unsafe { ring.submit((ctx, chain, pending), plan) } {
+                in_flight.release();
+                rest.push((ctx, chain));
+            }
+        }
+        let on_ring = ring.len();
+        if let Err(e) = ring.flush() {
+            // The entries stay queued: the next flush (next batch, or reaping) submits them.
+            if self.warnings.first(WARN_RING) {
+                warn!("queue {queue}: cannot submit reads to the ring: {e}");
+            }
+        }
+        drop(guard);
+        debug!("queue {queue}: {on_ring} reads on the ring");
+        if !completions.is_empty() {
+            complete(&*self.dev, vring, mem, &completions, queue, &self.warnings)?;
+        }
+        Ok(rest)
+    }
+
+    /// Completes the reads of `queue`'s ring whose transfers are all done; a read that did
+    /// not complete whole, or whose blocks a reclaim may have given back meanwhile, goes to
+    /// the helpers to be read again the ordinary way.
+    fn reap_ring(&self, vring: &VringRwLock<GuestMem>, queue: u16) -> io::Result<()> {
+        let Some((slot, _)) = self.ring_reads.get(usize::from(queue)) else {
+            return Ok(());
+        };
+        let mut done: Vec<Done<RingItem>> = Vec::new();
+        {
+            let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(ring) = guard.as_mut() else {
+                return Ok(());
+            };
+            if !ring.completed() {
+                return Ok(());
+            }
+            ring.reap(&mut done);
+            // Entries a failed flush left queued.
+            let _ = ring.flush();
+        }
+        if done.is_empty() {
+            return Ok(());
+        }
+        let in_flight = self
+            .in_flight
+            .get(usize::from(queue))
+            .ok_or_else(|| io::Error::other("queue index out of range"))?;
+        let mem = self.queue_mem(queue)?;
+        let mut completions = Vec::with_capacity(done.len());
+        let mut again = Vec::new();
+        for Done { item, plan, whole } in done {
+            let (ctx, chain, pending) = item;
+            if whole && self.dev.plan_current(&plan) {
+                let c = finish_pending(&pending, Ok(()), chain.memory(), &*self.dev);
+                if let Some(e) = &c.error {
+                    self.warnings
+                        .report(queue, ctx.index, e, c.status.is_none());
+                }
+                completions.push(c);
+            } else {
+                again.push(Work::One(ctx, chain));
+            }
+        }
+        let n = completions.len() + again.len();
+        if !again.is_empty() {
+            debug!("queue {queue}: {} ring reads read again", again.len());
+            let pool = self
+                .pools
+                .get(usize::from(queue))
+                .ok_or_else(|| io::Error::other("queue index out of range"))?;
+            let exec = Arc::new(Executor {
+                dev: Arc::clone(&self.dev),
+                warnings: Arc::clone(&self.warnings),
+                params: self.exec_params(),
+                queue,
+            });
+            hand_over(pool, exec, vring, mem.clone(), in_flight, again);
+        }
+        let res = if completions.is_empty() {
+            Ok(())
+        } else {
+            complete(&*self.dev, vring, &mem, &completions, queue, &self.warnings)
+        };
+        // Released once the used ring has them (a stop waits for that).
+        for _ in 0..n {
+            in_flight.release();
+        }
+        res
     }
 
     /// Processes a queue after a kick; with EVENT_IDX keeps draining until
@@ -860,9 +1113,10 @@ impl BlkBackend {
             if !self.process_queue(vring, queue, disk_poll)? {
                 return Ok(());
             }
+            self.reap_ring(vring, queue)?;
             let idle_from = Instant::now();
             let window = poll.window.next_window();
-            if !window.is_zero() && self.poll_avail(vring, idle_from, window) {
+            if !window.is_zero() && self.poll_avail(vring, queue, idle_from, window) {
                 poll.window.caught(idle_from.elapsed());
                 continue;
             }
@@ -876,12 +1130,23 @@ impl BlkBackend {
 
     /// Spins until the available ring holds a chain the queue has not taken yet, or until
     /// `window` has passed since `from`; says whether one arrived. A ring it cannot read
-    /// counts as empty (the next `enable_notification` reports the error).
-    fn poll_avail(&self, vring: &VringRwLock<GuestMem>, from: Instant, window: Duration) -> bool {
+    /// counts as empty (the next `enable_notification` reports the error). Reads of the
+    /// queue's io_uring ring that complete meanwhile are completed at once.
+    fn poll_avail(
+        &self,
+        vring: &VringRwLock<GuestMem>,
+        queue: u16,
+        from: Instant,
+        window: Duration,
+    ) -> bool {
         let Ok(mem) = self.mem.read().map(|m| m.memory()) else {
             return false;
         };
+        let ring = self.ring_on(queue);
         loop {
+            if ring && self.reap_ring(vring, queue).is_err() {
+                return false;
+            }
             let pending = {
                 let state = vring.get_ref();
                 let q = state.get_queue();
@@ -1069,6 +1334,24 @@ impl VhostUserBackend for BlkBackend {
         // One queue per worker thread: the thread index is the queue index.
         let queue = u16::try_from(thread_id)
             .map_err(|_| io::Error::other("worker thread index out of range"))?;
+        if device_event == self.ring_event() {
+            // Reads of the queue's ring completed.
+            if let Some((slot, _)) = self.ring_reads.get(thread_id) {
+                if let Some(ring) = slot.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+                    ring.clear_event();
+                }
+            }
+            // The thread's vrings are its queue's alone.
+            let vring = vrings
+                .first()
+                .ok_or_else(|| io::Error::other("worker thread without a queue"))?;
+            if let Err(e) = self.reap_ring(vring, queue) {
+                if self.warnings.first(WARN_BROKEN) {
+                    warn!("queue {queue}: {e}");
+                }
+            }
+            return Ok(());
+        }
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("unknown device event {device_event}")))?;

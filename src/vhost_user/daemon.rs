@@ -20,6 +20,7 @@ use log::{error, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blockdev::BlockDevice;
@@ -269,8 +270,19 @@ pub fn run(
             mem.clone(),
             counters.clone(),
         )?);
-        let mut daemon = VhostUserDaemon::new("rr-row".into(), backend, mem)
+        let mut daemon = VhostUserDaemon::new("rr-row".into(), backend.clone(), mem)
             .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+        // Each queue's ring of reads wakes the queue's worker (thread i serves queue i).
+        let handlers = daemon.get_epoll_handlers();
+        for (queue, fd) in backend.ring_read_fds() {
+            let Some(h) = handlers.get(usize::from(queue)) else {
+                continue;
+            };
+            match h.register_listener(fd, EventSet::IN, u64::from(backend.ring_event())) {
+                Ok(()) => backend.ring_registered(queue),
+                Err(e) => warn!("queue {queue}: reads go to the request threads: {e}"),
+            }
+        }
         daemon
             .start(&mut listener)
             .map_err(|e| DaemonError::VhostUser(e.to_string()))?;

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod daemon;
 pub mod poll;
 pub mod pool;
+pub mod ring_reads;
 
 pub use backend::{BackendConfig, BlkBackend, GuestMem, RequestCounters};
 

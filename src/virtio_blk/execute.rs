@@ -479,23 +479,44 @@ where
     M: Deref + Clone,
     M::Target: GuestMemory,
 {
+    match prepare_ref(&chain, parsed, mem, dev, ctx, params, kind) {
+        Some(p) => Ok(p),
+        None => Err(chain),
+    }
+}
+
+/// As [`prepare`], leaving the chain with the caller (who may still need it to answer the
+/// request the ordinary way); `None` where `prepare` hands the chain back.
+pub fn prepare_ref<'m, M>(
+    chain: &DescriptorChain<M>,
+    parsed: Option<Request>,
+    mem: &'m M::Target,
+    dev: &dyn BlockDevice,
+    ctx: RequestCtx,
+    params: &ExecuteParams,
+    kind: BatchKind,
+) -> Option<Prepared<'m>>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
     let (want, access) = match kind {
         BatchKind::Read => (RequestType::In, Permissions::Write),
         BatchKind::Write => (RequestType::Out, Permissions::Read),
     };
-    let req = match parsed.map_or_else(|| Request::parse(&chain, &params.limits), Ok) {
+    let req = match parsed.map_or_else(|| Request::parse(chain, &params.limits), Ok) {
         Ok(r) if r.request_type == want => r,
-        _ => return Err(chain),
+        _ => return None,
     };
     if kind == BatchKind::Write && (dev.is_read_only() || params.write_through) {
-        return Err(chain);
+        return None;
     }
     let offset = req.sector.0.saturating_mul(SECTOR_SIZE);
     if check_range(offset, req.data_len, dev.capacity()).is_err() {
-        return Err(chain);
+        return None;
     }
     let Ok(segs) = guest_segs(mem, &req.data, access) else {
-        return Err(chain);
+        return None;
     };
     debug!(
         "queue {} #{}: {} sector {} len {} (batched)",
@@ -512,7 +533,7 @@ where
         BatchKind::Read => u32::try_from(req.data_len).unwrap_or(u32::MAX),
         BatchKind::Write => 0,
     };
-    Ok(Prepared {
+    Some(Prepared {
         ctx,
         offset,
         segs,
@@ -526,6 +547,39 @@ where
 /// the status byte, and the used length (data and status) or a dropped chain.
 pub fn finish<M: GuestMemory + ?Sized>(
     req: &Prepared<'_>,
+    result: Result<(), BlockError>,
+    mem: &M,
+    dev: &dyn BlockDevice,
+) -> Completion {
+    finish_pending(&req.pending(), result, mem, dev)
+}
+
+/// What completing a [`Prepared`] request takes once its buffers are no longer borrowed:
+/// for a request whose transfers the caller runs and collects itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    /// The request's context.
+    pub ctx: RequestCtx,
+    head_index: u16,
+    status_addr: GuestAddress,
+    len: WrittenBytes,
+}
+
+impl Prepared<'_> {
+    /// The request's completion details, without its buffers.
+    pub fn pending(&self) -> Pending {
+        Pending {
+            ctx: self.ctx,
+            head_index: self.head_index,
+            status_addr: self.status_addr,
+            len: self.len,
+        }
+    }
+}
+
+/// As [`finish`], for a request known by its [`Pending`] details.
+pub fn finish_pending<M: GuestMemory + ?Sized>(
+    req: &Pending,
     result: Result<(), BlockError>,
     mem: &M,
     dev: &dyn BlockDevice,
