@@ -371,21 +371,33 @@ fn prefix(batches: &[Vec<Op>], n: usize) -> Vec<Vec<Op>> {
 
 #[test]
 fn a_recorded_run_replays_byte_for_byte_after_the_disk_was_overwritten() {
-    recorded_run_replays_after_overwrite(&[]);
+    let (_, ring) = recorded_run_replays_after_overwrite(&[]);
+    assert_eq!(ring, 0, "buffered: no ring");
 }
 
 #[test]
 fn a_recorded_direct_run_replays_byte_for_byte_after_the_disk_was_overwritten() {
-    // With --direct the recorder reads a batch's reads together (one read_many, one io_uring
-    // submission) and records each with the extents the batch resolved.
-    let batched = recorded_run_replays_after_overwrite(&["--direct"]);
+    // With --direct the recorder's reads are batched: in flight on the queue's io_uring ring
+    // (each recorded when its transfers are in, with the extents and seq its plan resolved),
+    // or, for those relocation on read takes, read together by one read_many.
+    let (batched, ring) = recorded_run_replays_after_overwrite(&["--direct"]);
+    assert!(batched > 100, "only {batched} reads were batched");
+    assert!(ring > 20, "only {ring} batches put reads on the ring");
+}
+
+#[test]
+fn a_recorded_direct_run_without_the_ring_replays_byte_for_byte() {
+    // `--ring-reads off`: the recorder's batched reads all go through read_many.
+    let (batched, ring) =
+        recorded_run_replays_after_overwrite(&["--direct", "--ring-reads", "off"]);
     assert!(batched > 100, "only {batched} reads went through read_many");
+    assert_eq!(ring, 0);
 }
 
 /// Records a mixed two-queue workload with `serve --record` (and `record_extra`), overwrites
 /// the disk in a plain session, replays it and compares; returns how many reads the recorder
-/// logged as batched.
-fn recorded_run_replays_after_overwrite(record_extra: &[&str]) -> usize {
+/// logged as batched, and how many batches put reads on a queue's io_uring ring.
+fn recorded_run_replays_after_overwrite(record_extra: &[&str]) -> (usize, usize) {
     let dir = tempdir();
     let d = dir.path();
     let image = d.join("disk.rrow");
@@ -397,11 +409,18 @@ fn recorded_run_replays_after_overwrite(record_extra: &[&str]) -> usize {
     let mut args = vec!["--record", path_str(&log)];
     args.extend_from_slice(record_extra);
     let mut opts = serve_opts(&image, 2, &args);
-    // The batched path logs each request it prepares at debug level.
-    opts.rust_log = Some("info,rr_row::virtio_blk::execute=debug");
+    // The batched path logs each request it prepares at debug level, the worker each batch
+    // that put reads on its ring.
+    opts.rust_log =
+        Some("info,rr_row::virtio_blk::execute=debug,rr_row::vhost_user::backend=debug");
     let daemon = start_rr_row(d, &opts);
     let recorded = drive(daemon.socket(), streams.clone());
     let batched = daemon.batched_requests(": read sector");
+    let ring = daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("reads on the ring") && !l.contains(": 0 reads"))
+        .count();
     stop(daemon, libc::SIGTERM, 0);
     let reads_ok = recorded
         .iter()
@@ -498,7 +517,7 @@ fn recorded_run_replays_after_overwrite(record_extra: &[&str]) -> usize {
     );
     let (code, out, err) = rr_row(&["check".as_ref(), arg(&image)]);
     assert_eq!(code, 0, "rr-row check after the replay: {out}{err}");
-    batched
+    (batched, ring)
 }
 
 #[test]

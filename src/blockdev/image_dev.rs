@@ -170,11 +170,11 @@ impl BlockDevice for ImageDevice {
     ) -> Result<Option<ReadPlan>, BlockError> {
         let max = Relocator::batch_read_limit(self.reloc.as_ref());
         self.image
-            .plan_read(offset, segs, max)
+            .plan_read(offset, segs, max, false)
             .map_err(BlockError::from)
     }
 
-    fn plan_current(&self, plan: &ReadPlan) -> bool {
+    fn plan_done(&self, _ctx: &RequestCtx, plan: &ReadPlan) -> bool {
         self.image.plan_current(plan)
     }
 

@@ -229,10 +229,11 @@ pub trait BlockDevice: Send + Sync {
     ) -> Result<Option<crate::image::ReadPlan>, BlockError> {
         Ok(None)
     }
-    /// After every transfer of a plan from [`plan_read`](Self::plan_read) completed whole:
-    /// whether the bytes read are the request's answer; if not, the caller reads it again
-    /// with [`read`](Self::read). Default: false.
-    fn plan_current(&self, _plan: &crate::image::ReadPlan) -> bool {
+    /// After every transfer of a plan from [`plan_read`](Self::plan_read) completed whole,
+    /// before the request completes: whether the bytes read are the request's answer (a
+    /// device that logs reads logs it now); if not, the caller reads it again with
+    /// [`read`](Self::read). Default: false.
+    fn plan_done(&self, _ctx: &RequestCtx, _plan: &crate::image::ReadPlan) -> bool {
         false
     }
     /// Reads several independent requests (of one batch: none depends on another); results

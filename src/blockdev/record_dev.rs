@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 
-use crate::image::{BatchRead, BatchTrace, BatchWrite, Image, WriteOutcome};
+use crate::image::{BatchRead, BatchTrace, BatchWrite, Image, ReadPlan, WriteOutcome};
 use crate::iobuf::{scatter, total_len, IoSeg};
 use crate::record::format::{
     hash_segs, BodyRef, ExtentsRef, IndexKeying, LogHeader, LogStreams, RecordRef, WriteHash,
@@ -350,6 +350,38 @@ impl BlockDevice for RecordingDevice {
     /// data, read into a private buffer one request at a time).
     fn prefers_batched_reads(&self) -> bool {
         self.mode == RecordMode::BlockId && self.image.is_direct()
+    }
+
+    /// In block-id mode with `O_DIRECT`, a read of fewer extents than relocation on read
+    /// wants goes to the caller's ring; it is recorded when its transfers are done
+    /// ([`plan_done`](Self::plan_done)), with the extents and the seq it was resolved at, as
+    /// [`read`](Self::read) records one read.
+    fn plan_read(
+        &self,
+        _ctx: &RequestCtx,
+        offset: u64,
+        segs: &[IoSeg<'_>],
+    ) -> Result<Option<ReadPlan>, BlockError> {
+        if self.mode != RecordMode::BlockId {
+            return Ok(None);
+        }
+        let max = Relocator::batch_read_limit(self.reloc.as_ref());
+        self.image
+            .plan_read(offset, segs, max, true)
+            .map_err(BlockError::from)
+    }
+
+    fn plan_done(&self, ctx: &RequestCtx, plan: &ReadPlan) -> bool {
+        if !self.image.plan_current(plan) {
+            // Read again (and recorded then) through `read`.
+            return false;
+        }
+        let body = BodyRef::Read {
+            extents: ExtentsRef::Image(plan.extents()),
+            data: None,
+        };
+        self.record(ctx, plan.offset(), plan.len(), STATUS_OK, plan.seq(), body);
+        true
     }
 
     /// Reads the batch with one [`Image::read_many`] and records each read with the extents

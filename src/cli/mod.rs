@@ -261,7 +261,8 @@ pub struct ServeArgs {
     /// Pipelined (the --direct default), whether a queue's worker keeps reads in flight on an
     /// io_uring ring of its own and completes each as the disk finishes it (on), or hands
     /// each read to a request thread that waits for the disk (off). Reads relocation on read
-    /// takes, and reads while recording or replaying, always go to the request threads.
+    /// takes, and reads while replaying or recording in full mode, always go to the request
+    /// threads.
     #[arg(long, value_enum, default_value_t = RingReadsArg::On)]
     pub ring_reads: RingReadsArg,
     /// Serve the disk read-only (VIRTIO_BLK_F_RO; writes fail).

@@ -13,9 +13,9 @@
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 
-use super::{blocks_spanned, check_range, rlock, shared, total_len, Image, ImageError};
+use super::{blocks_spanned, check_range, rlock, shared, total_len, Extent, Image, ImageError};
 use crate::iobuf::{as_iovecs, IoSeg};
-use crate::units::Pba;
+use crate::units::{Pba, Seq};
 
 /// One file transfer of a [`ReadPlan`]: `want` bytes from `off` of `fd` into `iovs`.
 #[derive(Debug)]
@@ -44,15 +44,56 @@ unsafe impl Send for Transfer {}
 pub struct ReadPlan {
     /// The transfers, in the order of the read's bytes; empty when nothing needs the disk.
     pub transfers: Vec<Transfer>,
+    /// The read's byte offset on the disk.
+    offset: u64,
+    /// The read's length in bytes.
+    len: u64,
     /// The reclaim generation the read was resolved at.
     gen: u64,
+    /// The image's seq when the read was resolved.
+    seq: Seq,
+    /// The extents the read resolved to (kept when asked for: a recorder's trace).
+    extents: Vec<Extent>,
 }
 
 impl ReadPlan {
     /// A plan of the given transfers, current whatever reclaims run (for tests of callers).
     #[cfg(test)]
     pub(crate) fn for_test(transfers: Vec<Transfer>) -> Self {
-        ReadPlan { transfers, gen: 0 }
+        ReadPlan {
+            transfers,
+            offset: 0,
+            len: 0,
+            gen: 0,
+            seq: Seq(0),
+            extents: Vec::new(),
+        }
+    }
+
+    /// The read's byte offset on the disk.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The read's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for a read of no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The image's seq the read was resolved at: the state its data is from.
+    pub fn seq(&self) -> Seq {
+        self.seq
+    }
+
+    /// The extents the read resolved to, in order (exactly the blocks its data comes from),
+    /// when the plan was made with `trace`; empty otherwise.
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
     }
 }
 
@@ -65,12 +106,14 @@ impl Image {
     /// `read_vectored` returns them.
     ///
     /// The iovecs of the plan point into `segs`: the caller must keep that memory valid
-    /// until every transfer it submitted has completed.
+    /// until every transfer it submitted has completed. With `trace`, the plan keeps the
+    /// extents the read resolved to ([`ReadPlan::extents`], what a recorder logs).
     pub fn plan_read(
         &self,
         offset: u64,
         segs: &[IoSeg<'_>],
         max_extents: usize,
+        trace: bool,
     ) -> Result<Option<ReadPlan>, ImageError> {
         if self.sh.direct.is_none() {
             return Ok(None);
@@ -81,16 +124,21 @@ impl Image {
         if len == 0 {
             return Ok(Some(ReadPlan {
                 transfers: Vec::new(),
+                offset,
+                len,
                 gen,
+                seq: self.seq(),
+                extents: Vec::new(),
             }));
         }
         let bs = self.sh.bs.bytes_u64();
         let (first, n) = blocks_spanned(offset, len, bs);
         let mut ex = Vec::new();
-        {
+        let seq = {
             let live = rlock(&self.live);
             live.map.extents(first, n, self.sh.base.is_some(), &mut ex);
-        }
+            Seq(live.seq)
+        };
         let reloc = self.relocate_min_extents.load(Ordering::Relaxed);
         let limit = match usize::try_from(reloc) {
             Ok(r) if r != 0 && !self.read_only => max_extents.min(r),
@@ -118,7 +166,17 @@ impl Image {
                 pba,
             })
             .collect();
-        Ok(Some(ReadPlan { transfers, gen }))
+        if !trace {
+            ex = Vec::new();
+        }
+        Ok(Some(ReadPlan {
+            transfers,
+            offset,
+            len,
+            gen,
+            seq,
+            extents: ex,
+        }))
     }
 
     /// After every transfer of `plan` has completed whole: whether the data is the read's
@@ -216,7 +274,10 @@ mod tests {
         let buf = got.bytes(6 * 4096);
         buf.fill(0xee);
         let segs = [IoSeg::from_mut_slice(buf)];
-        let plan = img.plan_read(4096, &segs, usize::MAX).unwrap().unwrap();
+        let plan = img
+            .plan_read(4096, &segs, usize::MAX, true)
+            .unwrap()
+            .unwrap();
         // The unwritten block was zeroed while planning; the three runs are transfers.
         assert_eq!(plan.transfers.len(), 3);
         let done = run(&plan);
@@ -225,6 +286,18 @@ mod tests {
         }
         assert!(img.plan_current(&plan));
         assert_eq!(got.bytes(6 * 4096), &expect[..]);
+        // The trace is the map's view of the range, as the plain read's; seq and range too.
+        let mut traced = Vec::new();
+        let mut again = vec![0u8; 6 * 4096];
+        img.read_vectored(
+            4096,
+            &[IoSeg::from_mut_slice(&mut again)],
+            Some(&mut traced),
+        )
+        .unwrap();
+        assert_eq!(plan.extents(), &traced[..]);
+        assert_eq!(plan.seq(), img.seq());
+        assert_eq!((plan.offset(), plan.len()), (4096, 6 * 4096));
         img.close().unwrap();
     }
 
@@ -240,20 +313,29 @@ mod tests {
         let mut got = Aligned::new(5 * 4096);
         let segs = [IoSeg::from_mut_slice(got.bytes(5 * 4096))];
         // Five extents (three mapped, two zeroed): over a limit of 4, and of relocation.
-        assert!(img.plan_read(0, &segs, 4).unwrap().is_none());
+        assert!(img.plan_read(0, &segs, 4, false).unwrap().is_none());
         img.set_relocate_on_read(Some(4));
-        assert!(img.plan_read(0, &segs, usize::MAX).unwrap().is_none());
+        assert!(img
+            .plan_read(0, &segs, usize::MAX, false)
+            .unwrap()
+            .is_none());
         img.set_relocate_on_read(None);
-        assert!(img.plan_read(0, &segs, usize::MAX).unwrap().is_some());
+        assert!(img
+            .plan_read(0, &segs, usize::MAX, false)
+            .unwrap()
+            .is_some());
         // Out of range: the error a read gives.
         assert!(matches!(
-            img.plan_read(1 << 20, &segs, usize::MAX),
+            img.plan_read(1 << 20, &segs, usize::MAX, false),
             Err(ImageError::OutOfRange { .. })
         ));
         img.close().unwrap();
         // Buffered: never planned.
         let img = open(&dir, false);
-        assert!(img.plan_read(0, &segs, usize::MAX).unwrap().is_none());
+        assert!(img
+            .plan_read(0, &segs, usize::MAX, false)
+            .unwrap()
+            .is_none());
         img.close().unwrap();
     }
 }

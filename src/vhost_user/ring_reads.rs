@@ -20,6 +20,7 @@
 //! `RingReads` first waits for every transfer in flight.
 
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
@@ -46,7 +47,14 @@ struct Entry<T> {
 
 /// One queue's ring of reads in flight (see the module documentation).
 pub struct RingReads<T> {
-    ring: IoUring,
+    /// Dropped by `Drop for RingReads` once nothing is in flight (or never).
+    ring: ManuallyDrop<IoUring>,
+    /// Completions are posted only when the issuing thread asks for them (the kernel's
+    /// deferred task work): the worker is never interrupted by a completion, and takes them
+    /// in batches. Such a ring is enabled by its first submission, on the thread that then
+    /// is the only one that may use it (`issuer`).
+    deferred: bool,
+    issuer: Option<std::thread::ThreadId>,
     /// Signalled by the kernel for every completion it posts.
     event: EventFd,
     /// Reads in flight, by slot; `free` lists the empty slots.
@@ -70,12 +78,29 @@ pub struct Done<T> {
 
 impl<T> RingReads<T> {
     /// A ring, with its completion eventfd registered; fails where io_uring cannot be used.
+    /// Where the kernel has deferred task work (6.1), the ring uses it, and is enabled by
+    /// the first [`submit`](Self::submit), whose thread then is the only one that may submit
+    /// to it or take its completions.
     pub fn new() -> io::Result<Self> {
-        let ring = IoUring::builder().dontfork().build(ENTRIES)?;
+        let mut b = IoUring::builder();
+        b.dontfork()
+            .setup_r_disabled()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag();
+        let (ring, deferred) = match b.build(ENTRIES) {
+            Ok(r) => (r, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (IoUring::builder().dontfork().build(ENTRIES)?, false)
+            }
+            Err(e) => return Err(e),
+        };
         let event = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
         Ok(RingReads {
-            ring,
+            ring: ManuallyDrop::new(ring),
+            deferred,
+            issuer: None,
             event,
             entries: Vec::new(),
             free: Vec::new(),
@@ -103,9 +128,27 @@ impl<T> RingReads<T> {
         self.len() == 0
     }
 
-    /// Whether completions are waiting to be taken (no system call).
+    /// Whether completions are waiting to be taken, posted or deferred (no system call).
     pub fn completed(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        self.ring.submission().taskrun() || !self.ring.completion().is_empty()
+    }
+
+    /// Whether this thread may use the ring, enabling it for this thread on first use.
+    fn usable_here(&mut self) -> bool {
+        if !self.deferred {
+            return true;
+        }
+        let me = std::thread::current().id();
+        match self.issuer {
+            Some(t) => t == me,
+            None => {
+                if self.ring.submitter().register_enable_rings().is_err() {
+                    return false;
+                }
+                self.issuer = Some(me);
+                true
+            }
+        }
     }
 
     /// Queues the transfers of `plan` (submitted by the next [`Self::flush`]); gives
@@ -120,7 +163,7 @@ impl<T> RingReads<T> {
     pub unsafe fn submit(&mut self, item: T, plan: ReadPlan) -> Result<(), (T, ReadPlan)> {
         let n = plan.transfers.len();
         let room = (self.ring.params().sq_entries() as usize).saturating_sub(self.transfers);
-        if n == 0 || n > room || n > MAX_TRANSFERS {
+        if n == 0 || n > room || n > MAX_TRANSFERS || !self.usable_here() {
             return Err((item, plan));
         }
         let slot = match self.free.pop() {
@@ -179,9 +222,13 @@ impl<T> RingReads<T> {
         Ok(())
     }
 
-    /// Hands the queued transfers to the kernel (one `io_uring_enter`, no wait).
+    /// Hands the queued transfers to the kernel (one `io_uring_enter`, no wait), and has it
+    /// post the completions it deferred.
     pub fn flush(&mut self) -> io::Result<()> {
-        if self.ring.submission().is_empty() {
+        if self.ring.submission().is_empty() && !self.ring.submission().taskrun() {
+            return Ok(());
+        }
+        if !self.usable_here() {
             return Ok(());
         }
         loop {
@@ -194,8 +241,11 @@ impl<T> RingReads<T> {
     }
 
     /// Takes every completion posted so far into `done` (reads whose last transfer came
-    /// back); no system call.
+    /// back); one system call if the kernel deferred some (to post them), else none.
     pub fn reap(&mut self, done: &mut Vec<Done<T>>) {
+        if self.ring.submission().taskrun() && self.usable_here() {
+            let _ = self.ring.submit();
+        }
         let mut cq = self.ring.completion();
         cq.sync();
         for cqe in &mut cq {
@@ -230,6 +280,21 @@ impl<T> Drop for RingReads<T> {
     /// is done with it.
     fn drop(&mut self) {
         let mut done = Vec::new();
+        // Completions already posted (a thread that issued transfers and exited has had the
+        // kernel wait for them and post them).
+        self.reap(&mut done);
+        done.clear();
+        if self.transfers > 0 && !self.usable_here() {
+            // Only the issuing thread may wait for the rest: keep the reads (and the memory
+            // they hold) and the ring for good rather than free what the kernel may still
+            // write into.
+            log::warn!(
+                "{} reads still in flight on another thread's ring; their buffers are kept",
+                self.len()
+            );
+            std::mem::forget(std::mem::take(&mut self.entries));
+            return;
+        }
         let _ = self.flush();
         while self.transfers > 0 {
             match self.ring.submit_and_wait(1) {
@@ -244,6 +309,8 @@ impl<T> Drop for RingReads<T> {
             self.reap(&mut done);
             done.clear();
         }
+        // SAFETY: dropped once, here, with nothing in flight; never used after.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
     }
 }
 
@@ -251,7 +318,6 @@ impl<T> Drop for RingReads<T> {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::time::{Duration, Instant};
 
     use crate::image::Transfer;
     use crate::units::Pba;
@@ -286,19 +352,20 @@ mod tests {
         }])
     }
 
-    /// Waits for the eventfd, then takes completions until `n` reads are done.
+    /// Waits for the eventfd, then takes completions, until `n` reads are done; fails if
+    /// the eventfd stays quiet for 10 s while reads are in flight (an event loop would then
+    /// sleep forever).
     fn collect(r: &mut RingReads<usize>, n: usize) -> Vec<Done<usize>> {
-        let deadline = Instant::now() + Duration::from_secs(30);
         let mut done = Vec::new();
         while done.len() < n {
-            assert!(Instant::now() < deadline, "completions never came");
             let mut pfd = libc::pollfd {
                 fd: r.event_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
             // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
+            let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+            assert_eq!(ready, 1, "the ring's eventfd never fired");
             r.clear_event();
             r.reap(&mut done);
         }
@@ -368,6 +435,19 @@ mod tests {
         let mut b = vec![0u8; 4096];
         // SAFETY: `b` outlives the ring (dropped below, before `b`).
         assert!(unsafe { r.submit(2, plan(fd, 0, &mut b, false)) }.is_ok());
+        // The ring is its first submitter's: another thread may not use it.
+        let deferred = r.deferred;
+        let mut other_buf = vec![0u8; 4096];
+        let refused = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let p = plan(fd, 0, &mut other_buf, false);
+                // SAFETY: given back at once (this thread is not the ring's issuer).
+                unsafe { r.submit(3, p) }.is_err()
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(refused || !deferred);
         r.flush().unwrap();
         drop(r);
         assert_eq!(b, vec![5u8; 4096]);
