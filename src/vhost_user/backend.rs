@@ -1029,6 +1029,15 @@ impl BlkBackend {
         let Some((slot, _)) = self.ring_reads.get(usize::from(queue)) else {
             return Ok(());
         };
+        // Everything that can fail first: completions taken from the ring must all complete.
+        let in_flight = self
+            .in_flight
+            .get(usize::from(queue))
+            .ok_or_else(|| io::Error::other("queue index out of range"))?;
+        let pool = self
+            .pools
+            .get(usize::from(queue))
+            .ok_or_else(|| io::Error::other("queue index out of range"))?;
         let mut done: Vec<Done<RingItem>> = Vec::new();
         {
             let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1045,11 +1054,7 @@ impl BlkBackend {
         if done.is_empty() {
             return Ok(());
         }
-        let in_flight = self
-            .in_flight
-            .get(usize::from(queue))
-            .ok_or_else(|| io::Error::other("queue index out of range"))?;
-        let mem = self.queue_mem(queue)?;
+        let mem = self.queue_mem(queue);
         let mut completions = Vec::with_capacity(done.len());
         let mut again = Vec::new();
         for Done { item, plan, whole } in done {
@@ -1066,12 +1071,20 @@ impl BlkBackend {
             }
         }
         let n = completions.len() + again.len();
+        // Without the queue's memory handle (a poisoned lock, not reached) the reads cannot
+        // be handed over or put in the used ring: they are given up, as a batch is when the
+        // used ring cannot be written, and the guest's driver times them out.
+        let mem = match mem {
+            Ok(m) => m,
+            Err(e) => {
+                for _ in 0..n {
+                    in_flight.release();
+                }
+                return Err(e);
+            }
+        };
         if !again.is_empty() {
             debug!("queue {queue}: {} ring reads read again", again.len());
-            let pool = self
-                .pools
-                .get(usize::from(queue))
-                .ok_or_else(|| io::Error::other("queue index out of range"))?;
             let exec = Arc::new(Executor {
                 dev: Arc::clone(&self.dev),
                 warnings: Arc::clone(&self.warnings),
