@@ -1064,7 +1064,7 @@ impl rr_row::blockdev::BlockDevice for NeverCurrent {
 /// sector `8 i` (the image's first 12 blocks hold each sector's number, the rest was never
 /// written), one read past the end, and a kick; then the ring's completions are handed to
 /// the backend as its event loop would. Returns the guest memory, how many completion events
-/// the ring raised, and (for a device that never vouches for a ring read) how many reads the
+/// the ring raised (those handled, and one still pending), and (for a device that never vouches for a ring read) how many reads the
 /// request threads ran.
 fn ring_reads_served(current: bool, registered: bool, n: u64) -> (GuestMemoryMmap, u32, u64) {
     use rr_row::blockdev::image_dev::ImageDevice;
@@ -1165,6 +1165,17 @@ fn ring_reads_served(current: bool, registered: bool, n: u64) -> (GuestMemoryMma
                 )
                 .unwrap();
         }
+    }
+    // The worker may have taken every completion itself right after submitting (it looks
+    // once before going back to sleep), leaving the event raised but unhandled.
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 {
+        events += 1;
     }
     drop(s);
     ((*m).clone(), events, reread.load(Ordering::SeqCst))
