@@ -302,6 +302,29 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_made_before_a_reclaim_is_no_longer_current() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = open(&dir, true);
+        let mut w = Aligned::new(4096);
+        for v in 1..=2u8 {
+            w.bytes(4096).fill(v);
+            img.write_at(0, w.bytes(4096)).unwrap();
+        }
+        img.flush().unwrap();
+        let mut got = Aligned::new(4096);
+        let segs = [IoSeg::from_mut_slice(got.bytes(4096))];
+        let before = img.plan_read(0, &segs, usize::MAX, false).unwrap().unwrap();
+        assert!(img.plan_current(&before));
+        // The first version's block is given back: a read resolved before may have read a
+        // block that now serves another write.
+        img.reclaim(Seq(2), &[], &mut |_, _| {}).unwrap();
+        assert!(!img.plan_current(&before));
+        let after = img.plan_read(0, &segs, usize::MAX, false).unwrap().unwrap();
+        assert!(img.plan_current(&after));
+        img.close().unwrap();
+    }
+
+    #[test]
     fn reads_that_need_more_are_not_planned() {
         let dir = tempfile::tempdir().unwrap();
         let img = open(&dir, true);
