@@ -54,14 +54,26 @@ pub struct RingReads<T> {
     /// in batches. Such a ring is enabled by its first submission, on the thread that then
     /// is the only one that may use it (`issuer`).
     deferred: bool,
-    issuer: Option<std::thread::ThreadId>,
-    /// Signalled by the kernel for every completion it posts.
+    issuer: Issuer,
+    /// Signalled by the kernel when completions wait to be taken (deferred ones: when the
+    /// first is queued after the worker last took them).
     event: EventFd,
     /// Reads in flight, by slot; `free` lists the empty slots.
     entries: Vec<Option<Entry<T>>>,
     free: Vec<usize>,
     /// Transfers submitted (or queued for submission) and not completed.
     transfers: usize,
+}
+
+/// The thread a ring with deferred completions belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Issuer {
+    /// Not enabled yet: the first thread to submit takes it.
+    Unset,
+    /// Enabled for this thread.
+    Thread(std::thread::ThreadId),
+    /// The kernel refused to enable it: never used.
+    Failed,
 }
 
 /// A read whose transfers have all completed: its `T`, its plan, and whether every transfer
@@ -100,7 +112,7 @@ impl<T> RingReads<T> {
         Ok(RingReads {
             ring: ManuallyDrop::new(ring),
             deferred,
-            issuer: None,
+            issuer: Issuer::Unset,
             event,
             entries: Vec::new(),
             free: Vec::new(),
@@ -140,12 +152,15 @@ impl<T> RingReads<T> {
         }
         let me = std::thread::current().id();
         match self.issuer {
-            Some(t) => t == me,
-            None => {
-                if self.ring.submitter().register_enable_rings().is_err() {
+            Issuer::Thread(t) => t == me,
+            Issuer::Failed => false,
+            Issuer::Unset => {
+                if let Err(e) = self.ring.submitter().register_enable_rings() {
+                    log::info!("cannot enable a ring for reads ({e}); request threads serve them");
+                    self.issuer = Issuer::Failed;
                     return false;
                 }
-                self.issuer = Some(me);
+                self.issuer = Issuer::Thread(me);
                 true
             }
         }
