@@ -740,9 +740,9 @@ fn a_frontend_vanishing_with_requests_in_flight_leaves_a_working_daemon() {
 #[test]
 fn a_frontend_vanishing_with_requests_in_flight_on_pipelined_direct_queues_leaves_a_working_daemon()
 {
-    // With --direct the queues are pipelined: the abandoned requests are still running on
-    // the request threads, which complete them into the old connection's rings, when the
-    // frontend goes away.
+    // With --direct the queues are pipelined: the abandoned writes are still running on the
+    // request threads, which complete them into the old connection's rings, and the
+    // abandoned reads on the queues' io_uring rings, when the frontend goes away.
     scenario_frontend_vanishing(&["--direct"]);
 }
 
@@ -754,26 +754,38 @@ fn scenario_frontend_vanishing(extra: &[&str]) {
     let opts = ServeOpts {
         queues: 2,
         extra: extra.iter().map(|a| (*a).to_string()).collect(),
+        // The worker logs each batch that put reads on its ring.
+        rust_log: Some("info,rr_row::vhost_user::backend=debug"),
         ..ServeOpts::new(&s.image, SIZE)
     };
     let mut d = s.peer.start(s.dir.path(), &opts);
     let socket = d.socket().to_owned();
     with_watchdog("abandoned requests", SESSION, move || {
         let mut c = connect(&socket, 2);
+        // Data for the abandoned reads to fetch from the disk (with --direct, on the queues'
+        // io_uring rings when the frontend goes).
+        {
+            let mut q = c.queue(0);
+            for k in 0..16u64 {
+                q.write_ok((32 << 20) + k * MAX_REQ as u64, 0, &vec![0x5a; MAX_REQ]);
+            }
+        }
         for (i, mut q) in c.queues().into_iter().enumerate() {
             let mem = q.mem();
             mem.fill(i * WINDOW, &vec![0xee; MAX_REQ]);
             let reqs: Vec<Req> = (0..48u64)
-                .map(|j| {
-                    if j % 3 == 2 {
-                        Req::Flush
-                    } else {
-                        Req::Write {
-                            offset: (j * 2 + i as u64) * MAX_REQ as u64,
-                            buf: i * WINDOW,
-                            len: MAX_REQ,
-                        }
-                    }
+                .map(|j| match j % 4 {
+                    3 => Req::Flush,
+                    2 => Req::Read {
+                        offset: (32 << 20) + (j % 16) * MAX_REQ as u64,
+                        buf: i * WINDOW + MAX_REQ + 4096,
+                        len: MAX_REQ,
+                    },
+                    _ => Req::Write {
+                        offset: (j * 2 + i as u64) * MAX_REQ as u64,
+                        buf: i * WINDOW,
+                        len: MAX_REQ,
+                    },
                 })
                 .collect();
             q.submit_and_abandon(&reqs);
@@ -787,14 +799,26 @@ fn scenario_frontend_vanishing(extra: &[&str]) {
         let mut c = connect(&socket, 1);
         let mut q = c.queue(0);
         let mut rng = StdRng::seed_from_u64(9);
-        // Whatever the abandoned writes did, the region past them is untouched and usable.
-        let lo = 32 << 20;
+        // Whatever the abandoned writes did, the region past them and the data the
+        // abandoned reads read are untouched and usable.
+        assert_eq!(q.read_ok(32 << 20, 0, MAX_REQ), vec![0x5a; MAX_REQ]);
+        let lo = 36 << 20;
         let got = q.read_ok(lo, 0, MAX_REQ);
         random_io(&mut q, &mut model, &mut rng, lo, SIZE, 0, 50);
         got
     });
     assert_eq!(got, vec![0u8; MAX_REQ], "bytes nobody wrote changed");
     assert!(d.is_running());
+    if extra.contains(&"--direct") {
+        // The abandoned reads went on the queues' rings: the old backend, dropped after its
+        // workers ended, waited for them there.
+        let log = d.log_text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("reads on the ring") && !l.contains(": 0 reads")),
+            "no read went on a ring:\n{log}"
+        );
+    }
     let status = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(20));
     assert!(
         status.success(),

@@ -20,7 +20,6 @@
 //! `RingReads` first waits for every transfer in flight.
 
 use std::io;
-use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
@@ -47,33 +46,14 @@ struct Entry<T> {
 
 /// One queue's ring of reads in flight (see the module documentation).
 pub struct RingReads<T> {
-    /// Dropped by `Drop for RingReads` once nothing is in flight (or never).
-    ring: ManuallyDrop<IoUring>,
-    /// Completions are posted only when the issuing thread asks for them (the kernel's
-    /// deferred task work): the worker is never interrupted by a completion, and takes them
-    /// in batches. Such a ring is enabled by its first submission, on the thread that then
-    /// is the only one that may use it (`issuer`).
-    deferred: bool,
-    issuer: Issuer,
-    /// Signalled by the kernel when completions wait to be taken (deferred ones: when the
-    /// first is queued after the worker last took them).
+    ring: IoUring,
+    /// Signalled by the kernel for every completion it posts.
     event: EventFd,
     /// Reads in flight, by slot; `free` lists the empty slots.
     entries: Vec<Option<Entry<T>>>,
     free: Vec<usize>,
     /// Transfers submitted (or queued for submission) and not completed.
     transfers: usize,
-}
-
-/// The thread a ring with deferred completions belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Issuer {
-    /// Not enabled yet: the first thread to submit takes it.
-    Unset,
-    /// Enabled for this thread.
-    Thread(std::thread::ThreadId),
-    /// The kernel refused to enable it: never used.
-    Failed,
 }
 
 /// A read whose transfers have all completed: its `T`, its plan, and whether every transfer
@@ -90,29 +70,17 @@ pub struct Done<T> {
 
 impl<T> RingReads<T> {
     /// A ring, with its completion eventfd registered; fails where io_uring cannot be used.
-    /// Where the kernel has deferred task work (6.1), the ring uses it, and is enabled by
-    /// the first [`submit`](Self::submit), whose thread then is the only one that may submit
-    /// to it or take its completions.
+    ///
+    /// A plain ring: any thread may wait for its completions, which the kernel posts even
+    /// after the submitting thread has exited (a queue's worker ends before its backend is
+    /// dropped). Deferred completions (`DEFER_TASKRUN`, which only the submitting thread may
+    /// collect) measured no faster here (docs/perf-notes.md, section 40).
     pub fn new() -> io::Result<Self> {
-        let mut b = IoUring::builder();
-        b.dontfork()
-            .setup_r_disabled()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_taskrun_flag();
-        let (ring, deferred) = match b.build(ENTRIES) {
-            Ok(r) => (r, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (IoUring::builder().dontfork().build(ENTRIES)?, false)
-            }
-            Err(e) => return Err(e),
-        };
+        let ring = IoUring::builder().dontfork().build(ENTRIES)?;
         let event = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
         Ok(RingReads {
-            ring: ManuallyDrop::new(ring),
-            deferred,
-            issuer: Issuer::Unset,
+            ring,
             event,
             entries: Vec::new(),
             free: Vec::new(),
@@ -140,30 +108,9 @@ impl<T> RingReads<T> {
         self.len() == 0
     }
 
-    /// Whether completions are waiting to be taken, posted or deferred (no system call).
+    /// Whether completions are waiting to be taken (no system call).
     pub fn completed(&mut self) -> bool {
-        self.ring.submission().taskrun() || !self.ring.completion().is_empty()
-    }
-
-    /// Whether this thread may use the ring, enabling it for this thread on first use.
-    fn usable_here(&mut self) -> bool {
-        if !self.deferred {
-            return true;
-        }
-        let me = std::thread::current().id();
-        match self.issuer {
-            Issuer::Thread(t) => t == me,
-            Issuer::Failed => false,
-            Issuer::Unset => {
-                if let Err(e) = self.ring.submitter().register_enable_rings() {
-                    log::info!("cannot enable a ring for reads ({e}); request threads serve them");
-                    self.issuer = Issuer::Failed;
-                    return false;
-                }
-                self.issuer = Issuer::Thread(me);
-                true
-            }
-        }
+        !self.ring.completion().is_empty()
     }
 
     /// Queues the transfers of `plan` (submitted by the next [`Self::flush`]); gives
@@ -178,7 +125,7 @@ impl<T> RingReads<T> {
     pub unsafe fn submit(&mut self, item: T, plan: ReadPlan) -> Result<(), (T, ReadPlan)> {
         let n = plan.transfers.len();
         let room = (self.ring.params().sq_entries() as usize).saturating_sub(self.transfers);
-        if n == 0 || n > room || n > MAX_TRANSFERS || !self.usable_here() {
+        if n == 0 || n > room || n > MAX_TRANSFERS {
             return Err((item, plan));
         }
         let slot = match self.free.pop() {
@@ -237,13 +184,9 @@ impl<T> RingReads<T> {
         Ok(())
     }
 
-    /// Hands the queued transfers to the kernel (one `io_uring_enter`, no wait), and has it
-    /// post the completions it deferred.
+    /// Hands the queued transfers to the kernel (one `io_uring_enter`, no wait).
     pub fn flush(&mut self) -> io::Result<()> {
-        if self.ring.submission().is_empty() && !self.ring.submission().taskrun() {
-            return Ok(());
-        }
-        if !self.usable_here() {
+        if self.ring.submission().is_empty() {
             return Ok(());
         }
         loop {
@@ -256,11 +199,8 @@ impl<T> RingReads<T> {
     }
 
     /// Takes every completion posted so far into `done` (reads whose last transfer came
-    /// back); one system call if the kernel deferred some (to post them), else none.
+    /// back); no system call.
     pub fn reap(&mut self, done: &mut Vec<Done<T>>) {
-        if self.ring.submission().taskrun() && self.usable_here() {
-            let _ = self.ring.submit();
-        }
         let mut cq = self.ring.completion();
         cq.sync();
         for cqe in &mut cq {
@@ -295,21 +235,6 @@ impl<T> Drop for RingReads<T> {
     /// is done with it.
     fn drop(&mut self) {
         let mut done = Vec::new();
-        // Completions already posted (a thread that issued transfers and exited has had the
-        // kernel wait for them and post them).
-        self.reap(&mut done);
-        done.clear();
-        if self.transfers > 0 && !self.usable_here() {
-            // Only the issuing thread may wait for the rest: keep the reads (and the memory
-            // they hold) and the ring for good rather than free what the kernel may still
-            // write into.
-            log::warn!(
-                "{} reads still in flight on another thread's ring; their buffers are kept",
-                self.len()
-            );
-            std::mem::forget(std::mem::take(&mut self.entries));
-            return;
-        }
         let _ = self.flush();
         while self.transfers > 0 {
             match self.ring.submit_and_wait(1) {
@@ -324,8 +249,6 @@ impl<T> Drop for RingReads<T> {
             self.reap(&mut done);
             done.clear();
         }
-        // SAFETY: dropped once, here, with nothing in flight; never used after.
-        unsafe { ManuallyDrop::drop(&mut self.ring) };
     }
 }
 
@@ -420,7 +343,8 @@ mod tests {
     }
 
     #[test]
-    fn a_plan_that_does_not_fit_is_given_back_and_drop_waits_for_what_is_in_flight() {
+    fn a_plan_that_does_not_fit_is_given_back_and_a_drop_on_another_thread_waits_for_what_is_in_flight(
+    ) {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&vec![5u8; 4096]).unwrap();
         let fd = f.as_raw_fd();
@@ -450,21 +374,12 @@ mod tests {
         let mut b = vec![0u8; 4096];
         // SAFETY: `b` outlives the ring (dropped below, before `b`).
         assert!(unsafe { r.submit(2, plan(fd, 0, &mut b, false)) }.is_ok());
-        // The ring is its first submitter's: another thread may not use it.
-        let deferred = r.deferred;
-        let mut other_buf = vec![0u8; 4096];
-        let refused = std::thread::scope(|sc| {
-            sc.spawn(|| {
-                let p = plan(fd, 0, &mut other_buf, false);
-                // SAFETY: given back at once (this thread is not the ring's issuer).
-                unsafe { r.submit(3, p) }.is_err()
-            })
-            .join()
-            .unwrap()
-        });
-        assert!(refused || !deferred);
+        // Another thread may collect its completions (a worker that exited leaves its reads
+        // to whoever drops the ring): the drop below runs on one.
         r.flush().unwrap();
-        drop(r);
+        std::thread::scope(|sc| {
+            sc.spawn(move || drop(r));
+        });
         assert_eq!(b, vec![5u8; 4096]);
     }
 }
