@@ -100,9 +100,10 @@ impl ReadPlan {
 impl Image {
     /// Resolves a read of `segs` at byte `offset` into transfers the caller submits itself.
     /// `None` when this read is better served by [`read_vectored`](Image::read_vectored): a
-    /// buffered image (its reads are page-cache copies), a read of `max_extents` mapped
-    /// extents or more, or as many as relocation on read wants when that is on (relocation
-    /// needs the read's data in a private buffer). Range errors are returned as
+    /// buffered image (its reads are page-cache copies), a read resolving to `max_extents`
+    /// extents or more, or to as many as relocation on read wants when that is on
+    /// (relocation needs the read's data in a private buffer), as [`Image::read_many`]
+    /// leaves such reads alone. Range errors are returned as
     /// `read_vectored` returns them.
     ///
     /// The iovecs of the plan point into `segs`: the caller must keep that memory valid
