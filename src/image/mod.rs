@@ -1173,6 +1173,17 @@ impl Image {
         Ok(Seq(seq))
     }
 
+    /// How many extents make a read go alone instead of with a batch (or a caller's ring):
+    /// `max_extents`, or fewer when relocation on read wants such reads (it needs their data
+    /// in a private buffer).
+    fn alone_from(&self, max_extents: usize) -> usize {
+        let reloc = self.relocate_min_extents.load(Ordering::Relaxed);
+        match usize::try_from(reloc) {
+            Ok(r) if r != 0 && !self.read_only => max_extents.min(r),
+            _ => max_extents,
+        }
+    }
+
     /// Reads several requests at once, each as [`read_vectored`](Self::read_vectored) would
     /// (without a trace). The mapped extents of all of them are gathered for one io_uring
     /// submission (with a direct descriptor, their disk reads overlap, as a batch of
@@ -1192,11 +1203,7 @@ impl Image {
     ) -> Vec<Result<BatchRead, ImageError>> {
         let bs = self.sh.bs.bytes_u64();
         let gen = self.sh.reclaim_gen.load(Ordering::SeqCst);
-        let reloc = self.relocate_min_extents.load(Ordering::Relaxed);
-        let limit = match usize::try_from(reloc) {
-            Ok(r) if r != 0 && !self.read_only => max_extents.min(r),
-            _ => max_extents,
-        };
+        let limit = self.alone_from(max_extents);
         // Resolve every request under one read lock of the map.
         let mut resolved: Vec<Result<Option<Vec<Extent>>, ImageError>> = Vec::new();
         let seq = {

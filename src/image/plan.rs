@@ -140,12 +140,7 @@ impl Image {
             live.map.extents(first, n, self.sh.base.is_some(), &mut ex);
             Seq(live.seq)
         };
-        let reloc = self.relocate_min_extents.load(Ordering::Relaxed);
-        let limit = match usize::try_from(reloc) {
-            Ok(r) if r != 0 && !self.read_only => max_extents.min(r),
-            _ => max_extents,
-        };
-        if ex.len() >= limit {
+        if ex.len() >= self.alone_from(max_extents) {
             return Ok(None);
         }
         let mut batch = shared::ReadBatch::default();

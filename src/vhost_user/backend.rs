@@ -44,8 +44,8 @@ use super::pool::BatchPool;
 use super::ring_reads::{Done, RingReads};
 use crate::blockdev::{BatchReq, BlockDevice, BlockError, RequestCtx};
 use crate::virtio_blk::execute::{
-    finish, finish_pending, parse_read, parse_write, peek_type, prepare, prepare_ref, BatchKind,
-    ChainError, Completion, ExecuteError, ExecuteParams, Pending, EXECUTE_ERROR_KINDS,
+    finish, finish_pending, parse_read, parse_write, peek_type, prepare, BatchKind, ChainError,
+    Completion, ExecuteError, ExecuteParams, Pending, EXECUTE_ERROR_KINDS,
 };
 use crate::virtio_blk::request::{Limits, Request, REQUEST_ERROR_KINDS};
 use crate::virtio_blk::{process_chain, BlkConfig, ConfigParams, ID_BYTES};
@@ -157,6 +157,13 @@ impl Warnings {
         self.0.fetch_or(b, Ordering::AcqRel) & b == 0
     }
 
+    /// Logs request `index` of `queue` if its completion says it failed ([`Self::report`]).
+    fn completed(&self, queue: u16, index: u64, c: &Completion) {
+        if let Some(e) = &c.error {
+            self.report(queue, index, e, c.status.is_none());
+        }
+    }
+
     /// Logs a failed chain: at warn the first time its kind is seen on this connection, at
     /// debug afterwards.
     fn report(&self, queue: u16, index: u64, e: &ChainError, dropped: bool) {
@@ -237,9 +244,9 @@ impl Executor {
         let mut out = Vec::with_capacity(chains.len());
         let mut prepared = Vec::with_capacity(chains.len());
         for (ctx, chain, parsed) in chains {
-            match prepare(chain, parsed, mem, &*self.dev, ctx, &self.params, kind) {
-                Ok(r) => prepared.push(r),
-                Err(chain) => out.push(self.run(ctx, chain)),
+            match prepare(&chain, parsed, mem, &*self.dev, ctx, &self.params, kind) {
+                Some(r) => prepared.push(r),
+                None => out.push(self.run(ctx, chain)),
             }
         }
         let reqs: Vec<BatchReq<'_>> = prepared
@@ -267,10 +274,7 @@ impl Executor {
     }
 
     fn report(&self, ctx: &RequestCtx, c: &Completion) {
-        if let Some(e) = &c.error {
-            self.warnings
-                .report(self.queue, ctx.index, e, c.status.is_none());
-        }
+        self.warnings.completed(self.queue, ctx.index, c);
     }
 }
 
@@ -901,12 +905,7 @@ impl BlkBackend {
         let lone = work.len() == 1 && matches!(work.first(), Some(Work::One(..)));
         self.dev
             .poll_completions_here(if lone { disk_poll } else { Duration::ZERO });
-        let exec = Arc::new(Executor {
-            dev: Arc::clone(&self.dev),
-            warnings: Arc::clone(&self.warnings),
-            params,
-            queue,
-        });
+        let exec = self.executor(queue, params);
         // Pipelined: every item goes to a helper, which completes it on its own, and the
         // worker goes back to the ring. A lone item with nothing else in flight (queue depth
         // 1) still runs here: a hand-over would only add a wake-up to its latency.
@@ -925,6 +924,16 @@ impl BlkBackend {
             .collect();
         complete(&*self.dev, vring, &mem, &completions, queue, &self.warnings)?;
         Ok(true)
+    }
+
+    /// What `queue`'s request threads (and its worker) need to execute its chains.
+    fn executor(&self, queue: u16, params: ExecuteParams) -> Arc<Executor> {
+        Arc::new(Executor {
+            dev: Arc::clone(&self.dev),
+            warnings: Arc::clone(&self.warnings),
+            params,
+            queue,
+        })
     }
 
     /// Puts every read of `items` that the device plans ([`BlockDevice::plan_read`]) on the
@@ -953,7 +962,7 @@ impl BlkBackend {
             let planned = match peek_type(&chain) {
                 Some(VIRTIO_BLK_T_IN) => parse_read(&chain, params)
                     .and_then(|req| {
-                        prepare_ref(
+                        prepare(
                             &chain,
                             Some(req),
                             mem,
@@ -982,16 +991,13 @@ impl BlkBackend {
                     continue;
                 }
                 let c = finish_pending(&pending, Ok(()), &**mem, &*self.dev);
-                if let Some(e) = &c.error {
-                    self.warnings
-                        .report(queue, ctx.index, e, c.status.is_none());
-                }
+                self.warnings.completed(queue, ctx.index, &c);
                 completions.push(c);
                 continue;
             }
             in_flight.hold(1);
             // SAFETY: the plan's iovecs point into guest memory of `chain`'s memory handle
-            // (checked by `prepare_ref`), which the ring keeps with the read until its last
+            // (checked by `prepare`), which the ring keeps with the read until its last
             // transfer completed; the handle keeps every region of that memory mapped. The
             // descriptors are the device's, which `self` holds, and `Drop for BlkBackend`
             // drops the rings (waiting for their transfers) before anything else.
@@ -1061,10 +1067,7 @@ impl BlkBackend {
             let (ctx, chain, pending) = item;
             if whole && self.dev.plan_done(&ctx, &plan) {
                 let c = finish_pending(&pending, Ok(()), chain.memory(), &*self.dev);
-                if let Some(e) = &c.error {
-                    self.warnings
-                        .report(queue, ctx.index, e, c.status.is_none());
-                }
+                self.warnings.completed(queue, ctx.index, &c);
                 completions.push(c);
             } else {
                 again.push(Work::One(ctx, chain));
@@ -1085,12 +1088,7 @@ impl BlkBackend {
         };
         if !again.is_empty() {
             debug!("queue {queue}: {} ring reads read again", again.len());
-            let exec = Arc::new(Executor {
-                dev: Arc::clone(&self.dev),
-                warnings: Arc::clone(&self.warnings),
-                params: self.exec_params(),
-                queue,
-            });
+            let exec = self.executor(queue, self.exec_params());
             hand_over(pool, exec, vring, mem.clone(), in_flight, again);
         }
         let res = if completions.is_empty() {

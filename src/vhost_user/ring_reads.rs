@@ -31,8 +31,9 @@ use crate::image::ReadPlan;
 /// flight go the threaded way.
 const ENTRIES: u32 = 256;
 
-/// Transfers of one read at most (a plan has fewer: reads of more extents are not planned).
-const MAX_TRANSFERS: usize = 1 << 16;
+// A completion names its transfer in the low 16 bits of its user data: a read has fewer
+// transfers than the ring has entries.
+const _: () = assert!(ENTRIES <= 1 << 16);
 
 /// A read in flight.
 struct Entry<T> {
@@ -125,7 +126,7 @@ impl<T> RingReads<T> {
     pub unsafe fn submit(&mut self, item: T, plan: ReadPlan) -> Result<(), (T, ReadPlan)> {
         let n = plan.transfers.len();
         let room = (self.ring.params().sq_entries() as usize).saturating_sub(self.transfers);
-        if n == 0 || n > room || n > MAX_TRANSFERS {
+        if n == 0 || n > room {
             return Err((item, plan));
         }
         let slot = match self.free.pop() {

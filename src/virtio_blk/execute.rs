@@ -462,32 +462,12 @@ where
 /// Parses `chain` (unless `parsed`, what [`Request::parse`] made of it already, is given)
 /// and, when it is a well-formed request of `kind` inside the device whose
 /// buffers are in `mem` (the memory the chain was taken from), prepares it for
-/// [`BlockDevice::read_many`] or [`BlockDevice::write_many`]. Anything else - other request
-/// types, malformed chains, refused requests, and writes to a read-only device or in
-/// write-through mode (each of those must be flushed before it completes) - is handed back
-/// untouched, to go through [`process_chain`], which answers it (and reports it) as usual.
+/// [`BlockDevice::read_many`] or [`BlockDevice::write_many`] (or for a transfer the caller
+/// runs itself). Anything else - other request types, malformed chains, refused requests,
+/// and writes to a read-only device or in write-through mode (each of those must be flushed
+/// before it completes) - is `None`: the chain, which stays with the caller, then goes
+/// through [`process_chain`], which answers it (and reports it) as usual.
 pub fn prepare<'m, M>(
-    chain: DescriptorChain<M>,
-    parsed: Option<Request>,
-    mem: &'m M::Target,
-    dev: &dyn BlockDevice,
-    ctx: RequestCtx,
-    params: &ExecuteParams,
-    kind: BatchKind,
-) -> Result<Prepared<'m>, DescriptorChain<M>>
-where
-    M: Deref + Clone,
-    M::Target: GuestMemory,
-{
-    match prepare_ref(&chain, parsed, mem, dev, ctx, params, kind) {
-        Some(p) => Ok(p),
-        None => Err(chain),
-    }
-}
-
-/// As [`prepare`], leaving the chain with the caller (who may still need it to answer the
-/// request the ordinary way); `None` where `prepare` hands the chain back.
-pub fn prepare_ref<'m, M>(
     chain: &DescriptorChain<M>,
     parsed: Option<Request>,
     mem: &'m M::Target,
