@@ -28,6 +28,7 @@ Python 3 standard library only. Typical use, from the repository root:
   scripts/perf-matrix.py                      # default: 5 s runs, 3 repetitions
   scripts/perf-matrix.py --full --record      # 10 s runs, 5 repetitions, plus rr-row --record
   scripts/perf-matrix.py --direct --quick     # every backend with the page cache out of the way
+  scripts/perf-matrix.py --direct --ceiling   # also fio on the same file system, no daemon
 """
 
 from __future__ import annotations
@@ -105,12 +106,19 @@ def matrix(size: int) -> list[Workload]:
 
 @dataclass
 class Backend:
-    """A daemon serving one image over a vhost-user-blk socket."""
+    """A daemon serving one image over a vhost-user-blk socket, or (kind "fio") the same
+    file system and cache mode driven by fio with no daemon and no vhost-user trip: the
+    ceiling each cell is measured against."""
 
     name: str
-    kind: str  # "rr-row" or "qsd"
+    kind: str  # "rr-row", "qsd" or "fio"
     fmt: str  # "rrimg", "raw" or "qcow2"
     record: bool = False
+    # fio only: write into a fresh file `fallocate`d first (unwritten extents, what a
+    # redirect-on-write disk appends into) instead of over the prefilled one; measured only
+    # for the workloads in `only`.
+    reserved: bool = False
+    only: frozenset[str] | None = None
     proc: subprocess.Popen | None = None
     image: Path | None = None
     socket: Path | None = None
@@ -130,6 +138,12 @@ class Backend:
         for p in (self.image, self.socket):
             p.unlink(missing_ok=True)
         size = str(opts.size_bytes)
+        if self.kind == "fio":
+            # No daemon: fio opens the file itself (the reserved variant makes a file per run).
+            if not self.reserved:
+                with open(self.image, "wb") as f:
+                    f.truncate(opts.size_bytes)
+            return
         if self.kind == "qsd":
             run_checked(["qemu-img", "create", "-q", "-f", self.fmt, str(self.image), size])
             cmd = [
@@ -221,8 +235,12 @@ class Backend:
                 self.proc.wait()
         self.proc = None
 
+    def measures(self, key: str) -> bool:
+        """Whether this backend is measured in workload `key`."""
+        return self.only is None or key in self.only
+
     def cleanup(self) -> None:
-        for p in (self.image, self.socket):
+        for p in (self.image, self.socket, reserved_file(self)):
             if p:
                 p.unlink(missing_ok=True)
         if self.record and self.image:
@@ -271,9 +289,97 @@ def check_space_after_failure(opts: argparse.Namespace, backend: Backend) -> Non
             f"at 5 s per run); free space, or use --workdir, --runtime or --reps")
 
 
+def reserved_file(backend: Backend) -> Path | None:
+    """The file a reserved-space fio backend writes into (made afresh for each run)."""
+    if backend.kind != "fio" or not backend.reserved or backend.image is None:
+        return None
+    return backend.image.with_suffix(".reserved")
+
+
+# How much a reserved-space fio run reserves, in disk sizes: more than a run writes (the
+# 128 KiB sequential write runs at up to 2.5 GiB/s for ramp + runtime on a 1 GiB disk), so
+# that fio never wraps around onto blocks it has written.
+RESERVE_FACTOR = 16
+
+
+def fio_command(args: tuple[str, ...], filename: Path, size: int, direct: bool, measured: bool,
+                runtime: float, ramp: float, seed: int, reserve: int = 0) -> list[str]:
+    """The fio command line that does what the load generator does with `args` (its flags:
+    --pattern, --bs, --iodepth, --queues, --rwmix-read, --io-size, --runtime, --seed; later
+    flags win, as they do for perf): io_uring, one job per queue, random offsets over `size`
+    bytes of `filename`. `reserve` > 0: the file is that long, `fallocate`d first."""
+    flags: dict[str, str] = {"--runtime": f"{runtime:g}", "--ramp": f"{ramp:g}", "--seed": str(seed)} if measured else {"--seed": str(seed)}
+    it = iter(args)
+    for k in it:
+        flags[k] = next(it)
+    rw = {"read": "read", "write": "write", "randread": "randread", "randwrite": "randwrite", "randrw": "randrw"}[flags["--pattern"]]
+    cmd = [
+        "fio", "--name=cell", f"--filename={filename}", f"--size={reserve or size}", "--ioengine=io_uring",
+        f"--direct={1 if direct else 0}", f"--rw={rw}", f"--bs={flags.get('--bs', '4k')}",
+        f"--iodepth={flags.get('--iodepth', '1')}", f"--numjobs={flags.get('--queues', '1')}",
+        "--group_reporting", "--output-format=json", "--lat_percentiles=1", "--percentile_list=50:99",
+        f"--randseed={flags['--seed']}", "--allow_file_create=1",
+    ]
+    cmd.append("--fallocate=native" if reserve else "--fallocate=none")
+    if rw == "randrw":
+        cmd.append(f"--rwmixread={flags.get('--rwmix-read', '50')}")
+    if "--io-size" in flags and "--ramp" not in flags:
+        cmd.append(f"--io_size={flags['--io-size']}")
+    else:
+        cmd += ["--time_based", f"--runtime={flags['--runtime']}", f"--ramp_time={flags['--ramp']}"]
+    return cmd
+
+
+def fio_report(out: dict) -> dict:
+    """fio's JSON (one job group) in the load generator's report shape: total IOPS and MiB/s of
+    both directions, and the p50 / p99 of total latency of the direction that did more I/O."""
+    job = out["jobs"][0]
+    dirs = [job[d] for d in ("read", "write") if job[d]["total_ios"] > 0]
+    main = max(dirs, key=lambda d: d["total_ios"])
+    pct = main["lat_ns"]["percentile"]
+    return {"total": {
+        "iops": sum(d["iops"] for d in dirs),
+        "mib_s": sum(d["bw_bytes"] for d in dirs) / (1 << 20),
+        "lat_us": {"p50": pct["50.000000"] / 1000, "p99": pct["99.000000"] / 1000},
+    }}
+
+
+def run_fio(opts: argparse.Namespace, backend: Backend, args: tuple[str, ...], measured: bool) -> dict | None:
+    """Runs fio once for a fio backend; returns a report in the load generator's shape, or
+    None when the run failed."""
+    target = reserved_file(backend) or backend.image
+    if backend.reserved:
+        target.unlink(missing_ok=True)
+    cmd = fio_command(args, target, opts.size_bytes, opts.direct, measured, opts.runtime, opts.ramp, opts.seed,
+                      RESERVE_FACTOR * opts.size_bytes if backend.reserved else 0)
+    limit = (opts.runtime + opts.ramp + 120) if measured else 3600
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        print(f"  error: fio for {backend.name} did not finish in {limit:.0f} s", file=sys.stderr)
+        return None
+    finally:
+        if backend.reserved:
+            target.unlink(missing_ok=True)
+    if r.returncode != 0:
+        print(f"  error: fio for {backend.name} failed ({r.returncode}): {r.stderr.strip()[-500:]}", file=sys.stderr)
+        if shutil.disk_usage(opts.workdir).free < LOW_SPACE:
+            raise RuntimeError(f"the file system of {opts.workdir} is full")
+        return None
+    try:
+        # fio may print notes before its JSON.
+        return fio_report(json.loads(r.stdout[r.stdout.index("{"):]))
+    except (ValueError, KeyError, IndexError) as e:
+        print(f"  error: fio printed no usable JSON ({e}): {r.stdout[:200]!r}", file=sys.stderr)
+        return None
+
+
 def run_perf(opts: argparse.Namespace, backend: Backend, args: tuple[str, ...], measured: bool) -> dict | None:
     """Runs the load generator once; returns its JSON report, or None when the run failed
-    (raises RuntimeError when the failure is a full file system)."""
+    (raises RuntimeError when the failure is a full file system). For a fio backend, runs fio
+    instead."""
+    if backend.kind == "fio":
+        return run_fio(opts, backend, args, measured)
     cmd = [str(opts.perf), "--socket", str(backend.socket), "--json", "--timeout", "30", "--seed", str(opts.seed)]
     if measured:
         cmd += ["--runtime", str(opts.runtime), "--ramp", str(opts.ramp)]
@@ -396,7 +502,8 @@ def spread(vals: list[float]) -> float | None:
 
 def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Path, baseline: str, cache: str = "buffered") -> None:
     """Grouped bar chart of throughput relative to `baseline` (1.0 = as fast as it), by hand."""
-    colors = {"rr-row": "#d62728", "rr-row-record": "#ff9896", "raw": "#1f77b4", "qcow2": "#2ca02c"}
+    colors = {"rr-row": "#d62728", "rr-row-record": "#ff9896", "raw": "#1f77b4", "qcow2": "#2ca02c", "fio": "#999999"}
+    backends = [b for b in backends if b != "fio-reserved"]
     rows = []
     for w in workloads:
         base = med.get((w.key, baseline, "iops"))
@@ -440,10 +547,10 @@ def svg_plot(workloads: list[Workload], backends: list[str], med: dict, path: Pa
             clipped = " (bar clipped)" if v > vmax else ""
             out.append(f'<text x="{xpos(v) + 4:.1f}" y="{y + 10}" font-size="10">{v:.2f}{clipped}</text>')
     ly = top + row_h * len(rows) + 35
-    lx = left
+    lx = left if len(backends) <= 4 else 20
     for b in backends:
         out.append(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{colors.get(b, "#777")}"/>')
-        out.append(f'<text x="{lx + 16}" y="{ly}">{esc(b)}</text>')
+        out.append(f'<text x="{lx + 16}" y="{ly}">{esc("fio, no daemon" if b == "fio" else b)}</text>')
         lx += 140
     out.append("</svg>")
     path.write_text("\n".join(out) + "\n")
@@ -466,7 +573,45 @@ def md_head(head: list[str]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
 
 
-def render_markdown(opts, info, workloads, backends, med, spreads, results, elapsed, loads, backend_objs) -> str:
+CEILINGS = ("fio", "fio-reserved")
+
+
+def ceiling_lines(workloads: list[Workload], names: list[str], med: dict) -> list[str]:
+    """The table of ceilings: each cell's fio rate (the file system with no daemon), every
+    backend's share of it, and what the cell's targets ask of rr-row as a share of it; then
+    the 128 KiB sequential write into reserved space."""
+    if "fio" not in names:
+        return []
+    peers = [b for b in names if b not in CEILINGS]
+    lines = [
+        "Ceilings: the same cells run by fio on the same file system and cache mode, with no daemon and no "
+        "vhost-user trip (io_uring, one job per queue, a prefilled raw file overwritten in place; the client "
+        "and the daemons above share the same CPUs, fio has them to itself). 'targets / fio' is the rate the "
+        "cell's targets ask of rr-row (the larger of target x raw and target x qcow2) as a share of fio's:",
+        "",
+    ]
+    lines += md_head(["Workload", "fio IOPS"] + [f"{b}/fio" for b in peers] + ["targets / fio"])
+    for w in workloads:
+        fio = med.get((w.key, "fio", "iops"))
+        row = [w.title, "n/a" if fio is None else f"{fio:,.0f}"]
+        row += [fmt_ratio(med.get((w.key, b, "iops")), fio) for b in peers]
+        asks = [t * v for t, v in ((w.target_raw, med.get((w.key, "raw", "iops"))), (w.target_qcow2, med.get((w.key, "qcow2", "iops"))))
+                if t is not None and v is not None]
+        row.append(fmt_ratio(max(asks), fio) if asks else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    for w in workloads:
+        res = med.get((w.key, "fio-reserved", "mib_s"))
+        if res is None:
+            continue
+        inplace, rr = med.get((w.key, "fio", "mib_s")), med.get((w.key, "rr-row", "mib_s"))
+        lines += ["", f"{w.title} by fio into a fresh file `fallocate`d first (unwritten extents, where a "
+                      f"redirect-on-write disk's new versions go): {res:,.0f} MiB/s, "
+                      f"{fmt_ratio(res, inplace)} of fio over written blocks; rr-row/that: {fmt_ratio(rr, res)}."]
+    return lines + [""]
+
+
+def render_markdown(opts, info, workloads, all_backends, med, spreads, results, elapsed, loads, backend_objs) -> str:
+    backends = [b for b in all_backends if b not in CEILINGS]
     has_rr = "rr-row" in backends
     lines = [
         marks(variant(opts))[0],
@@ -516,6 +661,7 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
         "128 KiB sequential: ≥0.95x raw; read after random overwrite: ≥0.9x raw; record: ≥0.95x). "
         "'max spread' is (max-min)/median over the repetitions, worst backend.",
         "",
+        *ceiling_lines(workloads, all_backends, med),
         "Latency (median over repetitions of each run's p50 / p99, microseconds):",
         "",
     ]
@@ -556,6 +702,8 @@ def render_markdown(opts, info, workloads, backends, med, spreads, results, elap
     extra = ["after `reclaim --keep-from latest` GiB (max)", "reclaim s (median)"] if reclaimed else []
     lines += md_head(["Backend", "peak RSS MiB (max)", "image allocated GiB (max)"] + extra + ["record log MiB (max)"])
     for b in backend_objs:
+        if b.kind == "fio":
+            continue
         rss = max(b.peak_rss_kib) / 1024 if b.peak_rss_kib else None
         img = max(b.image_bytes) / (1 << 30) if b.image_bytes else None
         cells = [b.name, "n/a" if rss is None else f"{rss:,.0f}", "n/a" if img is None else f"{img:.2f}"]
@@ -640,7 +788,24 @@ def self_test() -> int:
     assert out_of_space(LOW_SPACE - 1, "")
     assert out_of_space(100 * LOW_SPACE, enospc)
     assert not out_of_space(100 * LOW_SPACE, "ERROR ... Input/output error")
-    print("perf-matrix self-test: run orders balanced for 1-8 backends; a full file system is recognised")
+    # A cell becomes the fio job that does the same, and fio's report the load generator's shape.
+    cmd = fio_command(("--pattern", "randrw", "--rwmix-read", "70", "--bs", "4k", "--iodepth", "32", "--queues", "2"),
+                      Path("/x/f.raw"), 1 << 30, True, True, 5.0, 1.0, 7)
+    for flag in ("--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=32", "--numjobs=2", "--direct=1", "--size=1073741824",
+                 "--time_based", "--runtime=5", "--ramp_time=1", "--randseed=7", "--fallocate=none", "--filename=/x/f.raw"):
+        assert flag in cmd, (flag, cmd)
+    prep = fio_command(("--pattern", "randwrite", "--bs", "4k", "--io-size", "1024", "--runtime", "3600", "--seed", "4242"),
+                       Path("f"), 1 << 30, False, False, 5.0, 1.0, 7, reserve=16 << 30)
+    assert "--io_size=1024" in prep and "--time_based" not in prep and "--randseed=4242" in prep, prep
+    assert "--fallocate=native" in prep and f"--size={16 << 30}" in prep and "--direct=0" in prep, prep
+    d = lambda ios, iops, bw, p50, p99: {"total_ios": ios, "iops": iops, "bw_bytes": bw,
+                                         "lat_ns": {"percentile": {"50.000000": p50, "99.000000": p99}}}
+    rep = fio_report({"jobs": [{"read": d(700, 70.0, 70 << 20, 2000, 9000), "write": d(300, 30.0, 30 << 20, 1000, 5000)}]})
+    assert rep == {"total": {"iops": 100.0, "mib_s": 100.0, "lat_us": {"p50": 2.0, "p99": 9.0}}}, rep
+    rep = fio_report({"jobs": [{"read": d(0, 0.0, 0, 0, 0), "write": d(5, 5.0, 1 << 20, 3000, 4000)}]})
+    assert rep["total"]["iops"] == 5.0 and rep["total"]["lat_us"]["p50"] == 3.0, rep
+    print("perf-matrix self-test: run orders balanced for 1-8 backends; a full file system is recognised; "
+          "cells translated to fio and its reports read")
     return 0
 
 
@@ -655,6 +820,11 @@ def main() -> int:
     ap.add_argument("--size", help="virtual disk size, K/M/G suffix (default 2G)")
     ap.add_argument("--backends", default="rr-row,raw,qcow2", help="comma list from rr-row,raw,qcow2 (default all; rr-row is skipped with a note if `rr-row serve` does not start)")
     ap.add_argument("--record", action="store_true", help="also run rr-row with --record (backend rr-row-record)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also measure the file system without any daemon: fio (io_uring, same cache mode, one job per "
+                         "queue) on a prefilled raw file (backend fio), and, for the 128 KiB sequential write, into a "
+                         "fresh file `fallocate`d first (backend fio-reserved: what a redirect-on-write disk appends "
+                         "into); reported in a table of ceilings. Needs fio (Debian: fio)")
     ap.add_argument("--only", help="comma list of workload keys to run (default all)")
     ap.add_argument("--aio", default="io_uring", choices=["io_uring", "threads"], help="qemu-storage-daemon aio mode")
     ap.add_argument("--direct", action="store_true", help="O_DIRECT for every backend: rr-row serve --direct, qemu-storage-daemon cache.direct=on (default: buffered for all)")
@@ -713,7 +883,8 @@ def main() -> int:
     # (check_space_after_failure) instead of failing every later run.
     n_rr = sum(1 for b in opts.backends.split(",") if b.strip() == "rr-row") * (2 if opts.record else 1)
     n_qsd = sum(1 for b in opts.backends.split(",") if b.strip() in ("raw", "qcow2"))
-    need = opts.size_bytes * (16 * n_rr + 2 * n_qsd)
+    # The ceiling's file (1x) and the reserved run's file (RESERVE_FACTOR x, only while it runs).
+    need = opts.size_bytes * (16 * n_rr + 2 * n_qsd + ((1 + RESERVE_FACTOR) if opts.ceiling else 0))
     free = shutil.disk_usage(opts.workdir).free
     if free < need:
         print(f"error: {opts.workdir} has {free / 2**30:.1f} GiB free; this matrix needs about {need / 2**30:.0f} GiB "
@@ -746,6 +917,12 @@ def main() -> int:
         else:
             print(f"error: unknown backend {name}", file=sys.stderr)
             return 2
+    if opts.ceiling:
+        if shutil.which("fio") is None:
+            print("error: --ceiling needs fio (Debian: apt-get install fio)", file=sys.stderr)
+            return 2
+        backends.append(Backend("fio", "fio", "raw"))
+        backends.append(Backend("fio-reserved", "fio", "raw", reserved=True, only=frozenset({"seqwrite-128k-qd8"})))
     if not backends:
         print("error: no backend to measure", file=sys.stderr)
         return 2
@@ -755,7 +932,7 @@ def main() -> int:
         keep = set(opts.only.split(","))
         workloads = [w for w in workloads if w.key in keep]
 
-    total_runs = opts.reps * len(workloads) * len(backends)
+    total_runs = opts.reps * sum(1 for w in workloads for b in backends if b.measures(w.key))
     print(f"perf-matrix: backends {', '.join(names)}; {len(workloads)} workloads x {opts.reps} reps = {total_runs} runs of {opts.ramp}+{opts.runtime} s; disk {opts.size}; {'O_DIRECT' if opts.direct else 'buffered'}")
     load_before = Path("/proc/loadavg").read_text().split()[0]
     t_start = time.monotonic()
@@ -767,6 +944,8 @@ def main() -> int:
             for b in backends:
                 b.start(opts, opts.workdir, rep)
             for b in backends:
+                if b.reserved:
+                    continue  # writes into a file of its own, made afresh per run
                 t = time.monotonic()
                 pre = run_perf(opts, b, ("--pattern", "write", "--bs", "1M", "--iodepth", "8", "--io-size", str(opts.size_bytes), "--runtime", "3600"), measured=False)
                 if pre is None:
@@ -776,6 +955,8 @@ def main() -> int:
                 prepared = {b.name: True for b in backends}
                 if w.prepare:
                     for b in backends:
+                        if not b.measures(w.key):
+                            continue
                         t = time.monotonic()
                         pre = run_perf(opts, b, w.prepare, measured=False)
                         prepared[b.name] = pre is not None
@@ -785,6 +966,8 @@ def main() -> int:
                 # pages, a host busy writing back) does not always fall on the same backend.
                 order = run_order(len(backends), rep, wi)
                 for b in [backends[k] for k in order]:
+                    if not b.measures(w.key):
+                        continue
                     if opts.settle:
                         settle()
                     others = [o for o in backends if o is not b and o.proc is not None] if opts.freeze_idle else []
