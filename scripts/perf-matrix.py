@@ -606,8 +606,9 @@ def ceiling_lines(workloads: list[Workload], names: list[str], med: dict) -> lis
     peers = [b for b in names if b not in CEILINGS]
     lines = [
         "Ceilings: the same cells run by fio on the same file system and cache mode, with no daemon and no "
-        "vhost-user trip (io_uring, one job per queue, a prefilled raw file overwritten in place; the client "
-        "and the daemons above share the same CPUs, fio has them to itself). 'targets / fio' is the rate the "
+        "vhost-user trip (a prefilled raw file overwritten in place; io_uring with one job per queue, except "
+        "buffered writes and the mix: one `psync` thread per request in flight; see Method). The client "
+        "and the daemons above share the CPUs, fio has them to itself. 'targets / fio' is the rate the "
         "cell's targets ask of rr-row (the larger of target x raw and target x qcow2) as a share of fio's:",
         "",
     ]

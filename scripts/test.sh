@@ -27,7 +27,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 step "cargo doc --no-deps (warnings denied)"
 RUSTDOCFLAGS=-Dwarnings cargo doc --no-deps --quiet
 
-step "perf-matrix run-order self-test"
+step "perf-matrix self-test (run orders, fio jobs)"
 python3 scripts/perf-matrix.py --self-test
 
 step "cargo test (all tests, ignored ones included)"
