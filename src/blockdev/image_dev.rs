@@ -260,22 +260,11 @@ impl BlockDevice for ImageDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{CreateOptions, OpenMode};
-    use crate::units::BlockSize;
+    use crate::image::OpenMode;
 
     fn create(dir: &tempfile::TempDir) -> std::path::PathBuf {
         let path = dir.path().join("t.rrow");
-        Image::create(
-            &path,
-            &CreateOptions {
-                size: 1 << 20,
-                block_size: BlockSize::DEFAULT,
-                base: None,
-            },
-        )
-        .unwrap()
-        .close()
-        .unwrap();
+        Image::create_small_for_test(&path);
         path
     }
 

@@ -405,6 +405,19 @@ fn open_base(image: &Path, stored: &str) -> Result<(PathBuf, File, u64), ImageEr
     Ok((resolved, f, size))
 }
 
+#[cfg(test)]
+impl Image {
+    /// Unit tests' image: 1 MiB of default-size blocks, no base, created at `path` and closed.
+    pub(crate) fn create_small_for_test(path: &Path) {
+        let opts = CreateOptions {
+            size: 1 << 20,
+            block_size: crate::units::BlockSize::DEFAULT,
+            base: None,
+        };
+        Image::create(path, &opts).unwrap().close().unwrap();
+    }
+}
+
 impl Image {
     /// Creates a new image; refuses an existing file.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Image, ImageError> {

@@ -187,23 +187,12 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{CreateOptions, OpenMode, OpenOptions};
-    use crate::units::BlockSize;
+    use crate::image::{OpenMode, OpenOptions};
 
     fn open(dir: &tempfile::TempDir, direct: bool) -> Image {
         let path = dir.path().join("p.rrow");
         if !path.exists() {
-            Image::create(
-                &path,
-                &CreateOptions {
-                    size: 1 << 20,
-                    block_size: BlockSize::DEFAULT,
-                    base: None,
-                },
-            )
-            .unwrap()
-            .close()
-            .unwrap();
+            Image::create_small_for_test(&path);
         }
         Image::open_with_options(
             &path,
