@@ -82,7 +82,7 @@ pub struct RecordingDevice {
 
 impl RecordingDevice {
     /// Starts recording `image` into a new log at `log_path` (an existing file is refused),
-    /// syncing the log every second and on every guest flush.
+    /// syncing the log every five seconds ([`DEFAULT_SYNC_INTERVAL`]) and on every guest flush.
     pub fn new(image: Arc<Image>, log_path: &Path, mode: RecordMode) -> Result<Self, RecordError> {
         Self::with_sync_interval(image, log_path, mode, DEFAULT_SYNC_INTERVAL)
     }
@@ -283,7 +283,8 @@ impl RecordingDevice {
 impl BlockDevice for RecordingDevice {
     fn end_of_batch(&self) {
         // As for a plain image: completed writes reach the page cache with their journal
-        // records, so a killed recorder keeps them (the log itself is synced every second).
+        // records, so a killed recorder keeps them (the log itself is written out and synced
+        // every five seconds).
         if let Err(e) = self.image.write_out_journal() {
             warn!("cannot write out the journal: {e}");
         }

@@ -35,8 +35,12 @@ use super::RecordError;
 /// Payload size at which a frame is written out.
 pub const FRAME_TARGET: usize = 64 * 1024;
 
-/// The default interval of the periodic sync.
-pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// The default interval of the periodic sync. It was a second until session 21: each sync
+/// wakes a thread that disturbs the placement of the queues' threads and their client's on a
+/// machine with few CPUs, and recorded 4 KiB reads at queue depth 1 on two queues ran at 0.88x
+/// of plain serving with a sync every second, 0.99x with one every five seconds
+/// (docs/perf-notes.md, section 43). A guest flush still syncs the log before it completes.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Number of streams of a [`LogStreams::PerThread`] writer. Threads are numbered in the order
 /// they first append to any log, and thread `n` uses stream `n % STREAMS`: the daemon's
